@@ -1,0 +1,166 @@
+"""What makes a decoder LLM multimodal, the LLaVA way: a vision tower, a projector, and input preparation
+that splices image features where the prompt holds `IMAGE_TOKEN_INDEX`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.model.multimodal_encoder.builder import build_vision_tower
+from llava.model.multimodal_projector.builder import build_vision_projector
+
+
+class LlavaMetaModel:
+    """Mixin for the base decoder model: owns `vision_tower` and `mm_projector` (LLaVA's state-dict names)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        if getattr(config, "mm_vision_tower", None) or getattr(config, "mm_vision_config", None):
+            self.vision_tower = build_vision_tower(config)
+            self.mm_projector = build_vision_projector(config)
+
+    def get_vision_tower(self):
+        return getattr(self, "vision_tower", None)
+
+
+@dataclass
+class MultimodalInputs:
+    """Padded decoder inputs with image features spliced in.
+
+    `visual_mask[b, t]` is true where position t of sample b holds an image feature: any count, any place,
+    several images per sample. Padding is where `attention_mask` is false.
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.LongTensor
+    visual_mask: torch.Tensor
+    labels: torch.LongTensor | None = None
+
+
+class LlavaMetaForCausalLM:
+    """Mixin for the causal-LM wrapper: image encoding and multimodal input preparation."""
+
+    def get_model(self) -> nn.Module:
+        return self.model
+
+    def get_vision_tower(self):
+        return self.get_model().get_vision_tower()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) pixels → (N, patches, hidden) LLM-space features."""
+        return self.get_model().mm_projector(self.get_vision_tower()(images))
+
+    def _image_features(self, images) -> list[torch.Tensor]:
+        """One (tokens, hidden) tensor per image; an image given as several tiles is flattened (`flat` merge)."""
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            return list(self.encode_images(images))
+        tiles = [image if image.ndim == 4 else image.unsqueeze(0) for image in images]
+        features = self.encode_images(torch.cat(tiles))
+        return [chunk.flatten(0, 1) for chunk in torch.split(features, [len(t) for t in tiles])]
+
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        images=None,
+        image_sizes=None,
+        padding_side: str | None = None,
+    ) -> MultimodalInputs:
+        """Drop the incoming padding, splice image features in place of each `IMAGE_TOKEN_INDEX`, re-pad.
+
+        Images are consumed in order. Either one per `<image>` tag, or LLaVA's training convention of one
+        (dummy, unused) image for each sample without a tag as well. Position ids restart at 0 for each
+        sample's first real token. `padding_side` defaults to the config's `tokenizer_padding_side` ('right');
+        generation passes 'left'. `image_sizes` is accepted for LLaVA's API; 'pad'/'flat' models do not need it.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = attention_mask.bool()
+        padding_side = padding_side or getattr(self.config, "tokenizer_padding_side", "right")
+        max_length = getattr(self.config, "tokenizer_model_max_length", None)
+
+        sample_ids = [ids[mask] for ids, mask in zip(input_ids, attention_mask)]
+        sample_labels = [None] * len(sample_ids) if labels is None else [lab[mask] for lab, mask in zip(labels, attention_mask)]
+        tags_per_sample = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in sample_ids]
+        features = self._image_features(images) if images is not None and len(images) > 0 else []
+        feature_queue = self._assign_images(features, tags_per_sample)
+
+        embed_tokens = self.get_model().embed_tokens
+        embeds, sample_visual, new_labels = [], [], []
+        for ids, sample_label, image_features in zip(sample_ids, sample_labels, feature_queue):
+            is_image = ids == IMAGE_TOKEN_INDEX
+            text_embeds = embed_tokens(ids.masked_fill(is_image, 0))
+            pieces, visual, piece_labels, start = [], [], [], 0
+            image_positions = is_image.nonzero().flatten().tolist()
+            for position, feature in zip(image_positions, image_features):
+                pieces += [text_embeds[start:position], feature.to(text_embeds.dtype)]
+                visual += [is_image.new_zeros(position - start), is_image.new_ones(len(feature))]
+                if sample_label is not None:
+                    piece_labels += [sample_label[start:position], sample_label.new_full((len(feature),), IGNORE_INDEX)]
+                start = position + 1
+            pieces.append(text_embeds[start:])
+            visual.append(is_image.new_zeros(len(ids) - start))
+            if sample_label is not None:
+                piece_labels.append(sample_label[start:])
+            embeds.append(torch.cat(pieces)[:max_length])
+            sample_visual.append(torch.cat(visual)[:max_length])
+            new_labels.append(torch.cat(piece_labels)[:max_length] if sample_label is not None else None)
+
+        return _pad_samples(embeds, sample_visual, new_labels if labels is not None else None, padding_side)
+
+    @staticmethod
+    def _assign_images(features: list[torch.Tensor], tags_per_sample: list[int]) -> list[list[torch.Tensor]]:
+        """Split the flat image list into the images each sample uses, checking the counts first."""
+        tags = sum(tags_per_sample)
+        with_dummies = sum(max(count, 1) for count in tags_per_sample)
+        if len(features) == tags:
+            per_sample = tags_per_sample
+            skip_dummy = [False] * len(tags_per_sample)
+        elif len(features) == with_dummies:
+            per_sample = [max(count, 1) for count in tags_per_sample]
+            skip_dummy = [count == 0 for count in tags_per_sample]
+        else:
+            raise ValueError(f"the prompts hold {tags} <image> tags but {len(features)} images were given")
+        assigned, offset = [], 0
+        for count, dummy in zip(per_sample, skip_dummy):
+            assigned.append([] if dummy else features[offset : offset + count])
+            offset += count
+        return assigned
+
+
+def _pad_samples(
+    embeds: list[torch.Tensor],
+    visual: list[torch.Tensor],
+    labels: list[torch.Tensor] | None,
+    padding_side: str,
+) -> MultimodalInputs:
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    batch, length = len(embeds), max(len(e) for e in embeds)
+    reference = embeds[0]
+    inputs_embeds = reference.new_zeros(batch, length, reference.shape[-1])
+    attention_mask = torch.zeros(batch, length, dtype=torch.bool, device=reference.device)
+    position_ids = torch.zeros(batch, length, dtype=torch.long, device=reference.device)
+    visual_mask = torch.zeros_like(attention_mask)
+    new_labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=reference.device)
+    for b, (embed, is_visual) in enumerate(zip(embeds, visual)):
+        n = len(embed)
+        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+        inputs_embeds[b, span] = embed
+        attention_mask[b, span] = True
+        position_ids[b, span] = torch.arange(n, device=reference.device)
+        visual_mask[b, span] = is_visual
+        if labels is not None:
+            new_labels[b, span] = labels[b]
+    return MultimodalInputs(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        visual_mask=visual_mask,
+        labels=new_labels if labels is not None else None,
+    )

@@ -1,0 +1,93 @@
+"""Chat about an image in the terminal: `python -m llava.serve.cli --model-path DIR --image-file IMG`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from transformers import TextStreamer
+
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.conversation import get_conv_template
+from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, load_image, process_images
+from llava.mm_utils import tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+
+
+def infer_conv_mode(model_name: str) -> str:
+    """LLaVA's rule: pick the template from the model name."""
+    name = model_name.lower()
+    for marker, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct")):
+        if marker in name:
+            return mode
+    if "v1" in name:
+        return "llava_v1"
+    return "mpt" if "mpt" in name else "llava_v0"
+
+
+def image_prompt(question: str, model_config) -> str:
+    marker = DEFAULT_IMAGE_TOKEN
+    if getattr(model_config, "mm_use_im_start_end", False):
+        marker = DEFAULT_IM_START_TOKEN + marker + DEFAULT_IM_END_TOKEN
+    return f"{marker}\n{question}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--image-file", required=True)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--conv-mode", default=None, help="default: inferred from the model name")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="print the full prompt and output of each turn")
+    args = parser.parse_args(argv)
+
+    model_name = get_model_name_from_path(args.model_path)
+    conv = get_conv_template(args.conv_mode or infer_conv_mode(model_name))
+    image = load_image(args.image_file)
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=args.device
+    )
+    image_tensor = process_images([image], image_processor, model.config).to(model.device, model.dtype)
+    image_sizes = [image.size]
+    first_turn = True
+
+    while True:
+        try:
+            question = input(f"{conv.roles[0]}: ")
+        except EOFError:
+            question = ""
+        if not question:
+            print("exit...")
+            break
+        print(f"{conv.roles[1]}: ", end="", flush=True)
+        conv.append_message(conv.roles[0], image_prompt(question, model.config) if first_turn else question)
+        conv.append_message(conv.roles[1], None)
+        first_turn = False
+        prompt = conv.get_prompt()
+        input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
+        output_ids = model.generate(
+            input_ids,
+            images=image_tensor,
+            image_sizes=image_sizes,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None,
+            max_new_tokens=args.max_new_tokens,
+            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            stopping_criteria=[KeywordsStoppingCriteria([conv.stop_str], tokenizer)] if conv.stop_str else None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answer = tokenizer.decode(output_ids[0], skip_special_tokens=True).strip()
+        conv.messages[-1][-1] = answer
+        if args.debug:
+            print({"prompt": prompt, "outputs": answer}, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()

@@ -1,0 +1,34 @@
+"""Tiny checkpoints written once per session by our own writer (no model hub)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llava.model.builder import load_pretrained_model
+from llava.model.tiny import TinyGeometry, write_tiny_checkpoint
+
+GEOMETRY = TinyGeometry(layers=3, hidden=64, heads=4, kv_heads=2, image_size=56, patch_size=14, seed=7)
+
+
+@pytest.fixture(scope="session")
+def llava_checkpoint(tmp_path_factory) -> str:
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-llava")), "llava", GEOMETRY)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory) -> str:
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-hf")), "hf", GEOMETRY)
+
+
+@pytest.fixture(scope="session")
+def loaded(llava_checkpoint):
+    """(tokenizer, model, image_processor, context_len) of the llava-layout checkpoint, fp32 on CPU."""
+    return load_pretrained_model(llava_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Three distinct pixel tensors at the tiny tower's resolution."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(3, 3, GEOMETRY.image_size, GEOMETRY.image_size, generator=generator)
