@@ -10,9 +10,16 @@ from transformers import TextStreamer
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
-from llava.mm_utils import KeywordsStoppingCriteria, get_model_name_from_path, load_image, process_images
-from llava.mm_utils import tokenizer_image_token
-from llava.model.builder import load_pretrained_model
+from llava.mm_utils import (
+    ImageLoadError,
+    KeywordsStoppingCriteria,
+    get_model_name_from_path,
+    load_image,
+    process_images,
+    tokenizer_image_token,
+)
+from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 
 
 def infer_conv_mode(model_name: str) -> str:
@@ -34,6 +41,13 @@ def image_prompt(question: str, model_config) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        chat(argv)
+    except (ImageLoadError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
+        sys.exit(f"llava.serve.cli: error: {error}")
+
+
+def chat(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--model-base", default=None)

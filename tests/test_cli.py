@@ -1,0 +1,46 @@
+"""The CLI chat, run as a user would, against the same model driven from Python."""
+
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from llava.conversation import get_conv_template
+from llava.mm_utils import process_images, tokenizer_image_token
+
+
+def run_cli(*args, stdin=""):
+    return subprocess.run(
+        [sys.executable, "-m", "llava.serve.cli", *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_answers_like_generate(llava_checkpoint, loaded, tmp_path):
+    image_path = tmp_path / "red.png"
+    Image.new("RGB", (80, 50), (200, 10, 10)).save(image_path)
+    result = run_cli(
+        "--model-path", llava_checkpoint, "--image-file", str(image_path), "--conv-mode", "vicuna_v1",
+        "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu",
+        stdin="What is it?\n",
+    )
+    assert result.returncode == 0, result.stderr
+
+    tokenizer, model, processor, _ = loaded
+    conv = get_conv_template("vicuna_v1")
+    conv.append_message(conv.roles[0], "<image>\nWhat is it?")
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, return_tensors="pt")[None]
+    pixels = process_images([Image.open(image_path)], processor, model.config)
+    with torch.no_grad():
+        output = model.generate(ids, images=pixels, do_sample=False, max_new_tokens=5, pad_token_id=0)
+    answer = tokenizer.decode(output[0], skip_special_tokens=True).strip()
+    assert answer
+    assert result.stdout.splitlines()[0].startswith(f"USER: ASSISTANT: {answer}")
+    assert result.stdout.rstrip().endswith("exit...")
+
+
+def test_cli_missing_image_is_one_line_error(llava_checkpoint, tmp_path):
+    result = run_cli("--model-path", llava_checkpoint, "--image-file", str(tmp_path / "nope.jpg"))
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"llava.serve.cli: error: {tmp_path / 'nope.jpg'}: image file not found"
