@@ -135,3 +135,41 @@ def test_saved_model_reloads(loaded, images, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, images=images[:1]).logits, reloaded(input_ids=ids, images=images[:1]).logits)
     assert os.path.isabs(reloaded.config.mm_vision_tower)
+
+
+def test_attention_implementation_and_dtype_are_selectable(llava_checkpoint):
+    _, model, _, _ = load_pretrained_model(llava_checkpoint, device="cpu", attn_implementation="eager", dtype=torch.bfloat16)
+    assert model.config._attn_implementation == "eager"
+    assert model.dtype == torch.bfloat16 and model.get_vision_tower().dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "projector_type, linears", [("linear", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3), ("identity", 0)]
+)
+def test_projector_types(projector_type, linears):
+    from types import SimpleNamespace
+
+    from llava.model.multimodal_projector.builder import build_vision_projector
+
+    hidden = 32 if projector_type == "identity" else 48
+    projector = build_vision_projector(SimpleNamespace(mm_projector_type=projector_type, mm_hidden_size=32, hidden_size=hidden))
+    assert sum(isinstance(m, torch.nn.Linear) for m in projector.modules()) == linears
+    assert projector(torch.zeros(2, 5, 32)).shape == (2, 5, hidden)
+    with pytest.raises(ValueError, match="unknown mm_projector_type 'mlp_relu'"):
+        build_vision_projector(SimpleNamespace(mm_projector_type="mlp_relu", mm_hidden_size=32, hidden_size=48))
+
+
+def test_cls_patch_keeps_the_class_token(loaded, images):
+    _, model, _, _ = loaded
+    tower = model.get_vision_tower()
+    patches = tower(images)
+    tower.select_feature = "cls_patch"
+    try:
+        with_cls = tower(images)
+    finally:
+        tower.select_feature = "patch"
+    assert patches.shape[1] == tower.num_patches and with_cls.shape[1] == tower.num_patches + 1
+    assert torch.equal(with_cls[:, 1:], patches)
+    # Oracle: the features are CLIP's hidden states of the selected layer (-2), computed independently.
+    reference = tower.vision_tower(images, output_hidden_states=True).hidden_states
+    assert torch.equal(with_cls, reference[len(reference) - 2])
