@@ -8,7 +8,7 @@ import torch
 from llava.model.builder import load_pretrained_model
 from llava.model.tiny import TinyGeometry, write_tiny_checkpoint
 
-GEOMETRY = TinyGeometry(layers=3, hidden=64, heads=4, kv_heads=2, image_size=56, patch_size=14, seed=7)
+GEOMETRY = TinyGeometry(layers=4, hidden=64, heads=4, kv_heads=2, image_size=56, patch_size=14, seed=7)
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_cli_answers_like_generate(llava_checkpoint, loaded, tmp_path):
         output = model.generate(ids, images=pixels, do_sample=False, max_new_tokens=5, pad_token_id=0)
     answer = tokenizer.decode(output[0], skip_special_tokens=True).strip()
     assert answer
-    assert result.stdout.splitlines()[0].startswith(f"USER: ASSISTANT: {answer}")
+    assert result.stdout.split("\n")[0].startswith(f"USER: ASSISTANT: {answer}")
     assert result.stdout.rstrip().endswith("exit...")
 
 

@@ -1,23 +1,40 @@
-"""LLaVA on a LLaMA decoder: transformers' Llama classes plus the multimodal mixins."""
+"""LLaVA on a LLaMA decoder: transformers' Llama classes, the multimodal mixins and the visual-exit decoder loop."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
+from llava.model.visual_exit import ExitConfig, ExitStats, VisualExitCache, VisualExitDecoderMixin
 
 
 class LlavaConfig(LlamaConfig):
-    """A LlamaConfig carrying LLaVA's `mm_*` keys (kept as plain attributes, saved with the config)."""
+    """A LlamaConfig carrying LLaVA's `mm_*` keys and the exit settings (plain attributes, saved with the config)."""
 
     model_type = "llava_llama"
 
 
-class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
+class LlavaLlamaModel(LlavaMetaModel, VisualExitDecoderMixin, LlamaModel):
     config_class = LlavaConfig
+
+
+@dataclass
+class LlavaCausalLMOutput(CausalLMOutputWithPast):
+    """Adds the prefill's exit statistics (None on decode steps)."""
+
+    exit_stats: ExitStats | None = None
+
+
+@dataclass
+class LlavaGenerateOutput(GenerateDecoderOnlyOutput):
+    exit_stats: ExitStats | None = None
 
 
 class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
@@ -26,8 +43,11 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower\."]
 
     def __init__(self, config: LlavaConfig):
-        super().__init__(config)
+        # Skip LlamaForCausalLM.__init__: it would build a second, plain decoder only to replace it.
+        super(LlamaForCausalLM, self).__init__(config)
         self.model = LlavaLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def forward(
@@ -35,29 +55,43 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        past_key_values: VisualExitCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         images: torch.Tensor | list[torch.Tensor] | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
+        visual_mask: torch.Tensor | None = None,
+        exit_config: ExitConfig | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> LlavaCausalLMOutput:
         if inputs_embeds is None and _needs_multimodal_inputs(input_ids, images):
             mm = self.prepare_inputs_labels_for_multimodal(input_ids, attention_mask, labels, images, image_sizes)
-            input_ids, inputs_embeds, labels = None, mm.inputs_embeds, mm.labels
+            input_ids, inputs_embeds, labels, visual_mask = None, mm.inputs_embeds, mm.labels, mm.visual_mask
             attention_mask, position_ids = mm.attention_mask, mm.position_ids
-        return super().forward(
+        outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
-            labels=labels,
             use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
+            visual_mask=visual_mask,
+            exit_config=exit_config,
             **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return LlavaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            exit_stats=outputs.exit_stats,
         )
 
     @torch.no_grad()
@@ -66,21 +100,36 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         inputs: torch.LongTensor | None = None,
         images: torch.Tensor | list[torch.Tensor] | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
+        exit_config: ExitConfig | None = None,
         **kwargs,
     ):
         """LLaVA's generate: prompts with `IMAGE_TOKEN_INDEX` placeholders in, only the new tokens out.
 
-        The batch is re-padded on the left, whatever padding it came with, so batched decoding is right.
+        The batch is re-padded on the left, whatever padding it came with, so batched decoding is right. With
+        `return_dict_in_generate=True` the output also carries the prefill's `exit_stats`.
         """
         if "inputs_embeds" in kwargs:
             raise NotImplementedError("pass input_ids (with IMAGE_TOKEN_INDEX placeholders), not inputs_embeds")
         inputs = kwargs.pop("input_ids", inputs)
         if inputs is None:
             raise ValueError("generate needs the prompt input_ids")
+        if kwargs.get("use_cache") is False:
+            raise ValueError("generate decodes with a VisualExitCache; use_cache=False is not supported")
         mm = self.prepare_inputs_labels_for_multimodal(
             inputs, kwargs.pop("attention_mask", None), None, images, image_sizes, padding_side="left"
         )
-        return super().generate(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, **kwargs)
+        cache = kwargs.pop("past_key_values", None) or VisualExitCache(config=self.config)
+        output = super().generate(
+            inputs_embeds=mm.inputs_embeds,
+            attention_mask=mm.attention_mask,
+            visual_mask=mm.visual_mask,
+            exit_config=exit_config,
+            past_key_values=cache,
+            **kwargs,
+        )
+        if isinstance(output, torch.Tensor):
+            return output
+        return LlavaGenerateOutput(**output, exit_stats=cache.exit_stats)
 
 
 def _needs_multimodal_inputs(input_ids: torch.LongTensor | None, images) -> bool:

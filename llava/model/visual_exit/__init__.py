@@ -1,0 +1,26 @@
+"""Dynamic visual-token exit for any decoder with the Llama layer interface.
+
+Nothing here knows about LLaVA: a model supplies `embed_tokens`, `layers`, `rotary_emb`, `norm`, and per sample
+which positions are visual. After any layer, a sample's visual tokens can leave the hidden states and every later
+layer's KV cache; gates, a fixed layer, or (later) FastV decide which.
+"""
+
+from llava.model.visual_exit.cache import KeyLayout, VisualExitCache
+from llava.model.visual_exit.config import EXIT_MODES, ExitConfig
+from llava.model.visual_exit.decoder import ExitStats, VisualExitDecoderMixin, VisualExitModelOutput
+from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
+from llava.model.visual_exit.gate import VisualGate, gate_features
+
+__all__ = [
+    "EXIT_MODES",
+    "DecoderGeometry",
+    "ExitConfig",
+    "ExitStats",
+    "KeyLayout",
+    "VisualExitCache",
+    "VisualExitDecoderMixin",
+    "VisualExitModelOutput",
+    "VisualGate",
+    "gate_features",
+    "prefill_flops",
+]

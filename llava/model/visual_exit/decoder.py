@@ -1,0 +1,155 @@
+"""The decoder loop with visual-token exit, for any model with the Llama layer interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from llava.model.visual_exit.cache import KeyLayout, VisualExitCache
+from llava.model.visual_exit.config import ExitConfig
+from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
+from llava.model.visual_exit.gate import build_visual_gates
+from llava.model.visual_exit.masks import attention_mask_for
+from llava.model.visual_exit.policy import ExitPolicy
+from llava.model.visual_exit.tokens import TokenLayout
+
+
+@dataclass
+class ExitStats:
+    """Per sample: decoder layers that processed its visual tokens (L if they never left, 0 without any), its
+    visual-token count, the gates it evaluated, and its theoretical LM-prefill FLOPs."""
+
+    exit_layer: torch.Tensor
+    num_visual_tokens: torch.Tensor
+    gate_evaluations: torch.Tensor
+    prefill_flops: torch.Tensor
+
+
+@dataclass
+class VisualExitModelOutput(BaseModelOutputWithPast):
+    exit_stats: ExitStats | None = None
+
+
+class VisualExitDecoderMixin:
+    """Mix in before a `LlamaModel`-like class (`embed_tokens`, `layers`, `rotary_emb`, `norm`): replaces its
+    forward with one whose prefill can drop each sample's visual tokens after any layer.
+
+    Extra forward inputs: `visual_mask` (B, T) marks visual positions; `exit_config` overrides the config's exit
+    settings for this call. Decode steps (non-empty cache) take no decisions: each layer attends to what it cached.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.visual_gates_router = build_visual_gates(config)
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: VisualExitCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        visual_mask: torch.Tensor | None = None,
+        exit_config: ExitConfig | None = None,
+        **kwargs,
+    ) -> VisualExitModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = VisualExitCache(config=self.config)
+        if past_key_values is not None and not isinstance(past_key_values, VisualExitCache):
+            raise TypeError(f"pass a VisualExitCache (layers may cache different tokens), not {type(past_key_values).__name__}")
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            hidden = self._decode(inputs_embeds, attention_mask, position_ids, past_key_values, kwargs)
+            return VisualExitModelOutput(last_hidden_state=hidden, past_key_values=past_key_values)
+        hidden, stats = self._prefill(
+            inputs_embeds, attention_mask, position_ids, past_key_values, visual_mask, exit_config, kwargs
+        )
+        if past_key_values is not None:
+            past_key_values.exit_stats = stats
+        return VisualExitModelOutput(last_hidden_state=hidden, past_key_values=past_key_values, exit_stats=stats)
+
+    def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs):
+        batch, length = hidden.shape[:2]
+        if attention_mask is not None and attention_mask.shape != (batch, length):
+            raise ValueError(f"prefill needs a 2D attention mask of shape {(batch, length)}, got {tuple(attention_mask.shape)}")
+        valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
+        layout = TokenLayout.start(valid, position_ids, self.rotary_emb(hidden, position_ids), visual_mask)
+        policy = ExitPolicy(
+            exit_config or ExitConfig.from_model_config(self.config),
+            self.config.num_hidden_layers,
+            layout,
+            self.visual_gates_router,
+        )
+        drop = policy.drop_before_first_layer(layout)
+        if drop is not None:
+            hidden, layout = layout.drop(hidden, drop)
+        mask = self._mask(layout.keys, layout.keys.valid.shape[1], hidden.dtype)
+        for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            hidden = decoder_layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=layout.position_embeddings,
+                position_ids=layout.position_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                **kwargs,
+            )
+            if cache is not None:
+                cache.layouts.append(layout.keys)
+            drop = policy.drop_after(index, hidden, layout)
+            if drop is not None:
+                hidden, layout = layout.drop(hidden, drop)
+                mask = self._mask(layout.keys, layout.keys.valid.shape[1], hidden.dtype)
+        if cache is not None:
+            cache.seen_tokens = length
+        hidden = layout.restore(self.norm(hidden), length)
+        flops = prefill_flops(
+            DecoderGeometry.from_config(self.config),
+            valid.sum(dim=1),
+            policy.num_visual,
+            policy.exit_layer,
+            policy.gate_evaluations,
+        )
+        return hidden, ExitStats(policy.exit_layer, policy.num_visual, policy.gate_evaluations, flops)
+
+    def _decode(self, hidden, attention_mask, position_ids, cache, kwargs):
+        """New tokens attend, in each layer, to that layer's own cached keys; they are always real tokens."""
+        new_tokens = hidden.shape[1]
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, -new_tokens:]
+            else:
+                start = cache.get_seq_length()
+                position_ids = torch.arange(start, start + new_tokens, device=hidden.device).unsqueeze(0)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        layouts = cache.extend_layouts(new_tokens)
+        masks: dict[int, torch.Tensor | None] = {}
+        for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            layout = layouts[index]
+            if id(layout) not in masks:
+                masks[id(layout)] = self._mask(layout, new_tokens, hidden.dtype)
+            hidden = decoder_layer(
+                hidden,
+                attention_mask=masks[id(layout)],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                **kwargs,
+            )
+        return self.norm(hidden)
+
+    def _mask(self, keys: KeyLayout, query_length: int, dtype: torch.dtype):
+        return attention_mask_for(keys, query_length, self.config._attn_implementation, dtype)

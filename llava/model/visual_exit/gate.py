@@ -1,0 +1,40 @@
+"""The per-layer exit gates and the features they read."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VisualGate(nn.Module):
+    """`w2(GELU(w1(x)))` on 2H features, no bias; logit 1 means "exit". Names match the reference checkpoints."""
+
+    def __init__(self, hidden_size: int, gate_hidden_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(2 * hidden_size, gate_hidden_size, bias=False)
+        self.w2 = nn.Linear(gate_hidden_size, 2, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # fp32 whatever the model dtype: the decision compares probabilities against a threshold.
+        hidden = F.gelu(F.linear(features.float(), self.w1.weight.float()))
+        return F.linear(hidden, self.w2.weight.float())
+
+
+def build_visual_gates(config) -> nn.ModuleList | None:
+    """One gate per decoder layer when the config names a gate width (`visual_gate_hidden_size`)."""
+    width = getattr(config, "visual_gate_hidden_size", None)
+    if not width:
+        return None
+    return nn.ModuleList(VisualGate(config.hidden_size, width) for _ in range(config.num_hidden_layers))
+
+
+def gate_features(hidden: torch.Tensor, text_span: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    """(B, 2H) fp32: mean of the text after the last visual token (without the last prompt token), and the last
+    prompt token's state. An empty span takes the last token as its mean, so there is never a 0/0."""
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index].float()
+    span = text_span.unsqueeze(-1).float()
+    count = span.sum(1)
+    span_sum = (hidden.float() * span).sum(1)
+    mean = torch.where(count > 0, span_sum / count.clamp(min=1), last)
+    return torch.cat([mean, last], dim=-1)

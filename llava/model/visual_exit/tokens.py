@@ -1,0 +1,85 @@
+"""The prefill's token layout and the one operation on it: drop some positions of some samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from llava.model.visual_exit.cache import KeyLayout
+
+
+def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather along dim 1 of a (B, T, ...) tensor with a (B, T') index."""
+    expanded = index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(*index.shape, *tensor.shape[2:])
+    return tensor.gather(1, expanded)
+
+
+@dataclass
+class TokenLayout:
+    """Per slot of the current sequence: validity, original position and index, whether it is visual, and
+    whether it belongs to the gates' text span. `last_index[b]` is the slot of sample b's last prompt token."""
+
+    keys: KeyLayout
+    position_ids: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    origin: torch.Tensor
+    visual: torch.Tensor
+    text_span: torch.Tensor
+    last_index: torch.Tensor
+    compacted: bool = False
+
+    @classmethod
+    def start(cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings, visual: torch.Tensor | None):
+        batch, length = valid.shape
+        slots = torch.arange(length, device=valid.device).expand(batch, length)
+        last_index = torch.where(valid, slots, -1).amax(dim=1)
+        visual = valid & visual if visual is not None else torch.zeros_like(valid)
+        last_visual = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
+        text_span = valid & (slots > last_visual) & (slots != last_index[:, None])
+        return cls(
+            keys=KeyLayout(valid, padded=not bool(valid.all())),
+            position_ids=position_ids.expand(batch, length),
+            position_embeddings=tuple(e.expand(batch, *e.shape[1:]) for e in position_embeddings),
+            origin=slots,
+            visual=visual,
+            text_span=text_span,
+            last_index=last_index,
+        )
+
+    def drop(self, hidden: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
+        """Remove the slots where `drop` is true and re-pack each sample to the right (left padding), in order.
+
+        Positions keep their original RoPE values; the new layout starts a new KeyLayout for the layers after.
+        """
+        keep = self.keys.valid & ~drop
+        counts = keep.sum(dim=1)
+        longest, shortest = torch.stack([counts.max(), counts.min()]).tolist()  # the one host sync of a drop
+        batch, length = keep.shape
+        pad = longest - counts
+        destination = torch.where(keep, pad[:, None] + keep.long().cumsum(dim=1) - 1, longest)
+        index = torch.zeros(batch, longest + 1, dtype=torch.long, device=keep.device)
+        index.scatter_(1, destination, torch.arange(length, device=keep.device).expand(batch, length))
+        index = index[:, :longest]
+        valid = torch.arange(longest, device=keep.device)[None, :] >= pad[:, None]
+        layout = replace(
+            self,
+            keys=KeyLayout(valid, padded=shortest < longest),
+            position_ids=self.position_ids.gather(1, index),
+            position_embeddings=tuple(_gather(e, index) for e in self.position_embeddings),
+            origin=self.origin.gather(1, index),
+            visual=self.visual.gather(1, index) & valid,
+            text_span=self.text_span.gather(1, index) & valid,
+            last_index=torch.full_like(self.last_index, longest - 1),
+            compacted=True,
+        )
+        return _gather(hidden, index), layout
+
+    def restore(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
+        """Scatter per-slot states back to the input layout (`length` slots); dropped positions become zeros."""
+        if not self.compacted:
+            return hidden
+        target = torch.where(self.keys.valid, self.origin, length)
+        restored = hidden.new_zeros(hidden.shape[0], length + 1, hidden.shape[-1])
+        restored.scatter_(1, target.unsqueeze(-1).expand_as(hidden), hidden)
+        return restored[:, :length]
