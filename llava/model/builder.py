@@ -7,6 +7,7 @@ import logging
 import os
 
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
@@ -17,6 +18,7 @@ from llava.model.multimodal_encoder.clip_encoder import load_image_processor
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LEN = 2048
+GATE_KEY = "model.visual_gates_router.0.w1.weight"
 
 
 class CheckpointError(ValueError):
@@ -80,6 +82,9 @@ def load_pretrained_model(
 
     config_dict = read_config_dict(model_path)
     config = llava_config_from_dict(config_dict, model_path)
+    if not getattr(config, "visual_gate_hidden_size", None):
+        # Reference-trained checkpoints carry gate weights without naming their width in the config.
+        config.visual_gate_hidden_size = gate_width_in_checkpoint(model_path)
     if is_hf_layout(config_dict):
         load_kwargs["key_mapping"] = HF_CHECKPOINT_TO_LLAVA
     weights_path = model_base or model_path
@@ -95,6 +100,30 @@ def load_pretrained_model(
     image_processor = tower.image_processor or load_image_processor(model_path)
     context_len = getattr(model.config, "max_sequence_length", DEFAULT_CONTEXT_LEN)
     return tokenizer, model, image_processor, context_len
+
+
+def gate_width_in_checkpoint(model_path: str) -> int | None:
+    """G of `model.visual_gates_router.0.w1.weight` (G x 2H) if the checkpoint holds gates, else None."""
+    key = GATE_KEY
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(model_path, index_name)
+        if os.path.isfile(index_path):
+            with open(index_path) as handle:
+                shard = json.load(handle)["weight_map"].get(key)
+            return None if shard is None else _tensor_rows(os.path.join(model_path, shard), key)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(model_path, name)
+        if os.path.isfile(path):
+            return _tensor_rows(path, key)
+    return None
+
+
+def _tensor_rows(path: str, key: str) -> int | None:
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_slice(key).get_shape()[0] if key in handle.keys() else None
+    weights = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return weights[key].shape[0] if key in weights else None
 
 
 def _quantization_config(load_8bit: bool, dtype: torch.dtype):

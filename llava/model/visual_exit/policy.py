@@ -28,7 +28,7 @@ class ExitPolicy:
         self.gates = gates
         self.num_visual = layout.visual.sum(dim=1)
         has_visual = self.num_visual > 0
-        self.active = has_visual.clone()
+        self.active = has_visual
         self.exit_layer = torch.where(has_visual, num_layers, 0)
         self.gate_evaluations = torch.zeros_like(self.num_visual)
         self.any_active = config.mode != "none" and bool(has_visual.any())
@@ -63,5 +63,5 @@ class ExitPolicy:
 
     def _exit(self, exiting: torch.Tensor, layer: int, layout: TokenLayout) -> torch.Tensor:
         self.exit_layer = torch.where(exiting, layer, self.exit_layer)
-        self.active &= ~exiting
+        self.active = self.active & ~exiting  # not in place: `exiting` may be `self.active` itself
         return layout.visual & exiting[:, None]
