@@ -19,6 +19,7 @@ from llava.mm_utils import (
     tokenizer_image_token,
 )
 from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.exit_args import add_exit_arguments, exit_config_from_args
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 
 
@@ -58,7 +59,8 @@ def chat(argv: list[str] | None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
-    parser.add_argument("--debug", action="store_true", help="print the full prompt and output of each turn")
+    parser.add_argument("--debug", action="store_true", help="print prompt, output and exit layer of each turn")
+    add_exit_arguments(parser)
     args = parser.parse_args(argv)
 
     model_name = get_model_name_from_path(args.model_path)
@@ -67,6 +69,7 @@ def chat(argv: list[str] | None) -> None:
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=args.device
     )
+    exit_config = exit_config_from_args(args, model.config)
     image_tensor = process_images([image], image_processor, model.config).to(model.device, model.dtype)
     image_sizes = [image.size]
     first_turn = True
@@ -85,7 +88,7 @@ def chat(argv: list[str] | None) -> None:
         first_turn = False
         prompt = conv.get_prompt()
         input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
-        output_ids = model.generate(
+        output = model.generate(
             input_ids,
             images=image_tensor,
             image_sizes=image_sizes,
@@ -95,11 +98,14 @@ def chat(argv: list[str] | None) -> None:
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
             stopping_criteria=[KeywordsStoppingCriteria([conv.stop_str], tokenizer)] if conv.stop_str else None,
             pad_token_id=tokenizer.pad_token_id,
+            exit_config=exit_config,
+            return_dict_in_generate=True,
         )
-        answer = tokenizer.decode(output_ids[0], skip_special_tokens=True).strip()
+        answer = tokenizer.decode(output.sequences[0], skip_special_tokens=True).strip()
         conv.messages[-1][-1] = answer
         if args.debug:
-            print({"prompt": prompt, "outputs": answer}, file=sys.stderr)
+            exit_layer = output.exit_stats.exit_layer.item()
+            print({"prompt": prompt, "outputs": answer, "exit_layer": exit_layer}, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,165 @@
+"""Prefill benchmark of the exit decoder: `python -m llava.bench.prefill [--preset llava-1.5-7b --layers 4]`.
+
+A random-weight decoder of the chosen geometry gets 576 visual + N text tokens (the image after a LLaVA-length
+system prompt). It times, in one run: transformers' stock LlamaModel.forward, our decoder in mode `none`, and
+`fixed` K for each K; and prints theoretical FLOPs, the FLOPs-ideal speed-up and the **composed ideal**: stock
+layers timed at the full length for the first K layers and at the text-only length for the rest. Efficiency =
+composed ideal time / measured time: how close the exit gets to what a perfect exit would take on this hardware.
+Dynamic mode with gates that never fire gives the gates' share of prefill time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from llava.bench.timing import interleaved_medians
+from llava.model.visual_exit import DecoderGeometry, ExitConfig, VisualExitCache, VisualExitDecoderMixin, prefill_flops
+
+PRESETS = {
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=4),
+    "llava-1.5-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32),
+    "llava-1.5-13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40, num_hidden_layers=40),
+}
+VISUAL_TOKENS = 576  # CLIP ViT-L/14 at 336 px: 24 x 24 patches
+SYSTEM_PROMPT_TOKENS = 35  # tokens before the image in LLaVA-1.5's vicuna_v1 prompt
+GATE_HIDDEN_SIZE = 2048
+
+
+class ExitLlamaModel(VisualExitDecoderMixin, LlamaModel):
+    """A plain LLaMA decoder with the exit loop: the exit package needs no LLaVA around it."""
+
+
+@dataclass
+class Row:
+    mode: str
+    k: int | None
+    median_ms: float
+    tflops: float
+    flops_speedup: float
+    composed_ideal_ms: float | None
+    speedup_vs_stock: float
+    efficiency: float | None
+
+
+def build_model(preset: str, layers: int | None, dtype: torch.dtype, device: torch.device, attn: str) -> ExitLlamaModel:
+    geometry = dict(PRESETS[preset])
+    if layers is not None:
+        geometry["num_hidden_layers"] = layers
+    config = LlamaConfig(**geometry, vocab_size=32, visual_gate_hidden_size=GATE_HIDDEN_SIZE, attn_implementation=attn)
+    with torch.device(device):
+        model = ExitLlamaModel(config).to(dtype).eval()
+    for gate in model.visual_gates_router:  # P(exit) = 0.5 everywhere: never above tau = 0.5, so never fires
+        torch.nn.init.zeros_(gate.w2.weight)
+    return model
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model = build_model(args.preset, args.layers, dtype, device, args.attn)
+    layers = model.config.num_hidden_layers
+    ks = args.k or sorted({max(1, layers // 4), max(1, layers // 2), max(1, 3 * layers // 4)})
+
+    length = VISUAL_TOKENS + args.text_tokens
+    prefix = min(SYSTEM_PROMPT_TOKENS, args.text_tokens)
+    generator = torch.Generator(device=device).manual_seed(0)
+    embeds = torch.randn(args.batch, length, model.config.hidden_size, generator=generator, device=device, dtype=dtype)
+    visual = torch.zeros(args.batch, length, dtype=torch.bool, device=device)
+    visual[:, prefix : prefix + VISUAL_TOKENS] = True
+    mask = torch.ones(args.batch, length, dtype=torch.long, device=device)
+    text_embeds = embeds[~visual].view(args.batch, args.text_tokens, -1)
+    text_mask = mask[:, : args.text_tokens]
+
+    def stock(inputs, attention):
+        return lambda: LlamaModel.forward(model, inputs_embeds=inputs, attention_mask=attention, use_cache=True)
+
+    def ours(config):
+        return lambda: model(
+            inputs_embeds=embeds, attention_mask=mask, visual_mask=visual, exit_config=config,
+            past_key_values=VisualExitCache(config=model.config), use_cache=True,
+        )
+
+    plans = [("stock", None, stock(embeds, mask)), ("stock-text-only", None, stock(text_embeds, text_mask))]
+    plans += [("none", None, ours(ExitConfig("none"))), ("dynamic-never-exits", None, ours(ExitConfig("dynamic")))]
+    plans += [("fixed", k, ours(ExitConfig("fixed", k))) for k in ks]
+    with torch.inference_mode():
+        times = interleaved_medians({(mode, k): fn for mode, k, fn in plans}, device, args.repeats, args.warmup)
+
+    geometry = DecoderGeometry.from_config(model.config)
+    full_time, text_time = times[("stock", None)], times[("stock-text-only", None)]
+
+    def flops(exit_layer: int, gates: int = 0) -> float:
+        one = torch.ones(1, dtype=torch.long)
+        return prefill_flops(geometry, one * length, one * VISUAL_TOKENS, one * exit_layer, one * gates).item() * args.batch
+
+    base_flops = flops(layers)
+    rows = []
+    for (mode, k), seconds in times.items():
+        if mode == "stock-text-only":
+            continue
+        exit_layer = k if mode == "fixed" else layers
+        composed = (exit_layer * full_time + (layers - exit_layer) * text_time) / layers if mode == "fixed" else None
+        used = flops(exit_layer, gates=layers - 1 if mode.startswith("dynamic") else 0)
+        rows.append(
+            Row(
+                mode=mode,
+                k=k,
+                median_ms=seconds * 1e3,
+                tflops=used / 1e12,
+                flops_speedup=base_flops / used,
+                composed_ideal_ms=None if composed is None else composed * 1e3,
+                speedup_vs_stock=full_time / seconds,
+                efficiency=None if composed is None else composed / seconds,
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[Row], args: argparse.Namespace) -> str:
+    header = f"{'mode':<20} {'K':>3} {'median ms':>10} {'TFLOPs':>8} {'FLOPs x':>8} {'ideal ms':>9} {'vs stock':>9} {'efficiency':>10}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        ideal = f"{row.composed_ideal_ms:9.2f}" if row.composed_ideal_ms is not None else f"{'':>9}"
+        efficiency = f"{row.efficiency:10.3f}" if row.efficiency is not None else f"{'':>10}"
+        k = "" if row.k is None else row.k
+        lines.append(
+            f"{row.mode:<20} {k:>3} {row.median_ms:10.2f} {row.tflops:8.3f} {row.flops_speedup:8.2f}x {ideal} "
+            f"{row.speedup_vs_stock:8.2f}x {efficiency}"
+        )
+    by_mode = {row.mode: row for row in rows}
+    none_ratio = by_mode["none"].median_ms / by_mode["stock"].median_ms
+    gate_share = 1 - by_mode["none"].median_ms / by_mode["dynamic-never-exits"].median_ms
+    lines.append(f"mode none / stock time: {none_ratio:.3f}   gates' share of dynamic prefill: {gate_share:+.2%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count (e.g. 4 on a CPU)")
+    parser.add_argument("--text-tokens", type=int, default=60, help="text tokens besides the 576 visual ones")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--k", type=int, nargs="*", default=None, help="fixed exit layers (default: L/4, L/2, 3L/4)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    rows = run(args)
+    print(f"preset {args.preset}, layers {args.layers or PRESETS[args.preset]['num_hidden_layers']}, "
+          f"batch {args.batch}, {VISUAL_TOKENS} visual + {args.text_tokens} text tokens")
+    print(format_table(rows, args))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "rows": [asdict(row) for row in rows]}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""The exit flags every CLI shares: --exit-mode, --exit-layer, --exit-threshold."""
+
+from __future__ import annotations
+
+import argparse
+
+from llava.model.visual_exit import EXIT_MODES, ExitConfig
+
+
+def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("visual-token exit (defaults: the checkpoint's config)")
+    group.add_argument("--exit-mode", choices=EXIT_MODES, default=None)
+    group.add_argument("--exit-layer", type=int, default=None, help="fixed mode: layers that see the visual tokens")
+    group.add_argument("--exit-threshold", type=float, default=None, help="dynamic mode: exit when P(exit) > T")
+
+
+def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
+    return ExitConfig.from_model_config(model_config).with_overrides(args.exit_mode, args.exit_layer, args.exit_threshold)

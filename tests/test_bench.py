@@ -1,0 +1,28 @@
+"""The prefill benchmark runs end to end on the tiny preset; its FLOPs columns follow the formula (no timing
+assertions: speed goals are read from the printed table)."""
+
+import json
+
+from llava.bench.prefill import PRESETS, VISUAL_TOKENS, main
+from transformers import LlamaConfig
+
+from llava.model.visual_exit import DecoderGeometry
+
+
+def test_prefill_benchmark_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["--preset", "tiny", "--text-tokens", "20", "--k", "1", "3", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert "efficiency" in table and "mode none / stock time" in table
+    rows = {(row["mode"], row["k"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("stock", None), ("none", None), ("dynamic-never-exits", None), ("fixed", 1), ("fixed", 3)}
+    geometry = DecoderGeometry.from_config(LlamaConfig(**PRESETS["tiny"]))
+    import torch
+
+    n, text = torch.tensor(VISUAL_TOKENS + 20), torch.tensor(20)
+    full, short = geometry.layer_flops(n).item(), geometry.layer_flops(text).item()
+    assert abs(rows[("fixed", 1)]["tflops"] * 1e12 - (full + 3 * short)) < 1
+    assert abs(rows[("fixed", 1)]["flops_speedup"] - 4 * full / (full + 3 * short)) < 1e-9
+    for key in (("fixed", 1), ("fixed", 3)):
+        row = rows[key]
+        assert abs(row["efficiency"] - row["composed_ideal_ms"] / row["median_ms"]) < 1e-9
