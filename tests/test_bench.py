@@ -3,9 +3,10 @@ assertions: speed goals are read from the printed table)."""
 
 import json
 
-from llava.bench.prefill import PRESETS, VISUAL_TOKENS, main
+import torch
 from transformers import LlamaConfig
 
+from llava.bench.prefill import PRESETS, VISUAL_TOKENS, main
 from llava.model.visual_exit import DecoderGeometry
 
 
@@ -17,8 +18,6 @@ def test_prefill_benchmark_tiny(tmp_path, capsys):
     rows = {(row["mode"], row["k"]): row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {("stock", None), ("none", None), ("dynamic-never-exits", None), ("fixed", 1), ("fixed", 3)}
     geometry = DecoderGeometry.from_config(LlamaConfig(**PRESETS["tiny"]))
-    import torch
-
     n, text = torch.tensor(VISUAL_TOKENS + 20), torch.tensor(20)
     full, short = geometry.layer_flops(n).item(), geometry.layer_flops(text).item()
     assert abs(rows[("fixed", 1)]["tflops"] * 1e12 - (full + 3 * short)) < 1

@@ -43,12 +43,12 @@ def masked_reference_logits(model, mm, exit_layers):
     hidden = mm.inputs_embeds
     batch, length = hidden.shape[:2]
     cos_sin = base.rotary_emb(hidden, mm.position_ids)
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    itself = torch.eye(length, dtype=torch.bool)
+    causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+    itself = torch.eye(length, dtype=torch.bool, device=hidden.device)
     for index, layer in enumerate(base.layers):
-        gone = mm.visual_mask & (index >= exit_layers)[:, None]
+        gone = mm.visual_mask & (index >= exit_layers.to(hidden.device))[:, None]
         allowed = causal & mm.attention_mask[:, None, :].bool() & ~gone[:, None, :] | itself
-        additive = torch.zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        additive = hidden.new_zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
         hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=mm.position_ids)
     return model.lm_head(base.norm(hidden))
 

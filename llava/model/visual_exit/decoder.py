@@ -21,12 +21,20 @@ from llava.model.visual_exit.tokens import TokenLayout
 @dataclass
 class ExitStats:
     """Per sample: decoder layers that processed its visual tokens (L if they never left, 0 without any), its
-    visual-token count, the gates it evaluated, and its theoretical LM-prefill FLOPs."""
+    token and visual-token counts, the gates it evaluated; `prefill_flops` derives its theoretical LM FLOPs."""
 
     exit_layer: torch.Tensor
+    num_tokens: torch.Tensor
     num_visual_tokens: torch.Tensor
     gate_evaluations: torch.Tensor
-    prefill_flops: torch.Tensor
+    geometry: DecoderGeometry
+
+    @property
+    def prefill_flops(self) -> torch.Tensor:
+        """Computed on access: nothing of it runs on the prefill's hot path."""
+        return prefill_flops(
+            self.geometry, self.num_tokens, self.num_visual_tokens, self.exit_layer, self.gate_evaluations
+        )
 
 
 @dataclass
@@ -85,13 +93,10 @@ class VisualExitDecoderMixin:
         valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
         if position_ids is None:
             position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
-        layout = TokenLayout.start(valid, position_ids, self.rotary_emb(hidden, position_ids), visual_mask)
-        policy = ExitPolicy(
-            exit_config or ExitConfig.from_model_config(self.config),
-            self.config.num_hidden_layers,
-            layout,
-            self.visual_gates_router,
-        )
+        exit_config = exit_config or ExitConfig.from_model_config(self.config)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        layout = TokenLayout.start(valid, position_ids, position_embeddings, visual_mask, exit_config.mode == "dynamic")
+        policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router)
         drop = policy.drop_before_first_layer(layout)
         if drop is not None:
             hidden, layout = layout.drop(hidden, drop)
@@ -115,14 +120,9 @@ class VisualExitDecoderMixin:
         if cache is not None:
             cache.seen_tokens = length
         hidden = layout.restore(self.norm(hidden), length)
-        flops = prefill_flops(
-            DecoderGeometry.from_config(self.config),
-            valid.sum(dim=1),
-            policy.num_visual,
-            policy.exit_layer,
-            policy.gate_evaluations,
-        )
-        return hidden, ExitStats(policy.exit_layer, policy.num_visual, policy.gate_evaluations, flops)
+        geometry = DecoderGeometry.from_config(self.config)
+        stats = ExitStats(policy.exit_layer, valid.sum(dim=1), policy.num_visual, policy.gate_evaluations, geometry)
+        return hidden, stats
 
     def _decode(self, hidden, attention_mask, position_ids, cache, kwargs):
         """New tokens attend, in each layer, to that layer's own cached keys; they are always real tokens."""

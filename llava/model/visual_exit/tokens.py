@@ -17,26 +17,31 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TokenLayout:
-    """Per slot of the current sequence: validity, original position and index, whether it is visual, and
-    whether it belongs to the gates' text span. `last_index[b]` is the slot of sample b's last prompt token."""
+    """Per slot of the current sequence: validity, original position and index, and whether it is visual.
+    For the gates only (None otherwise): the text span they average and `last_index[b]`, the slot of sample b's
+    last prompt token."""
 
     keys: KeyLayout
     position_ids: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     origin: torch.Tensor
     visual: torch.Tensor
-    text_span: torch.Tensor
-    last_index: torch.Tensor
+    text_span: torch.Tensor | None
+    last_index: torch.Tensor | None
     compacted: bool = False
 
     @classmethod
-    def start(cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings, visual: torch.Tensor | None):
+    def start(
+        cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings, visual: torch.Tensor | None, gates: bool
+    ):
         batch, length = valid.shape
         slots = torch.arange(length, device=valid.device).expand(batch, length)
-        last_index = torch.where(valid, slots, -1).amax(dim=1)
         visual = valid & visual if visual is not None else torch.zeros_like(valid)
-        last_visual = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
-        text_span = valid & (slots > last_visual) & (slots != last_index[:, None])
+        text_span = last_index = None
+        if gates:
+            last_index = torch.where(valid, slots, -1).amax(dim=1)
+            last_visual = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
+            text_span = valid & (slots > last_visual) & (slots != last_index[:, None])
         return cls(
             keys=KeyLayout(valid, padded=not bool(valid.all())),
             position_ids=position_ids.expand(batch, length),
@@ -69,8 +74,8 @@ class TokenLayout:
             position_embeddings=tuple(_gather(e, index) for e in self.position_embeddings),
             origin=self.origin.gather(1, index),
             visual=self.visual.gather(1, index) & valid,
-            text_span=self.text_span.gather(1, index) & valid,
-            last_index=torch.full_like(self.last_index, longest - 1),
+            text_span=None if self.text_span is None else self.text_span.gather(1, index) & valid,
+            last_index=None if self.last_index is None else torch.full_like(self.last_index, longest - 1),
             compacted=True,
         )
         return _gather(hidden, index), layout
