@@ -5,7 +5,8 @@ system prompt). It times, in one run: transformers' stock LlamaModel.forward, ou
 `fixed` K for each K; and prints theoretical FLOPs, the FLOPs-ideal speed-up and the **composed ideal**: stock
 layers timed at the full length for the first K layers and at the text-only length for the rest. Efficiency =
 composed ideal time / measured time: how close the exit gets to what a perfect exit would take on this hardware.
-Dynamic mode with gates that never fire gives the gates' share of prefill time.
+Dynamic mode twice: gates that never fire (tau = 1) give the gates' share of prefill time; gates firing after L/2
+layers compare with fixed K = L/2.
 """
 
 from __future__ import annotations
@@ -47,15 +48,25 @@ class Row:
 
 
 def build_model(preset: str, layers: int | None, dtype: torch.dtype, device: torch.device, attn: str) -> ExitLlamaModel:
+    """Random weights; the gates give P(exit) = 0.5 everywhere except after layer L/2 - 1, where P(exit) > 0.5.
+    So tau = 0.5 exits after L/2 layers, and tau = 1 never exits while still running every gate."""
     geometry = dict(PRESETS[preset])
     if layers is not None:
         geometry["num_hidden_layers"] = layers
     config = LlamaConfig(**geometry, vocab_size=32, visual_gate_hidden_size=GATE_HIDDEN_SIZE, attn_implementation=attn)
     with torch.device(device):
         model = ExitLlamaModel(config).to(dtype).eval()
-    for gate in model.visual_gates_router:  # P(exit) = 0.5 everywhere: never above tau = 0.5, so never fires
+    for gate in model.visual_gates_router:
         torch.nn.init.zeros_(gate.w2.weight)
+    firing = model.visual_gates_router[dynamic_exit_layer(config) - 1]
+    with torch.no_grad():  # GELU(a) + GELU(-a) > 0 for any a != 0: the exit logit wins
+        firing.w1.weight[1] = -firing.w1.weight[0]
+        firing.w2.weight[1, :2] = 1.0
     return model
+
+
+def dynamic_exit_layer(config) -> int:
+    return max(1, config.num_hidden_layers // 2)
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -85,7 +96,9 @@ def run(args: argparse.Namespace) -> list[Row]:
         )
 
     plans = [("stock", None, stock(embeds, mask)), ("stock-text-only", None, stock(text_embeds, text_mask))]
-    plans += [("none", None, ours(ExitConfig("none"))), ("dynamic-never-exits", None, ours(ExitConfig("dynamic")))]
+    plans += [("none", None, ours(ExitConfig("none")))]
+    plans += [("dynamic-never-exits", None, ours(ExitConfig("dynamic", threshold=1.0)))]
+    plans += [("dynamic", dynamic_exit_layer(model.config), ours(ExitConfig("dynamic")))]
     plans += [("fixed", k, ours(ExitConfig("fixed", k))) for k in ks]
     with torch.inference_mode():
         times = interleaved_medians({(mode, k): fn for mode, k, fn in plans}, device, args.repeats, args.warmup)
@@ -102,9 +115,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     for (mode, k), seconds in times.items():
         if mode == "stock-text-only":
             continue
-        exit_layer = k if mode == "fixed" else layers
-        composed = (exit_layer * full_time + (layers - exit_layer) * text_time) / layers if mode == "fixed" else None
-        used = flops(exit_layer, gates=layers - 1 if mode.startswith("dynamic") else 0)
+        exit_layer = layers if k is None else k
+        composed = (exit_layer * full_time + (layers - exit_layer) * text_time) / layers if k is not None else None
+        gates = {"dynamic": exit_layer, "dynamic-never-exits": layers - 1}.get(mode, 0)
+        used = flops(exit_layer, gates)
         rows.append(
             Row(
                 mode=mode,

@@ -100,8 +100,11 @@ class VisualExitDecoderMixin:
         drop = policy.drop_before_first_layer(layout)
         if drop is not None:
             hidden, layout = layout.drop(hidden, drop)
-        mask = self._mask(layout.keys, layout.keys.valid.shape[1], hidden.dtype)
+        keys, mask = None, None
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            if policy.visible_keys(layout) is not keys:
+                keys = policy.visible_keys(layout)
+                mask = self._mask(keys, keys.valid.shape[1], hidden.dtype)
             hidden = decoder_layer(
                 hidden,
                 attention_mask=mask,
@@ -112,13 +115,13 @@ class VisualExitDecoderMixin:
                 **kwargs,
             )
             if cache is not None:
-                cache.layouts.append(layout.keys)
+                cache.layouts.append(keys)
             drop = policy.drop_after(index, hidden, layout)
             if drop is not None:
                 hidden, layout = layout.drop(hidden, drop)
-                mask = self._mask(layout.keys, layout.keys.valid.shape[1], hidden.dtype)
         if cache is not None:
             cache.seen_tokens = length
+            cache.merge_equal_layouts()
         hidden = layout.restore(self.norm(hidden), length)
         geometry = DecoderGeometry.from_config(self.config)
         stats = ExitStats(policy.exit_layer, valid.sum(dim=1), policy.num_visual, policy.gate_evaluations, geometry)
