@@ -10,7 +10,6 @@ import torch
 from llava.mm_utils import tokenizer_image_token
 from llava.model.visual_exit import DecoderGeometry, ExitConfig, gate_features, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates
-from llava.model.visual_exit.policy import FlagReadback
 
 PROMPTS = [
     ("USER: <image>\nWhat colour is it? ASSISTANT:", 1),
@@ -142,7 +141,7 @@ def test_dynamic_with_hand_set_gate_equals_fixed(gated, loaded, images, fire_lay
         fixed = gated(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("fixed", fire_layer + 1))
         mm = gated.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
     text = text_positions(mm)
-    assert torch.equal(dynamic.logits[text], fixed.logits[text])
+    assert (dynamic.logits[text] - fixed.logits[text]).abs().max() <= 1e-5
     has_image = torch.tensor([count > 0 for _, count in PROMPTS])
     assert dynamic.exit_stats.exit_layer.tolist() == torch.where(has_image, fire_layer + 1, 0).tolist()
     # Gates run in layer order up to the exit, only for samples holding visual tokens.
@@ -177,21 +176,11 @@ def test_threshold_and_gate_features(gated, loaded, images):
     assert above.exit_stats.exit_layer.tolist() == [gated.config.num_hidden_layers]
 
 
-@pytest.fixture(params=["immediate", "late"])
-def readback(request, monkeypatch):
-    """Gate decisions reach the host at once (CPU), or two layers late (a busy GPU): the device masks the
-    exited tokens meanwhile, so results must not change."""
-    if request.param == "late":
-        original = FlagReadback.poll
-
-        def late_poll(self):
-            self.waited = getattr(self, "waited", 0) + 1
-            if self.waited < 3:
-                return None
-            self.waited = 0
-            return original(self)
-
-        monkeypatch.setattr(FlagReadback, "poll", late_poll)
+@pytest.fixture(params=[0, 1, 3])
+def readback(request, monkeypatch, gated):
+    """The host reads gate decisions at once, or some layers late (the device masks the exited tokens
+    meanwhile): results must not change."""
+    monkeypatch.setattr(gated.get_model(), "gate_readback_lag", request.param)
     return request.param
 
 

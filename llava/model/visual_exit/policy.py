@@ -12,26 +12,32 @@ from llava.model.visual_exit.tokens import TokenLayout
 
 
 class FlagReadback:
-    """Device flags read on the host without waiting: on CUDA a non-blocking copy into pinned memory plus an
-    event; `poll()` returns the latest posted flags once they have arrived, else None."""
+    """Device flags read on the host `lag` posts later. With lag 1 the host waits for layer i's decision only
+    after it has queued layer i + 1, so the device never idles for it; with lag 0 it waits at once."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, lag: int):
+        self.lag = lag
         self.cuda = device.type == "cuda"
-        self.host = torch.empty(2, dtype=torch.bool, pin_memory=self.cuda)
-        self.event = torch.cuda.Event() if self.cuda else None
-        self.posted = False
+        self.host = [torch.empty(2, dtype=torch.bool, pin_memory=self.cuda) for _ in range(lag + 1)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(lag + 1)]
+        self.posted = self.read = 0
 
     def post(self, flags: torch.Tensor) -> None:
-        self.host.copy_(flags, non_blocking=self.cuda)
+        slot = self.posted % len(self.host)
+        self.host[slot].copy_(flags, non_blocking=self.cuda)
         if self.cuda:
-            self.event.record()
-        self.posted = True
+            self.events[slot].record()
+        self.posted += 1
 
-    def poll(self) -> list[bool] | None:
-        if not self.posted or (self.cuda and not self.event.query()):
+    def collect(self) -> list[bool] | None:
+        """The oldest unread flags once `lag` newer posts exist (waiting for the device if needed), else None."""
+        if self.posted - self.read <= self.lag:
             return None
-        self.posted = False
-        return self.host.tolist()
+        slot = self.read % len(self.host)
+        if self.cuda:
+            self.events[slot].synchronize()
+        self.read += 1
+        return self.host[slot].tolist()
 
 
 class ExitPolicy:
@@ -40,12 +46,14 @@ class ExitPolicy:
 
     Before each layer, `visible_keys` says which cached keys that layer may attend to; after it, `drop_after`
     returns the slots to remove from the sequence, or None. Gate decisions take effect on the device at once,
-    by hiding the exited visual keys from the next layer; the host learns of them asynchronously and only then
-    drops the tokens. So dynamic mode never waits for the device per layer: the one host synchronisation is
-    the re-packing itself, once per layer at which tokens are dropped. `fixed` mode needs none beyond it.
+    by hiding the exited visual keys from the next layers; the host reads them `readback_lag` layers later and
+    then drops the tokens. Dynamic mode stops reading once no sample holds visual tokens. `fixed` mode never
+    waits beyond the re-packing itself.
     """
 
-    def __init__(self, config: ExitConfig, num_layers: int, layout: TokenLayout, gates: nn.ModuleList | None):
+    def __init__(
+        self, config: ExitConfig, num_layers: int, layout: TokenLayout, gates: nn.ModuleList | None, readback_lag: int
+    ):
         if config.mode == "fixed" and config.layer > num_layers:
             raise ValueError(f"exit layer {config.layer} exceeds the model's {num_layers} layers")
         if config.mode == "dynamic" and gates is None:
@@ -60,7 +68,7 @@ class ExitPolicy:
         self.gate_evaluations = torch.zeros_like(self.num_visual)
         self.any_active = config.mode != "none" and bool(has_visual.any())
         self.hidden_visual: torch.Tensor | None = None  # exited visual slots still in the sequence, masked
-        self.readback = FlagReadback(layout.keys.valid.device)
+        self.readback = FlagReadback(layout.keys.valid.device, readback_lag)
 
     def visible_keys(self, layout: TokenLayout) -> KeyLayout:
         if self.hidden_visual is None:
@@ -95,7 +103,7 @@ class ExitPolicy:
 
     def _collect(self) -> torch.Tensor | None:
         """Once the host knows what the device decided: stop gating when nobody is left, drop what is hidden."""
-        flags = self.readback.poll()
+        flags = self.readback.collect()
         if flags is None:
             return None
         any_hidden, self.any_active = flags
