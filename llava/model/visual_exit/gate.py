@@ -16,9 +16,10 @@ class VisualGate(nn.Module):
         self.w2 = nn.Linear(gate_hidden_size, 2, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        # fp32 whatever the model dtype: the decision compares probabilities against a threshold.
-        hidden = F.gelu(F.linear(features.float(), self.w1.weight.float()))
-        return F.linear(hidden, self.w2.weight.float())
+        """fp32 logits. The matrix products run in the weights' dtype (fp32 accumulation), so a bf16 model
+        reads its gate weights once instead of converting them at every layer."""
+        hidden = F.gelu(F.linear(features.to(self.w1.weight.dtype), self.w1.weight))
+        return F.linear(hidden, self.w2.weight).float()
 
 
 def build_visual_gates(config) -> nn.ModuleList | None:
@@ -31,10 +32,11 @@ def build_visual_gates(config) -> nn.ModuleList | None:
 
 def gate_features(hidden: torch.Tensor, text_span: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
     """(B, 2H) fp32: mean of the text after the last visual token (without the last prompt token), and the last
-    prompt token's state. An empty span takes the last token as its mean, so there is never a 0/0."""
+    prompt token's state. An empty span takes the last token as its mean, so there is never a 0/0.
+
+    The span is summed by one matrix product (fp32 accumulation) instead of converting every hidden state."""
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index].float()
-    span = text_span.unsqueeze(-1).float()
-    count = span.sum(1)
-    span_sum = (hidden.float() * span).sum(1)
+    span_sum = torch.bmm(text_span.unsqueeze(1).to(hidden.dtype), hidden).squeeze(1).float()
+    count = text_span.sum(dim=1, keepdim=True)
     mean = torch.where(count > 0, span_sum / count.clamp(min=1), last)
     return torch.cat([mean, last], dim=-1)

@@ -107,7 +107,11 @@ class ExitPolicy:
         if flags is None:
             return None
         any_hidden, self.any_active = flags
-        if not any_hidden or self.hidden_visual is None:
+        if not any_hidden:
+            if self.readback.read == self.readback.posted:  # nothing hidden as of the latest decision
+                self.hidden_visual = None
+            return None
+        if self.hidden_visual is None:
             return None
         drop, self.hidden_visual = self.hidden_visual, None
         return drop
