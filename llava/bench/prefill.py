@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
-    parser.add_argument("--gate-readback-lag", type=int, default=ExitLlamaModel.gate_readback_lag,
-                        help="layers between a gate decision and the host reading it (0: wait at once)")
+    parser.add_argument("--gate-readback-lag", type=int, default=None,
+                        help="layers between a gate decision and the host reading it (default: 1 on CUDA, else 0)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
