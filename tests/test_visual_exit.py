@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llava.mm_utils import tokenizer_image_token
-from llava.model.visual_exit import DecoderGeometry, ExitConfig, gate_features, prefill_flops
+from llava.model.visual_exit import DecoderGeometry, ExitConfig, gate_feature_weights, gate_features, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates
 
 PROMPTS = [
@@ -163,8 +163,10 @@ def test_threshold_and_gate_features(gated, loaded, images):
     mean = after_layer_0[first_text:last].mean(dim=0)
     features = torch.cat([mean, after_layer_0[last]])
     assert torch.allclose(
-        gate_features(states[1], mm.attention_mask & ~mm.visual_mask & (torch.arange(last + 1) >= first_text)
-                      & (torch.arange(last + 1) != last), torch.tensor([last]))[0],
+        gate_features(states[1], gate_feature_weights(
+            mm.attention_mask & ~mm.visual_mask & (torch.arange(last + 1) >= first_text)
+            & (torch.arange(last + 1) != last), torch.tensor([last])
+        ))[0],
         features,
     )
     set_sign_gate(gated.get_model().visual_gates_router[0], features / features.pow(2).sum())
@@ -291,7 +293,7 @@ def test_no_nan_in_half_precision_with_empty_gate_span(gated, loaded, images, dt
             span = mm.attention_mask & ~mm.visual_mask & (torch.arange(last + 1) > mm.visual_mask[0].nonzero().max())
             span &= torch.arange(last + 1) != last
             assert not span[0].any()  # the first sample really has an empty span
-            features = gate_features(mm.inputs_embeds, span, torch.full((2,), last))
+            features = gate_features(mm.inputs_embeds, gate_feature_weights(span, torch.full((2,), last)))
             assert torch.isfinite(features).all() and features.dtype == torch.float32
             for config in (ExitConfig("dynamic"), ExitConfig("fixed", 1)):
                 out = gated(input_ids=ids, attention_mask=mask, images=images_for(images, prompts).to(dtype), exit_config=config)

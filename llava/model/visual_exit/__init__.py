@@ -9,7 +9,7 @@ from llava.model.visual_exit.cache import KeyLayout, VisualExitCache
 from llava.model.visual_exit.config import EXIT_MODES, ExitConfig
 from llava.model.visual_exit.decoder import ExitStats, VisualExitDecoderMixin, VisualExitModelOutput
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
-from llava.model.visual_exit.gate import VisualGate, gate_features
+from llava.model.visual_exit.gate import VisualGate, gate_feature_weights, gate_features
 
 __all__ = [
     "EXIT_MODES",
@@ -21,6 +21,7 @@ __all__ = [
     "VisualExitDecoderMixin",
     "VisualExitModelOutput",
     "VisualGate",
+    "gate_feature_weights",
     "gate_features",
     "prefill_flops",
 ]

@@ -30,13 +30,16 @@ def build_visual_gates(config) -> nn.ModuleList | None:
     return nn.ModuleList(VisualGate(config.hidden_size, width) for _ in range(config.num_hidden_layers))
 
 
-def gate_features(hidden: torch.Tensor, text_span: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-    """(B, 2H) fp32: mean of the text after the last visual token (without the last prompt token), and the last
-    prompt token's state. An empty span takes the last token as its mean, so there is never a 0/0.
-
-    The span is summed by one matrix product (fp32 accumulation) instead of converting every hidden state."""
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index].float()
-    span_sum = torch.bmm(text_span.unsqueeze(1).to(hidden.dtype), hidden).squeeze(1).float()
+def gate_feature_weights(text_span: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    """(B, T, 2) fp32 weights that read the gate features off the hidden states in one matrix product: column 0
+    averages the text after the last visual token (without the last prompt token), column 1 picks the last
+    prompt token. An empty span averages the last token instead, so there is never a 0/0."""
+    last = torch.nn.functional.one_hot(last_index, text_span.shape[1]).float()
     count = text_span.sum(dim=1, keepdim=True)
-    mean = torch.where(count > 0, span_sum / count.clamp(min=1), last)
-    return torch.cat([mean, last], dim=-1)
+    mean = torch.where(count > 0, text_span.float() / count.clamp(min=1), last)
+    return torch.stack([mean, last], dim=-1)
+
+
+def gate_features(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(B, 2H) fp32 features [span mean, last token] with `weights` from `gate_feature_weights`."""
+    return torch.bmm(weights.transpose(1, 2).to(hidden.dtype), hidden).flatten(1).float()

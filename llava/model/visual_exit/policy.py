@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -64,8 +66,11 @@ class ExitPolicy:
         self.num_visual = layout.visual.sum(dim=1)
         has_visual = self.num_visual > 0
         self.active = has_visual
+        self.has_visual = has_visual
         self.exit_layer = torch.where(has_visual, num_layers, 0)
-        self.gate_evaluations = torch.zeros_like(self.num_visual)
+        # P(exit) > tau  <=>  logit(exit) - logit(stay) > log(tau / (1 - tau)): no softmax per layer.
+        tau = config.threshold
+        self.margin = math.inf if tau >= 1 else -math.inf if tau <= 0 else math.log(tau / (1 - tau))
         self.any_active = config.mode != "none" and bool(has_visual.any())
         self.hidden_visual: torch.Tensor | None = None  # exited visual slots still in the sequence, masked
         self.readback = FlagReadback(layout.keys.valid.device, readback_lag)
@@ -94,9 +99,8 @@ class ExitPolicy:
         return self._collect()
 
     def _run_gate(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> None:
-        logits = self.gates[layer](gate_features(hidden, layout.text_span, layout.last_index))
-        exiting = self.active & (logits.softmax(dim=-1)[:, 1] > self.config.threshold)
-        self.gate_evaluations = self.gate_evaluations + self.active.long()
+        logits = self.gates[layer](gate_features(hidden, layout.gate_weights))
+        exiting = self.active & (logits[:, 1] - logits[:, 0] > self.margin)
         hidden_now = self._exit(exiting, layer + 1, layout)
         self.hidden_visual = hidden_now if self.hidden_visual is None else self.hidden_visual | hidden_now
         self.readback.post(torch.stack([self.hidden_visual.any(), self.active.any()]))
@@ -115,6 +119,13 @@ class ExitPolicy:
             return None
         drop, self.hidden_visual = self.hidden_visual, None
         return drop
+
+    @property
+    def gate_evaluations(self) -> torch.Tensor:
+        """Gates run for a sample at layers 0 .. exit_layer - 1, never at the last layer."""
+        if self.config.mode != "dynamic":
+            return torch.zeros_like(self.exit_layer)
+        return torch.where(self.has_visual, self.exit_layer.clamp(max=self.num_layers - 1), 0)
 
     def _exit(self, exiting: torch.Tensor, layer: int, layout: TokenLayout) -> torch.Tensor:
         self.exit_layer = torch.where(exiting, layer, self.exit_layer)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from llava.model.visual_exit.cache import KeyLayout
+from llava.model.visual_exit.gate import gate_feature_weights
 
 
 def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -18,16 +19,14 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TokenLayout:
     """Per slot of the current sequence: validity, original position and index, and whether it is visual.
-    For the gates only (None otherwise): the text span they average and `last_index[b]`, the slot of sample b's
-    last prompt token."""
+    For the gates only (None otherwise): per slot, its weights in the gate features (`gate_feature_weights`)."""
 
     keys: KeyLayout
     position_ids: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     origin: torch.Tensor
     visual: torch.Tensor
-    text_span: torch.Tensor | None
-    last_index: torch.Tensor | None
+    gate_weights: torch.Tensor | None
     compacted: bool = False
 
     @classmethod
@@ -37,19 +36,19 @@ class TokenLayout:
         batch, length = valid.shape
         slots = torch.arange(length, device=valid.device).expand(batch, length)
         visual = valid & visual if visual is not None else torch.zeros_like(valid)
-        text_span = last_index = None
+        gate_weights = None
         if gates:
             last_index = torch.where(valid, slots, -1).amax(dim=1)
             last_visual = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
             text_span = valid & (slots > last_visual) & (slots != last_index[:, None])
+            gate_weights = gate_feature_weights(text_span, last_index)
         return cls(
             keys=KeyLayout(valid, padded=not bool(valid.all())),
             position_ids=position_ids.expand(batch, length),
             position_embeddings=tuple(e.expand(batch, *e.shape[1:]) for e in position_embeddings),
             origin=slots,
             visual=visual,
-            text_span=text_span,
-            last_index=last_index,
+            gate_weights=gate_weights,
         )
 
     def drop(self, hidden: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
@@ -74,8 +73,7 @@ class TokenLayout:
             position_embeddings=tuple(_gather(e, index) for e in self.position_embeddings),
             origin=self.origin.gather(1, index),
             visual=self.visual.gather(1, index) & valid,
-            text_span=None if self.text_span is None else self.text_span.gather(1, index) & valid,
-            last_index=None if self.last_index is None else torch.full_like(self.last_index, longest - 1),
+            gate_weights=None if self.gate_weights is None else _gather(self.gate_weights, index) * valid[..., None],
             compacted=True,
         )
         return _gather(hidden, index), layout
