@@ -5,6 +5,8 @@ import torch
 
 from llava.mm_utils import tokenizer_image_token
 
+from batching import padded_batch
+
 NEW_TOKENS = 6
 PROMPTS = [
     ("USER: <image>\nWhat colour is it? ASSISTANT:", 1),
@@ -61,12 +63,7 @@ def test_padded_batch_equals_each_sample_alone(loaded, images, attn, padding_sid
     tokenizer, model, _, _ = loaded
     model.set_attn_implementation(attn)
     rows = [tokenizer_image_token(prompt, tokenizer) for prompt, _ in PROMPTS]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-        ids[b, span], mask[b, span] = torch.tensor(row), 1
+    ids, mask = padded_batch(tokenizer, [prompt for prompt, _ in PROMPTS], padding_side)
     try:
         with torch.no_grad():
             batched = generate(model, ids, mask, images)

@@ -13,6 +13,8 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.builder import load_pretrained_model
 from llava.mm_utils import tokenizer_image_token
 
+from batching import padded_batch
+
 PROMPTS = [
     "USER: <image>\nWhat is shown? ASSISTANT:",
     "USER: Look at this: <image> and describe the colours in a few words, please. ASSISTANT:",
@@ -21,15 +23,7 @@ PROMPTS = [
 
 
 def batch_ids(tokenizer, prompts, padding_side):
-    rows = [tokenizer_image_token(p, tokenizer) for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-        ids[b, span] = torch.tensor(row)
-        mask[b, span] = True
-    return ids, mask
+    return padded_batch(tokenizer, prompts, padding_side)
 
 
 def expand_for_hf(ids, mask, image_token_id, patches):
@@ -37,7 +31,7 @@ def expand_for_hf(ids, mask, image_token_id, patches):
     rows = []
     for row, row_mask in zip(ids, mask):
         expanded = []
-        for token in row[row_mask].tolist():
+        for token in row[row_mask.bool()].tolist():
             expanded += [image_token_id] * patches if token == IMAGE_TOKEN_INDEX else [token]
         rows.append(expanded)
     width = max(map(len, rows))

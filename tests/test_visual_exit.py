@@ -11,6 +11,8 @@ from llava.mm_utils import tokenizer_image_token
 from llava.model.visual_exit import DecoderGeometry, ExitConfig, gate_feature_weights, gate_features, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates
 
+from batching import padded_batch
+
 PROMPTS = [
     ("USER: <image>\nWhat colour is it? ASSISTANT:", 1),
     ("USER: a question without any image at all, a longer one ASSISTANT:", 0),
@@ -20,14 +22,7 @@ PROMPTS = [
 
 
 def batch_inputs(tokenizer, prompts, padding_side="left"):
-    rows = [tokenizer_image_token(prompt, tokenizer) for prompt, _ in prompts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
-        ids[b, span], mask[b, span] = torch.tensor(row), 1
-    return ids, mask
+    return padded_batch(tokenizer, [prompt for prompt, _ in prompts], padding_side)
 
 
 def images_for(images, prompts):
