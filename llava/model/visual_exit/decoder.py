@@ -108,9 +108,9 @@ class VisualExitDecoderMixin:
             hidden, layout = layout.drop(hidden, drop)
         keys, mask = None, None
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            if policy.visible_keys(layout) is not keys:
-                keys = policy.visible_keys(layout)
-                mask = self._mask(keys, keys.valid.shape[1], hidden.dtype)
+            visible = policy.visible_keys(layout)
+            if visible is not keys:
+                keys, mask = visible, self._mask(visible, visible.valid.shape[1], hidden.dtype)
             hidden = decoder_layer(
                 hidden,
                 attention_mask=mask,
@@ -127,7 +127,8 @@ class VisualExitDecoderMixin:
                 hidden, layout = layout.drop(hidden, drop)
         if cache is not None:
             cache.seen_tokens = length
-            cache.merge_equal_layouts()
+            if policy.masked_layers:
+                cache.merge_equal_layouts()
         hidden = layout.restore(self.norm(hidden), length)
         geometry = DecoderGeometry.from_config(self.config)
         stats = ExitStats(policy.exit_layer, valid.sum(dim=1), policy.num_visual, policy.gate_evaluations, geometry)

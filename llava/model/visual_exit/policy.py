@@ -73,11 +73,13 @@ class ExitPolicy:
         self.margin = math.inf if tau >= 1 else -math.inf if tau <= 0 else math.log(tau / (1 - tau))
         self.any_active = config.mode != "none" and bool(has_visual.any())
         self.hidden_visual: torch.Tensor | None = None  # exited visual slots still in the sequence, masked
+        self.masked_layers = False  # whether some layer ran with such masked keys
         self.readback = FlagReadback(layout.keys.valid.device, readback_lag)
 
     def visible_keys(self, layout: TokenLayout) -> KeyLayout:
         if self.hidden_visual is None:
             return layout.keys
+        self.masked_layers = True
         return KeyLayout(layout.keys.valid & ~self.hidden_visual, padded=True)
 
     def drop_before_first_layer(self, layout: TokenLayout) -> torch.Tensor | None:
