@@ -371,3 +371,20 @@ def test_reported_flops_follow_exit_layers(loaded, images):
     has_image = visual > 0
     assert torch.equal(fixed.prefill_flops[has_image], expected[has_image])
     assert (fixed.prefill_flops < none.prefill_flops)[has_image].all()
+
+
+def test_no_gate_work_after_the_last_sample_exits(gated, loaded, images, monkeypatch):
+    """Once every sample's visual tokens are gone, no gate runs and nothing is read back from the device."""
+    from llava.model.visual_exit.policy import FlagReadback
+
+    tokenizer = loaded[0]
+    fire_always(gated.get_model().visual_gates_router[0], gated.config.hidden_size)
+    posts = []
+    original = FlagReadback.post
+    monkeypatch.setattr(FlagReadback, "post", lambda self, flags: (posts.append(flags), original(self, flags)))
+    ids, mask = batch_inputs(tokenizer, PROMPTS)
+    with torch.no_grad():
+        out = gated(input_ids=ids, attention_mask=mask, images=images_for(images, PROMPTS), exit_config=ExitConfig("dynamic"))
+    assert len(posts) == 1  # the decision after layer 0 only
+    has_image = torch.tensor([count > 0 for _, count in PROMPTS])
+    assert out.exit_stats.gate_evaluations.tolist() == has_image.long().tolist()
