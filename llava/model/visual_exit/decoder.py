@@ -91,27 +91,49 @@ class VisualExitDecoderMixin:
         return VisualExitModelOutput(last_hidden_state=hidden, past_key_values=past_key_values, exit_stats=stats)
 
     def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs):
-        batch, length = hidden.shape[:2]
-        if attention_mask is not None and attention_mask.shape != (batch, length):
-            raise ValueError(f"prefill needs a 2D attention mask of shape {(batch, length)}, got {tuple(attention_mask.shape)}")
-        valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
-        if position_ids is None:
-            position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
         exit_config = exit_config or ExitConfig.from_model_config(self.config)
-        position_embeddings = self.rotary_emb(hidden, position_ids)
-        layout = TokenLayout.start(valid, position_ids, position_embeddings, visual_mask, exit_config.mode == "dynamic")
+        hidden, layout = self.start_prefill(
+            hidden, attention_mask, position_ids, visual_mask, gate_weights=exit_config.mode == "dynamic"
+        )
         policy = ExitPolicy(
             exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, self.gate_readback_lag
         )
         drop = policy.drop_before_first_layer(layout)
         if drop is not None:
             hidden, layout = layout.drop(hidden, drop)
+        hidden, layout = self.run_layers(hidden, layout, range(self.config.num_hidden_layers), cache, policy, **kwargs)
+        if cache is not None:
+            cache.seen_tokens = layout.input_length
+            if policy.masked_layers:
+                cache.merge_equal_layouts()
+        stats = ExitStats(
+            policy.exit_layer,
+            layout.input_valid.sum(dim=1),
+            policy.num_visual,
+            policy.gate_evaluations,
+            DecoderGeometry.from_config(self.config),
+        )
+        return self.finish_prefill(hidden, layout), stats
+
+    def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, gate_weights: bool):
+        """The input's token layout (validity, positions, RoPE, visual slots) before layer 0."""
+        batch, length = hidden.shape[:2]
+        if attention_mask is not None and attention_mask.shape != (batch, length):
+            raise ValueError(f"prefill needs a 2D attention mask of shape {(batch, length)}, got {tuple(attention_mask.shape)}")
+        valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
+        position_embeddings = self.rotary_emb(hidden, position_ids)
+        return hidden, TokenLayout.start(valid, position_ids, position_embeddings, visual_mask, gate_weights)
+
+    def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
+        """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""
         keys, mask = None, None
-        for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            visible = policy.visible_keys(layout)
+        for index in layers:
+            visible = policy.visible_keys(layout) if policy is not None else layout.keys
             if visible is not keys:
                 keys, mask = visible, self._mask(visible, visible.valid.shape[1], hidden.dtype)
-            hidden = decoder_layer(
+            hidden = self.layers[index](
                 hidden,
                 attention_mask=mask,
                 position_embeddings=layout.position_embeddings,
@@ -122,17 +144,14 @@ class VisualExitDecoderMixin:
             )
             if cache is not None:
                 cache.layouts.append(keys)
-            drop = policy.drop_after(index, hidden, layout)
+            drop = policy.drop_after(index, hidden, layout) if policy is not None else None
             if drop is not None:
                 hidden, layout = layout.drop(hidden, drop)
-        if cache is not None:
-            cache.seen_tokens = length
-            if policy.masked_layers:
-                cache.merge_equal_layouts()
-        hidden = layout.restore(self.norm(hidden), length)
-        geometry = DecoderGeometry.from_config(self.config)
-        stats = ExitStats(policy.exit_layer, valid.sum(dim=1), policy.num_visual, policy.gate_evaluations, geometry)
-        return hidden, stats
+        return hidden, layout
+
+    def finish_prefill(self, hidden, layout) -> torch.Tensor:
+        """Final norm, then back to the input layout (dropped positions are zeros)."""
+        return layout.restore(self.norm(hidden))
 
     def _decode(self, hidden, attention_mask, position_ids, cache, kwargs):
         """New tokens attend, in each layer, to that layer's own cached keys; they are always real tokens."""

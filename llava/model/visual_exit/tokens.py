@@ -27,7 +27,12 @@ class TokenLayout:
     origin: torch.Tensor
     visual: torch.Tensor
     gate_weights: torch.Tensor | None
+    input_valid: torch.Tensor
     compacted: bool = False
+
+    @property
+    def input_length(self) -> int:
+        return self.input_valid.shape[1]
 
     @classmethod
     def start(
@@ -49,6 +54,7 @@ class TokenLayout:
             origin=slots,
             visual=visual,
             gate_weights=gate_weights,
+            input_valid=valid,
         )
 
     def drop(self, hidden: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
@@ -78,10 +84,11 @@ class TokenLayout:
         )
         return _gather(hidden, index), layout
 
-    def restore(self, hidden: torch.Tensor, length: int) -> torch.Tensor:
-        """Scatter per-slot states back to the input layout (`length` slots); dropped positions become zeros."""
+    def restore(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scatter per-slot states back to the input layout; dropped positions become zeros."""
         if not self.compacted:
             return hidden
+        length = self.input_length
         target = torch.where(self.keys.valid, self.origin, length)
         restored = hidden.new_zeros(hidden.shape[0], length + 1, hidden.shape[-1])
         restored.scatter_(1, target.unsqueeze(-1).expand_as(hidden), hidden)
