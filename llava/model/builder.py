@@ -11,6 +11,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from llava.model.gates_artifact import load_gates, read_gates_config
 from llava.model.hf_layout import HF_CHECKPOINT_TO_LLAVA, is_hf_layout, llava_config_from_hf
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.multimodal_encoder.clip_encoder import load_image_processor
@@ -68,6 +69,7 @@ def load_pretrained_model(
     """Load tokenizer, model (our `LlavaLlamaForCausalLM`), image processor and context length.
 
     `model_base` with a projector-only checkpoint (`mm_projector.bin`) takes the LLM from the base, as LLaVA does.
+    A gates-only artifact (`visual_gates.json`) loads its base checkpoint plus the trained gates.
     `device` defaults to CUDA when present, else CPU; `dtype` to fp16 on CUDA, fp32 on CPU.
     """
     del model_name  # LLaVA dispatches on the name; here the config says which layout a checkpoint has
@@ -80,9 +82,14 @@ def load_pretrained_model(
     if load_8bit or load_4bit:
         load_kwargs["quantization_config"] = _quantization_config(load_8bit, dtype)
 
+    gates_only = read_gates_config(model_path)
+    if gates_only is not None:  # a gates-only artifact: the LLaVA model comes from its base checkpoint
+        gates_path, model_path = model_path, gates_only["base_model"]
     config_dict = read_config_dict(model_path)
     config = llava_config_from_dict(config_dict, model_path)
-    if not getattr(config, "visual_gate_hidden_size", None):
+    if gates_only is not None:
+        config.visual_gate_hidden_size = gates_only["visual_gate_hidden_size"]
+    elif not getattr(config, "visual_gate_hidden_size", None):
         # Reference-trained checkpoints carry gate weights without naming their width in the config.
         config.visual_gate_hidden_size = gate_width_in_checkpoint(model_path)
     if is_hf_layout(config_dict):
@@ -92,6 +99,8 @@ def load_pretrained_model(
     model = LlavaLlamaForCausalLM.from_pretrained(weights_path, config=config, **load_kwargs)
     if model_base is not None:
         _load_projector(model, model_path)
+    if gates_only is not None:
+        load_gates(model, gates_path)
 
     _add_mm_tokens(model, tokenizer)
     tower = model.get_vision_tower()

@@ -12,6 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava.model.visual_exit import ExitConfig, ExitStats, VisualExitCache, VisualExitDecoderMixin
+from llava.model.visual_exit.training import ExitLabelRule, GateTrainingOutput, gate_training_pass
 
 
 class LlavaConfig(LlamaConfig):
@@ -63,12 +64,23 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         visual_mask: torch.Tensor | None = None,
         exit_config: ExitConfig | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        gate_training_layer: int | None = None,
+        exit_label_rule: ExitLabelRule | None = None,
         **kwargs,
-    ) -> LlavaCausalLMOutput:
+    ) -> LlavaCausalLMOutput | GateTrainingOutput:
+        """LLaVA's forward. With `gate_training_layer` k it is a gate-training step instead: the loss of gate k
+        against labels from the two continuations after layer k (see visual_exit.training)."""
         if inputs_embeds is None and _needs_multimodal_inputs(input_ids, images):
             mm = self.prepare_inputs_labels_for_multimodal(input_ids, attention_mask, labels, images, image_sizes)
             input_ids, inputs_embeds, labels, visual_mask = None, mm.inputs_embeds, mm.labels, mm.visual_mask
             attention_mask, position_ids = mm.attention_mask, mm.position_ids
+        if gate_training_layer is not None:
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            return gate_training_pass(
+                self.model, self.lm_head, inputs_embeds, attention_mask, position_ids, visual_mask, labels,
+                gate_training_layer, exit_label_rule or ExitLabelRule(),
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

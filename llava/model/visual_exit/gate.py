@@ -43,3 +43,12 @@ def gate_feature_weights(text_span: torch.Tensor, last_index: torch.Tensor) -> t
 def gate_features(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B, 2H) fp32 features [span mean, last token] with `weights` from `gate_feature_weights`."""
     return torch.bmm(weights.transpose(1, 2).to(hidden.dtype), hidden).flatten(1).float()
+
+
+def init_gate_weights(gates: nn.ModuleList) -> None:
+    """The reference's initialisation: Xavier-uniform linear weights, zero biases where present."""
+    for module in gates.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)

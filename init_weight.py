@@ -1,0 +1,43 @@
+"""Add freshly initialised exit gates to a LLaVA checkpoint.
+
+    python init_weight.py --model-path /models/llava-v1.5-7b --output-dir checkpoints/llava-v1.5-7b-exit-init
+
+The output is a full checkpoint that `load_pretrained_model` loads with gates (Xavier-uniform, as the reference
+initialises them), ready for `scripts/v1_5/finetune_visual_gate.sh`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.gates_artifact import attach_gates
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True, help="LLaVA checkpoint (original or llava-hf layout)")
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--output-dir", default=None, help="default: <model-path>-exit-init")
+    parser.add_argument("--gate-hidden-size", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    output_dir = args.output_dir or args.model_path.rstrip("/") + "-exit-init"
+    try:
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            args.model_path, args.model_base, device="cpu", dtype="auto"
+        )
+    except (CheckpointError, VisionTowerNotFoundError) as error:
+        sys.exit(f"init_weight.py: error: {error}")
+    attach_gates(model, args.gate_hidden_size, args.seed)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    image_processor.save_pretrained(output_dir)
+    print(f"gates of width {args.gate_hidden_size} added to {args.model_path}: {os.path.abspath(output_dir)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Train the exit gates of a LLaVA checkpoint, everything else frozen (docs/DESIGN.md §3).
+
+    deepspeed llava/train/train.py --deepspeed scripts/zero2.json --model_name_or_path CKPT --version v1 \
+        --data_path DATA.json --image_folder IMAGES --output_dir OUT ...
+
+LLaVA's argument names, plus the gate options of `GateArguments`. Writes the gates-only artifact to OUT
+(`visual_gates.safetensors`, loadable with `load_pretrained_model(OUT)`), and a full checkpoint too with
+`--save_full_model True`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+from llava.model.builder import load_pretrained_model
+from llava.model.gates_artifact import attach_gates
+from llava.model.visual_exit.training import ExitLabelRule
+from llava.train.data import DataCollator, SupervisedDataset
+from llava.train.trainer import ExitLayerSampler, GateTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "LLaVA checkpoint, e.g. the output of init_weight.py"})
+    model_base: str | None = field(default=None)
+    version: str = field(default="v1", metadata={"help": "conversation template (v1 = vicuna_v1)"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "LLaVA conversation JSON (list) or JSON lines"})
+    image_folder: str | None = field(default=None)
+    image_aspect_ratio: str | None = field(default=None, metadata={"help": "default: the checkpoint's ('pad')"})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts; images are always lazy"})
+    is_multimodal: bool = field(default=True, metadata={"help": "accepted for LLaVA scripts"})
+
+
+@dataclass
+class GateArguments:
+    gate_hidden_size: int = field(default=2048, metadata={"help": "width of gates added when the model has none"})
+    gate_agree_threshold: float = field(default=0.99, metadata={"help": "label 1 needs answer agreement above this"})
+    gate_ratio_threshold: float = field(default=1.03, metadata={"help": "... and loss ratio exit/full below this"})
+    exit_layer_sampler: str = field(default="uniform", metadata={"help": "'uniform' or a layer range like '4-20'"})
+    save_full_model: bool = field(default=False, metadata={"help": "also save a full checkpoint with the gates"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "token ids per sample (longer: truncated)"})
+    group_by_modality_length: bool = field(default=False)
+    remove_unused_columns: bool = field(default=False)
+    report_to: str = field(default="none", metadata={"help": "'wandb' to log there too"})
+    # LLaVA's scripts pass these transformers 4.x names; 5.x calls them warmup_steps (< 1: a ratio), eval_strategy.
+    warmup_ratio: float | None = field(default=None, metadata={"help": "alias of warmup_steps < 1"})
+    evaluation_strategy: str | None = field(default=None, metadata={"help": "alias of eval_strategy"})
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        super().__post_init__()
+
+
+def build_model(model_args: ModelArguments, gate_args: GateArguments, training_args: TrainingArguments):
+    dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        model_args.model_name_or_path, model_args.model_base, device="cpu", dtype=dtype
+    )
+    if model.get_model().visual_gates_router is None:
+        attach_gates(model, gate_args.gate_hidden_size, training_args.seed)
+    model.requires_grad_(False)
+    model.get_model().visual_gates_router.requires_grad_(True)
+    model.config.use_cache = False
+    return tokenizer, model, image_processor
+
+
+def train(argv: list[str] | None = None) -> GateTrainer:
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, GateArguments, TrainingArguments))
+    model_args, data_args, gate_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
+    if data_args.image_aspect_ratio:
+        model.config.image_aspect_ratio = data_args.image_aspect_ratio
+    dataset = SupervisedDataset(
+        data_args.data_path,
+        tokenizer,
+        image_processor,
+        model.config,
+        image_folder=data_args.image_folder,
+        conv_version=model_args.version,
+        model_max_length=training_args.model_max_length,
+    )
+    crop = image_processor.crop_size
+    trainer = GateTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"])),
+        layer_sampler=ExitLayerSampler(model.config.num_hidden_layers, gate_args.exit_layer_sampler),
+        label_rule=ExitLabelRule(gate_args.gate_agree_threshold, gate_args.gate_ratio_threshold),
+        base_model=os.path.abspath(model_args.model_name_or_path),
+    )
+    resume = training_args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=resume if resume not in (None, "False", "false") else None)
+    trainer.save_model(training_args.output_dir)
+    if gate_args.save_full_model and training_args.should_save:
+        full = os.path.join(training_args.output_dir, "full_model")
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(full)
+        tokenizer.save_pretrained(full)
+        image_processor.save_pretrained(full)
+    if dataset.skipped or dataset.unreadable_images:
+        logger.warning(
+            "data: %d samples skipped (%s), %d unreadable images replaced",
+            sum(dataset.skipped.values()), dict(dataset.skipped), dataset.unreadable_images,
+        )
+    return trainer
+
+
+if __name__ == "__main__":
+    train()

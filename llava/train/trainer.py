@@ -1,0 +1,94 @@
+"""The gate trainer: HF Trainer whose step trains the gate of one sampled layer, logs per-layer gate accuracy and
+the real exit ratio, and checkpoints only the gates."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from llava.model.gates_artifact import load_gates, save_gates
+from llava.model.visual_exit.training import ExitLabelRule
+from llava.train.sampler import ModalityLengthGroupedSampler
+
+
+class ExitLayerSampler:
+    """Which gate a step trains: uniformly over layers `low`..`high` (default: every layer but the last).
+
+    Uses torch's global generator, which the Trainer seeds and restores on resume."""
+
+    def __init__(self, num_layers: int, spec: str = "uniform"):
+        last = num_layers - 2
+        if spec == "uniform":
+            self.low, self.high = 0, last
+        else:
+            try:
+                self.low, self.high = (int(part) for part in spec.split("-"))
+            except ValueError:
+                raise ValueError(f"exit layer sampler {spec!r}: expected 'uniform' or a range like '4-20'") from None
+        if not 0 <= self.low <= self.high <= last:
+            raise ValueError(f"exit layer range {self.low}-{self.high} outside 0-{last}")
+
+    def sample(self) -> int:
+        return int(torch.randint(self.low, self.high + 1, ()).item())
+
+
+class GateTrainer(Trainer):
+    def __init__(self, *args, layer_sampler: ExitLayerSampler, label_rule: ExitLabelRule, base_model: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_sampler, self.label_rule, self.base_model = layer_sampler, label_rule, base_model
+        self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer scale it
+        self._counts: dict[int, torch.Tensor] = defaultdict(lambda: torch.zeros(4))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        layer = self.layer_sampler.sample()
+        outputs = model(**inputs, gate_training_layer=layer, exit_label_rule=self.label_rule)
+        judged = outputs.exit_labels
+        usable = judged.usable
+        predicted = outputs.gate_logits.detach().argmax(dim=-1)
+        # per layer: samples judged, gate predictions right, exits labelled safe, exits predicted
+        self._counts[layer] += torch.stack(
+            [usable.sum(), (usable & (predicted == judged.label)).sum(), (usable & (judged.label == 1)).sum(),
+             (usable & (predicted == 1)).sum()]
+        ).float().cpu()
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Adds, since the last log: gate accuracy and label/predicted exit ratio per layer, and overall."""
+        if self._counts and "loss" in logs:
+            total = torch.stack(list(self._counts.values())).sum(dim=0)
+            if total[0] > 0:
+                logs["gate_accuracy"] = round((total[1] / total[0]).item(), 4)
+                logs["exit_ratio"] = round((total[2] / total[0]).item(), 4)
+            for layer, (judged, right, safe, predicted) in sorted(self._counts.items()):
+                if judged > 0:
+                    logs[f"gate_accuracy/layer_{layer}"] = round((right / judged).item(), 4)
+                    logs[f"exit_ratio/layer_{layer}"] = round((safe / judged).item(), 4)
+                    logs[f"predicted_exit_ratio/layer_{layer}"] = round((predicted / judged).item(), 4)
+            self._counts.clear()
+        super().log(logs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.args.group_by_modality_length:
+            return super()._get_train_sampler(dataset)
+        return ModalityLengthGroupedSampler(
+            dataset.modality_lengths,
+            self.args.train_batch_size,
+            self.args.world_size * self.args.gradient_accumulation_steps,
+            self.args.seed,
+        )
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and the final save hold the gates only (plus what the Trainer adds to resume)."""
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        save_gates(model, output_dir, self.base_model, state_dict)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_gates(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)

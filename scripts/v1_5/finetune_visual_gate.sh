@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Train the exit gates of a LLaVA-1.5 checkpoint (LLM, vision tower and projector frozen) with DeepSpeed ZeRO-2,
+# over all visible GPUs; without a GPU the same run goes to the CPU. Every path and size is an environment
+# variable; extra Trainer flags go after the script's name, e.g. `... finetune_visual_gate.sh --max_steps 10`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+MODEL_PATH=${MODEL_PATH:-./checkpoints/llava-v1.5-7b-exit-init}   # from init_weight.py
+DATA_PATH=${DATA_PATH:-./playground/data/mix665k_single_turn_only_image_1%.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data}
+OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-visual-gate}
+VERSION=${VERSION:-v1}
+DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-./scripts/zero2.json}
+BATCH_SIZE=${BATCH_SIZE:-16}          # per device; the paper: 16 x 8 GPUs = 128
+GRAD_ACCUM=${GRAD_ACCUM:-1}
+LEARNING_RATE=${LEARNING_RATE:-6e-5}
+EPOCHS=${EPOCHS:-1}
+MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-2048}
+SAVE_STEPS=${SAVE_STEPS:-50000}
+WORKERS=${WORKERS:-4}
+REPORT_TO=${REPORT_TO:-none}          # wandb to log there as well
+PYTHON=${PYTHON:-python}
+
+NUM_GPUS=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
+if [ "$NUM_GPUS" -gt 0 ]; then
+    PRECISION=(--bf16 True --tf32 True)
+    LAUNCH=(deepspeed --num_gpus "$NUM_GPUS")
+else
+    # DeepSpeed runs its CPU (gloo) backend in one process; fp32, since CPUs gain nothing from bf16 here.
+    PRECISION=(--use_cpu True)
+    LAUNCH=(deepspeed --num_gpus 1)
+fi
+
+"${LAUNCH[@]}" llava/train/train.py \
+    --deepspeed "$DEEPSPEED_CONFIG" \
+    --model_name_or_path "$MODEL_PATH" \
+    --version "$VERSION" \
+    --data_path "$DATA_PATH" \
+    --image_folder "$IMAGE_FOLDER" \
+    --image_aspect_ratio pad \
+    --group_by_modality_length True \
+    "${PRECISION[@]}" \
+    --output_dir "$OUTPUT_DIR" \
+    --num_train_epochs "$EPOCHS" \
+    --per_device_train_batch_size "$BATCH_SIZE" \
+    --gradient_accumulation_steps "$GRAD_ACCUM" \
+    --save_strategy steps \
+    --save_steps "$SAVE_STEPS" \
+    --save_total_limit 1 \
+    --learning_rate "$LEARNING_RATE" \
+    --weight_decay 0. \
+    --warmup_ratio 0.03 \
+    --lr_scheduler_type cosine \
+    --logging_steps 1 \
+    --model_max_length "$MODEL_MAX_LENGTH" \
+    --dataloader_num_workers "$WORKERS" \
+    --report_to "$REPORT_TO" \
+    "$@"
