@@ -1,0 +1,76 @@
+"""Cost of one gate-training step against a plain forward of the same batch:
+`python -m llava.bench.gate_step [--preset llava-1.5-7b --layers 4]`.
+
+The step runs the decoder once to layer k, then the full and the exit continuation, reads the answer-token
+logits of both, and trains gate k (backward + optimizer step). k is drawn uniformly in training, so the table
+gives each k and their mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from llava.bench.prefill import PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, build_model
+from llava.bench.timing import interleaved_medians
+from llava.model.visual_exit.training import IGNORE_INDEX, ExitLabelRule, gate_training_pass
+
+VOCAB = 32000
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--text-tokens", type=int, default=60)
+    parser.add_argument("--answer-tokens", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+    model = build_model(args.preset, args.layers, dtype, device, "sdpa")
+    model.requires_grad_(False)
+    model.visual_gates_router.requires_grad_(True)
+    with torch.device(device):
+        lm_head = torch.nn.Linear(model.config.hidden_size, VOCAB, bias=False).to(dtype).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.visual_gates_router.parameters(), lr=1e-5)
+    length = VISUAL_TOKENS + args.text_tokens
+    embeds = torch.randn(args.batch, length, model.config.hidden_size, device=device, dtype=dtype)
+    mask = torch.ones(args.batch, length, dtype=torch.long, device=device)
+    visual = torch.zeros_like(mask, dtype=torch.bool)
+    visual[:, SYSTEM_PROMPT_TOKENS : SYSTEM_PROMPT_TOKENS + VISUAL_TOKENS] = True
+    labels = torch.full_like(mask, IGNORE_INDEX)
+    labels[:, -args.answer_tokens :] = torch.randint(0, VOCAB, (args.batch, args.answer_tokens), device=device)
+
+    def forward():
+        with torch.no_grad():
+            return lm_head(model(inputs_embeds=embeds, attention_mask=mask, visual_mask=visual, use_cache=False).last_hidden_state)
+
+    def step(layer: int):
+        def run():
+            out = gate_training_pass(model, lm_head, embeds, mask, None, visual, labels, layer, ExitLabelRule())
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return run
+
+    layers = model.config.num_hidden_layers
+    fns = {"forward": forward} | {k: step(k) for k in range(layers - 1)}
+    times = interleaved_medians(fns, device, args.repeats)
+    base = times.pop("forward")
+    print(f"preset {args.preset}, layers {layers}, batch {args.batch}, {length} tokens, {args.answer_tokens} answer tokens")
+    print(f"{'gate layer k':>12} {'step ms':>10} {'x forward':>10}")
+    print(f"{'forward':>12} {base * 1e3:10.1f} {1.0:10.2f}")
+    for k, seconds in times.items():
+        print(f"{k:>12} {seconds * 1e3:10.1f} {seconds / base:10.2f}")
+    mean = sum(times.values()) / len(times)
+    print(f"{'mean':>12} {mean * 1e3:10.1f} {mean / base:10.2f}   (k uniform, as in training)")
+
+
+if __name__ == "__main__":
+    main()
