@@ -1,0 +1,264 @@
+"""Answer a question file with a LLaVA model: `python -m llava.eval.model_vqa_loader --model-path ... \
+--question-file q.jsonl --image-folder imgs --answers-file a.jsonl [--exit-mode dynamic] [--batch-size 8]`.
+
+LLaVA's loader, batched, chunked (`--num-chunks/--chunk-idx`) and resumable: answers are JSON lines written and
+flushed one by one, and a rerun skips question ids already answered. Each line keeps LLaVA's fields
+(question_id, prompt, text, answer_id, model_id, metadata) and adds the exit layer, the LM-prefill TFLOPs with
+exits and without (`tflops_full`), and the wall-clock prefill and generation time. A sample whose image is missing
+or unreadable gets an error record (`error`) instead of an answer; a malformed question line stops the run before
+any model work, naming the file and line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import shortuuid
+import torch
+from tqdm import tqdm
+
+from llava.bench.timing import synchronize
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from llava.conversation import get_conv_template
+from llava.mm_utils import ImageLoadError, get_model_name_from_path, load_image, process_images, tokenizer_image_token
+from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.exit_args import add_exit_arguments, exit_config_from_args
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
+from llava.model.visual_exit import prefill_flops
+
+
+class QuestionFileError(ValueError):
+    """A question file line cannot be used; the message names file and line."""
+
+
+def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
+    """All records of a JSON-lines file, checked before any work: `path:line: reason` on the first bad one."""
+    if not os.path.isfile(path):
+        raise QuestionFileError(f"{path}: file not found")
+    records = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise QuestionFileError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+            missing = [key for key in required if not isinstance(record, dict) or key not in record]
+            if missing:
+                raise QuestionFileError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+            records.append(record)
+    return records
+
+
+def get_chunk(items: list, num_chunks: int, index: int) -> list:
+    """LLaVA's chunking: contiguous slices of ceil(N / num_chunks)."""
+    if not 0 <= index < num_chunks:
+        raise ValueError(f"--chunk-idx {index} outside 0..{num_chunks - 1}")
+    size = math.ceil(len(items) / num_chunks)
+    return items[index * size : (index + 1) * size]
+
+
+def finished_question_ids(path: str) -> set:
+    """Ids already answered in `path`. A last line cut off by a killed run is dropped from the file."""
+    if not os.path.isfile(path):
+        return set()
+    with open(path) as handle:
+        lines = handle.readlines()
+    done, kept = set(), []
+    for line in lines:
+        try:
+            done.add(json.loads(line)["question_id"])
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue
+    if len(kept) != len(lines):
+        with open(path, "w") as handle:
+            handle.writelines(kept)
+    return done
+
+
+@dataclass
+class PreparedQuestion:
+    record: dict
+    input_ids: torch.Tensor
+    pixels: torch.Tensor | None
+    image_size: tuple[int, int] | None
+
+
+class PrefillTimer:
+    """Wall time from `start()` to the end of the model's first forward call (the prefill) of a generate."""
+
+    def __init__(self, model, device: torch.device):
+        self.device, self.started, self.prefill = device, 0.0, None
+        model.register_forward_hook(self._after_forward)
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.prefill, self.started = None, time.perf_counter()
+
+    def _after_forward(self, module, args, output) -> None:
+        if self.prefill is None:
+            synchronize(self.device)
+            self.prefill = time.perf_counter() - self.started
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def question_prompt(question: str, conv_mode: str, model_config, has_image: bool) -> str:
+    if has_image:
+        marker = DEFAULT_IMAGE_TOKEN
+        if getattr(model_config, "mm_use_im_start_end", False):
+            marker = DEFAULT_IM_START_TOKEN + marker + DEFAULT_IM_END_TOKEN
+        question = f"{marker}\n{question}"
+    conv = get_conv_template(conv_mode)
+    conv.append_message(conv.roles[0], question)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def prepare(record: dict, args, tokenizer, image_processor, model_config) -> PreparedQuestion:
+    pixels = size = None
+    if record.get("image"):
+        image = load_image(os.path.join(args.image_folder, record["image"]))
+        pixels, size = process_images([image], image_processor, model_config)[0], image.size
+    prompt = question_prompt(record["text"], args.conv_mode, model_config, pixels is not None)
+    return PreparedQuestion(record, tokenizer_image_token(prompt, tokenizer, return_tensors="pt"), pixels, size)
+
+
+def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_config, timer: PrefillTimer) -> list[dict]:
+    width = max(len(p.input_ids) for p in prepared)
+    input_ids = torch.full((len(prepared), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, question in enumerate(prepared):
+        input_ids[row, width - len(question.input_ids) :] = question.input_ids
+        attention_mask[row, width - len(question.input_ids) :] = 1
+    pixels = [p.pixels for p in prepared if p.pixels is not None]
+    images = torch.stack(pixels).to(model.device, model.dtype) if pixels else None
+    timer.start()
+    output = model.generate(
+        input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        images=images,
+        image_sizes=[p.image_size for p in prepared if p.image_size is not None],
+        exit_config=exit_config,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else None,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        use_cache=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    synchronize(model.device)
+    total = time.perf_counter() - timer.started
+    stats = output.exit_stats
+    full = prefill_flops(
+        stats.geometry, stats.num_tokens, stats.num_visual_tokens, torch.full_like(stats.exit_layer, stats.geometry.layers),
+        torch.zeros_like(stats.exit_layer),
+    )
+    texts = tokenizer.batch_decode(output.sequences, skip_special_tokens=True)
+    records = []
+    for row, question in enumerate(prepared):
+        records.append(
+            {
+                "question_id": question.record["question_id"],
+                "prompt": question.record["text"],
+                "text": texts[row].strip(),
+                "answer_id": shortuuid.uuid(),
+                "model_id": args.model_name,
+                "metadata": {},
+                "exit_layer": int(stats.exit_layer[row]),
+                "tflops": float(stats.prefill_flops[row]) / 1e12,
+                "tflops_full": float(full[row]) / 1e12,
+                # A batch is timed as a whole: each sample gets its share.
+                "prefill_ms": timer.prefill * 1e3 / len(prepared),
+                "latency_ms": total * 1e3 / len(prepared),
+                "batch_size": len(prepared),
+            }
+        )
+    return records
+
+
+def error_record(record: dict, error: Exception, model_name: str) -> dict:
+    return {
+        "question_id": record["question_id"],
+        "prompt": record.get("text", ""),
+        "text": "",
+        "answer_id": shortuuid.uuid(),
+        "model_id": model_name,
+        "metadata": {},
+        "error": str(error),
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    questions = get_chunk(read_jsonl(args.question_file, ("question_id", "text")), args.num_chunks, args.chunk_idx)
+    os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
+    done = finished_question_ids(args.answers_file)
+    todo = [q for q in questions if q["question_id"] not in done]
+    if not todo:
+        return
+    args.model_name = get_model_name_from_path(args.model_path)
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, args.model_name, device=args.device
+    )
+    model.eval()
+    exit_config = exit_config_from_args(args, model.config)
+    timer = PrefillTimer(model, model.device)
+    with open(args.answers_file, "a") as out, torch.inference_mode():
+        progress = tqdm(total=len(todo), desc=f"answering ({exit_config.mode})", unit="q", initial=0)
+        for batch in batches(todo, args.batch_size):
+            prepared, records = [], []
+            for record in batch:
+                try:
+                    prepared.append(prepare(record, args, tokenizer, image_processor, model.config))
+                except ImageLoadError as error:
+                    records.append(error_record(record, error, args.model_name))
+            if prepared:
+                records += answer_batch(model, tokenizer, prepared, args, exit_config, timer)
+            order = {q["question_id"]: i for i, q in enumerate(batch)}
+            for record in sorted(records, key=lambda r: order[r["question_id"]]):
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            progress.update(len(batch))
+        progress.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", type=str, required=True)
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--image-folder", type=str, default="")
+    parser.add_argument("--question-file", type=str, default="tables/question.jsonl")
+    parser.add_argument("--answers-file", type=str, default="answer.jsonl")
+    parser.add_argument("--conv-mode", type=str, default="llava_v1")
+    parser.add_argument("--num-chunks", type=int, default=1)
+    parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    add_exit_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (QuestionFileError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
+        sys.exit(f"model_vqa_loader: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

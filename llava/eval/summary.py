@@ -1,0 +1,78 @@
+"""One summary per evaluation run: `python -m llava.eval.summary --benchmark gqa --answers-file merge.jsonl
+--metrics-json scores.json` prints a table row and writes `<answers>.summary.json` beside the answers.
+
+Fields: benchmark, the scorer's metrics, samples, errors (error records of the loader), mean exit layer, mean
+LM-prefill TFLOPs, their reduction against mode none on the same inputs, mean latency and prefill time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from llava.eval.model_vqa_loader import read_jsonl
+
+COLUMNS = ("benchmark", "samples", "errors", "exit_layer", "tflops", "flops_reduction", "latency_ms")
+
+
+def summarize(answers: list[dict], benchmark: str, metrics: dict) -> dict:
+    answered = [record for record in answers if "error" not in record]
+
+    def mean(key: str) -> float | None:
+        values = [record[key] for record in answered if record.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    full = sum(record.get("tflops_full") or 0.0 for record in answered)
+    used = sum(record.get("tflops") or 0.0 for record in answered)
+    return {
+        "benchmark": benchmark,
+        **metrics,
+        "samples": len(answers),
+        "errors": len(answers) - len(answered),
+        "exit_layer": mean("exit_layer"),
+        "tflops": mean("tflops"),
+        "flops_reduction": 1 - used / full if full else None,
+        "latency_ms": mean("latency_ms"),
+        "prefill_ms": mean("prefill_ms"),
+    }
+
+
+def format_row(summary: dict, header: bool = True) -> str:
+    keys = [k for k in summary if k not in COLUMNS and k != "prefill_ms"] + list(COLUMNS[1:])
+    cells = [summary["benchmark"]] + [_cell(summary[key]) for key in keys]
+    widths = [max(len(name), len(cell)) for name, cell in zip(["benchmark", *keys], cells)]
+    row = " | ".join(cell.rjust(width) for cell, width in zip(cells, widths))
+    if not header:
+        return row
+    names = " | ".join(name.rjust(width) for name, width in zip(["benchmark", *keys], widths))
+    return f"{names}\n{row}"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", required=True)
+    parser.add_argument("--answers-file", required=True)
+    parser.add_argument("--metrics-json", default=None, help="the scorer's metrics (a JSON object)")
+    args = parser.parse_args(argv)
+    metrics = {}
+    if args.metrics_json:
+        with open(args.metrics_json) as handle:
+            metrics = {k: v for k, v in json.load(handle).items() if isinstance(v, (int, float, str))}
+    summary = summarize(read_jsonl(args.answers_file, ("question_id",)), args.benchmark, metrics)
+    path = os.path.splitext(args.answers_file)[0] + ".summary.json"
+    with open(path, "w") as handle:
+        json.dump(summary, handle, indent=2)
+    print(format_row(summary))
+
+
+if __name__ == "__main__":
+    main()
