@@ -1,0 +1,153 @@
+"""GQA test-dev balanced: LLaVA's prediction converter and exact-match scoring, `python -m llava.eval.eval_gqa`.
+
+- `convert --src merge.jsonl --dst testdev_balanced_predictions.json`: LLaVA's `convert_gqa_for_eval`: a JSON list
+  of `{"questionId", "prediction"}`, one per answer record in file order, prediction = the answer text with its
+  trailing periods removed, then lower-cased. Whitespace is not stripped (" yes" stays " yes" and is wrong).
+- `score --questions testdev_balanced_questions.json --predictions testdev_balanced_predictions.json
+  [--metrics-out m.json]`: exact string match of prediction and `answer` over the balanced questions of the GQA
+  questions file (a dict `{questionId: {"answer", "types": {"structural", "semantic"}, "isBalanced", ...}}`),
+  overall, binary/open (open = structural type `query`, binary = every other: verify, logical, compare, choose)
+  and per structural and semantic type, as the official `eval.py` reports them. Unlike the official script, which
+  stops on a missing prediction, a question without a prediction counts as wrong and is counted in `missing`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+
+from llava.eval.eval_vqa import EvalFileError, _text, _where, read_json, read_jsonl_lines, write_json
+
+
+def convert_gqa(results: Sequence[dict], source: str = "results", lines: Sequence[int] | None = None) -> list[dict]:
+    """LLaVA's GQA converter on answer records: `{"questionId", "prediction": text.rstrip('.').lower()}`."""
+    predictions = []
+    for index, record in enumerate(results):
+        text = _text(record, _where(source, lines, index))
+        predictions.append({"questionId": record["question_id"], "prediction": text.rstrip(".").lower()})
+    return predictions
+
+
+def _percent(values: list[bool]) -> float:
+    return 100.0 * sum(values) / len(values)
+
+
+def score_gqa(questions: dict, predictions: Sequence[dict]) -> dict:
+    """Exact-match accuracy (percent) of `predictions` on the balanced questions of a GQA questions dict.
+
+    Question ids are compared as strings; a later prediction for the same id replaces an earlier one. Returns
+    `accuracy`, `binary`, `open` (None when a group is empty), `questions`, `correct`, `missing` (questions without
+    a prediction, scored wrong) and dicts `structural` and `semantic` of per-type accuracy.
+    """
+    predicted = {str(entry["questionId"]): entry["prediction"] for entry in predictions}
+    overall: list[bool] = []
+    groups: dict[str, list[bool]] = {"binary": [], "open": []}
+    structural: dict[str, list[bool]] = defaultdict(list)
+    semantic: dict[str, list[bool]] = defaultdict(list)
+    missing = 0
+    for question_id, question in questions.items():
+        if not question.get("isBalanced", True):
+            continue
+        prediction = predicted.get(str(question_id))
+        if prediction is None:
+            missing += 1
+        correct = prediction is not None and prediction == question["answer"]
+        kind = question["types"]["structural"]
+        overall.append(correct)
+        groups["open" if kind == "query" else "binary"].append(correct)
+        structural[kind].append(correct)
+        if "semantic" in question["types"]:
+            semantic[question["types"]["semantic"]].append(correct)
+    if not overall:
+        raise ValueError("no balanced questions to score")
+    return {
+        "accuracy": _percent(overall),
+        "binary": _percent(groups["binary"]) if groups["binary"] else None,
+        "open": _percent(groups["open"]) if groups["open"] else None,
+        "questions": len(overall),
+        "correct": sum(overall),
+        "missing": missing,
+        "structural": {kind: _percent(values) for kind, values in sorted(structural.items())},
+        "semantic": {kind: _percent(values) for kind, values in sorted(semantic.items())},
+    }
+
+
+def run_convert(src: str, dst: str) -> int:
+    """Convert an answers file to the GQA predictions file; returns the number of predictions."""
+    results, lines = read_jsonl_lines(src, ("question_id", "text"))
+    predictions = convert_gqa(results, source=src, lines=lines)
+    write_json(dst, predictions)
+    return len(predictions)
+
+
+def _load_questions(path: str) -> dict:
+    questions = read_json(path)
+    if not isinstance(questions, dict):
+        raise EvalFileError(f"{path}: expected a JSON object {{questionId: question}}")
+    for question_id, question in questions.items():
+        if not isinstance(question, dict) or "answer" not in question:
+            raise EvalFileError(f"{path}: question {question_id}: missing field 'answer'")
+        types = question.get("types")
+        if not isinstance(types, dict) or "structural" not in types:
+            raise EvalFileError(f"{path}: question {question_id}: missing field 'types.structural'")
+    return questions
+
+
+def _load_predictions(path: str) -> list[dict]:
+    predictions = read_json(path)
+    if not isinstance(predictions, list):
+        raise EvalFileError(f"{path}: expected a JSON list of {{questionId, prediction}}")
+    for index, entry in enumerate(predictions):
+        missing = [key for key in ("questionId", "prediction") if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise EvalFileError(f"{path}: entry {index}: missing field(s) {', '.join(missing)}")
+    return predictions
+
+
+def run_score(questions_file: str, predictions_file: str) -> dict:
+    """`score_gqa` on files."""
+    return score_gqa(_load_questions(questions_file), _load_predictions(predictions_file))
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llava.eval.eval_gqa", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="answers (jsonl) -> GQA predictions file")
+    convert.add_argument("--src", required=True)
+    convert.add_argument("--dst", required=True)
+    score = commands.add_parser("score", help="exact-match accuracy on the GQA questions file")
+    score.add_argument("--questions", required=True)
+    score.add_argument("--predictions", required=True)
+    score.add_argument("--metrics-out", default=None, help="also write the metrics as a JSON object")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert":
+            count = run_convert(args.src, args.dst)
+            print(f"wrote {count} predictions to {args.dst}")
+            return
+        metrics = run_score(args.questions, args.predictions)
+    except ValueError as error:
+        sys.exit(f"eval_gqa: error: {error}")
+    print(f"Questions: {metrics['questions']}  (without a prediction, scored wrong: {metrics['missing']})")
+    print(f"Binary: {_format(metrics['binary'])}")
+    print(f"Open: {_format(metrics['open'])}")
+    print(f"Accuracy: {_format(metrics['accuracy'])}")
+    print("Accuracy per structural type:")
+    for kind, value in metrics["structural"].items():
+        print(f"  {kind}: {_format(value)}")
+    if metrics["semantic"]:
+        print("Accuracy per semantic type:")
+        for kind, value in metrics["semantic"].items():
+            print(f"  {kind}: {_format(value)}")
+    if args.metrics_out:
+        write_json(args.metrics_out, metrics)
+
+
+if __name__ == "__main__":
+    main()

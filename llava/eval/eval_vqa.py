@@ -1,0 +1,289 @@
+"""VQA-style scoring and submission files: `python -m llava.eval.eval_vqa {textvqa,vqav2-submission,vizwiz-submission}`.
+
+- `textvqa --annotation-file TextVQA_0.5.1_val.json --result-file answers.jsonl [--metrics-out m.json]`: LLaVA's
+  TextVQA scorer. Each answer is matched to an annotation by (image id = the answer's `question_id`, lower-cased
+  question recovered from its `prompt`), then scored with soft VQA accuracy under EvalAI normalisation. Prints
+  `Samples: N` and `Accuracy: X.XX%`.
+- `vqav2-submission --src merge.jsonl --test-file llava_vqav2_mscoco_test2015.jsonl --dst answers_upload.json`: the
+  EvalAI upload, `{"question_id", "answer"}` for every question of the full test file (unanswered -> "").
+- `vizwiz-submission --annotation-file llava_test.jsonl --result-file answers.jsonl --dst upload.json`: the EvalAI
+  upload, `{"image", "answer"}` for every question; a question without an answer is an error.
+
+Answers are EvalAI-normalised (`llava.eval.answer_processor`). Malformed input stops with one line naming the file
+(and the line, for JSON lines). The same work is available without files: `score_textvqa`, `vqav2_submission`,
+`vizwiz_submission`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from llava.eval.answer_processor import normalize_answer, vqa_accuracy
+
+
+class EvalFileError(ValueError):
+    """Malformed or missing evaluation input; the message names the file (and line)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------- io
+
+
+def read_json(path: str) -> Any:
+    """A whole JSON file; `path: reason` when it is missing or not valid JSON."""
+    if not os.path.isfile(path):
+        raise EvalFileError(f"{path}: file not found")
+    with open(path) as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise EvalFileError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+
+
+def read_jsonl_lines(path: str, required: Sequence[str] = ()) -> tuple[list[dict], list[int]]:
+    """Records of a JSON-lines file and their 1-based line numbers; blank lines are skipped.
+
+    Raises `EvalFileError` `path:line: reason` on the first line that is not a JSON object with the required keys.
+    """
+    if not os.path.isfile(path):
+        raise EvalFileError(f"{path}: file not found")
+    records: list[dict] = []
+    lines: list[int] = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise EvalFileError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise EvalFileError(f"{path}:{number}: expected a JSON object")
+            missing = [key for key in required if key not in record]
+            if missing:
+                raise EvalFileError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+            records.append(record)
+            lines.append(number)
+    return records, lines
+
+
+def read_jsonl(path: str, required: Sequence[str] = ()) -> list[dict]:
+    """Records of a JSON-lines file (see `read_jsonl_lines`)."""
+    return read_jsonl_lines(path, required)[0]
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Write `payload` as JSON, creating the parent folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(payload, handle)
+
+
+def _where(source: str, lines: Sequence[int] | None, index: int) -> str:
+    return f"{source}:{lines[index] if lines is not None else index + 1}"
+
+
+def _text(record: dict, where: str) -> str:
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise EvalFileError(f"{where}: 'text' is not a string")
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------------- textvqa
+
+_OCR_TOKENS_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
+
+
+def question_from_prompt(prompt: str) -> str:
+    """The lower-cased question inside a TextVQA answer's `prompt`, found as LLaVA's scorer finds it.
+
+    `OCR tokens: … Question: Q Short answer:` prompts give Q; a 3-line prompt with a `Reference OCR token: ` line
+    gives its first line (its second when the OCR line comes first); any other prompt gives its first line.
+    """
+    if prompt.startswith("OCR tokens: "):
+        match = _OCR_TOKENS_QUESTION.search(prompt)
+        if match is None:
+            raise ValueError("prompt starts with 'OCR tokens: ' but has no 'Question: … Short answer:'")
+        question = match.group(1)
+    else:
+        lines = prompt.split("\n")
+        if "Reference OCR token: " in prompt and len(lines) == 3 and prompt.startswith("Reference OCR token:"):
+            question = lines[1]
+        else:
+            question = lines[0]
+    return question.lower()
+
+
+def score_textvqa(
+    annotations: dict | list[dict],
+    results: Sequence[dict],
+    source: str = "results",
+    lines: Sequence[int] | None = None,
+) -> dict:
+    """LLaVA's TextVQA score of answer records against `TextVQA_0.5.1_val.json` (the object or its `data` list).
+
+    Returns `{"samples": N, "accuracy": percent}`. Annotations are keyed by (image_id, lower-cased question), a later
+    duplicate replacing an earlier one; an answer without a matching annotation is an error naming
+    `source:line` (`lines` gives the line numbers of `results`, else their 1-based positions).
+    """
+    entries = annotations["data"] if isinstance(annotations, dict) else annotations
+    table = {(entry["image_id"], entry["question"].lower()): entry for entry in entries}
+    scores = []
+    for index, result in enumerate(results):
+        where = _where(source, lines, index)
+        try:
+            question = question_from_prompt(result["prompt"])
+        except ValueError as error:
+            raise EvalFileError(f"{where}: {error}") from None
+        entry = table.get((result["question_id"], question))
+        if entry is None:
+            raise EvalFileError(
+                f"{where}: no annotation for image {result['question_id']!r} with question {question!r}"
+            )
+        scores.append(vqa_accuracy(_text(result, where), entry["answers"]))
+    accuracy = 100.0 * sum(scores) / len(scores) if scores else 0.0
+    return {"samples": len(scores), "accuracy": accuracy}
+
+
+def _textvqa_annotations(path: str) -> list[dict]:
+    payload = read_json(path)
+    entries = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(entries, list):
+        raise EvalFileError(f"{path}: expected a JSON object with a 'data' list")
+    for index, entry in enumerate(entries):
+        fields = ("image_id", "question", "answers")
+        missing = [key for key in fields if not isinstance(entry, dict) or key not in entry]
+        if missing:
+            raise EvalFileError(f"{path}: data[{index}]: missing field(s) {', '.join(missing)}")
+        if not isinstance(entry["answers"], list):
+            raise EvalFileError(f"{path}: data[{index}]: 'answers' is not a list")
+    return entries
+
+
+def run_textvqa(annotation_file: str, result_file: str) -> dict:
+    """`score_textvqa` on files."""
+    annotations = _textvqa_annotations(annotation_file)
+    results, lines = read_jsonl_lines(result_file, ("question_id", "prompt", "text"))
+    return score_textvqa(annotations, results, source=result_file, lines=lines)
+
+
+# ----------------------------------------------------------------------------------------------------------- vqav2
+
+
+def vqav2_submission(
+    results: Sequence[dict],
+    test_questions: Sequence[dict],
+    source: str = "results",
+    lines: Sequence[int] | None = None,
+) -> list[dict]:
+    """EvalAI VQAv2 upload: `{"question_id", "answer"}` for every test question, in test-file order.
+
+    Answers are normalised; a question without an answer record gets "" (a later record of the same id wins).
+    """
+    answers = {}
+    for index, record in enumerate(results):
+        answers[record["question_id"]] = _text(record, _where(source, lines, index))
+    return [
+        {
+            "question_id": question["question_id"],
+            "answer": normalize_answer(answers[question["question_id"]]) if question["question_id"] in answers else "",
+        }
+        for question in test_questions
+    ]
+
+
+def run_vqav2_submission(src: str, test_file: str, dst: str) -> dict:
+    """Write the VQAv2 upload; returns counts of questions, answer records and unanswered questions."""
+    results, lines = read_jsonl_lines(src, ("question_id", "text"))
+    questions = read_jsonl(test_file, ("question_id",))
+    upload = vqav2_submission(results, questions, source=src, lines=lines)
+    write_json(dst, upload)
+    answered = {record["question_id"] for record in results}
+    missing = sum(question["question_id"] not in answered for question in questions)
+    return {"questions": len(questions), "results": len(results), "missing": missing}
+
+
+# ----------------------------------------------------------------------------------------------------------- vizwiz
+
+
+def vizwiz_submission(
+    test_questions: Sequence[dict],
+    results: Sequence[dict],
+    source: str = "results",
+    lines: Sequence[int] | None = None,
+) -> list[dict]:
+    """EvalAI VizWiz upload: `{"image", "answer"}` (normalised) for every test question, in question-file order.
+
+    Every question must have an answer record; a missing one is an error naming the question id.
+    """
+    answers = {}
+    for index, record in enumerate(results):
+        answers[record["question_id"]] = _text(record, _where(source, lines, index))
+    upload = []
+    for question in test_questions:
+        if question["question_id"] not in answers:
+            raise EvalFileError(f"{source}: no answer for question_id {question['question_id']!r}")
+        upload.append({"image": question["image"], "answer": normalize_answer(answers[question["question_id"]])})
+    return upload
+
+
+def run_vizwiz_submission(annotation_file: str, result_file: str, dst: str) -> dict:
+    """Write the VizWiz upload; returns the number of questions."""
+    questions = read_jsonl(annotation_file, ("question_id", "image"))
+    results, lines = read_jsonl_lines(result_file, ("question_id", "text"))
+    upload = vizwiz_submission(questions, results, source=result_file, lines=lines)
+    write_json(dst, upload)
+    return {"questions": len(upload)}
+
+
+# -------------------------------------------------------------------------------------------------------------- cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llava.eval.eval_vqa", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    textvqa = commands.add_parser("textvqa", help="score TextVQA val answers")
+    textvqa.add_argument("--annotation-file", required=True)
+    textvqa.add_argument("--result-file", required=True)
+    textvqa.add_argument("--metrics-out", default=None, help="also write the metrics as a JSON object")
+    vqav2 = commands.add_parser("vqav2-submission", help="write the VQAv2 EvalAI upload")
+    vqav2.add_argument("--src", required=True)
+    vqav2.add_argument("--test-file", required=True)
+    vqav2.add_argument("--dst", required=True)
+    vizwiz = commands.add_parser("vizwiz-submission", help="write the VizWiz EvalAI upload")
+    vizwiz.add_argument("--annotation-file", required=True)
+    vizwiz.add_argument("--result-file", required=True)
+    vizwiz.add_argument("--dst", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "textvqa":
+            metrics = run_textvqa(args.annotation_file, args.result_file)
+            print(os.path.splitext(os.path.basename(args.result_file))[0])
+            print(f"Samples: {metrics['samples']}")
+            print(f"Accuracy: {metrics['accuracy']:.2f}%")
+            if args.metrics_out:
+                write_json(args.metrics_out, metrics)
+        elif args.command == "vqav2-submission":
+            counts = run_vqav2_submission(args.src, args.test_file, args.dst)
+            print(
+                f"questions: {counts['questions']}, answer records: {counts['results']}, "
+                f"unanswered (empty answer): {counts['missing']}"
+            )
+            print(f"wrote {args.dst}")
+        else:
+            counts = run_vizwiz_submission(args.annotation_file, args.result_file, args.dst)
+            print(f"questions: {counts['questions']}")
+            print(f"wrote {args.dst}")
+    except ValueError as error:
+        sys.exit(f"eval_vqa: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# GQA test-dev balanced: answers with exit statistics, LLaVA's conversion, exact-match accuracy, a summary row.
+source "$(dirname "$0")/common.sh"
+SPLIT=${SPLIT:-llava_gqa_testdev_balanced}
+GQADIR=${GQADIR:-$EVAL_ROOT/gqa}
+ANSWERS=$GQADIR/answers/$SPLIT/$CKPT
+
+run_chunks llava.eval.model_vqa_loader "$ANSWERS" \
+    --question-file "$GQADIR/$SPLIT.jsonl" --image-folder "$GQADIR/data/images"
+"$PYTHON" -m llava.eval.eval_gqa convert --src "$ANSWERS/merge.jsonl" --dst "$GQADIR/data/testdev_balanced_predictions.json"
+"$PYTHON" -m llava.eval.eval_gqa score --questions "$GQADIR/data/testdev_balanced_questions.json" \
+    --predictions "$GQADIR/data/testdev_balanced_predictions.json" --metrics-out "$ANSWERS/metrics.json"
+summarize gqa "$ANSWERS/merge.jsonl" "$ANSWERS/metrics.json"
