@@ -66,8 +66,13 @@ def get_chunk(items: list, num_chunks: int, index: int) -> list:
     return items[index * size : (index + 1) * size]
 
 
-def finished_question_ids(path: str) -> set:
-    """Ids already answered in `path`. A last line cut off by a killed run is dropped from the file."""
+def answer_key(record: dict) -> tuple:
+    """What identifies an answer: the question id, and the round for MMBench's rotated options."""
+    return record["question_id"], record.get("round_id")
+
+
+def finished_keys(path: str) -> set:
+    """Answers already in `path`. A last line cut off by a killed run is dropped from the file."""
     if not os.path.isfile(path):
         return set()
     with open(path) as handle:
@@ -75,7 +80,7 @@ def finished_question_ids(path: str) -> set:
     done, kept = set(), []
     for line in lines:
         try:
-            done.add(json.loads(line)["question_id"])
+            done.add(answer_key(json.loads(line)))
             kept.append(line)
         except (json.JSONDecodeError, KeyError):
             continue
@@ -128,9 +133,11 @@ def question_prompt(question: str, conv_mode: str, model_config, has_image: bool
 
 
 def prepare(record: dict, args, tokenizer, image_processor, model_config) -> PreparedQuestion:
+    """`record["image"]`: a path under --image-folder, or an image already decoded (MMBench's base64)."""
     pixels = size = None
-    if record.get("image"):
-        image = load_image(os.path.join(args.image_folder, record["image"]))
+    image = record.get("image")
+    if image:
+        image = load_image(os.path.join(args.image_folder, image)) if isinstance(image, str) else image.convert("RGB")
         pixels, size = process_images([image], image_processor, model_config)[0], image.size
     prompt = question_prompt(record["text"], args.conv_mode, model_config, pixels is not None)
     return PreparedQuestion(record, tokenizer_image_token(prompt, tokenizer, return_tensors="pt"), pixels, size)
@@ -174,7 +181,7 @@ def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_
         records.append(
             {
                 "question_id": question.record["question_id"],
-                "prompt": question.record["text"],
+                "prompt": question.record.get("prompt", question.record["text"]),
                 "text": texts[row].strip(),
                 "answer_id": shortuuid.uuid(),
                 "model_id": args.model_name,
@@ -186,6 +193,7 @@ def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_
                 "prefill_ms": timer.prefill * 1e3 / len(prepared),
                 "latency_ms": total * 1e3 / len(prepared),
                 "batch_size": len(prepared),
+                **question.record.get("extra", {}),
             }
         )
     return records
@@ -194,20 +202,21 @@ def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_
 def error_record(record: dict, error: Exception, model_name: str) -> dict:
     return {
         "question_id": record["question_id"],
-        "prompt": record.get("text", ""),
+        "prompt": record.get("prompt", record.get("text", "")),
         "text": "",
         "answer_id": shortuuid.uuid(),
         "model_id": model_name,
         "metadata": {},
         "error": str(error),
+        **record.get("extra", {}),
     }
 
 
-def run(args: argparse.Namespace) -> None:
-    questions = get_chunk(read_jsonl(args.question_file, ("question_id", "text")), args.num_chunks, args.chunk_idx)
+def answer_questions(args: argparse.Namespace, questions: list[dict]) -> None:
+    """Answer `questions` (this chunk's) into --answers-file, skipping those already there."""
     os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
-    done = finished_question_ids(args.answers_file)
-    todo = [q for q in questions if q["question_id"] not in done]
+    done = finished_keys(args.answers_file)
+    todo = [q for q in questions if answer_key(q) not in done]
     if not todo:
         return
     args.model_name = get_model_name_from_path(args.model_path)
@@ -218,7 +227,7 @@ def run(args: argparse.Namespace) -> None:
     exit_config = exit_config_from_args(args, model.config)
     timer = PrefillTimer(model, model.device)
     with open(args.answers_file, "a") as out, torch.inference_mode():
-        progress = tqdm(total=len(todo), desc=f"answering ({exit_config.mode})", unit="q", initial=0)
+        progress = tqdm(total=len(todo), desc=f"answering ({exit_config.mode})", unit="q")
         for batch in batches(todo, args.batch_size):
             prepared, records = [], []
             for record in batch:
@@ -228,16 +237,16 @@ def run(args: argparse.Namespace) -> None:
                     records.append(error_record(record, error, args.model_name))
             if prepared:
                 records += answer_batch(model, tokenizer, prepared, args, exit_config, timer)
-            order = {q["question_id"]: i for i, q in enumerate(batch)}
-            for record in sorted(records, key=lambda r: order[r["question_id"]]):
+            order = {answer_key(q): i for i, q in enumerate(batch)}
+            for record in sorted(records, key=lambda r: order[answer_key(r)]):
                 out.write(json.dumps(record) + "\n")
             out.flush()
             progress.update(len(batch))
         progress.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
+    """LLaVA's loader arguments (with its defaults), ours and the exit flags; shared by every loader."""
     parser.add_argument("--model-path", type=str, required=True)
     parser.add_argument("--model-base", type=str, default=None)
     parser.add_argument("--image-folder", type=str, default="")
@@ -253,11 +262,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     add_exit_arguments(parser)
-    args = parser.parse_args(argv)
+
+
+def run_loader(args: argparse.Namespace, read_questions, name: str) -> None:
+    """Read (and check) the questions, take this chunk, answer; known input errors end with one line."""
     try:
-        run(args)
+        questions = get_chunk(read_questions(args), args.num_chunks, args.chunk_idx)
+        answer_questions(args, questions)
     except (QuestionFileError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
-        sys.exit(f"model_vqa_loader: error: {error}")
+        sys.exit(f"{name}: error: {error}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_loader_arguments(parser)
+    args = parser.parse_args(argv)
+    run_loader(args, lambda a: read_jsonl(a.question_file, ("question_id", "text")), "model_vqa_loader")
 
 
 if __name__ == "__main__":
