@@ -18,7 +18,8 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 
-from llava.eval.eval_vqa import EvalFileError, _text, _where, read_json, read_jsonl_lines, write_json
+from llava.eval.eval_vqa import _text, _where
+from llava.eval.io import EvalInputError, read_json, read_jsonl_lines, write_json
 
 
 def convert_gqa(results: Sequence[dict], source: str = "results", lines: Sequence[int] | None = None) -> list[dict]:
@@ -85,24 +86,24 @@ def run_convert(src: str, dst: str) -> int:
 def _load_questions(path: str) -> dict:
     questions = read_json(path)
     if not isinstance(questions, dict):
-        raise EvalFileError(f"{path}: expected a JSON object {{questionId: question}}")
+        raise EvalInputError(f"{path}: expected a JSON object {{questionId: question}}")
     for question_id, question in questions.items():
         if not isinstance(question, dict) or "answer" not in question:
-            raise EvalFileError(f"{path}: question {question_id}: missing field 'answer'")
+            raise EvalInputError(f"{path}: question {question_id}: missing field 'answer'")
         types = question.get("types")
         if not isinstance(types, dict) or "structural" not in types:
-            raise EvalFileError(f"{path}: question {question_id}: missing field 'types.structural'")
+            raise EvalInputError(f"{path}: question {question_id}: missing field 'types.structural'")
     return questions
 
 
 def _load_predictions(path: str) -> list[dict]:
     predictions = read_json(path)
     if not isinstance(predictions, list):
-        raise EvalFileError(f"{path}: expected a JSON list of {{questionId, prediction}}")
+        raise EvalInputError(f"{path}: expected a JSON list of {{questionId, prediction}}")
     for index, entry in enumerate(predictions):
         missing = [key for key in ("questionId", "prediction") if not isinstance(entry, dict) or key not in entry]
         if missing:
-            raise EvalFileError(f"{path}: entry {index}: missing field(s) {', '.join(missing)}")
+            raise EvalInputError(f"{path}: entry {index}: missing field(s) {', '.join(missing)}")
     return predictions
 
 

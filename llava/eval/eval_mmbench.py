@@ -29,6 +29,8 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 
+from llava.eval.io import EvalInputError, read_jsonl
+
 DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
 PREDICTION_POSITION = 6  # 0-based: the 7th column
 LETTERS = ("A", "B", "C", "D")
@@ -38,58 +40,29 @@ LETTER_PATTERN = re.compile(r"^\s*\(?([A-D])(?![A-Za-z0-9])")
 logger = logging.getLogger(__name__)
 
 
-class MMBenchInputError(ValueError):
-    """An input file cannot be used; the message names the file (and line)."""
-
-
-def read_jsonl(path: str, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[dict]:
-    """All records of a JSON-lines file (blank lines skipped); `path:line: reason` on the first malformed one."""
-    if not os.path.isfile(path):
-        raise MMBenchInputError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MMBenchInputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise MMBenchInputError(f"{path}:{number}: expected a JSON object")
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise MMBenchInputError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            for key in strings:
-                if key in record and not isinstance(record[key], str):
-                    raise MMBenchInputError(f"{path}:{number}: field {key} is not a string")
-            records.append(record)
-    return records
-
-
 def read_tsv(path: str, required: tuple[str, ...] = ("index",)) -> tuple[list[str], list[dict[str, str]]]:
     """Header and rows (column → text) of an MMBench TSV; every `index` must be an integer."""
     if not os.path.isfile(path):
-        raise MMBenchInputError(f"{path}: file not found")
+        raise EvalInputError(f"{path}: file not found")
     csv.field_size_limit(sys.maxsize)  # the image column holds whole base64 images
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.reader(handle, delimiter="\t")
         header = next(reader, None)
         if header is None:
-            raise MMBenchInputError(f"{path}: empty file")
+            raise EvalInputError(f"{path}: empty file")
         missing = [name for name in required if name not in header]
         if missing:
-            raise MMBenchInputError(f"{path}: missing column(s) {', '.join(missing)}")
+            raise EvalInputError(f"{path}: missing column(s) {', '.join(missing)}")
         rows = []
         for row in reader:
             if not row:
                 continue
             line = reader.line_num
             if len(row) != len(header):
-                raise MMBenchInputError(f"{path}:{line}: {len(row)} fields but the header has {len(header)}")
+                raise EvalInputError(f"{path}:{line}: {len(row)} fields but the header has {len(header)}")
             record = dict(zip(header, row))
             if index_key(record["index"]) is None:
-                raise MMBenchInputError(f"{path}:{line}: index {record['index']!r} is not an integer")
+                raise EvalInputError(f"{path}:{line}: index {record['index']!r} is not an integer")
             rows.append(record)
     return header, rows
 
@@ -114,7 +87,7 @@ def answers_by_index(answers: Sequence[dict], path: str = "answers") -> dict[int
     for answer in answers:
         key = index_key(answer["question_id"])
         if key is None:
-            raise MMBenchInputError(f"{path}: question_id {answer['question_id']!r} is not an integer index")
+            raise EvalInputError(f"{path}: question_id {answer['question_id']!r} is not an integer index")
         grouped.setdefault(key, []).append(answer)
     return grouped
 
@@ -180,7 +153,7 @@ def convert(annotation_file: str, result_file: str, out: str) -> dict:
     known = {index_key(row["index"]) for row in rows}
     stray = [key for key in answers if key not in known]
     if stray:
-        raise MMBenchInputError(f"{result_file}: question_id {stray[0]} is not an index of {annotation_file}")
+        raise EvalInputError(f"{result_file}: question_id {stray[0]} is not an index of {annotation_file}")
     out_header, out_rows = submission_table(header, rows, answers)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_tsv(out, out_header, out_rows)
@@ -270,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             done = convert(args.annotation_file, args.result_file, args.out)
         else:
             result = score(args.annotation_file, args.result_file)
-    except (MMBenchInputError, OSError) as error:
+    except (EvalInputError, OSError) as error:
         sys.exit(f"eval_mmbench: error: {error}")
     if args.command == "convert":
         print(f"wrote {done['tsv']} ({done['rows']} rows, {done['unanswered']} without an answer)")

@@ -27,6 +27,8 @@ import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+from llava.eval.io import EvalInputError, read_jsonl
+
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 YES_NO_SUFFIX = "Please answer yes or no."
 PERCEPTION = (
@@ -38,42 +40,13 @@ EVAL_TYPES = {"Perception": PERCEPTION, "Cognition": COGNITION}
 GroundTruth = Mapping[tuple[str, str, str], str]
 
 
-class MMEInputError(ValueError):
-    """An input file cannot be used; the message names the file (and line)."""
-
-
-def read_jsonl(path: str, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[dict]:
-    """All records of a JSON-lines file (blank lines skipped); `path:line: reason` on the first malformed one."""
-    if not os.path.isfile(path):
-        raise MMEInputError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MMEInputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise MMEInputError(f"{path}:{number}: expected a JSON object")
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise MMEInputError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            for key in strings:
-                if key in record and not isinstance(record[key], str):
-                    raise MMEInputError(f"{path}:{number}: field {key} is not a string")
-            records.append(record)
-    return records
-
-
 # ---------------------------------------------------------------- convert
 
 
 def load_ground_truth(data_dir: str) -> dict[tuple[str, str, str], str]:
     """(category, `<stem>.txt`, question) → answer for every category folder of the MME release."""
     if not os.path.isdir(data_dir):
-        raise MMEInputError(f"{data_dir}: MME data folder not found")
+        raise EvalInputError(f"{data_dir}: MME data folder not found")
     truth = {}
     for category in sorted(os.listdir(data_dir)):
         category_dir = os.path.join(data_dir, category)
@@ -83,7 +56,7 @@ def load_ground_truth(data_dir: str) -> dict[tuple[str, str, str], str]:
         if os.path.isdir(os.path.join(category_dir, "images")):
             qa_dir = os.path.join(category_dir, "questions_answers_YN")
             if not os.path.isdir(qa_dir):
-                raise MMEInputError(f"{qa_dir}: folder not found (the category has images/)")
+                raise EvalInputError(f"{qa_dir}: folder not found (the category has images/)")
         for name in sorted(os.listdir(qa_dir)):
             if not name.endswith(".txt"):
                 continue
@@ -94,7 +67,7 @@ def load_ground_truth(data_dir: str) -> dict[tuple[str, str, str], str]:
                         continue
                     fields = line.strip().split("\t")
                     if len(fields) != 2:
-                        raise MMEInputError(f"{path}:{number}: expected 'question<TAB>answer'")
+                        raise EvalInputError(f"{path}:{number}: expected 'question<TAB>answer'")
                     truth[(category, name, fields[0])] = fields[1]
     return truth
 
@@ -148,13 +121,13 @@ def convert(question_file: str | None, result_file: str, data_dir: str, out_dir:
         given = Counter(answer["question_id"] for answer in answers)
         stray = [qid for qid in given if qid not in expected]
         if stray:
-            raise MMEInputError(f"{result_file}: question_id {stray[0]!r} is not in {question_file}")
+            raise EvalInputError(f"{result_file}: question_id {stray[0]!r} is not in {question_file}")
         unanswered = [qid for qid, count in expected.items() if given[qid] < count]
     truth = load_ground_truth(data_dir)
     try:
         lines = convert_answers(answers, truth)
     except KeyError as error:
-        raise MMEInputError(f"{data_dir}: {error.args[0]}") from None
+        raise EvalInputError(f"{data_dir}: {error.args[0]}") from None
     os.makedirs(out_dir, exist_ok=True)
     for category, rows in lines.items():
         with open(os.path.join(out_dir, f"{category}.txt"), "w", encoding="utf-8") as handle:
@@ -226,9 +199,9 @@ def read_result_file(path: str) -> list[tuple[str, str]]:
                 continue
             fields = line.split("\t")
             if len(fields) != 4:
-                raise MMEInputError(f"{path}:{number}: expected 4 tab-separated fields, got {len(fields)}")
+                raise EvalInputError(f"{path}:{number}: expected 4 tab-separated fields, got {len(fields)}")
             if fields[2].lower() not in ("yes", "no"):
-                raise MMEInputError(f"{path}:{number}: ground truth must be yes or no, got {fields[2]!r}")
+                raise EvalInputError(f"{path}:{number}: ground truth must be yes or no, got {fields[2]!r}")
             pairs.append((fields[2], fields[3]))
     return pairs
 
@@ -236,19 +209,19 @@ def read_result_file(path: str) -> list[tuple[str, str]]:
 def score(results_dir: str) -> dict:
     """Per-category results (`categories`) and the Perception / Cognition sums for an eval-tool answers folder."""
     if not os.path.isdir(results_dir):
-        raise MMEInputError(f"{results_dir}: results folder not found")
+        raise EvalInputError(f"{results_dir}: results folder not found")
     categories = {}
     for names in EVAL_TYPES.values():
         for name in names:
             path = os.path.join(results_dir, f"{name}.txt")
             if not os.path.isfile(path):
-                raise MMEInputError(f"{path}: file not found (every MME category is needed for the totals)")
+                raise EvalInputError(f"{path}: file not found (every MME category is needed for the totals)")
             try:
                 categories[name] = score_category(read_result_file(path))
             except ValueError as error:
-                if isinstance(error, MMEInputError):
+                if isinstance(error, EvalInputError):
                     raise
-                raise MMEInputError(f"{path}: {error}") from None
+                raise EvalInputError(f"{path}: {error}") from None
     sums = totals({name: result["score"] for name, result in categories.items()})
     return {"categories": categories, **sums}
 
@@ -270,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             done = convert(args.question_file, args.result_file, args.data_dir, args.out_dir)
         else:
             result = score(args.results_dir)
-    except (MMEInputError, ValueError, OSError) as error:
+    except (EvalInputError, ValueError, OSError) as error:
         sys.exit(f"eval_mme: error: {error}")
     if args.command == "convert":
         for category, count in sorted(done["categories"].items()):

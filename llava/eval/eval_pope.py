@@ -20,43 +20,11 @@ import json
 import os
 import sys
 
+from llava.eval.io import EvalInputError, numbered_jsonl, read_jsonl
+
 NO_WORDS = ("No", "not", "no")
 ANNOTATION_PREFIX = "coco_pope_"
 ANNOTATION_SUFFIX = ".json"
-
-
-class PopeInputError(ValueError):
-    """An input file cannot be used; the message names the file (and line)."""
-
-
-def numbered_jsonl(path: str, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; `path:line: reason` on the first malformed one."""
-    if not os.path.isfile(path):
-        raise PopeInputError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise PopeInputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise PopeInputError(f"{path}:{number}: expected a JSON object")
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise PopeInputError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            for key in strings:
-                if key in record and not isinstance(record[key], str):
-                    raise PopeInputError(f"{path}:{number}: field {key} is not a string")
-            records.append((number, record))
-    return records
-
-
-def read_jsonl(path: str, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[dict]:
-    """All records of a JSON-lines file (blank lines skipped), checked as `numbered_jsonl` does."""
-    return [record for _, record in numbered_jsonl(path, required, strings)]
 
 
 def parse_pope_answer(text: str) -> str:
@@ -96,13 +64,13 @@ def score_pope(labels: list[str], answers: list[str]) -> dict:
 def annotation_files(annotation_dir: str) -> dict[str, str]:
     """Category name → path of each `coco_pope_<category>.json` in `annotation_dir`, sorted by category."""
     if not os.path.isdir(annotation_dir):
-        raise PopeInputError(f"{annotation_dir}: annotation folder not found")
+        raise EvalInputError(f"{annotation_dir}: annotation folder not found")
     found = {}
     for name in sorted(os.listdir(annotation_dir)):
         if name.startswith(ANNOTATION_PREFIX) and name.endswith(ANNOTATION_SUFFIX):
             found[name[len(ANNOTATION_PREFIX) : -len(ANNOTATION_SUFFIX)]] = os.path.join(annotation_dir, name)
     if not found:
-        raise PopeInputError(f"{annotation_dir}: no {ANNOTATION_PREFIX}<category>{ANNOTATION_SUFFIX} files")
+        raise EvalInputError(f"{annotation_dir}: no {ANNOTATION_PREFIX}<category>{ANNOTATION_SUFFIX} files")
     return found
 
 
@@ -111,7 +79,7 @@ def read_labels(path: str) -> list[str]:
     labels = []
     for number, record in numbered_jsonl(path, ("label",)):
         if record["label"] not in ("yes", "no"):
-            raise PopeInputError(f"{path}:{number}: label must be yes or no, got {record['label']!r}")
+            raise EvalInputError(f"{path}:{number}: label must be yes or no, got {record['label']!r}")
         labels.append(record["label"])
     return labels
 
@@ -124,9 +92,9 @@ def evaluate_pope(annotation_dir: str, question_file: str, result_file: str) -> 
     by_id: dict = {}
     for answer in answers:
         if answer["question_id"] not in known:
-            raise PopeInputError(f"{result_file}: question_id {answer['question_id']!r} is not in {question_file}")
+            raise EvalInputError(f"{result_file}: question_id {answer['question_id']!r} is not in {question_file}")
         if answer["question_id"] in by_id:
-            raise PopeInputError(f"{result_file}: question_id {answer['question_id']!r} answered twice")
+            raise EvalInputError(f"{result_file}: question_id {answer['question_id']!r} answered twice")
         by_id[answer["question_id"]] = answer["text"]
 
     categories = {}
@@ -136,7 +104,7 @@ def evaluate_pope(annotation_dir: str, question_file: str, result_file: str) -> 
             continue
         labels = read_labels(path)
         if len(labels) != len(ids):
-            raise PopeInputError(
+            raise EvalInputError(
                 f"{path}: {len(labels)} labels but {question_file} has {len(ids)} questions of category {category}"
             )
         kept = [(label, by_id[qid]) for label, qid in zip(labels, ids) if qid in by_id]
@@ -144,7 +112,7 @@ def evaluate_pope(annotation_dir: str, question_file: str, result_file: str) -> 
         metrics["unanswered"] = len(ids) - len(kept)
         categories[category] = metrics
     if not categories:
-        raise PopeInputError(f"{question_file}: no question has a category with an annotation file in {annotation_dir}")
+        raise EvalInputError(f"{question_file}: no question has a category with an annotation file in {annotation_dir}")
     return {
         "categories": categories,
         "f1": sum(m["f1"] for m in categories.values()) / len(categories),
@@ -170,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         result = evaluate_pope(args.annotation_dir, args.question_file, args.result_file)
-    except (PopeInputError, ValueError, OSError) as error:
+    except (EvalInputError, ValueError, OSError) as error:
         sys.exit(f"eval_pope: error: {error}")
     for category, m in result["categories"].items():
         note = f" ({m['unanswered']} unanswered, left out)" if m["unanswered"] else ""

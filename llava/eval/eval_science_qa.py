@@ -23,51 +23,13 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 
+from llava.eval.io import EvalInputError, read_json, read_jsonl
+
 OPTIONS = ("A", "B", "C", "D", "E")
 FAILED = "FAILED"
 IMAGE_TOKEN = "<image>"
 # Unescaped '.' on purpose: the reference pattern accepts any character after the letter.
 ANSWER_PATTERN = re.compile(r"The answer is ([A-Z]).")
-
-
-class ScienceQAInputError(ValueError):
-    """An input file cannot be used; the message names the file (and line)."""
-
-
-def read_jsonl(path: str, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[dict]:
-    """All records of a JSON-lines file (blank lines skipped); `path:line: reason` on the first malformed one."""
-    if not os.path.isfile(path):
-        raise ScienceQAInputError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ScienceQAInputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ScienceQAInputError(f"{path}:{number}: expected a JSON object")
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise ScienceQAInputError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            for key in strings:
-                if key in record and not isinstance(record[key], str):
-                    raise ScienceQAInputError(f"{path}:{number}: field {key} is not a string")
-            records.append(record)
-    return records
-
-
-def read_json(path: str):
-    """A whole JSON file; `path: invalid JSON (reason, line N)` when it does not parse."""
-    if not os.path.isfile(path):
-        raise ScienceQAInputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ScienceQAInputError(f"{path}: invalid JSON ({error.msg}, line {error.lineno})") from None
 
 
 def parse_prediction(text: str, options: Sequence[str] = OPTIONS) -> str:
@@ -152,19 +114,19 @@ def load_split(base_dir: str, split: str) -> tuple[dict, list[str]]:
     problems_path = os.path.join(base_dir, "problems.json")
     splits = read_json(splits_path)
     if not isinstance(splits, dict) or split not in splits:
-        raise ScienceQAInputError(f"{splits_path}: no split {split!r}")
+        raise EvalInputError(f"{splits_path}: no split {split!r}")
     problems = read_json(problems_path)
     if not isinstance(problems, dict):
-        raise ScienceQAInputError(f"{problems_path}: expected a JSON object of problems by id")
+        raise EvalInputError(f"{problems_path}: expected a JSON object of problems by id")
     ids = [str(pid) for pid in splits[split]]
     for pid in ids:
         problem = problems.get(pid)
         if problem is None:
-            raise ScienceQAInputError(f"{problems_path}: problem {pid} (from split {split}) not found")
+            raise EvalInputError(f"{problems_path}: problem {pid} (from split {split}) not found")
         if not isinstance(problem.get("choices"), list) or not isinstance(problem.get("answer"), int):
-            raise ScienceQAInputError(f"{problems_path}: problem {pid} needs a `choices` list and an integer `answer`")
+            raise EvalInputError(f"{problems_path}: problem {pid} needs a `choices` list and an integer `answer`")
         if not 0 <= problem["answer"] < min(len(problem["choices"]), len(OPTIONS)):
-            raise ScienceQAInputError(f"{problems_path}: problem {pid}: answer index {problem['answer']} out of range")
+            raise EvalInputError(f"{problems_path}: problem {pid}: answer index {problem['answer']} out of range")
     return problems, ids
 
 
@@ -186,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         result = evaluate(args.base_dir, args.result_file, args.split)
-    except (ScienceQAInputError, OSError) as error:
+    except (EvalInputError, OSError) as error:
         sys.exit(f"eval_science_qa: error: {error}")
     img = "n/a" if result["img_accuracy"] is None else f"{result['img_accuracy']:.2f}%"
     print(f"Total: {result['total']}, Correct: {result['correct']}, Accuracy: {result['accuracy']:.2f}%, "

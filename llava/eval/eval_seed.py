@@ -21,56 +21,29 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from llava.eval.io import EvalInputError, read_jsonl
+
 DATA_TYPES = ("image", "video")
-
-
-class SeedInputError(ValueError):
-    """An input file cannot be used; the message names the file (and line)."""
-
-
-def read_jsonl(path: str, required: tuple[str, ...] = (), strings: tuple[str, ...] = ()) -> list[dict]:
-    """All records of a JSON-lines file (blank lines skipped); `path:line: reason` on the first malformed one."""
-    if not os.path.isfile(path):
-        raise SeedInputError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SeedInputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise SeedInputError(f"{path}:{number}: expected a JSON object")
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise SeedInputError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            for key in strings:
-                if key in record and not isinstance(record[key], str):
-                    raise SeedInputError(f"{path}:{number}: field {key} is not a string")
-            records.append(record)
-    return records
 
 
 def read_annotation(path: str) -> dict:
     """SEED-Bench.json, checked: `questions` with the needed fields and a `question_type` name → id map."""
     if not os.path.isfile(path):
-        raise SeedInputError(f"{path}: file not found")
+        raise EvalInputError(f"{path}: file not found")
     with open(path, encoding="utf-8") as handle:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as error:
-            raise SeedInputError(f"{path}: invalid JSON ({error.msg}, line {error.lineno})") from None
+            raise EvalInputError(f"{path}: invalid JSON ({error.msg}, line {error.lineno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise SeedInputError(f"{path}: expected an object with a `questions` list")
+        raise EvalInputError(f"{path}: expected an object with a `questions` list")
     if not isinstance(data.get("question_type"), dict):
-        raise SeedInputError(f"{path}: expected a `question_type` object (name -> id)")
+        raise EvalInputError(f"{path}: expected a `question_type` object (name -> id)")
     for number, question in enumerate(data["questions"]):
         needed = ("question_id", "answer", "question_type_id", "data_type")
         missing = [key for key in needed if not isinstance(question, dict) or key not in question]
         if missing:
-            raise SeedInputError(f"{path}: questions[{number}] lacks {', '.join(missing)}")
+            raise EvalInputError(f"{path}: questions[{number}] lacks {', '.join(missing)}")
     return data
 
 
@@ -159,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         data, answers = load(args.annotation_file, args.result_file)
-    except (SeedInputError, OSError) as error:
+    except (EvalInputError, OSError) as error:
         sys.exit(f"eval_seed: error: {error}")
     result = score_seed(data["questions"], answers, data["question_type"])
 

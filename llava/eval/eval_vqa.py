@@ -17,72 +17,13 @@ Answers are EvalAI-normalised (`llava.eval.answer_processor`). Malformed input s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from llava.eval.answer_processor import normalize_answer, vqa_accuracy
-
-
-class EvalFileError(ValueError):
-    """Malformed or missing evaluation input; the message names the file (and line)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------- io
-
-
-def read_json(path: str) -> Any:
-    """A whole JSON file; `path: reason` when it is missing or not valid JSON."""
-    if not os.path.isfile(path):
-        raise EvalFileError(f"{path}: file not found")
-    with open(path) as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise EvalFileError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-
-
-def read_jsonl_lines(path: str, required: Sequence[str] = ()) -> tuple[list[dict], list[int]]:
-    """Records of a JSON-lines file and their 1-based line numbers; blank lines are skipped.
-
-    Raises `EvalFileError` `path:line: reason` on the first line that is not a JSON object with the required keys.
-    """
-    if not os.path.isfile(path):
-        raise EvalFileError(f"{path}: file not found")
-    records: list[dict] = []
-    lines: list[int] = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise EvalFileError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise EvalFileError(f"{path}:{number}: expected a JSON object")
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise EvalFileError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            records.append(record)
-            lines.append(number)
-    return records, lines
-
-
-def read_jsonl(path: str, required: Sequence[str] = ()) -> list[dict]:
-    """Records of a JSON-lines file (see `read_jsonl_lines`)."""
-    return read_jsonl_lines(path, required)[0]
-
-
-def write_json(path: str, payload: Any) -> None:
-    """Write `payload` as JSON, creating the parent folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump(payload, handle)
+from llava.eval.io import EvalInputError, read_json, read_jsonl, read_jsonl_lines, write_json
 
 
 def _where(source: str, lines: Sequence[int] | None, index: int) -> str:
@@ -92,7 +33,7 @@ def _where(source: str, lines: Sequence[int] | None, index: int) -> str:
 def _text(record: dict, where: str) -> str:
     text = record.get("text")
     if not isinstance(text, str):
-        raise EvalFileError(f"{where}: 'text' is not a string")
+        raise EvalInputError(f"{where}: 'text' is not a string")
     return text
 
 
@@ -141,10 +82,10 @@ def score_textvqa(
         try:
             question = question_from_prompt(result["prompt"])
         except ValueError as error:
-            raise EvalFileError(f"{where}: {error}") from None
+            raise EvalInputError(f"{where}: {error}") from None
         entry = table.get((result["question_id"], question))
         if entry is None:
-            raise EvalFileError(
+            raise EvalInputError(
                 f"{where}: no annotation for image {result['question_id']!r} with question {question!r}"
             )
         scores.append(vqa_accuracy(_text(result, where), entry["answers"]))
@@ -156,14 +97,14 @@ def _textvqa_annotations(path: str) -> list[dict]:
     payload = read_json(path)
     entries = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(entries, list):
-        raise EvalFileError(f"{path}: expected a JSON object with a 'data' list")
+        raise EvalInputError(f"{path}: expected a JSON object with a 'data' list")
     for index, entry in enumerate(entries):
         fields = ("image_id", "question", "answers")
         missing = [key for key in fields if not isinstance(entry, dict) or key not in entry]
         if missing:
-            raise EvalFileError(f"{path}: data[{index}]: missing field(s) {', '.join(missing)}")
+            raise EvalInputError(f"{path}: data[{index}]: missing field(s) {', '.join(missing)}")
         if not isinstance(entry["answers"], list):
-            raise EvalFileError(f"{path}: data[{index}]: 'answers' is not a list")
+            raise EvalInputError(f"{path}: data[{index}]: 'answers' is not a list")
     return entries
 
 
@@ -229,7 +170,7 @@ def vizwiz_submission(
     upload = []
     for question in test_questions:
         if question["question_id"] not in answers:
-            raise EvalFileError(f"{source}: no answer for question_id {question['question_id']!r}")
+            raise EvalInputError(f"{source}: no answer for question_id {question['question_id']!r}")
         upload.append({"image": question["image"], "answer": normalize_answer(answers[question["question_id"]])})
     return upload
 

@@ -27,35 +27,12 @@ from tqdm import tqdm
 from llava.bench.timing import synchronize
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
+from llava.eval.io import EvalInputError, read_jsonl
 from llava.mm_utils import ImageLoadError, get_model_name_from_path, load_image, process_images, tokenizer_image_token
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.exit_args import add_exit_arguments, exit_config_from_args
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import prefill_flops
-
-
-class QuestionFileError(ValueError):
-    """A question file line cannot be used; the message names file and line."""
-
-
-def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
-    """All records of a JSON-lines file, checked before any work: `path:line: reason` on the first bad one."""
-    if not os.path.isfile(path):
-        raise QuestionFileError(f"{path}: file not found")
-    records = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise QuestionFileError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            missing = [key for key in required if not isinstance(record, dict) or key not in record]
-            if missing:
-                raise QuestionFileError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
-            records.append(record)
-    return records
 
 
 def get_chunk(items: list, num_chunks: int, index: int) -> list:
@@ -269,7 +246,7 @@ def run_loader(args: argparse.Namespace, read_questions, name: str) -> None:
     try:
         questions = get_chunk(read_questions(args), args.num_chunks, args.chunk_idx)
         answer_questions(args, questions)
-    except (QuestionFileError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
+    except (EvalInputError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
         sys.exit(f"{name}: error: {error}")
 
 

@@ -17,7 +17,8 @@ import sys
 
 from PIL import Image, UnidentifiedImageError
 
-from llava.eval.model_vqa_loader import QuestionFileError, add_loader_arguments, run_loader
+from llava.eval.io import EvalInputError
+from llava.eval.model_vqa_loader import add_loader_arguments, run_loader
 
 LETTERS = "ABCD"
 LETTER_PROMPTS = {
@@ -40,18 +41,18 @@ def decode_image(data: str) -> Image.Image:
 def read_mmbench_questions(args: argparse.Namespace) -> list[dict]:
     path = args.question_file
     if not os.path.isfile(path):
-        raise QuestionFileError(f"{path}: file not found")
+        raise EvalInputError(f"{path}: file not found")
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
     questions = []
     with open(path, newline="") as handle:
         for number, row in enumerate(csv.DictReader(handle, delimiter="\t"), start=2):
             if not row.get("index") or not row.get("question") or not row.get("image"):
-                raise QuestionFileError(f"{path}:{number}: missing index, question or image")
+                raise EvalInputError(f"{path}:{number}: missing index, question or image")
             options = [row[letter] for letter in LETTERS if _present(row.get(letter))]
             try:
                 image = decode_image(row["image"])
             except ValueError as error:
-                raise QuestionFileError(f"{path}:{number}: {error}") from None
+                raise EvalInputError(f"{path}:{number}: {error}") from None
             question = f"{row['hint']}\n{row['question']}" if _present(row.get("hint")) else row["question"]
             rounds = len(options) if args.all_rounds else 1
             for round_id in range(rounds):

@@ -13,7 +13,8 @@ import json
 import os
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval.model_vqa_loader import QuestionFileError, add_loader_arguments, run_loader
+from llava.eval.io import EvalInputError
+from llava.eval.model_vqa_loader import add_loader_arguments, run_loader
 
 LETTER_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 
@@ -21,19 +22,19 @@ LETTER_PROMPT = "\nAnswer with the option's letter from the given choices direct
 def read_science_questions(args: argparse.Namespace) -> list[dict]:
     path = args.question_file
     if not os.path.isfile(path):
-        raise QuestionFileError(f"{path}: file not found")
+        raise EvalInputError(f"{path}: file not found")
     with open(path) as handle:
         try:
             records = json.load(handle)
         except json.JSONDecodeError as error:
-            raise QuestionFileError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+            raise EvalInputError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
     questions = []
     for number, record in enumerate(records):
         try:
             text = record["conversations"][0]["value"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
             question_id = record["id"]
         except (KeyError, IndexError, TypeError):
-            raise QuestionFileError(f"{path}: sample #{number} has no id or no first conversation turn") from None
+            raise EvalInputError(f"{path}: sample #{number} has no id or no first conversation turn") from None
         if args.single_pred_prompt:
             text += LETTER_PROMPT
         image = record.get("image")

@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from llava.eval.model_vqa_loader import read_jsonl
+from llava.eval.io import read_jsonl
 
 COLUMNS = ("benchmark", "samples", "errors", "exit_layer", "tflops", "flops_reduction", "latency_ms")
 
