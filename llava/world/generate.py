@@ -1,0 +1,170 @@
+"""The embedded tiny world: synthetic scenes of coloured shapes and questions about them, in LLaVA's formats.
+
+    python -m llava.world.generate --out playground/data/tiny_world [--train 4000] [--test 500] [--seed 0]
+
+Writes, under OUT:
+- `images/NNNNN.png`: 1 to 3 shapes (circle, square, triangle) of 5 colours and 2 sizes on a grey background;
+- `train.json`: LLaVA training conversations (one question per sample, `<image>` first, short answers);
+- `test_questions.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's short-answer suffix,
+  `category` = question kind);
+- `test_questions.json`: GQA's ground-truth layout ({question_id: {"answer", "types": {"structural", ...}}}),
+  so `llava.eval.eval_gqa` scores the world unchanged.
+
+Question kinds: colour, shape, position (left/right), counting, existence (yes/no), comparison (size). Every
+question names an object by an attribute only it has in its scene, so each has exactly one right answer. The
+same seed always gives the same world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+IMAGE_SIZE = 112
+BACKGROUND = (128, 128, 128)
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (235, 210, 40), "purple": (150, 60, 190)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 14, "large": 26}  # half-widths in pixels
+KINDS = ("colour", "shape", "position", "counting", "existence", "comparison")
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+NUMBER_WORDS = {1: "1", 2: "2", 3: "3"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    size: str
+    x: int
+    y: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+
+def random_scene(rng: random.Random) -> list[Shape]:
+    """1-3 shapes, no two overlapping and no two with the same colour and kind."""
+    shapes: list[Shape] = []
+    target = rng.randint(1, 3)
+    while len(shapes) < target:
+        size = rng.choice(list(SIZES))
+        half = SIZES[size]
+        x, y = rng.randint(half + 2, IMAGE_SIZE - half - 3), rng.randint(half + 2, IMAGE_SIZE - half - 3)
+        shape = Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), size, x, y)
+        clear = all(abs(shape.x - s.x) > half + SIZES[s.size] + 2 or abs(shape.y - s.y) > half + SIZES[s.size] + 2 for s in shapes)
+        if clear and all(s.name != shape.name for s in shapes):
+            shapes.append(shape)
+    return shapes
+
+
+def render(shapes: list[Shape]) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for shape in shapes:
+        half, colour = SIZES[shape.size], COLOURS[shape.colour]
+        box = (shape.x - half, shape.y - half, shape.x + half, shape.y + half)
+        if shape.kind == "circle":
+            draw.ellipse(box, fill=colour)
+        elif shape.kind == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(shape.x, shape.y - half), (shape.x - half, shape.y + half), (shape.x + half, shape.y + half)], fill=colour)
+    return image
+
+
+def _unique(shapes: list[Shape], attribute: str) -> list[Shape]:
+    """Shapes whose `attribute` value no other shape in the scene shares."""
+    values = [getattr(s, attribute) for s in shapes]
+    return [s for s in shapes if values.count(getattr(s, attribute)) == 1]
+
+
+def ask(kind: str, shapes: list[Shape], rng: random.Random) -> tuple[str, str] | None:
+    """(question, answer) of this kind about the scene, or None when the scene cannot support one."""
+    if kind == "colour":
+        candidates = _unique(shapes, "kind")
+        if candidates:
+            shape = rng.choice(candidates)
+            return f"What colour is the {shape.kind}?", shape.colour
+    elif kind == "shape":
+        candidates = _unique(shapes, "colour")
+        if candidates:
+            shape = rng.choice(candidates)
+            return f"What shape is the {shape.colour} object?", shape.kind
+    elif kind == "position":
+        if len(shapes) >= 2:
+            a, b = rng.sample(shapes, 2)
+            if abs(a.x - b.x) > 8:
+                side = "left" if a.x < b.x else "right"
+                return f"Is the {a.name} to the left or to the right of the {b.name}?", side
+    elif kind == "counting":
+        return "How many shapes are there?", NUMBER_WORDS[len(shapes)]
+    elif kind == "existence":
+        if rng.random() < 0.5:
+            shape = rng.choice(shapes)
+            return f"Is there a {shape.name}?", "yes"
+        absent = [f"{c} {k}" for c in COLOURS for k in SHAPES if all(s.name != f"{c} {k}" for s in shapes)]
+        return f"Is there a {rng.choice(absent)}?", "no"
+    elif kind == "comparison":
+        pairs = [(a, b) for a in shapes for b in shapes if a.size != b.size]
+        if pairs:
+            a, b = rng.choice(pairs)
+            return f"Is the {a.name} bigger than the {b.name}?", "yes" if a.size == "large" else "no"
+    return None
+
+
+def generate(out: str, train: int, test: int, seed: int) -> dict:
+    """Write the world; returns counts per split and kind."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    train_records, questions, truth = [], [], {}
+    counts = {"train": dict.fromkeys(KINDS, 0), "test": dict.fromkeys(KINDS, 0)}
+    for index in tqdm(range(train + test), desc="generating the tiny world", unit="image"):
+        shapes = random_scene(rng)
+        qa = None
+        while qa is None:
+            kind = rng.choice(KINDS)
+            qa = ask(kind, shapes, rng)
+        question, answer = qa
+        image = f"{index:05d}.png"
+        render(shapes).save(os.path.join(out, "images", image))
+        if index < train:
+            counts["train"][kind] += 1
+            train_records.append({"id": f"world-{index:05d}", "image": image, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}{SHORT_ANSWER}"},
+                {"from": "gpt", "value": answer},
+            ]})
+        else:
+            counts["test"][kind] += 1
+            question_id = f"world-{index:05d}"
+            questions.append({"question_id": question_id, "image": image, "text": question + SHORT_ANSWER, "category": kind})
+            truth[question_id] = {"answer": answer, "question": question, "types": {"structural": kind, "semantic": kind}}
+    with open(os.path.join(out, "train.json"), "w") as handle:
+        json.dump(train_records, handle)
+    with open(os.path.join(out, "test_questions.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(q) + "\n" for q in questions)
+    with open(os.path.join(out, "test_questions.json"), "w") as handle:
+        json.dump(truth, handle)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="playground/data/tiny_world")
+    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    counts = generate(args.out, args.train, args.test, args.seed)
+    for split, per_kind in counts.items():
+        print(f"{split}: " + ", ".join(f"{kind} {n}" for kind, n in per_kind.items()))
+
+
+if __name__ == "__main__":
+    main()

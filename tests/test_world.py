@@ -1,0 +1,85 @@
+"""The tiny world: deterministic, in LLaVA's formats, and every answer right according to an independent reading
+of the rendered image (colour blobs found by flood fill; shape from how much of its box a blob fills)."""
+
+import json
+import re
+from collections import deque
+
+import numpy as np
+from PIL import Image
+
+from llava.eval.eval_gqa import score_gqa
+from llava.eval.io import read_jsonl
+from llava.world.generate import COLOURS, generate
+
+
+def read_scene(path):
+    """[(colour, shape, size, x_centre)] for every blob of a palette colour."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    height, width, _ = pixels.shape
+    seen = np.zeros((height, width), dtype=bool)
+    blobs = []
+    for colour, rgb in COLOURS.items():
+        mask = (np.abs(pixels - np.array(rgb)).sum(-1) < 30) & ~seen
+        for y, x in zip(*np.nonzero(mask)):
+            if seen[y, x]:
+                continue
+            queue, points = deque([(y, x)]), []
+            seen[y, x] = True
+            while queue:
+                cy, cx = queue.popleft()
+                points.append((cy, cx))
+                for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                    if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+            ys, xs = zip(*points)
+            box = (max(ys) - min(ys) + 1) * (max(xs) - min(xs) + 1)
+            fill = len(points) / box
+            shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
+            size = "large" if max(xs) - min(xs) > 40 else "small"
+            blobs.append((colour, shape, size, (max(xs) + min(xs)) / 2))
+    return blobs
+
+
+def expected_answer(question, blobs):
+    names = {f"{c} {s}": (c, s, size, x) for c, s, size, x in blobs}
+    if m := re.fullmatch(r"What colour is the (\w+)\?", question):
+        return next(c for c, s, _, _ in blobs if s == m[1])
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        return next(s for c, s, _, _ in blobs if c == m[1])
+    if m := re.fullmatch(r"Is the (\w+ \w+) to the left or to the right of the (\w+ \w+)\?", question):
+        return "left" if names[m[1]][3] < names[m[2]][3] else "right"
+    if question == "How many shapes are there?":
+        return str(len(blobs))
+    if m := re.fullmatch(r"Is there a (\w+ \w+)\?", question):
+        return "yes" if m[1] in names else "no"
+    if m := re.fullmatch(r"Is the (\w+ \w+) bigger than the (\w+ \w+)\?", question):
+        return "yes" if (names[m[1]][2], names[m[2]][2]) == ("large", "small") else "no"
+    raise AssertionError(f"unknown question {question!r}")
+
+
+def test_world_answers_match_the_pictures(tmp_path):
+    counts = generate(str(tmp_path), train=60, test=60, seed=5)
+    assert sum(counts["train"].values()) == 60 and all(n > 0 for n in counts["test"].values())
+    questions = read_jsonl(str(tmp_path / "test_questions.jsonl"), ("question_id", "image", "text", "category"))
+    truth = json.loads((tmp_path / "test_questions.json").read_text())
+    for question in questions:
+        blobs = read_scene(tmp_path / "images" / question["image"])
+        asked = question["text"].split("\n")[0]
+        assert truth[question["question_id"]]["answer"] == expected_answer(asked, blobs), (question, blobs)
+    train = json.loads((tmp_path / "train.json").read_text())
+    for record in train:
+        human, gpt = record["conversations"]
+        assert human["value"].startswith("<image>\n")
+        assert gpt["value"] == expected_answer(human["value"].split("\n")[1], read_scene(tmp_path / "images" / record["image"]))
+    # GQA's scorer reads the world as it is: the truth itself scores 100.
+    predictions = [{"questionId": q, "prediction": t["answer"]} for q, t in truth.items()]
+    assert score_gqa(truth, predictions)["accuracy"] == 100.0
+
+
+def test_same_seed_same_world(tmp_path):
+    generate(str(tmp_path / "a"), train=10, test=5, seed=1)
+    generate(str(tmp_path / "b"), train=10, test=5, seed=1)
+    for name in ("train.json", "test_questions.jsonl", "test_questions.json", "images/00007.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
