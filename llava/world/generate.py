@@ -52,8 +52,11 @@ class Shape:
 def random_scene(rng: random.Random) -> list[Shape]:
     """1-3 shapes, no two overlapping and no two with the same colour and kind."""
     shapes: list[Shape] = []
-    target = rng.randint(1, 3)
+    target, attempts = rng.randint(1, 3), 0
     while len(shapes) < target:
+        attempts += 1
+        if attempts > 100:  # the shapes placed so far leave no room: start the scene again
+            shapes, attempts = [], 0
         size = rng.choice(list(SIZES))
         half = SIZES[size]
         x, y = rng.randint(half + 2, IMAGE_SIZE - half - 3), rng.randint(half + 2, IMAGE_SIZE - half - 3)
