@@ -10,7 +10,7 @@ from PIL import Image
 
 from llava.eval.eval_gqa import score_gqa
 from llava.eval.io import read_jsonl
-from llava.world.generate import COLOURS, generate
+from llava.world.generate import COLOURS, GATE_TRAIN_DATA, TEST_IMAGES, TEST_QUESTIONS, TEST_TRUTH, TRAIN_DATA, generate
 
 
 def read_scene(path):
@@ -61,18 +61,26 @@ def expected_answer(question, blobs):
 
 def test_world_answers_match_the_pictures(tmp_path):
     counts = generate(str(tmp_path), train=60, test=60, seed=5)
-    assert sum(counts["train"].values()) == 60 and all(n > 0 for n in counts["test"].values())
-    questions = read_jsonl(str(tmp_path / "test_questions.jsonl"), ("question_id", "image", "text", "category"))
-    truth = json.loads((tmp_path / "test_questions.json").read_text())
+    assert sum(counts["test"].values()) == 60 and all(n > 0 for n in counts["test"].values())
+    questions = read_jsonl(str(tmp_path / TEST_QUESTIONS), ("question_id", "image", "text", "category"))
+    truth = json.loads((tmp_path / TEST_TRUTH).read_text())
     for question in questions:
-        blobs = read_scene(tmp_path / "images" / question["image"])
+        blobs = read_scene(tmp_path / TEST_IMAGES / question["image"])
         asked = question["text"].split("\n")[0]
         assert truth[question["question_id"]]["answer"] == expected_answer(asked, blobs), (question, blobs)
-    train = json.loads((tmp_path / "train.json").read_text())
+    train = json.loads((tmp_path / TRAIN_DATA).read_text())
+    assert len(train) == 60 and sum(counts["train"].values()) == sum(len(r["conversations"]) // 2 for r in train)
     for record in train:
-        human, gpt = record["conversations"]
-        assert human["value"].startswith("<image>\n")
-        assert gpt["value"] == expected_answer(human["value"].split("\n")[1], read_scene(tmp_path / "images" / record["image"]))
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 1 <= len(turns) // 2 <= 4
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
+        blobs = read_scene(tmp_path / "images" / record["image"])
+        asked = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in turns[::2]]
+        assert len(set(asked)) == len(asked)
+        for question, answer in zip(asked, turns[1::2]):
+            assert answer["value"] == expected_answer(question, blobs)
+    single = json.loads((tmp_path / GATE_TRAIN_DATA).read_text())
+    assert single == [{**record, "conversations": record["conversations"][:2]} for record in train]
     # GQA's scorer reads the world as it is: the truth itself scores 100.
     predictions = [{"questionId": q, "prediction": t["answer"]} for q, t in truth.items()]
     assert score_gqa(truth, predictions)["accuracy"] == 100.0
@@ -81,5 +89,5 @@ def test_world_answers_match_the_pictures(tmp_path):
 def test_same_seed_same_world(tmp_path):
     generate(str(tmp_path / "a"), train=10, test=5, seed=1)
     generate(str(tmp_path / "b"), train=10, test=5, seed=1)
-    for name in ("train.json", "test_questions.jsonl", "test_questions.json", "images/00007.png"):
+    for name in (TRAIN_DATA, GATE_TRAIN_DATA, TEST_QUESTIONS, TEST_TRUTH, "images/00007.png", f"{TEST_IMAGES}/00012.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -2,13 +2,17 @@
 
     python -m llava.world.generate --out playground/data/tiny_world [--train 4000] [--test 500] [--seed 0]
 
-Writes, under OUT:
-- `images/NNNNN.png`: 1 to 3 shapes (circle, square, triangle) of 5 colours and 2 sizes on a grey background;
-- `train.json`: LLaVA training conversations (one question per sample, `<image>` first, short answers);
-- `test_questions.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's short-answer suffix,
-  `category` = question kind);
-- `test_questions.json`: GQA's ground-truth layout ({question_id: {"answer", "types": {"structural", ...}}}),
-  so `llava.eval.eval_gqa` scores the world unchanged.
+Writes, under OUT, in the layout LLaVA's scripts expect (so `scripts/v1_5/eval/gqa.sh` runs on it with
+EVAL_ROOT=OUT/eval, its default):
+- `images/NNNNN.png` (training) and `eval/gqa/data/images/NNNNN.png` (held out): 1 to 3 shapes (circle, square,
+  triangle) of 5 colours and 2 sizes on a grey background;
+- `train.json`: LLaVA training conversations (up to 4 questions of different kinds per image, `<image>` first,
+  short answers), and `train_single_turn.json`: the first question of each (gate training uses single turns, as
+  the paper does);
+- `eval/gqa/llava_gqa_testdev_balanced.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's
+  short-answer suffix, `category` = question kind);
+- `eval/gqa/data/testdev_balanced_questions.json`: GQA's ground-truth layout ({question_id: {"answer", "types":
+  {"structural", ...}}}), so `llava.eval.eval_gqa` scores the world unchanged.
 
 Question kinds: colour, shape, position (left/right), counting, existence (yes/no), comparison (size). Every
 question names an object by an attribute only it has in its scene, so each has exactly one right answer. The
@@ -34,6 +38,12 @@ SIZES = {"small": 14, "large": 26}  # half-widths in pixels
 KINDS = ("colour", "shape", "position", "counting", "existence", "comparison")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 NUMBER_WORDS = {1: "1", 2: "2", 3: "3"}
+TRAIN_IMAGES = "images"
+TRAIN_DATA = "train.json"  # multi-turn: several questions per image, for training the world's LLaVA
+GATE_TRAIN_DATA = "train_single_turn.json"  # the first question of each, as the paper trains gates on single turns
+TEST_QUESTIONS = "eval/gqa/llava_gqa_testdev_balanced.jsonl"
+TEST_TRUTH = "eval/gqa/data/testdev_balanced_questions.json"
+TEST_IMAGES = "eval/gqa/data/images"
 
 
 @dataclass(frozen=True)
@@ -122,37 +132,48 @@ def ask(kind: str, shapes: list[Shape], rng: random.Random) -> tuple[str, str] |
     return None
 
 
-def generate(out: str, train: int, test: int, seed: int) -> dict:
-    """Write the world; returns counts per split and kind."""
+def questions_about(shapes: list[Shape], rng: random.Random, limit: int) -> list[tuple[str, str, str]]:
+    """Up to `limit` (kind, question, answer) of distinct kinds, in random order; at least one (counting always fits)."""
+    kinds = rng.sample(KINDS, len(KINDS))
+    asked = [(kind, *qa) for kind in kinds if (qa := ask(kind, shapes, rng)) is not None]
+    return asked[:limit]
+
+
+def generate(out: str, train: int, test: int, seed: int, questions_per_image: int = 4) -> dict:
+    """Write the world; returns counts of questions per split and kind."""
     rng = random.Random(seed)
-    os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    train_records, questions, truth = [], [], {}
+    for folder in (TRAIN_IMAGES, TEST_IMAGES):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+    multi_turn, single_turn, questions, truth = [], [], [], {}
     counts = {"train": dict.fromkeys(KINDS, 0), "test": dict.fromkeys(KINDS, 0)}
     for index in tqdm(range(train + test), desc="generating the tiny world", unit="image"):
         shapes = random_scene(rng)
-        qa = None
-        while qa is None:
-            kind = rng.choice(KINDS)
-            qa = ask(kind, shapes, rng)
-        question, answer = qa
+        asked = questions_about(shapes, rng, questions_per_image if index < train else 1)
         image = f"{index:05d}.png"
-        render(shapes).save(os.path.join(out, "images", image))
+        render(shapes).save(os.path.join(out, TRAIN_IMAGES if index < train else TEST_IMAGES, image))
         if index < train:
-            counts["train"][kind] += 1
-            train_records.append({"id": f"world-{index:05d}", "image": image, "conversations": [
-                {"from": "human", "value": f"<image>\n{question}{SHORT_ANSWER}"},
-                {"from": "gpt", "value": answer},
-            ]})
+            turns = []
+            for turn, (kind, question, answer) in enumerate(asked):
+                counts["train"][kind] += 1
+                turns += [
+                    {"from": "human", "value": ("<image>\n" if turn == 0 else "") + question + SHORT_ANSWER},
+                    {"from": "gpt", "value": answer},
+                ]
+            multi_turn.append({"id": f"world-{index:05d}", "image": image, "conversations": turns})
+            single_turn.append({**multi_turn[-1], "conversations": turns[:2]})
         else:
+            kind, question, answer = asked[0]
             counts["test"][kind] += 1
             question_id = f"world-{index:05d}"
             questions.append({"question_id": question_id, "image": image, "text": question + SHORT_ANSWER, "category": kind})
             truth[question_id] = {"answer": answer, "question": question, "types": {"structural": kind, "semantic": kind}}
-    with open(os.path.join(out, "train.json"), "w") as handle:
-        json.dump(train_records, handle)
-    with open(os.path.join(out, "test_questions.jsonl"), "w") as handle:
+    with open(os.path.join(out, TRAIN_DATA), "w") as handle:
+        json.dump(multi_turn, handle)
+    with open(os.path.join(out, GATE_TRAIN_DATA), "w") as handle:
+        json.dump(single_turn, handle)
+    with open(os.path.join(out, TEST_QUESTIONS), "w") as handle:
         handle.writelines(json.dumps(q) + "\n" for q in questions)
-    with open(os.path.join(out, "test_questions.json"), "w") as handle:
+    with open(os.path.join(out, TEST_TRUTH), "w") as handle:
         json.dump(truth, handle)
     return counts
 
@@ -163,8 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--questions-per-image", type=int, default=4, help="training conversations' turns")
     args = parser.parse_args(argv)
-    counts = generate(args.out, args.train, args.test, args.seed)
+    counts = generate(args.out, args.train, args.test, args.seed, args.questions_per_image)
     for split, per_kind in counts.items():
         print(f"{split}: " + ", ".join(f"{kind} {n}" for kind, n in per_kind.items()))
 

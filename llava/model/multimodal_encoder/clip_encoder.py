@@ -56,9 +56,9 @@ class CLIPVisionTower(nn.Module):
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) pixels → (N, patches[+1], hidden) features."""
+        """(N, 3, H, W) pixels → (N, patches[+1], hidden) features. Frozen (as in LLaVA) unless a caller sets
+        requires_grad on the tower, as the tiny world's trainer does; frozen weights build no autograd graph."""
         images = images.to(device=self.device, dtype=self.dtype)
         hidden_states = self.vision_tower(images, output_hidden_states=True).hidden_states[self.select_layer]
         return hidden_states[:, 1:] if self.select_feature == "patch" else hidden_states
