@@ -88,7 +88,8 @@ def save_llava_layout(out: str, model, tokenizer, image_processor) -> None:
     tower_dir = os.path.join(out, VISION_TOWER_DIR)
     model.get_vision_tower().vision_tower.save_pretrained(tower_dir)
     image_processor.save_pretrained(tower_dir)
-    del model.config.mm_vision_config
+    if hasattr(model.config, "mm_vision_config"):  # a loaded model names its tower by path instead
+        del model.config.mm_vision_config
     model.config.mm_vision_tower = VISION_TOWER_DIR
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

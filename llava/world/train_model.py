@@ -1,0 +1,133 @@
+"""Train the tiny world's LLaVA from scratch on CPU: the model that quickstart adds gates to.
+
+    python -m llava.world.train_model [--data-path playground/data/tiny_world/train.json]
+                                      [--out checkpoints/tiny-world-llava] [--steps 1800] [--init-from CKPT]
+
+The model is built by `llava.model.tiny` (transformers' Llama decoder, CLIPVisionModel, LLaVA's mlp2x_gelu
+projector) with a tokenizer learned on the world's own texts, then every weight — vision tower included, since
+no pretrained CLIP exists offline — is trained on LLaVA's answer-only loss, from the same data pipeline that gate
+training uses (`llava.train.data`). The result is written in the original LLaVA layout. `--init-from` continues
+from an earlier result (a fresh warm-up and cosine schedule) instead of random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from llava.model.builder import load_pretrained_model
+from llava.model.tiny import TinyGeometry, build_tiny_llava, save_llava_layout
+from llava.train.data import DataCollator, SupervisedDataset, conversation_turns, load_records
+
+WORLD_GEOMETRY = TinyGeometry(
+    layers=8,
+    hidden=128,
+    heads=4,
+    kv_heads=4,
+    intermediate=352,
+    vision_layers=3,
+    vision_hidden=64,
+    vision_heads=4,
+    image_size=112,
+    patch_size=8,
+    vocab_size=1024,
+    max_positions=512,
+)
+
+
+def world_texts(records: list[dict]) -> list[str]:
+    """Every question and answer of the training data, for the tokenizer's vocabulary."""
+    return [text for record in records for pair in conversation_turns(record, has_image=True) for text in pair]
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    if args.init_from:
+        tokenizer, model, image_processor, _ = load_pretrained_model(args.init_from, device="cpu")
+    else:
+        geometry = TinyGeometry(**{**asdict(WORLD_GEOMETRY), "seed": args.seed})
+        model, tokenizer, image_processor, _ = build_tiny_llava(geometry, tuple(world_texts(load_records(args.data_path))))
+    model.train().requires_grad_(True)  # the vision tower too: there is no pretrained CLIP to keep frozen
+    dataset = SupervisedDataset(
+        args.data_path, tokenizer, image_processor, model.config, image_folder=args.image_folder,
+        conv_version="v1", model_max_length=model.config.max_position_embeddings,
+    )
+    crop = image_processor.crop_size
+    collator = DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"]))
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collator, num_workers=args.workers,
+        drop_last=True, persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, args.steps, max(1, args.steps // 20))
+    )
+    progress = tqdm(total=args.steps, desc="training the tiny world's LLaVA", unit="step")
+    step, smoothed, started = 0, None, time.perf_counter()
+    while step < args.steps:
+        for batch in loader:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+            step += 1
+            progress.update()
+            progress.set_postfix(loss=f"{smoothed:.3f}")
+            if step == args.steps:
+                break
+    progress.close()
+    model.eval().requires_grad_(False)
+    os.makedirs(args.out, exist_ok=True)
+    save_llava_layout(args.out, model, tokenizer, image_processor)
+    report = {
+        "data_path": args.data_path,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "init_from": args.init_from,
+        "final_loss": round(smoothed, 4),
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+    }
+    with open(os.path.join(args.out, "world_training.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-path", default="playground/data/tiny_world/train.json")
+    parser.add_argument("--image-folder", default=None, help="default: images/ next to the data file")
+    parser.add_argument("--out", default="checkpoints/tiny-world-llava")
+    parser.add_argument("--steps", type=int, default=1800)
+    parser.add_argument("--init-from", default=None, help="a checkpoint of this script to continue from")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.image_folder = args.image_folder or os.path.join(os.path.dirname(args.data_path), "images")
+    report = train(args)
+    print(f"trained in {report['minutes']} min, final loss {report['final_loss']}: {os.path.abspath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
