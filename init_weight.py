@@ -2,6 +2,8 @@
 
     python init_weight.py --model-path /models/llava-v1.5-7b --output-dir checkpoints/llava-v1.5-7b-exit-init
 
+Without arguments it works on the tiny world's model (checkpoints/tiny-world-llava → checkpoints/tiny-world-llava-exit-init).
+
 The output is a full checkpoint that `load_pretrained_model` loads with gates (Xavier-uniform, as the reference
 initialises them), ready for `scripts/v1_5/finetune_visual_gate.sh`.
 """
@@ -19,7 +21,9 @@ from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", required=True, help="LLaVA checkpoint (original or llava-hf layout)")
+    parser.add_argument(
+        "--model-path", default="checkpoints/tiny-world-llava", help="LLaVA checkpoint (original or llava-hf layout)"
+    )
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--output-dir", default=None, help="default: <model-path>-exit-init")
     parser.add_argument("--gate-hidden-size", type=int, default=2048)

@@ -2,13 +2,16 @@
 # Train the exit gates of a LLaVA-1.5 checkpoint (LLM, vision tower and projector frozen) with DeepSpeed ZeRO-2,
 # over all visible GPUs; without a GPU the same run goes to the CPU. Every path and size is an environment
 # variable; extra Trainer flags go after the script's name, e.g. `... finetune_visual_gate.sh --max_steps 10`.
+# The defaults train on the tiny world (scripts/quickstart.sh); for LLaVA-1.5-7B set, as the paper does:
+#   MODEL_PATH=./checkpoints/llava-v1.5-7b-exit-init OUTPUT_DIR=./checkpoints/llava-v1.5-7b-visual-gate \
+#   DATA_PATH=./playground/data/mix665k_single_turn_only_image_1%.json IMAGE_FOLDER=./playground/data
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-MODEL_PATH=${MODEL_PATH:-./checkpoints/llava-v1.5-7b-exit-init}   # from init_weight.py
-DATA_PATH=${DATA_PATH:-./playground/data/mix665k_single_turn_only_image_1%.json}
-IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data}
-OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/llava-v1.5-7b-visual-gate}
+MODEL_PATH=${MODEL_PATH:-./checkpoints/tiny-world-llava-exit-init}   # from init_weight.py
+DATA_PATH=${DATA_PATH:-./playground/data/tiny_world/train_single_turn.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data/tiny_world/images}
+OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/tiny-world-llava-visual-gate}
 VERSION=${VERSION:-v1}
 DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-./scripts/zero2.json}
 BATCH_SIZE=${BATCH_SIZE:-16}          # per device; the paper: 16 x 8 GPUs = 128
@@ -21,14 +24,15 @@ WORKERS=${WORKERS:-4}
 REPORT_TO=${REPORT_TO:-none}          # wandb to log there as well
 PYTHON=${PYTHON:-python}
 
+DEEPSPEED=("$PYTHON" -m deepspeed.launcher.runner)  # the `deepspeed` launcher of $PYTHON's environment
 NUM_GPUS=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
 if [ "$NUM_GPUS" -gt 0 ]; then
     PRECISION=(--bf16 True --tf32 True)
-    LAUNCH=(deepspeed --num_gpus "$NUM_GPUS")
+    LAUNCH=("${DEEPSPEED[@]}" --num_gpus "$NUM_GPUS")
 else
     # DeepSpeed runs its CPU (gloo) backend in one process; fp32, since CPUs gain nothing from bf16 here.
     PRECISION=(--use_cpu True)
-    LAUNCH=(deepspeed --num_gpus 1)
+    LAUNCH=("${DEEPSPEED[@]}" --num_gpus 1)
 fi
 
 "${LAUNCH[@]}" llava/train/train.py \

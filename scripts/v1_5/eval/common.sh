@@ -3,12 +3,14 @@
 #   MODEL_PATH, MODEL_BASE, CKPT (answers subfolder, default: the model folder's name), EVAL_ROOT,
 #   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD (default: the checkpoint's config), BATCH_SIZE, CONV_MODE,
 #   CUDA_VISIBLE_DEVICES (one chunk per listed GPU; without a GPU one chunk on the CPU), PYTHON.
+# The defaults evaluate the tiny world's gated model on its GQA-format questions (scripts/quickstart.sh); for real
+# benchmarks set MODEL_PATH and EVAL_ROOT=./playground/data/eval (LLaVA's layout).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 
-MODEL_PATH=${MODEL_PATH:-./checkpoints/llava-v1.5-7b-visual-gate}
+MODEL_PATH=${MODEL_PATH:-./checkpoints/tiny-world-llava-visual-gate}
 CKPT=${CKPT:-$(basename "$MODEL_PATH")}
-EVAL_ROOT=${EVAL_ROOT:-./playground/data/eval}
+EVAL_ROOT=${EVAL_ROOT:-./playground/data/tiny_world/eval}
 BATCH_SIZE=${BATCH_SIZE:-1}
 CONV_MODE=${CONV_MODE:-vicuna_v1}
 PYTHON=${PYTHON:-python}

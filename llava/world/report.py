@@ -1,0 +1,149 @@
+"""Accuracy against cost for a set of evaluation runs: one table, and PNGs of accuracy vs TFLOPs and exit layers.
+
+    python -m llava.world.report --answers-root ANSWERS --out RESULTS
+
+ANSWERS holds one folder per run, named by its exit setting: `none`, `dynamic-<τ>`, `fixed-<K>`; each holds the
+`merge.jsonl` and `merge.summary.json` that `scripts/v1_5/eval/gqa.sh` writes (CKPT is the folder's name).
+Writes RESULTS/table.md, RESULTS/accuracy_vs_tflops.png and RESULTS/exit_layer_histogram.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from llava.eval.io import read_jsonl  # noqa: E402
+
+MODES = ("none", "dynamic", "fixed")
+
+
+@dataclass
+class Run:
+    name: str
+    mode: str
+    setting: float | None  # τ for dynamic, K for fixed
+    accuracy: float
+    exit_layer: float
+    tflops: float
+    flops_reduction: float
+    exit_layers: list[int]
+
+
+def parse_run_name(name: str) -> tuple[str, float | None]:
+    mode, _, value = name.partition("-")
+    if mode not in MODES or (mode == "none") != (value == ""):
+        raise ValueError(f"run folder {name!r}: expected none, dynamic-<threshold> or fixed-<layer>")
+    return mode, float(value) if value else None
+
+
+def load_runs(answers_root: str) -> list[Run]:
+    runs = []
+    for name in sorted(os.listdir(answers_root)):
+        folder = os.path.join(answers_root, name)
+        summary_path = os.path.join(folder, "merge.summary.json")
+        if not os.path.isfile(summary_path):
+            continue
+        mode, setting = parse_run_name(name)
+        with open(summary_path) as handle:
+            summary = json.load(handle)
+        answers = read_jsonl(os.path.join(folder, "merge.jsonl"), ("question_id",))
+        runs.append(Run(
+            name, mode, setting, summary["accuracy"], summary["exit_layer"], summary["tflops"],
+            summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a],
+        ))
+    if not any(run.mode == "none" for run in runs):
+        raise ValueError(f"{answers_root}: no 'none' run to compare against")
+    order = {mode: index for index, mode in enumerate(MODES)}
+    return sorted(runs, key=lambda run: (order[run.mode], run.setting or 0.0))
+
+
+def flops_unit(runs: list[Run]) -> tuple[str, float]:
+    """GFLOPs for models too small to read in TFLOPs (the tiny world), else TFLOPs."""
+    return ("GFLOPs", 1e3) if max(run.tflops for run in runs) < 0.1 else ("TFLOPs", 1.0)
+
+
+def table(runs: list[Run]) -> str:
+    reference = next(run for run in runs if run.mode == "none")
+    unit, scale = flops_unit(runs)
+    lines = [
+        f"| run | accuracy (%) | Δ vs none (pt) | mean exit layer | prefill {unit} / sample | FLOPs reduction |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run.name} | {run.accuracy:.1f} | {run.accuracy - reference.accuracy:+.1f} | {run.exit_layer:.2f} "
+            f"| {run.tflops * scale:.4g} | {100 * run.flops_reduction:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_tflops(runs: list[Run], path: str) -> None:
+    unit, scale = flops_unit(runs)
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    for mode, style, label in (("fixed", "s--", "fixed exit after K"), ("dynamic", "o-", "dynamic exit (τ)")):
+        points = sorted((run.tflops * scale, run.accuracy, run.setting) for run in runs if run.mode == mode)
+        if not points:
+            continue
+        xs, ys, settings = zip(*points)
+        axes.plot(xs, ys, style, label=label)
+        for x, y, setting in points:
+            text = f"K={setting:g}" if mode == "fixed" else f"τ={setting:g}"
+            axes.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10 if mode == "fixed" else 5), fontsize=7)
+    reference = next(run for run in runs if run.mode == "none")
+    axes.plot([reference.tflops * scale], [reference.accuracy], "k*", markersize=12, label="no exit")
+    axes.set_xlabel(f"LM prefill {unit} per sample")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title("Accuracy vs prefill cost: dynamic exit against fixed K")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_exit_histogram(runs: list[Run], layers: int, path: str) -> None:
+    dynamic = [run for run in runs if run.mode == "dynamic"]
+    figure, axes = plt.subplots(figsize=(6.4, 4.0))
+    width = 0.8 / max(1, len(dynamic))
+    for index, run in enumerate(dynamic):
+        counts = Counter(run.exit_layers)
+        total = max(1, len(run.exit_layers))
+        xs = [layer + (index - (len(dynamic) - 1) / 2) * width for layer in range(layers + 1)]
+        axes.bar(xs, [100 * counts[layer] / total for layer in range(layers + 1)], width, label=f"τ={run.setting:g}")
+    axes.set_xticks(range(layers + 1), [str(k) for k in range(layers)] + [f"{layers}\n(no exit)"])
+    axes.set_xlabel("exit layer K (visual tokens leave after layer K)")
+    axes.set_ylabel("samples (%)")
+    axes.set_title("Where the gates send visual tokens out, per threshold")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--answers-root", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    runs = load_runs(args.answers_root)
+    layers = next(run for run in runs if run.mode == "none").exit_layers[0]
+    os.makedirs(args.out, exist_ok=True)
+    text = table(runs)
+    with open(os.path.join(args.out, "table.md"), "w") as handle:
+        handle.write(text + "\n")
+    plot_accuracy_vs_tflops(runs, os.path.join(args.out, "accuracy_vs_tflops.png"))
+    plot_exit_histogram(runs, layers, os.path.join(args.out, "exit_layer_histogram.png"))
+    print(text)
+    print(f"plots: {os.path.abspath(args.out)}/accuracy_vs_tflops.png, exit_layer_histogram.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# DyVTE end to end on the tiny world, on a laptop CPU: set up .venv, generate the world, add gates to the world's
+# trained LLaVA (init_weight.py), train them (finetune_visual_gate.sh), evaluate GQA-style with no exit, dynamic
+# exit at several thresholds and fixed exit after every K, then print one table and plot accuracy against cost.
+#
+# Every knob is an environment variable (defaults in brackets):
+#   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [500]
+#   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~30 min]
+#   GATE_STEPS [1500]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
+#   FIXED_LAYERS [every K from 0 to L-1]   EVAL_BATCH_SIZE [32]   RESULTS [./playground/quickstart]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${PYTHON:-}" ]; then
+    echo "== setting up .venv (first run only: a few minutes) =="
+    source scripts/setup.sh
+    PYTHON=$PY
+fi
+WORLD=${WORLD:-./playground/data/tiny_world}
+TRAIN_IMAGES=${TRAIN_IMAGES:-20000}
+TEST_IMAGES=${TEST_IMAGES:-500}
+BASE_MODEL=${BASE_MODEL:-./checkpoints/tiny-world-llava}
+INIT_MODEL=${INIT_MODEL:-$BASE_MODEL-exit-init}
+GATED_MODEL=${GATED_MODEL:-$BASE_MODEL-visual-gate}
+GATE_STEPS=${GATE_STEPS:-1500}
+GATE_BATCH_SIZE=${GATE_BATCH_SIZE:-8}
+GATE_LEARNING_RATE=${GATE_LEARNING_RATE:-5e-5}
+THRESHOLDS=${THRESHOLDS:-0.5 0.9 0.99 0.999}
+EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-32}
+RESULTS=${RESULTS:-./playground/quickstart}
+LAYERS=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$BASE_MODEL/config.json" 2>/dev/null || echo 0)
+FIXED_LAYERS=${FIXED_LAYERS:-$(seq -s ' ' 0 $((LAYERS - 1)))}
+export PYTHON
+started=$SECONDS
+
+echo "== [1/5] the tiny world: $WORLD =="
+if [ ! -f "$WORLD/train.json" ]; then
+    "$PYTHON" -m llava.world.generate --out "$WORLD" --train "$TRAIN_IMAGES" --test "$TEST_IMAGES"
+fi
+
+echo "== [2/5] the world's LLaVA: $BASE_MODEL =="
+if [ ! -f "$BASE_MODEL/config.json" ]; then
+    echo "not found: training it from scratch (about 30 minutes on 2 cores)"
+    "$PYTHON" -m llava.world.train_model --data-path "$WORLD/train.json" --out "$BASE_MODEL"
+fi
+
+echo "== [3/5] init_weight.py: fresh gates → $INIT_MODEL =="
+"$PYTHON" init_weight.py --model-path "$BASE_MODEL" --output-dir "$INIT_MODEL"
+
+echo "== [4/5] finetune_visual_gate.sh: $GATE_STEPS steps → $GATED_MODEL =="
+MODEL_PATH=$INIT_MODEL DATA_PATH=$WORLD/train_single_turn.json IMAGE_FOLDER=$WORLD/images OUTPUT_DIR=$GATED_MODEL \
+    BATCH_SIZE=$GATE_BATCH_SIZE LEARNING_RATE=$GATE_LEARNING_RATE WORKERS=2 \
+    bash scripts/v1_5/finetune_visual_gate.sh --max_steps "$GATE_STEPS" --disable_tqdm False --logging_steps 250
+
+echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS} =="
+ANSWERS_ROOT=$WORLD/eval/gqa/answers/llava_gqa_testdev_balanced/quickstart
+rm -rf "$ANSWERS_ROOT"  # answers of an earlier gate model must not be resumed
+evaluate() {  # evaluate RUN_NAME EXIT_MODE [EXIT_LAYER] [EXIT_THRESHOLD]
+    echo "-- $1"
+    MODEL_PATH=$GATED_MODEL EVAL_ROOT=$WORLD/eval CKPT=quickstart/$1 BATCH_SIZE=$EVAL_BATCH_SIZE \
+        EXIT_MODE=$2 EXIT_LAYER=${3:-} EXIT_THRESHOLD=${4:-} bash scripts/v1_5/eval/gqa.sh
+}
+evaluate none none
+for tau in $THRESHOLDS; do evaluate "dynamic-$tau" dynamic "" "$tau"; done
+for k in $FIXED_LAYERS; do evaluate "fixed-$k" fixed "$k"; done
+
+echo "== results ($(( (SECONDS - started) / 60 )) min) =="
+"$PYTHON" -m llava.world.report --answers-root "$ANSWERS_ROOT" --out "$RESULTS"

@@ -1,0 +1,54 @@
+"""scripts/quickstart.sh, reduced to minutes: the committed tiny-world model, a small world, a few gate steps, one
+threshold and two fixed layers. Checked against the run's own answers scored independently, and the FLOPs
+ordering that the cost formula implies."""
+
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from llava.eval.io import read_jsonl
+from llava.world.generate import TEST_TRUTH
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_MODEL = os.path.join(ROOT, "checkpoints", "tiny-world-llava")
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in text.splitlines()[2:]]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}
+
+
+def test_quickstart_reduced(tmp_path):
+    world, results = tmp_path / "world", tmp_path / "results"
+    env = dict(
+        os.environ, PYTHON=sys.executable, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+        WORLD=str(world), TRAIN_IMAGES="64", TEST_IMAGES="48", BASE_MODEL=BASE_MODEL,
+        INIT_MODEL=str(tmp_path / "init"), GATED_MODEL=str(tmp_path / "gated"), GATE_STEPS="3", GATE_BATCH_SIZE="4",
+        THRESHOLDS="0.5", FIXED_LAYERS="0 4", EVAL_BATCH_SIZE="16", RESULTS=str(results),
+    )
+    run = subprocess.run(["bash", os.path.join(ROOT, "scripts/quickstart.sh")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "gated" / "visual_gates.safetensors").is_file()
+
+    rows = table_rows((results / "table.md").read_text())
+    assert list(rows) == ["none", "dynamic-0.5", "fixed-0", "fixed-4"]
+    truth = json.loads((world / TEST_TRUTH).read_text())
+    answers_root = world / "eval/gqa/answers/llava_gqa_testdev_balanced/quickstart"
+    for name, (accuracy, _, exit_layer, _, reduction) in rows.items():
+        answers = read_jsonl(str(answers_root / name / "merge.jsonl"), ("question_id",))
+        assert len(answers) == 48
+        correct = sum(a["text"].rstrip(".").lower() == truth[a["question_id"]]["answer"] for a in answers)
+        assert float(accuracy) == round(100 * correct / len(answers), 1)
+        if name.startswith("fixed-"):
+            assert float(exit_layer) == int(name.split("-")[1])
+    reductions = {name: float(row[4].rstrip(" %")) for name, row in rows.items()}
+    assert reductions["none"] == 0.0 < reductions["fixed-4"] < reductions["fixed-0"]
+    # The committed model reads the image: without its visual tokens (fixed-0) it falls back to text priors.
+    assert float(rows["none"][0]) >= float(rows["fixed-0"][0]) + 10
+
+    for plot in ("accuracy_vs_tflops.png", "exit_layer_histogram.png"):
+        with Image.open(results / plot) as image:
+            assert image.size[0] > 500 and image.size[1] > 400
