@@ -28,8 +28,6 @@ GATE_LEARNING_RATE=${GATE_LEARNING_RATE:-5e-5}
 THRESHOLDS=${THRESHOLDS:-0.5 0.9 0.99 0.999}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-32}
 RESULTS=${RESULTS:-./playground/quickstart}
-LAYERS=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$BASE_MODEL/config.json" 2>/dev/null || echo 0)
-FIXED_LAYERS=${FIXED_LAYERS:-$(seq -s ' ' 0 $((LAYERS - 1)))}
 export PYTHON
 started=$SECONDS
 
@@ -43,6 +41,9 @@ if [ ! -f "$BASE_MODEL/config.json" ]; then
     echo "not found: training it from scratch (about 30 minutes on 2 cores)"
     "$PYTHON" -m llava.world.train_model --data-path "$WORLD/train.json" --out "$BASE_MODEL"
 fi
+
+LAYERS=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$BASE_MODEL/config.json")
+FIXED_LAYERS=${FIXED_LAYERS:-$(seq -s ' ' 0 $((LAYERS - 1)))}
 
 echo "== [3/5] init_weight.py: fresh gates → $INIT_MODEL =="
 "$PYTHON" init_weight.py --model-path "$BASE_MODEL" --output-dir "$INIT_MODEL"
