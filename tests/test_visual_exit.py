@@ -34,18 +34,32 @@ def images_for(images, prompts):
 
 def masked_reference_logits(model, mm, exit_layers):
     """Stock layers on the full sequence; sample b's visual keys are masked for all queries in layers >= K_b."""
+    gone_from = torch.where(mm.visual_mask, exit_layers.to(mm.visual_mask.device)[:, None], model.config.num_hidden_layers)
+    return masked_reference_logits_by_token(model, mm, gone_from)[0]
+
+
+def masked_reference_logits_by_token(model, mm, gone_from, attention_layer=None):
+    """Stock layers on the full sequence; key t of sample b is masked for all queries in layers >= gone_from[b, t].
+    With `attention_layer`, also that layer's (B, heads, T, T) attention probabilities from transformers' own
+    eager attention (the full map)."""
     base = model.get_model()
     hidden = mm.inputs_embeds
     batch, length = hidden.shape[:2]
     cos_sin = base.rotary_emb(hidden, mm.position_ids)
     causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
     itself = torch.eye(length, dtype=torch.bool, device=hidden.device)
+    probabilities = None
     for index, layer in enumerate(base.layers):
-        gone = mm.visual_mask & (index >= exit_layers.to(hidden.device))[:, None]
+        gone = index >= gone_from.to(hidden.device)
         allowed = causal & mm.attention_mask[:, None, :].bool() & ~gone[:, None, :] | itself
         additive = hidden.new_zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
+        if index == attention_layer:
+            implementation = model.config._attn_implementation
+            model.set_attn_implementation("eager")
+            _, probabilities = layer.self_attn(layer.input_layernorm(hidden), cos_sin, additive)
+            model.set_attn_implementation(implementation)
         hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=mm.position_ids)
-    return model.lm_head(base.norm(hidden))
+    return model.lm_head(base.norm(hidden)), probabilities
 
 
 def text_positions(mm):

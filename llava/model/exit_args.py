@@ -1,4 +1,4 @@
-"""The exit flags every CLI shares: --exit-mode, --exit-layer, --exit-threshold."""
+"""The exit flags every CLI shares: --exit-mode, --exit-layer, --exit-threshold, --fastv-k, --fastv-r."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--exit-mode", choices=EXIT_MODES, default=None)
     group.add_argument("--exit-layer", type=int, default=None, help="fixed mode: layers that see the visual tokens")
     group.add_argument("--exit-threshold", type=float, default=None, help="dynamic mode: exit when P(exit) > T")
+    group.add_argument("--fastv-k", type=int, default=None, help="fastv modes: layers that see every visual token")
+    group.add_argument("--fastv-r", type=float, default=None, help="fastv modes: share of visual tokens pruned after K")
 
 
 def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
-    return ExitConfig.from_model_config(model_config).with_overrides(args.exit_mode, args.exit_layer, args.exit_threshold)
+    return ExitConfig.from_model_config(model_config).with_overrides(
+        args.exit_mode, args.exit_layer, args.exit_threshold, args.fastv_k, args.fastv_r
+    )

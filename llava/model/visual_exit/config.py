@@ -5,17 +5,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-EXIT_MODES = ("none", "fixed", "dynamic")
+EXIT_MODES = ("none", "fixed", "dynamic", "fastv", "dynamic+fastv")
 
 
 @dataclass(frozen=True)
 class ExitConfig:
     """`none`: the stock model. `fixed`: the first `layer` decoder layers process the visual tokens (0 drops them
-    before layer 0). `dynamic`: the gates decide; exit after layer i when P(exit) > `threshold`."""
+    before layer 0). `dynamic`: the gates decide; exit after layer i when P(exit) > `threshold`. `fastv` (the
+    FastV baseline): after the first `fastv_k` layers keep the top (1 - `fastv_r`) share of each sample's visual
+    tokens, ranked by the last prompt token's head-averaged attention in layer `fastv_k` (1-based); `fastv_r` = 1
+    drops them all, an exit after `fastv_k`. `dynamic+fastv`: FastV's pruning, and the gates may still take out
+    what is left."""
 
     mode: str = "none"
     layer: int | None = None
     threshold: float = 0.5
+    fastv_k: int | None = None
+    fastv_r: float | None = None
 
     def __post_init__(self):
         if self.mode not in EXIT_MODES:
@@ -24,6 +30,19 @@ class ExitConfig:
             raise ValueError(f"exit mode 'fixed' needs an exit layer >= 0, got {self.layer}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"exit threshold must lie in [0, 1], got {self.threshold}")
+        if self.uses_fastv:
+            if self.fastv_k is None or self.fastv_k < 1:
+                raise ValueError(f"exit mode {self.mode!r} needs --fastv-k >= 1 (it ranks by that layer's attention), got {self.fastv_k}")
+            if self.fastv_r is None or not 0.0 <= self.fastv_r <= 1.0:
+                raise ValueError(f"exit mode {self.mode!r} needs a pruning ratio --fastv-r in [0, 1], got {self.fastv_r}")
+
+    @property
+    def uses_gates(self) -> bool:
+        return self.mode in ("dynamic", "dynamic+fastv")
+
+    @property
+    def uses_fastv(self) -> bool:
+        return self.mode in ("fastv", "dynamic+fastv")
 
     @classmethod
     def from_model_config(cls, config) -> ExitConfig:
@@ -31,12 +50,22 @@ class ExitConfig:
             mode=getattr(config, "exit_mode", None) or "none",
             layer=getattr(config, "exit_layer", None),
             threshold=getattr(config, "exit_threshold", None) or 0.5,
+            fastv_k=getattr(config, "exit_fastv_k", None),
+            fastv_r=getattr(config, "exit_fastv_r", None),
         )
 
-    def with_overrides(self, mode: str | None = None, layer: int | None = None, threshold: float | None = None):
+    def with_overrides(
+        self,
+        mode: str | None = None,
+        layer: int | None = None,
+        threshold: float | None = None,
+        fastv_k: int | None = None,
+        fastv_r: float | None = None,
+    ) -> ExitConfig:
         """This config with the given (non-None) fields replaced, e.g. from CLI flags."""
-        changes = {"mode": mode, "layer": layer, "threshold": threshold}
+        changes = {"mode": mode, "layer": layer, "threshold": threshold, "fastv_k": fastv_k, "fastv_r": fastv_r}
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def save_to(self, config) -> None:
         config.exit_mode, config.exit_layer, config.exit_threshold = self.mode, self.layer, self.threshold
+        config.exit_fastv_k, config.exit_fastv_r = self.fastv_k, self.fastv_r

@@ -21,19 +21,23 @@ from llava.model.visual_exit.tokens import TokenLayout
 @dataclass
 class ExitStats:
     """Per sample: decoder layers that processed its visual tokens (L if they never left, 0 without any), its
-    token and visual-token counts, the gates it evaluated; `prefill_flops` derives its theoretical LM FLOPs."""
+    token and visual-token counts, the gates it evaluated, the visual tokens FastV pruned after the first
+    `prune_layer` layers (L: no pruning); `prefill_flops` derives its theoretical LM FLOPs."""
 
     exit_layer: torch.Tensor
     num_tokens: torch.Tensor
     num_visual_tokens: torch.Tensor
     gate_evaluations: torch.Tensor
     geometry: DecoderGeometry
+    pruned_visual_tokens: torch.Tensor | None = None
+    prune_layer: int | None = None
 
     @property
     def prefill_flops(self) -> torch.Tensor:
         """Computed on access: nothing of it runs on the prefill's hot path."""
         return prefill_flops(
-            self.geometry, self.num_tokens, self.num_visual_tokens, self.exit_layer, self.gate_evaluations
+            self.geometry, self.num_tokens, self.num_visual_tokens, self.exit_layer, self.gate_evaluations,
+            self.pruned_visual_tokens, self.prune_layer,
         )
 
 
@@ -93,10 +97,11 @@ class VisualExitDecoderMixin:
     def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs):
         exit_config = exit_config or ExitConfig.from_model_config(self.config)
         hidden, layout = self.start_prefill(
-            hidden, attention_mask, position_ids, visual_mask, gate_weights=exit_config.mode == "dynamic"
+            hidden, attention_mask, position_ids, visual_mask, gate_weights=exit_config.uses_gates
         )
         policy = ExitPolicy(
-            exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, self.gate_readback_lag
+            exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, self.gate_readback_lag,
+            self.layers,
         )
         drop = policy.drop_before_first_layer(layout)
         if drop is not None:
@@ -112,6 +117,8 @@ class VisualExitDecoderMixin:
             policy.num_visual,
             policy.gate_evaluations,
             DecoderGeometry.from_config(self.config),
+            policy.pruned_visual,
+            policy.prune_layer,
         )
         return self.finish_prefill(hidden, layout), stats
 
@@ -133,6 +140,7 @@ class VisualExitDecoderMixin:
             visible = policy.visible_keys(layout) if policy is not None else layout.keys
             if visible is not keys:
                 keys, mask = visible, self._mask(visible, visible.valid.shape[1], hidden.dtype)
+            layer_input = hidden
             hidden = self.layers[index](
                 hidden,
                 attention_mask=mask,
@@ -144,7 +152,7 @@ class VisualExitDecoderMixin:
             )
             if cache is not None:
                 cache.layouts.append(keys)
-            drop = policy.drop_after(index, hidden, layout) if policy is not None else None
+            drop = policy.drop_after(index, hidden, layout, layer_input) if policy is not None else None
             if drop is not None:
                 hidden, layout = layout.drop(hidden, drop)
         return hidden, layout

@@ -9,6 +9,7 @@ from torch import nn
 
 from llava.model.visual_exit.cache import KeyLayout
 from llava.model.visual_exit.config import ExitConfig
+from llava.model.visual_exit.fastv import fastv_pruned, last_token_attention
 from llava.model.visual_exit.gate import gate_features
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -43,26 +44,39 @@ class FlagReadback:
 
 
 class ExitPolicy:
-    """Tracks per sample whether it still holds visual tokens, its `exit_layer` (layers that processed them) and
-    how many gates it evaluated.
+    """Tracks per sample whether it still holds visual tokens, its `exit_layer` (layers that processed them), how
+    many gates it evaluated and how many visual tokens FastV pruned (after `prune_layer` layers).
 
     Before each layer, `visible_keys` says which cached keys that layer may attend to; after it, `drop_after`
     returns the slots to remove from the sequence, or None. Gate decisions take effect on the device at once,
     by hiding the exited visual keys from the next layers; the host reads them `readback_lag` layers later and
     then drops the tokens. Dynamic mode stops reading once no sample holds visual tokens. `fixed` mode never
-    waits beyond the re-packing itself.
+    waits beyond the re-packing itself. FastV ranks by the last token's attention in `layers[fastv_k - 1]`, from
+    that layer's input; a sample left with no visual token has exited there.
     """
 
     def __init__(
-        self, config: ExitConfig, num_layers: int, layout: TokenLayout, gates: nn.ModuleList | None, readback_lag: int
+        self,
+        config: ExitConfig,
+        num_layers: int,
+        layout: TokenLayout,
+        gates: nn.ModuleList | None,
+        readback_lag: int,
+        layers: nn.ModuleList | None = None,
     ):
         if config.mode == "fixed" and config.layer > num_layers:
             raise ValueError(f"exit layer {config.layer} exceeds the model's {num_layers} layers")
-        if config.mode == "dynamic" and gates is None:
-            raise ValueError("exit mode 'dynamic' needs gates: the model has none (visual_gate_hidden_size unset)")
+        if config.uses_fastv and config.fastv_k > num_layers:
+            raise ValueError(f"FastV layer {config.fastv_k} exceeds the model's {num_layers} layers")
+        if config.uses_gates and gates is None:
+            raise ValueError(f"exit mode {config.mode!r} needs gates: the model has none (visual_gate_hidden_size unset)")
         self.config = config
         self.num_layers = num_layers
         self.gates = gates
+        self.layers = layers
+        self.pruned_visual = torch.zeros_like(layout.visual[:, 0], dtype=torch.long)
+        # FastV at K = L would prune after the last layer, which changes nothing.
+        self.prune_layer = config.fastv_k if config.uses_fastv and config.fastv_k < num_layers else num_layers
         self.num_visual = layout.visual.sum(dim=1)
         has_visual = self.num_visual > 0
         self.active = has_visual
@@ -88,17 +102,43 @@ class ExitPolicy:
         self.any_active = False
         return self._exit(self.active, 0, layout)
 
-    def drop_after(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
+    def drop_after(
+        self, layer: int, hidden: torch.Tensor, layout: TokenLayout, layer_input: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Slots to drop after `layer` (whose input was `layer_input` and output `hidden`), or None."""
         if self.config.mode == "fixed":
             # K = L is the vanilla model: nothing is left to skip after the last layer.
             if not self.any_active or layer + 1 != self.config.layer or layer + 1 == self.num_layers:
                 return None
             self.any_active = False
             return self._exit(self.active, layer + 1, layout)
+        drop = None
         # dynamic: an exit after the last layer would change nothing, so its gate is not run.
-        if self.any_active and layer < self.num_layers - 1:
+        if self.config.uses_gates and self.any_active and layer < self.num_layers - 1:
             self._run_gate(layer, hidden, layout)
-        return self._collect()
+        if self.config.uses_gates:
+            drop = self._collect()
+        if self.config.uses_fastv and layer + 1 == self.prune_layer and self.any_active:
+            drop = self._prune(layer, layer_input, layout, drop)
+        return drop
+
+    def _prune(self, layer: int, layer_input: torch.Tensor, layout: TokenLayout, drop: torch.Tensor | None):
+        """FastV after `layer`: prune the active samples' least-attended visual tokens; also drops whatever exited
+        visual tokens are still only masked, since the re-packing would misplace their mask."""
+        scores = last_token_attention(self.layers[layer], layer_input, layout.position_embeddings, layout.keys.valid)
+        visual = layout.visual & self.active[:, None]
+        pruned = fastv_pruned(scores, visual, self.config.fastv_r)
+        counts = pruned.sum(dim=1)
+        emptied = self.active & (counts == visual.sum(dim=1))
+        self._exit(emptied, layer + 1, layout)
+        self.pruned_visual = torch.where(emptied, 0, counts)
+        for pending in (drop, self.hidden_visual):
+            if pending is not None:
+                pruned = pruned | pending
+        self.hidden_visual = None
+        if self.config.mode == "fastv":
+            self.any_active = False  # nothing is decided after FastV's one layer
+        return pruned
 
     def _run_gate(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> None:
         logits = self.gates[layer](gate_features(hidden, layout.gate_weights))
@@ -125,7 +165,7 @@ class ExitPolicy:
     @property
     def gate_evaluations(self) -> torch.Tensor:
         """Gates run for a sample at layers 0 .. exit_layer - 1, never at the last layer."""
-        if self.config.mode != "dynamic":
+        if not self.config.uses_gates:
             return torch.zeros_like(self.exit_layer)
         return torch.where(self.has_visual, self.exit_layer.clamp(max=self.num_layers - 1), 0)
 
