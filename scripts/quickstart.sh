@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # DyVTE end to end on the tiny world, on a laptop CPU: set up .venv, generate the world, add gates to the world's
 # trained LLaVA (init_weight.py), train them (finetune_visual_gate.sh), evaluate GQA-style with no exit, dynamic
-# exit at several thresholds and fixed exit after every K, then print one table and plot accuracy against cost.
+# exit at several thresholds, fixed exit after every K, FastV at several ratios and dynamic+FastV, then print one
+# table and plot accuracy against cost.
 #
 # Every knob is an environment variable (defaults in brackets):
 #   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [500]
 #   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~30 min]
 #   GATE_STEPS [1500]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
-#   FIXED_LAYERS [every K from 0 to L-1]   EVAL_BATCH_SIZE [32]   RESULTS [./playground/quickstart]
+#   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
+#   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
+#   EVAL_BATCH_SIZE [32]   RESULTS [./playground/quickstart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +29,10 @@ GATE_STEPS=${GATE_STEPS:-1500}
 GATE_BATCH_SIZE=${GATE_BATCH_SIZE:-8}
 GATE_LEARNING_RATE=${GATE_LEARNING_RATE:-5e-5}
 THRESHOLDS=${THRESHOLDS:-0.5 0.9 0.99 0.999}
+FASTV_LAYER=${FASTV_LAYER:-2}
+FASTV_RATIOS=${FASTV_RATIOS:-0.5 0.75 0.9}
+DYNAMIC_FASTV_THRESHOLDS=${DYNAMIC_FASTV_THRESHOLDS:-0.99}
+DYNAMIC_FASTV_RATIO=${DYNAMIC_FASTV_RATIO:-0.5}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-32}
 RESULTS=${RESULTS:-./playground/quickstart}
 export PYTHON
@@ -53,17 +60,21 @@ MODEL_PATH=$INIT_MODEL DATA_PATH=$WORLD/train_single_turn.json IMAGE_FOLDER=$WOR
     BATCH_SIZE=$GATE_BATCH_SIZE LEARNING_RATE=$GATE_LEARNING_RATE WORKERS=2 \
     bash scripts/v1_5/finetune_visual_gate.sh --max_steps "$GATE_STEPS" --disable_tqdm False --logging_steps 250
 
-echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS} =="
+echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS}, FastV K=$FASTV_LAYER R ∈ {$FASTV_RATIOS}, dynamic+FastV τ ∈ {$DYNAMIC_FASTV_THRESHOLDS} =="
 ANSWERS_ROOT=$WORLD/eval/gqa/answers/llava_gqa_testdev_balanced/quickstart
 rm -rf "$ANSWERS_ROOT"  # answers of an earlier gate model must not be resumed
-evaluate() {  # evaluate RUN_NAME EXIT_MODE [EXIT_LAYER] [EXIT_THRESHOLD]
+evaluate() {  # evaluate RUN_NAME EXIT_MODE [EXIT_LAYER] [EXIT_THRESHOLD] [FASTV_K] [FASTV_R]
     echo "-- $1"
     MODEL_PATH=$GATED_MODEL EVAL_ROOT=$WORLD/eval CKPT=quickstart/$1 BATCH_SIZE=$EVAL_BATCH_SIZE \
-        EXIT_MODE=$2 EXIT_LAYER=${3:-} EXIT_THRESHOLD=${4:-} bash scripts/v1_5/eval/gqa.sh
+        EXIT_MODE=$2 EXIT_LAYER=${3:-} EXIT_THRESHOLD=${4:-} FASTV_K=${5:-} FASTV_R=${6:-} bash scripts/v1_5/eval/gqa.sh
 }
 evaluate none none
 for tau in $THRESHOLDS; do evaluate "dynamic-$tau" dynamic "" "$tau"; done
 for k in $FIXED_LAYERS; do evaluate "fixed-$k" fixed "$k"; done
+for r in $FASTV_RATIOS; do evaluate "fastv-$FASTV_LAYER-$r" fastv "" "" "$FASTV_LAYER" "$r"; done
+for tau in $DYNAMIC_FASTV_THRESHOLDS; do
+    evaluate "dynamic+fastv-$tau-$FASTV_LAYER-$DYNAMIC_FASTV_RATIO" dynamic+fastv "" "$tau" "$FASTV_LAYER" "$DYNAMIC_FASTV_RATIO"
+done
 
 echo "== results ($(( (SECONDS - started) / 60 )) min) =="
 "$PYTHON" -m llava.world.report --answers-root "$ANSWERS_ROOT" --out "$RESULTS"

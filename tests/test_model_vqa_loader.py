@@ -37,7 +37,11 @@ def by_id(records):
     return {r["question_id"]: r for r in records}
 
 
-@pytest.mark.parametrize("mode", [["--exit-mode", "none"], ["--exit-mode", "fixed", "--exit-layer", "1"]])
+@pytest.mark.parametrize("mode", [
+    ["--exit-mode", "none"],
+    ["--exit-mode", "fixed", "--exit-layer", "1"],
+    ["--exit-mode", "fastv", "--fastv-k", "1", "--fastv-r", "0.5"],
+])
 def test_batched_answers_equal_one_by_one(llava_checkpoint, gqa_like, mode):
     folder, ids = gqa_like
     alone = by_id(run(llava_checkpoint, folder, folder / "alone.jsonl", "--batch-size", "1", *mode))
@@ -45,14 +49,15 @@ def test_batched_answers_equal_one_by_one(llava_checkpoint, gqa_like, mode):
     assert set(alone) == set(batched) == set(ids)
     for qid in ids:
         assert batched[qid]["text"] == alone[qid]["text"]
-        for key in ("exit_layer", "tflops", "tflops_full"):
+        for key in ("exit_layer", "pruned_visual_tokens", "tflops", "tflops_full"):
             assert batched[qid].get(key) == alone[qid].get(key)
     record = alone["q0"]
     assert {"question_id", "prompt", "text", "answer_id", "model_id", "metadata", "latency_ms"} <= set(record)
     assert record["prompt"] == f"What colour is thing 0?{SUFFIX}"
-    exit_layer = 1 if "fixed" in mode else 3 + 1  # the tiny checkpoint has 4 layers
+    exit_layer = 1 if "fixed" in mode else 3 + 1  # the tiny checkpoint has 4 layers; FastV keeps half its tokens
     assert record["exit_layer"] == exit_layer and alone["q-text"]["exit_layer"] == 0
-    assert (record["tflops"] < record["tflops_full"]) == ("fixed" in mode)
+    assert record["pruned_visual_tokens"] == (8 if "fastv" in mode else 0)  # half of the tiny tower's 16 patches
+    assert (record["tflops"] < record["tflops_full"]) == ("none" not in mode)
 
 
 def test_missing_image_is_an_error_record_counted_in_the_summary(llava_checkpoint, gqa_like):

@@ -27,14 +27,15 @@ def test_quickstart_reduced(tmp_path):
         os.environ, PYTHON=sys.executable, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
         WORLD=str(world), TRAIN_IMAGES="64", TEST_IMAGES="48", BASE_MODEL=BASE_MODEL,
         INIT_MODEL=str(tmp_path / "init"), GATED_MODEL=str(tmp_path / "gated"), GATE_STEPS="3", GATE_BATCH_SIZE="4",
-        THRESHOLDS="0.5", FIXED_LAYERS="0 4", EVAL_BATCH_SIZE="16", RESULTS=str(results),
+        THRESHOLDS="0.5", FIXED_LAYERS="0 2", FASTV_LAYER="2", FASTV_RATIOS="0 1", DYNAMIC_FASTV_THRESHOLDS="0.5",
+        EVAL_BATCH_SIZE="16", RESULTS=str(results),
     )
     run = subprocess.run(["bash", os.path.join(ROOT, "scripts/quickstart.sh")], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "gated" / "visual_gates.safetensors").is_file()
 
     rows = table_rows((results / "table.md").read_text())
-    assert list(rows) == ["none", "dynamic-0.5", "fixed-0", "fixed-4"]
+    assert list(rows) == ["none", "dynamic-0.5", "fixed-0", "fixed-2", "fastv-2-0", "fastv-2-1", "dynamic+fastv-0.5-2-0.5"]
     truth = json.loads((world / TEST_TRUTH).read_text())
     answers_root = world / "eval/gqa/answers/llava_gqa_testdev_balanced/quickstart"
     for name, (accuracy, _, exit_layer, _, reduction) in rows.items():
@@ -45,7 +46,11 @@ def test_quickstart_reduced(tmp_path):
         if name.startswith("fixed-"):
             assert float(exit_layer) == int(name.split("-")[1])
     reductions = {name: float(row[4].rstrip(" %")) for name, row in rows.items()}
-    assert reductions["none"] == 0.0 < reductions["fixed-4"] < reductions["fixed-0"]
+    assert reductions["none"] == 0.0 < reductions["fixed-2"] < reductions["fixed-0"]
+    # FastV keeping every token is the model itself; dropping every token after K is the fixed exit after K.
+    assert rows["fastv-2-0"] == rows["none"]
+    assert rows["fastv-2-1"] == rows["fixed-2"]
+    assert 0.0 < reductions["dynamic+fastv-0.5-2-0.5"]
     # The committed model reads the image: without its visual tokens (fixed-0) it falls back to text priors.
     assert float(rows["none"][0]) >= float(rows["fixed-0"][0]) + 10
 

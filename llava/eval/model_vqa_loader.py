@@ -164,6 +164,7 @@ def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_
                 "model_id": args.model_name,
                 "metadata": {},
                 "exit_layer": int(stats.exit_layer[row]),
+                "pruned_visual_tokens": int(stats.pruned_visual_tokens[row]),
                 "tflops": float(stats.prefill_flops[row]) / 1e12,
                 "tflops_full": float(full[row]) / 1e12,
                 # A batch is timed as a whole: each sample gets its share.

@@ -2,8 +2,9 @@
 
     python -m llava.world.report --answers-root ANSWERS --out RESULTS
 
-ANSWERS holds one folder per run, named by its exit setting: `none`, `dynamic-<τ>`, `fixed-<K>`; each holds the
-`merge.jsonl` and `merge.summary.json` that `scripts/v1_5/eval/gqa.sh` writes (CKPT is the folder's name).
+ANSWERS holds one folder per run, named by its exit setting: `none`, `dynamic-<τ>`, `fixed-<K>`, `fastv-<K>-<R>`,
+`dynamic+fastv-<τ>-<K>-<R>`; each holds the `merge.jsonl` and `merge.summary.json` that
+`scripts/v1_5/eval/gqa.sh` writes (CKPT is the folder's name).
 Writes RESULTS/table.md, RESULTS/accuracy_vs_tflops.png and RESULTS/exit_layer_histogram.png.
 """
 
@@ -22,26 +23,45 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from llava.eval.io import read_jsonl  # noqa: E402
 
-MODES = ("none", "dynamic", "fixed")
+# Each mode's settings, in the order its folder name gives them.
+SETTINGS = {"none": (), "dynamic": ("τ",), "fixed": ("K",), "fastv": ("K", "R"), "dynamic+fastv": ("τ", "K", "R")}
+MODES = tuple(SETTINGS)
+STYLES = {  # mode: (line style, legend)
+    "fixed": ("s--", "fixed exit after K"),
+    "dynamic": ("o-", "dynamic exit (τ)"),
+    "fastv": ("^:", "FastV, K={K:g} (R)"),
+    "dynamic+fastv": ("D", "dynamic + FastV"),
+}
 
 
 @dataclass
 class Run:
     name: str
     mode: str
-    setting: float | None  # τ for dynamic, K for fixed
+    settings: tuple[float, ...]
     accuracy: float
     exit_layer: float
     tflops: float
     flops_reduction: float
     exit_layers: list[int]
 
+    @property
+    def setting(self) -> dict[str, float]:
+        return dict(zip(SETTINGS[self.mode], self.settings))
 
-def parse_run_name(name: str) -> tuple[str, float | None]:
-    mode, _, value = name.partition("-")
-    if mode not in MODES or (mode == "none") != (value == ""):
-        raise ValueError(f"run folder {name!r}: expected none, dynamic-<threshold> or fixed-<layer>")
-    return mode, float(value) if value else None
+
+def parse_run_name(name: str) -> tuple[str, tuple[float, ...]]:
+    for mode in sorted(MODES, key=len, reverse=True):
+        if name == mode or name.startswith(mode + "-"):
+            values = name[len(mode) + 1 :].split("-") if name != mode else []
+            if len(values) == len(SETTINGS[mode]):
+                try:
+                    return mode, tuple(float(value) for value in values)
+                except ValueError:
+                    break
+    raise ValueError(
+        f"run folder {name!r}: expected none, dynamic-<τ>, fixed-<K>, fastv-<K>-<R> or dynamic+fastv-<τ>-<K>-<R>"
+    )
 
 
 def load_runs(answers_root: str) -> list[Run]:
@@ -51,18 +71,17 @@ def load_runs(answers_root: str) -> list[Run]:
         summary_path = os.path.join(folder, "merge.summary.json")
         if not os.path.isfile(summary_path):
             continue
-        mode, setting = parse_run_name(name)
+        mode, settings = parse_run_name(name)
         with open(summary_path) as handle:
             summary = json.load(handle)
         answers = read_jsonl(os.path.join(folder, "merge.jsonl"), ("question_id",))
         runs.append(Run(
-            name, mode, setting, summary["accuracy"], summary["exit_layer"], summary["tflops"],
+            name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
             summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a],
         ))
     if not any(run.mode == "none" for run in runs):
         raise ValueError(f"{answers_root}: no 'none' run to compare against")
-    order = {mode: index for index, mode in enumerate(MODES)}
-    return sorted(runs, key=lambda run: (order[run.mode], run.setting or 0.0))
+    return sorted(runs, key=lambda run: (MODES.index(run.mode), run.settings))
 
 
 def flops_unit(runs: list[Run]) -> tuple[str, float]:
@@ -87,23 +106,26 @@ def table(runs: list[Run]) -> str:
 
 def plot_accuracy_vs_tflops(runs: list[Run], path: str) -> None:
     unit, scale = flops_unit(runs)
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
-    for mode, style, label in (("fixed", "s--", "fixed exit after K"), ("dynamic", "o-", "dynamic exit (τ)")):
-        points = sorted((run.tflops * scale, run.accuracy, run.setting) for run in runs if run.mode == mode)
-        if not points:
-            continue
-        xs, ys, settings = zip(*points)
-        axes.plot(xs, ys, style, label=label)
-        for x, y, setting in points:
-            text = f"K={setting:g}" if mode == "fixed" else f"τ={setting:g}"
+    figure, axes = plt.subplots(figsize=(7.2, 4.8))
+    curves: dict[tuple[str, float | None], list[Run]] = {}
+    for run in runs:
+        if run.mode != "none":  # FastV: one curve over R per K
+            curves.setdefault((run.mode, run.setting.get("K") if run.mode == "fastv" else None), []).append(run)
+    for (mode, k), members in curves.items():
+        style, legend = STYLES[mode]
+        points = sorted((run.tflops * scale, run.accuracy, run) for run in members)
+        axes.plot([p[0] for p in points], [p[1] for p in points], style, label=legend.format(K=k or 0))
+        for x, y, run in points:
+            shown = {key: value for key, value in run.setting.items() if not (mode == "fastv" and key == "K")}
+            text = ", ".join(f"{key}={value:g}" for key, value in shown.items())
             axes.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10 if mode == "fixed" else 5), fontsize=7)
     reference = next(run for run in runs if run.mode == "none")
     axes.plot([reference.tflops * scale], [reference.accuracy], "k*", markersize=12, label="no exit")
     axes.set_xlabel(f"LM prefill {unit} per sample")
     axes.set_ylabel("accuracy (%)")
-    axes.set_title("Accuracy vs prefill cost: dynamic exit against fixed K")
+    axes.set_title("Accuracy vs prefill cost: dynamic exit against fixed K and FastV")
     axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
+    axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -117,7 +139,7 @@ def plot_exit_histogram(runs: list[Run], layers: int, path: str) -> None:
         counts = Counter(run.exit_layers)
         total = max(1, len(run.exit_layers))
         xs = [layer + (index - (len(dynamic) - 1) / 2) * width for layer in range(layers + 1)]
-        axes.bar(xs, [100 * counts[layer] / total for layer in range(layers + 1)], width, label=f"τ={run.setting:g}")
+        axes.bar(xs, [100 * counts[layer] / total for layer in range(layers + 1)], width, label=f"τ={run.settings[0]:g}")
     axes.set_xticks(range(layers + 1), [str(k) for k in range(layers)] + [f"{layers}\n(no exit)"])
     axes.set_xlabel("exit layer K (visual tokens leave after layer K)")
     axes.set_ylabel("samples (%)")

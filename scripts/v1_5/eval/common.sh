@@ -1,7 +1,7 @@
 # Shared by the benchmark scripts in this folder (source it; it runs nothing by itself).
 # Environment, all optional:
 #   MODEL_PATH, MODEL_BASE, CKPT (answers subfolder, default: the model folder's name), EVAL_ROOT,
-#   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD (default: the checkpoint's config), BATCH_SIZE, CONV_MODE,
+#   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD / FASTV_K / FASTV_R (default: the checkpoint's config), BATCH_SIZE, CONV_MODE,
 #   CUDA_VISIBLE_DEVICES (one chunk per listed GPU; without a GPU one chunk on the CPU), PYTHON.
 # The defaults evaluate the tiny world's gated model on its GQA-format questions (scripts/quickstart.sh); for real
 # benchmarks set MODEL_PATH and EVAL_ROOT=./playground/data/eval (LLaVA's layout).
@@ -20,6 +20,8 @@ LOADER_ARGS=(--model-path "$MODEL_PATH" --conv-mode "$CONV_MODE" --temperature 0
 [ -n "${EXIT_MODE:-}" ] && LOADER_ARGS+=(--exit-mode "$EXIT_MODE")
 [ -n "${EXIT_LAYER:-}" ] && LOADER_ARGS+=(--exit-layer "$EXIT_LAYER")
 [ -n "${EXIT_THRESHOLD:-}" ] && LOADER_ARGS+=(--exit-threshold "$EXIT_THRESHOLD")
+[ -n "${FASTV_K:-}" ] && LOADER_ARGS+=(--fastv-k "$FASTV_K")
+[ -n "${FASTV_R:-}" ] && LOADER_ARGS+=(--fastv-r "$FASTV_R")
 
 if "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     IFS=',' read -ra GPULIST <<< "${CUDA_VISIBLE_DEVICES:-0}"
