@@ -120,13 +120,19 @@ def prepare(record: dict, args, tokenizer, image_processor, model_config) -> Pre
     return PreparedQuestion(record, tokenizer_image_token(prompt, tokenizer, return_tensors="pt"), pixels, size)
 
 
+def left_padded(sequences: list[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) batch of 1-D sequences padded on the left with `pad_value`, and its attention mask."""
+    width = max(len(sequence) for sequence in sequences)
+    batch = torch.full((len(sequences), width), pad_value, dtype=sequences[0].dtype)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        batch[row, width - len(sequence) :] = sequence
+        mask[row, width - len(sequence) :] = 1
+    return batch, mask
+
+
 def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_config, timer: PrefillTimer) -> list[dict]:
-    width = max(len(p.input_ids) for p in prepared)
-    input_ids = torch.full((len(prepared), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, question in enumerate(prepared):
-        input_ids[row, width - len(question.input_ids) :] = question.input_ids
-        attention_mask[row, width - len(question.input_ids) :] = 1
+    input_ids, attention_mask = left_padded([p.input_ids for p in prepared], tokenizer.pad_token_id)
     pixels = [p.pixels for p in prepared if p.pixels is not None]
     images = torch.stack(pixels).to(model.device, model.dtype) if pixels else None
     timer.start()

@@ -65,6 +65,15 @@ def exit_labels(
     return ExitLabels(label=label.long(), agree=agree, ratio=ratio, usable=count > 0)
 
 
+def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sample, position, target) of every answer token: position t predicts token t + 1, so the positions are
+    those whose next label is supervised."""
+    answer = torch.zeros_like(labels, dtype=torch.bool)
+    answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    sample, position = answer.nonzero(as_tuple=True)
+    return sample, position, labels[sample, position + 1]
+
+
 def gate_training_pass(
     decoder,
     lm_head: torch.nn.Module,
@@ -88,11 +97,8 @@ def gate_training_pass(
         full = decoder.finish_prefill(*decoder.run_layers(hidden, layout, rest))
         exit_hidden, exit_layout = layout.drop(hidden, layout.visual)
         exited = decoder.finish_prefill(*decoder.run_layers(exit_hidden, exit_layout, rest))
-        # Position t predicts token t + 1: judge both continuations on the answer tokens only.
-        answer = torch.zeros_like(labels, dtype=torch.bool)
-        answer[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        sample, position = answer.nonzero(as_tuple=True)
-        targets = labels[sample, position + 1]
+        # Judge both continuations on the answer tokens only.
+        sample, position, targets = answer_positions(labels)
         full_logits, exit_logits = lm_head(full[sample, position]), lm_head(exited[sample, position])
         judged = exit_labels(full_logits, exit_logits, targets, sample, len(labels), rule)
         judged.usable &= layout.visual.any(dim=1)
