@@ -16,13 +16,16 @@ def test_prefill_benchmark_tiny(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "efficiency" in table and "mode none / stock time" in table
     rows = {(row["mode"], row["k"]): row for row in json.loads(out.read_text())["rows"]}
-    expected = {("stock", None), ("none", None), ("dynamic-never-exits", None), ("dynamic", 2), ("fixed", 1), ("fixed", 3)}
+    expected = {("stock", None), ("none", None), ("dynamic-never-exits", None), ("dynamic", 2), ("fixed", 1), ("fixed", 3),
+                ("fastv", 2)}
     assert set(rows) == expected
     geometry = DecoderGeometry.from_config(LlamaConfig(**PRESETS["tiny"]))
     n, text = torch.tensor(VISUAL_TOKENS + 20), torch.tensor(20)
     full, short = geometry.layer_flops(n).item(), geometry.layer_flops(text).item()
     assert abs(rows[("fixed", 1)]["tflops"] * 1e12 - (full + 3 * short)) < 1
     assert abs(rows[("fixed", 1)]["flops_speedup"] - 4 * full / (full + 3 * short)) < 1e-9
-    for key in (("fixed", 1), ("fixed", 3), ("dynamic", 2)):
+    pruned = geometry.layer_flops(n - VISUAL_TOKENS // 2).item()  # FastV's default R = 0.5 after K = 2
+    assert abs(rows[("fastv", 2)]["tflops"] * 1e12 - (2 * full + 2 * pruned)) < 1
+    for key in (("fixed", 1), ("fixed", 3), ("dynamic", 2), ("fastv", 2)):
         row = rows[key]
         assert abs(row["efficiency"] - row["composed_ideal_ms"] / row["median_ms"]) < 1e-9

@@ -36,14 +36,15 @@ def fastv_gone_from(model, mm, k, ratio, gone_from=None):
     return gone_from
 
 
-def run(model, ids, mask, pixels, config):
+def run(model, ids, mask, pixels, config, use_cache=True):
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=config)
+        return model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=config, use_cache=use_cache)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_fastv_equals_oracle(loaded, images, attn, padding_side):
+@pytest.mark.parametrize("use_cache", [True, False], ids=["keys-from-cache", "keys-projected"])
+def test_fastv_equals_oracle(loaded, images, attn, padding_side, use_cache):
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, PROMPTS, padding_side)
     pixels = images_for(images, PROMPTS)
@@ -53,7 +54,7 @@ def test_fastv_equals_oracle(loaded, images, attn, padding_side):
             mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
             text = text_positions(mm)
             for k, ratio in [(1, 0.5), (2, 0.25), (3, 0.75)]:
-                out = run(model, ids, mask, pixels, ExitConfig("fastv", fastv_k=k, fastv_r=ratio))
+                out = run(model, ids, mask, pixels, ExitConfig("fastv", fastv_k=k, fastv_r=ratio), use_cache)
                 gone_from = fastv_gone_from(model, mm, k, ratio)
                 oracle, _ = masked_reference_logits_by_token(model, mm, gone_from)
                 assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5, (k, ratio)

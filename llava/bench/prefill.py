@@ -6,7 +6,8 @@ system prompt). It times, in one run: transformers' stock LlamaModel.forward, ou
 layers timed at the full length for the first K layers and at the text-only length for the rest. Efficiency =
 composed ideal time / measured time: how close the exit gets to what a perfect exit would take on this hardware.
 Dynamic mode twice: gates that never fire (tau = 1) give the gates' share of prefill time; gates firing after L/2
-layers compare with fixed K = L/2.
+layers compare with fixed K = L/2. FastV (K, R) is composed of stock layers at the full length for K layers and at
+the pruned length after.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ def run(args: argparse.Namespace) -> list[Row]:
     mask = torch.ones(args.batch, length, dtype=torch.long, device=device)
     text_embeds = embeds[~visual].view(args.batch, args.text_tokens, -1)
     text_mask = mask[:, : args.text_tokens]
+    fastv_k = min(args.fastv_k, layers)
+    kept_visual = round((1 - args.fastv_r) * VISUAL_TOKENS)
+    pruned_embeds, pruned_mask = embeds[:, : args.text_tokens + kept_visual], mask[:, : args.text_tokens + kept_visual]
 
     def stock(inputs, attention):
         return lambda: LlamaModel.forward(model, inputs_embeds=inputs, attention_mask=attention, use_cache=True)
@@ -98,29 +102,36 @@ def run(args: argparse.Namespace) -> list[Row]:
         )
 
     plans = [("stock", None, stock(embeds, mask)), ("stock-text-only", None, stock(text_embeds, text_mask))]
+    plans += [("stock-fastv-pruned", None, stock(pruned_embeds, pruned_mask))]
     plans += [("none", None, ours(ExitConfig("none")))]
     plans += [("dynamic-never-exits", None, ours(ExitConfig("dynamic", threshold=1.0)))]
     plans += [("dynamic", dynamic_exit_layer(model.config), ours(ExitConfig("dynamic")))]
     plans += [("fixed", k, ours(ExitConfig("fixed", k))) for k in ks]
+    plans += [("fastv", fastv_k, ours(ExitConfig("fastv", fastv_k=fastv_k, fastv_r=args.fastv_r)))]
     with torch.inference_mode():
         times = interleaved_medians({(mode, k): fn for mode, k, fn in plans}, device, args.repeats, args.warmup)
 
     geometry = DecoderGeometry.from_config(model.config)
     full_time, text_time = times[("stock", None)], times[("stock-text-only", None)]
 
-    def flops(exit_layer: int, gates: int = 0) -> float:
+    def flops(exit_layer: int, gates: int = 0, pruned: int = 0, prune_layer: int | None = None) -> float:
         one = torch.ones(1, dtype=torch.long)
-        return prefill_flops(geometry, one * length, one * VISUAL_TOKENS, one * exit_layer, one * gates).item() * args.batch
+        return prefill_flops(
+            geometry, one * length, one * VISUAL_TOKENS, one * exit_layer, one * gates, one * pruned, prune_layer
+        ).item() * args.batch
 
     base_flops = flops(layers)
     rows = []
     for (mode, k), seconds in times.items():
-        if mode == "stock-text-only":
+        if mode.startswith("stock-"):
             continue
-        exit_layer = layers if k is None else k
-        composed = (exit_layer * full_time + (layers - exit_layer) * text_time) / layers if k is not None else None
-        gates = {"dynamic": exit_layer, "dynamic-never-exits": layers - 1}.get(mode, 0)
-        used = flops(exit_layer, gates)
+        if mode == "fastv":  # the first K layers at the full length, the rest at the pruned length
+            composed = (k * full_time + (layers - k) * times[("stock-fastv-pruned", None)]) / layers
+            used = flops(layers, pruned=VISUAL_TOKENS - kept_visual, prune_layer=k)
+        else:
+            exit_layer = layers if k is None else k
+            composed = (exit_layer * full_time + (layers - exit_layer) * text_time) / layers if k is not None else None
+            used = flops(exit_layer, {"dynamic": exit_layer, "dynamic-never-exits": layers - 1}.get(mode, 0))
         rows.append(
             Row(
                 mode=mode,
@@ -161,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-tokens", type=int, default=60, help="text tokens besides the 576 visual ones")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--k", type=int, nargs="*", default=None, help="fixed exit layers (default: L/4, L/2, 3L/4)")
+    parser.add_argument("--fastv-k", type=int, default=2, help="FastV: layers that see every visual token (FastV's K)")
+    parser.add_argument("--fastv-r", type=float, default=0.5, help="FastV: share of visual tokens pruned after K")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")

@@ -101,7 +101,7 @@ class VisualExitDecoderMixin:
         )
         policy = ExitPolicy(
             exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, self.gate_readback_lag,
-            self.layers,
+            self.layers, cache,
         )
         drop = policy.drop_before_first_layer(layout)
         if drop is not None:

@@ -11,9 +11,12 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 
-def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, valid: torch.Tensor) -> torch.Tensor:
+def last_token_attention(
+    layer, hidden: torch.Tensor, position_embeddings, valid: torch.Tensor, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, T) fp32: the head-averaged attention probabilities of each sample's last valid token over its valid
-    keys, in `layer` (Llama interface) given the layer's input `hidden`."""
+    keys, in `layer` (Llama interface) given the layer's input `hidden`. `keys`: the layer's cached (rotated)
+    keys of these T slots when a cache holds them; otherwise they are projected again."""
     attention = layer.self_attn
     batch, length = valid.shape
     slots = torch.arange(length, device=valid.device)
@@ -21,11 +24,12 @@ def last_token_attention(layer, hidden: torch.Tensor, position_embeddings, valid
     rows = torch.arange(batch, device=valid.device)
     normed = layer.input_layernorm(hidden)
     query = attention.q_proj(normed[rows, last]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-    key = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
     cos, sin = position_embeddings
     query, _ = apply_rotary_pos_emb(query, query, cos[rows, last][:, None], sin[rows, last][:, None])
-    key, _ = apply_rotary_pos_emb(key, key, cos, sin)
-    key = repeat_kv(key, attention.num_key_value_groups)
+    if keys is None:
+        keys = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+    key = repeat_kv(keys, attention.num_key_value_groups)
     scores = (query.float() @ key.float().transpose(-1, -2)).squeeze(2) * attention.scaling
     # The last token is the last valid slot, so the valid keys are exactly those its causal mask allows.
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from llava.model.visual_exit.cache import KeyLayout
+from llava.model.visual_exit.cache import KeyLayout, VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.fastv import fastv_pruned, last_token_attention
 from llava.model.visual_exit.gate import gate_features
@@ -63,6 +63,7 @@ class ExitPolicy:
         gates: nn.ModuleList | None,
         readback_lag: int,
         layers: nn.ModuleList | None = None,
+        cache: VisualExitCache | None = None,
     ):
         if config.mode == "fixed" and config.layer > num_layers:
             raise ValueError(f"exit layer {config.layer} exceeds the model's {num_layers} layers")
@@ -74,6 +75,7 @@ class ExitPolicy:
         self.num_layers = num_layers
         self.gates = gates
         self.layers = layers
+        self.cache = cache  # FastV reads layer K's keys from it instead of projecting them again
         self.pruned_visual = torch.zeros_like(layout.visual[:, 0], dtype=torch.long)
         # FastV at K = L would prune after the last layer, which changes nothing.
         self.prune_layer = config.fastv_k if config.uses_fastv and config.fastv_k < num_layers else num_layers
@@ -125,7 +127,8 @@ class ExitPolicy:
     def _prune(self, layer: int, layer_input: torch.Tensor, layout: TokenLayout, drop: torch.Tensor | None):
         """FastV after `layer`: prune the active samples' least-attended visual tokens; also drops whatever exited
         visual tokens are still only masked, since the re-packing would misplace their mask."""
-        scores = last_token_attention(self.layers[layer], layer_input, layout.position_embeddings, layout.keys.valid)
+        keys = self.cache.layers[layer].keys if self.cache is not None else None
+        scores = last_token_attention(self.layers[layer], layer_input, layout.position_embeddings, layout.keys.valid, keys)
         visual = layout.visual & self.active[:, None]
         pruned = fastv_pruned(scores, visual, self.config.fastv_r)
         counts = pruned.sum(dim=1)
