@@ -115,10 +115,10 @@ class ExitPolicy:
             self.any_active = False
             return self._exit(self.active, layer + 1, layout)
         drop = None
-        # dynamic: an exit after the last layer would change nothing, so its gate is not run.
-        if self.config.uses_gates and self.any_active and layer < self.num_layers - 1:
-            self._run_gate(layer, hidden, layout)
         if self.config.uses_gates:
+            # An exit after the last layer would change nothing, so its gate is not run.
+            if self.any_active and layer < self.num_layers - 1:
+                self._run_gate(layer, hidden, layout)
             drop = self._collect()
         if self.config.uses_fastv and layer + 1 == self.prune_layer and self.any_active:
             drop = self._prune(layer, layer_input, layout, drop)
