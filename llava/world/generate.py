@@ -7,8 +7,8 @@ EVAL_ROOT=OUT/eval, its default):
 - `images/NNNNN.png` (training) and `eval/gqa/data/images/NNNNN.png` (held out): 1 to 3 shapes (circle, square,
   triangle) of 5 colours and 2 sizes on a grey background;
 - `train.json`: LLaVA training conversations (up to 4 questions of different kinds per image, `<image>` first,
-  short answers, then a description of the whole scene), and `train_single_turn.json`: the first question of each
-  (gate training uses single turns, as the paper does);
+  short answers), and `train_single_turn.json`: the first question of each (gate training uses single turns, as
+  the paper does);
 - `eval/gqa/llava_gqa_testdev_balanced.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's
   short-answer suffix, `category` = question kind);
 - `eval/gqa/data/testdev_balanced_questions.json`: GQA's ground-truth layout ({question_id: {"answer", "types":
@@ -16,9 +16,7 @@ EVAL_ROOT=OUT/eval, its default):
 
 Question kinds: colour, shape, position (left/right), counting, existence (yes/no), comparison (size). Every
 question names an object by an attribute only it has in its scene, so each has exactly one right answer. The
-description turn (training only) names every shape's size, colour and kind from left to right: it supervises
-every attribute of every object in each sample, which a tower trained from scratch needs to learn shapes at all.
-It comes last, so that no question can be answered by reading it. The same seed always gives the same world.
+same seed always gives the same world.
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 14, "large": 26}  # half-widths in pixels
 KINDS = ("colour", "shape", "position", "counting", "existence", "comparison")
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
-DESCRIBE = "Describe the image."
 NUMBER_WORDS = {1: "1", 2: "2", 3: "3"}
 TRAIN_IMAGES = "images"
 TRAIN_DATA = "train.json"  # multi-turn: several questions per image, for training the world's LLaVA
@@ -135,12 +132,6 @@ def ask(kind: str, shapes: list[Shape], rng: random.Random) -> tuple[str, str] |
     return None
 
 
-def describe(shapes: list[Shape]) -> str:
-    """Every shape, from left to right (top to bottom where two share a column)."""
-    ordered = sorted(shapes, key=lambda s: (s.x, s.y))
-    return "From left to right: " + ", ".join(f"a {s.size} {s.name}" for s in ordered) + "."
-
-
 def questions_about(shapes: list[Shape], rng: random.Random, limit: int) -> list[tuple[str, str, str]]:
     """Up to `limit` (kind, question, answer) of distinct kinds, in random order; at least one (counting always fits)."""
     kinds = rng.sample(KINDS, len(KINDS))
@@ -168,9 +159,8 @@ def generate(out: str, train: int, test: int, seed: int, questions_per_image: in
                     {"from": "human", "value": ("<image>\n" if turn == 0 else "") + question + SHORT_ANSWER},
                     {"from": "gpt", "value": answer},
                 ]
-            single_turn.append({"id": f"world-{index:05d}", "image": image, "conversations": turns[:2]})
-            turns += [{"from": "human", "value": DESCRIBE}, {"from": "gpt", "value": describe(shapes)}]
-            multi_turn.append({**single_turn[-1], "conversations": turns})
+            multi_turn.append({"id": f"world-{index:05d}", "image": image, "conversations": turns})
+            single_turn.append({**multi_turn[-1], "conversations": turns[:2]})
         else:
             kind, question, answer = asked[0]
             counts["test"][kind] += 1
