@@ -28,20 +28,21 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-import matplotlib
 import torch
 from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from llava.eval.io import EvalInputError, read_jsonl
+from llava.eval.model_vqa_loader import PreparedQuestion, batches, left_padded, prepare
+from llava.mm_utils import ImageLoadError
+from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
+from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit.training import IGNORE_INDEX, ExitLabelRule, answer_positions, exit_labels
 
-from llava.eval.io import EvalInputError, read_jsonl  # noqa: E402
-from llava.eval.model_vqa_loader import PreparedQuestion, batches, left_padded, prepare  # noqa: E402
-from llava.mm_utils import ImageLoadError  # noqa: E402
-from llava.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
-from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError  # noqa: E402
-from llava.model.visual_exit import ExitConfig  # noqa: E402
-from llava.model.visual_exit.training import IGNORE_INDEX, ExitLabelRule, answer_positions, exit_labels  # noqa: E402
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 KEY_GROUPS = ("visual", "text", "system")
 ATTENTION_COLUMNS = (
