@@ -12,6 +12,8 @@ from test_visual_exit import (
     batch_inputs,
     fire_always,
     gated,  # noqa: F401 (fixture)
+    readback,  # noqa: F401 (fixture)
+    set_sample_dependent_gates,
     images_for,
     masked_reference_logits_by_token,
     text_positions,
@@ -157,6 +159,31 @@ def test_dynamic_plus_fastv(gated, loaded, images, fire_layer):
     assert out.exit_stats.exit_layer.tolist() == torch.where(has_image, exit_after, 0).tolist()
     expected_pruned = (gone_from == k).sum(dim=1) if exit_after > k else torch.zeros(len(PROMPTS), dtype=torch.long)
     assert out.exit_stats.pruned_visual_tokens.tolist() == expected_pruned.tolist()
+
+
+def test_dynamic_plus_fastv_with_sample_dependent_gates(gated, loaded, images, readback):
+    """Samples exit at different layers, before and after FastV's K, with the host reading gate decisions late:
+    the batch equals the oracle built from each sample's exit layer, and each sample alone."""
+    tokenizer = loaded[0]
+    set_sample_dependent_gates(gated)
+    config = ExitConfig("dynamic+fastv", threshold=0.5, fastv_k=1, fastv_r=0.5)
+    ids, mask = batch_inputs(tokenizer, PROMPTS, "right")
+    pixels = images_for(images, PROMPTS)
+    out = run(gated, ids, mask, pixels, config)
+    with torch.no_grad():
+        mm = gated.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
+        exit_layer = out.exit_stats.exit_layer
+        gone_from = torch.where(mm.visual_mask, exit_layer[:, None], gated.config.num_hidden_layers)
+        oracle, _ = masked_reference_logits_by_token(gated, mm, fastv_gone_from(gated, mm, 1, 0.5, gone_from))
+    text = text_positions(mm)
+    assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5
+    offset = 0
+    for b, (prompt, count) in enumerate(PROMPTS):
+        alone_ids, alone_mask = batch_inputs(tokenizer, [(prompt, count)])
+        alone = run(gated, alone_ids, alone_mask, pixels[offset : offset + count] if count else None, config)
+        offset += count
+        assert alone.exit_stats.exit_layer.item() == exit_layer[b]
+        assert alone.exit_stats.pruned_visual_tokens.item() == out.exit_stats.pruned_visual_tokens[b]
 
 
 def test_fastv_settings_are_checked():
