@@ -1,7 +1,7 @@
 """Theoretical LM-prefill FLOPs (FLOPs = 2 x multiply-adds; attention counted as a full square, as FastV does).
 
 Per layer with n tokens: 2n(2d^2 + 2d*d_kv) + 4n^2*d + 6n*d*m, plus 2(2d*G + 2G) per evaluated gate. FastV's
-ranking row (one query's scores and one extra key projection at one layer) is below 1 % of a layer and not counted.
+ranking row (one query projected and scored against layer K's cached keys) is far below 1 % of a layer and not counted.
 """
 
 from __future__ import annotations
