@@ -1,4 +1,6 @@
-"""Shared test helper: a padded batch of LLaVA prompts."""
+"""Shared test helpers: a padded batch of LLaVA prompts; a temporary attention implementation."""
+
+from contextlib import contextmanager
 
 import torch
 
@@ -15,3 +17,14 @@ def padded_batch(tokenizer, prompts: list[str], padding_side: str = "left"):
         span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
         ids[b, span], mask[b, span] = torch.tensor(row), 1
     return ids, mask
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run the block with `model` on attention implementation `name`, then restore the one it had."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

@@ -7,6 +7,8 @@ import torch
 
 from llava.model.visual_exit import ExitConfig
 
+from batching import attention_implementation
+
 from test_visual_exit import (
     PROMPTS,
     batch_inputs,
@@ -50,20 +52,16 @@ def test_fastv_equals_oracle(loaded, images, attn, padding_side, use_cache):
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, PROMPTS, padding_side)
     pixels = images_for(images, PROMPTS)
-    model.set_attn_implementation(attn)
-    try:
-        with torch.no_grad():
-            mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
-            text = text_positions(mm)
-            for k, ratio in [(1, 0.5), (2, 0.25), (3, 0.75)]:
-                out = run(model, ids, mask, pixels, ExitConfig("fastv", fastv_k=k, fastv_r=ratio), use_cache)
-                gone_from = fastv_gone_from(model, mm, k, ratio)
-                oracle, _ = masked_reference_logits_by_token(model, mm, gone_from)
-                assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5, (k, ratio)
-                assert out.exit_stats.pruned_visual_tokens.tolist() == (gone_from == k).sum(dim=1).tolist()
-                assert out.exit_stats.prune_layer == k
-    finally:
-        model.set_attn_implementation("sdpa")
+    with attention_implementation(model, attn), torch.no_grad():
+        mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
+        text = text_positions(mm)
+        for k, ratio in [(1, 0.5), (2, 0.25), (3, 0.75)]:
+            out = run(model, ids, mask, pixels, ExitConfig("fastv", fastv_k=k, fastv_r=ratio), use_cache)
+            gone_from = fastv_gone_from(model, mm, k, ratio)
+            oracle, _ = masked_reference_logits_by_token(model, mm, gone_from)
+            assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5, (k, ratio)
+            assert out.exit_stats.pruned_visual_tokens.tolist() == (gone_from == k).sum(dim=1).tolist()
+            assert out.exit_stats.prune_layer == k
 
 
 def test_fastv_ratio_zero_is_none_and_ratio_one_is_fixed(loaded, images):

@@ -11,7 +11,7 @@ from llava.mm_utils import tokenizer_image_token
 from llava.model.visual_exit import DecoderGeometry, ExitConfig, gate_feature_weights, gate_features, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates
 
-from batching import padded_batch
+from batching import attention_implementation, padded_batch
 
 PROMPTS = [
     ("USER: <image>\nWhat colour is it? ASSISTANT:", 1),
@@ -54,10 +54,8 @@ def masked_reference_logits_by_token(model, mm, gone_from, attention_layer=None)
         allowed = causal & mm.attention_mask[:, None, :].bool() & ~gone[:, None, :] | itself
         additive = hidden.new_zeros(batch, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(hidden.dtype).min)
         if index == attention_layer:
-            implementation = model.config._attn_implementation
-            model.set_attn_implementation("eager")
-            _, probabilities = layer.self_attn(layer.input_layernorm(hidden), cos_sin, additive)
-            model.set_attn_implementation(implementation)
+            with attention_implementation(model, "eager"):
+                _, probabilities = layer.self_attn(layer.input_layernorm(hidden), cos_sin, additive)
         hidden = layer(hidden, attention_mask=additive, position_embeddings=cos_sin, position_ids=mm.position_ids)
     return model.lm_head(base.norm(hidden)), probabilities
 
@@ -107,20 +105,16 @@ def test_fixed_exit_equals_masked_oracle(loaded, images, attn, padding_side):
     layers = model.config.num_hidden_layers
     ids, mask = batch_inputs(tokenizer, PROMPTS, padding_side)
     pixels = images_for(images, PROMPTS)
-    model.set_attn_implementation(attn)
-    try:
-        with torch.no_grad():
-            mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
-            text = text_positions(mm)
-            for k in sorted({0, 1, layers // 2, layers - 1, layers}):
-                out = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("fixed", k))
-                oracle = masked_reference_logits(model, mm, torch.full((len(PROMPTS),), k))
-                assert out.logits.shape == oracle.shape
-                assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5, f"K={k}"
-                has_image = torch.tensor([count > 0 for _, count in PROMPTS])
-                assert out.exit_stats.exit_layer.tolist() == torch.where(has_image, k, 0).tolist()
-    finally:
-        model.set_attn_implementation("sdpa")
+    with attention_implementation(model, attn), torch.no_grad():
+        mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
+        text = text_positions(mm)
+        for k in sorted({0, 1, layers // 2, layers - 1, layers}):
+            out = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("fixed", k))
+            oracle = masked_reference_logits(model, mm, torch.full((len(PROMPTS),), k))
+            assert out.logits.shape == oracle.shape
+            assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5, f"K={k}"
+            has_image = torch.tensor([count > 0 for _, count in PROMPTS])
+            assert out.exit_stats.exit_layer.tolist() == torch.where(has_image, k, 0).tolist()
 
 
 def test_none_equals_stock_llama_forward(loaded, images):
