@@ -1,5 +1,6 @@
-"""The tiny world: deterministic, in LLaVA's formats, and every answer right according to an independent reading
-of the rendered image (colour blobs found by flood fill; shape from how much of its box a blob fills)."""
+"""The tiny world: deterministic, in LLaVA's formats, and every answer — and every patch label the vision tower is
+pretrained on — right according to an independent reading of the rendered image (colour blobs found by flood
+fill; shape from how much of its box a blob fills)."""
 
 import json
 import re
@@ -10,17 +11,36 @@ from PIL import Image
 
 from llava.eval.eval_gqa import score_gqa
 from llava.eval.io import read_jsonl
-from llava.world.generate import COLOURS, GATE_TRAIN_DATA, TEST_IMAGES, TEST_QUESTIONS, TEST_TRUTH, TRAIN_DATA, generate
+import random
+
+from llava.world.generate import (
+    COLOURS,
+    GATE_TRAIN_DATA,
+    TEST_IMAGES,
+    TEST_QUESTIONS,
+    TEST_TRUTH,
+    TRAIN_DATA,
+    generate,
+    random_scene,
+    render,
+)
+from llava.world.pretrain_tower import ATTRIBUTES, patch_labels
 
 
-def read_scene(path):
+def palette_masks(image):
+    """{colour: (H, W) bool} of the pixels drawn in each palette colour."""
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    return {colour: np.abs(pixels - np.array(rgb)).sum(-1) < 30 for colour, rgb in COLOURS.items()}
+
+
+def read_scene(image):
     """[(colour, shape, size, x_centre)] for every blob of a palette colour."""
-    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    pixels = np.asarray(image.convert("RGB")).astype(int)
     height, width, _ = pixels.shape
     seen = np.zeros((height, width), dtype=bool)
     blobs = []
-    for colour, rgb in COLOURS.items():
-        mask = (np.abs(pixels - np.array(rgb)).sum(-1) < 30) & ~seen
+    for colour, drawn in palette_masks(image).items():
+        mask = drawn & ~seen
         for y, x in zip(*np.nonzero(mask)):
             if seen[y, x]:
                 continue
@@ -65,7 +85,7 @@ def test_world_answers_match_the_pictures(tmp_path):
     questions = read_jsonl(str(tmp_path / TEST_QUESTIONS), ("question_id", "image", "text", "category"))
     truth = json.loads((tmp_path / TEST_TRUTH).read_text())
     for question in questions:
-        blobs = read_scene(tmp_path / TEST_IMAGES / question["image"])
+        blobs = read_scene(Image.open(tmp_path / TEST_IMAGES / question["image"]))
         asked = question["text"].split("\n")[0]
         assert truth[question["question_id"]]["answer"] == expected_answer(asked, blobs), (question, blobs)
     train = json.loads((tmp_path / TRAIN_DATA).read_text())
@@ -74,7 +94,7 @@ def test_world_answers_match_the_pictures(tmp_path):
         turns = record["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 1 <= len(turns) // 2 <= 4
         assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
-        blobs = read_scene(tmp_path / "images" / record["image"])
+        blobs = read_scene(Image.open(tmp_path / "images" / record["image"]))
         asked = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in turns[::2]]
         assert len(set(asked)) == len(asked)
         for question, answer in zip(asked, turns[1::2]):
@@ -91,3 +111,29 @@ def test_same_seed_same_world(tmp_path):
     generate(str(tmp_path / "b"), train=10, test=5, seed=1)
     for name in (TRAIN_DATA, GATE_TRAIN_DATA, TEST_QUESTIONS, TEST_TRUTH, "images/00007.png", f"{TEST_IMAGES}/00012.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_tower_patch_labels_match_the_pictures():
+    """Per 8x8 patch: the colour drawn on most of it if that is at least a quarter of it (else "none"), and that
+    blob's shape and size (checked where one blob has the colour: two could share a patch's quarter)."""
+    rng, patch, checked = random.Random(11), 8, 0
+    for _ in range(40):
+        shapes = random_scene(rng)
+        image = render(shapes)
+        scene = read_scene(image)
+        labels = patch_labels(shapes, patch).numpy()
+        grid = image.size[0] // patch
+        names, masks = zip(*palette_masks(image).items())
+        cover = np.stack([m.reshape(grid, patch, grid, patch).mean(axis=(1, 3)).reshape(-1) for m in masks])
+        expected = np.where(cover.max(axis=0) >= 0.25, cover.argmax(axis=0) + 1, 0)
+        colours = {colour for colour, _, _, _ in scene}
+        if all(sum(c == colour for c, _, _, _ in scene) == 1 for colour in colours):
+            assert (labels[0] == expected).all()
+        assert ((labels[0] == 0) == (labels[1] == 0)).all() and ((labels[0] == 0) == (labels[2] == 0)).all()
+        for colour, shape, size, _ in scene:
+            owned = labels[0] == ATTRIBUTES["colour"].index(colour)
+            if sum(c == colour for c, _, _, _ in scene) == 1 and owned.any():
+                assert (labels[1][owned] == ATTRIBUTES["shape"].index(shape)).all()
+                assert (labels[2][owned] == ATTRIBUTES["size"].index(size)).all()
+                checked += 1
+    assert checked > 40

@@ -1,13 +1,22 @@
-"""The tiny world's model trainer: every part of the model learns (the vision tower too, unlike LLaVA's frozen CLIP),
-the result loads as a LLaVA checkpoint, and --init-from continues from it."""
+"""The tiny world's model trainer: the tower is pretrained then frozen (as CLIP in LLaVA), or trained with the rest
+with `--tower-steps 0`; the result loads as a LLaVA checkpoint and --init-from continues from it; exit dropout
+trains exactly as the masked-keys oracle of DESIGN §2 would."""
 
+import copy
+
+import pytest
 import torch
+import torch.nn.functional as F
 
+from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
 from llava.model.tiny import build_tiny_llava
+from llava.model.visual_exit import ExitConfig
 from llava.train.data import load_records
 from llava.world.generate import generate
 from llava.world.train_model import WORLD_GEOMETRY, main, world_texts
+
+from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits
 
 
 def parts(model) -> dict[str, torch.Tensor]:
@@ -20,18 +29,63 @@ def parts(model) -> dict[str, torch.Tensor]:
     }
 
 
-def test_all_parts_train_and_training_continues(tmp_path):
-    generate(str(tmp_path / "world"), train=8, test=1, seed=3)
-    data = str(tmp_path / "world" / "train.json")
-    common = ["--data-path", data, "--steps", "2", "--batch-size", "4", "--workers", "0"]
-    main([*common, "--out", str(tmp_path / "first")])
-    initial, _, _, _ = build_tiny_llava(WORLD_GEOMETRY, tuple(world_texts(load_records(data))))
-    _, first, _, _ = load_pretrained_model(str(tmp_path / "first"), device="cpu")
-    for name, weight in parts(first).items():
-        assert weight.shape == parts(initial)[name].shape
-        assert not torch.equal(weight, parts(initial)[name]), f"{name} did not train"
+def changed(before, after) -> set[str]:
+    return {name for name, weight in parts(after).items() if not torch.equal(weight, parts(before)[name])}
 
-    main([*common, "--out", str(tmp_path / "second"), "--init-from", str(tmp_path / "first")])
-    _, second, _, _ = load_pretrained_model(str(tmp_path / "second"), device="cpu")
-    for name, weight in parts(second).items():
-        assert not torch.equal(weight, parts(first)[name]), f"{name} did not continue training"
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    generate(str(out), train=8, test=1, seed=3)
+    return str(out / "train.json")
+
+
+def train(world, out, *extra):
+    main(["--data-path", world, "--steps", "2", "--batch-size", "4", "--workers", "0", "--out", str(out), *extra])
+    return load_pretrained_model(str(out), device="cpu")[1]
+
+
+def test_pretrained_tower_stays_frozen_and_training_continues(world, tmp_path):
+    initial, _, _, _ = build_tiny_llava(WORLD_GEOMETRY, tuple(world_texts(load_records(world))))
+    first = train(world, tmp_path / "first", "--tower-steps", "2", "--exit-dropout", "0.5")
+    assert all(parts(first)[name].shape == weight.shape for name, weight in parts(initial).items())
+    assert changed(initial, first) == {"embeddings", "decoder", "projector", "tower"}
+    second = train(world, tmp_path / "second", "--init-from", str(tmp_path / "first"), "--exit-dropout", "1")
+    assert changed(first, second) == {"embeddings", "decoder", "projector"}, "the pretrained tower must stay frozen"
+
+
+def test_without_pretraining_the_tower_trains_with_the_rest(world, tmp_path):
+    first = train(world, tmp_path / "first", "--tower-steps", "0")
+    second = train(world, tmp_path / "second", "--init-from", str(tmp_path / "first"), "--tower-steps", "0")
+    assert changed(first, second) == {"embeddings", "decoder", "projector", "tower"}
+
+
+@pytest.mark.parametrize("layer", [1, 3])
+def test_exit_dropout_loss_and_gradients_equal_the_masked_oracle(loaded, images, layer):
+    """A training step with the visual tokens gone after `layer` layers (the dropped-token path) has the loss and
+    the gradients of the stock layers with the visual keys masked from layer `layer` on."""
+    tokenizer, stock, _, _ = loaded
+    model = copy.deepcopy(stock).train().requires_grad_(True)
+    prompts = PROMPTS[:3]  # LLaVA never supervises the token right after an image, as PROMPTS[3] would need
+    ids, mask = batch_inputs(tokenizer, prompts, padding_side="right")
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for b, length in enumerate(mask.sum(dim=1).tolist()):
+        labels[b, length - 3 : length] = ids[b, length - 3 : length]
+    pixels = images_for(images, prompts)
+
+    exited = model(input_ids=ids, attention_mask=mask, images=pixels, labels=labels, exit_config=ExitConfig("fixed", layer=layer))
+    exited.loss.backward()
+    exit_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    mm = model.prepare_inputs_labels_for_multimodal(ids, mask, labels, pixels)
+    logits = masked_reference_logits(model, mm, torch.full((len(prompts),), layer))
+    oracle = F.cross_entropy(logits[:, :-1].flatten(0, 1), mm.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    oracle.backward()
+    oracle_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    torch.testing.assert_close(exited.loss, oracle, atol=1e-5, rtol=1e-5)
+    assert exit_grads.keys() == oracle_grads.keys()
+    assert any(name.startswith("model.layers.") for name in exit_grads)
+    for name, grad in oracle_grads.items():
+        torch.testing.assert_close(exit_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)

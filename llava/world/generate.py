@@ -1,6 +1,6 @@
 """The embedded tiny world: synthetic scenes of coloured shapes and questions about them, in LLaVA's formats.
 
-    python -m llava.world.generate --out playground/data/tiny_world [--train 4000] [--test 500] [--seed 0]
+    python -m llava.world.generate --out playground/data/tiny_world [--train 20000] [--test 500] [--seed 0]
 
 Writes, under OUT, in the layout LLaVA's scripts expect (so `scripts/v1_5/eval/gqa.sh` runs on it with
 EVAL_ROOT=OUT/eval, its default):
@@ -77,19 +77,28 @@ def random_scene(rng: random.Random) -> list[Shape]:
     return shapes
 
 
-def render(shapes: list[Shape]) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+def draw_shapes(image: Image.Image, shapes: list[Shape], fills: list) -> Image.Image:
+    """Draw each shape onto `image` filled with its entry of `fills` (a colour, or a label in an "L" image)."""
     draw = ImageDraw.Draw(image)
-    for shape in shapes:
-        half, colour = SIZES[shape.size], COLOURS[shape.colour]
+    for shape, fill in zip(shapes, fills, strict=True):
+        half = SIZES[shape.size]
         box = (shape.x - half, shape.y - half, shape.x + half, shape.y + half)
         if shape.kind == "circle":
-            draw.ellipse(box, fill=colour)
+            draw.ellipse(box, fill=fill)
         elif shape.kind == "square":
-            draw.rectangle(box, fill=colour)
+            draw.rectangle(box, fill=fill)
         else:
-            draw.polygon([(shape.x, shape.y - half), (shape.x - half, shape.y + half), (shape.x + half, shape.y + half)], fill=colour)
+            draw.polygon([(shape.x, shape.y - half), (shape.x - half, shape.y + half), (shape.x + half, shape.y + half)], fill=fill)
     return image
+
+
+def render(shapes: list[Shape]) -> Image.Image:
+    return draw_shapes(Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND), shapes, [COLOURS[s.colour] for s in shapes])
+
+
+def object_map(shapes: list[Shape]) -> Image.Image:
+    """Per pixel: 0 for background, i + 1 where shape i is drawn (the same pixels `render` colours)."""
+    return draw_shapes(Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0), shapes, list(range(1, len(shapes) + 1)))
 
 
 def _unique(shapes: list[Shape], attribute: str) -> list[Shape]:
@@ -181,7 +190,7 @@ def generate(out: str, train: int, test: int, seed: int, questions_per_image: in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="playground/data/tiny_world")
-    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--train", type=int, default=20000)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--questions-per-image", type=int, default=4, help="training conversations' turns")

@@ -1,13 +1,23 @@
 """Train the tiny world's LLaVA from scratch on CPU: the model that quickstart adds gates to.
 
     python -m llava.world.train_model [--data-path playground/data/tiny_world/train.json]
-                                      [--out checkpoints/tiny-world-llava] [--steps 1800] [--init-from CKPT]
+                                      [--out checkpoints/tiny-world-llava] [--steps 1200] [--init-from CKPT]
+                                      [--tower-steps 1000] [--exit-dropout 0.5]
 
 The model is built by `llava.model.tiny` (transformers' Llama decoder, CLIPVisionModel, LLaVA's mlp2x_gelu
-projector) with a tokenizer learned on the world's own texts, then every weight — vision tower included, since
-no pretrained CLIP exists offline — is trained on LLaVA's answer-only loss, from the same data pipeline that gate
-training uses (`llava.train.data`). The result is written in the original LLaVA layout. `--init-from` continues
-from an earlier result (a fresh warm-up and cosine schedule) instead of random weights.
+projector) with a tokenizer learned on the world's own texts. As LLaVA starts from a pretrained, frozen CLIP, the
+tower is first pretrained on dense scene labels (`llava.world.pretrain_tower`) and then frozen; with
+`--tower-steps 0` it is instead trained with the rest. Projector and language model learn on LLaVA's answer-only
+loss, from the same data pipeline that gate training uses (`llava.train.data`).
+
+`--exit-dropout p`: in a share p of the steps the visual tokens leave after a random layer 1..L-1 (the exit path
+of `ExitConfig("fixed")`). Large LLaVAs move what they need from the image into the text tokens within their first
+layers — the observation DyVTE builds on; a tiny model trained only end to end reads the image in its last layers
+instead. The dropout gives the world's model the same habit, as early as each question allows; the gates still
+learn, per input, when that is.
+
+The result is written in the original LLaVA layout. `--init-from` continues from an earlier result (a fresh
+warm-up and cosine schedule, the tower as it was) instead of random weights.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict
 
@@ -24,8 +35,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from llava.model.builder import load_pretrained_model
+from llava.model.visual_exit import ExitConfig
 from llava.model.tiny import TinyGeometry, build_tiny_llava, save_llava_layout
 from llava.train.data import DataCollator, SupervisedDataset, conversation_turns, load_records
+from llava.world.pretrain_tower import pretrain_tower
 
 WORLD_GEOMETRY = TinyGeometry(
     layers=8,
@@ -61,7 +74,12 @@ def train(args: argparse.Namespace) -> dict:
     else:
         geometry = TinyGeometry(**{**asdict(WORLD_GEOMETRY), "seed": args.seed})
         model, tokenizer, image_processor, _ = build_tiny_llava(geometry, tuple(world_texts(load_records(args.data_path))))
-    model.train().requires_grad_(True)  # the vision tower too: there is no pretrained CLIP to keep frozen
+    tower, tower_accuracy = model.get_vision_tower(), None
+    if args.tower_steps and not args.init_from:
+        tower_accuracy = pretrain_tower(tower, image_processor, args.tower_steps, seed=args.seed)
+        print(f"vision tower's patch accuracy on unseen scenes: {tower_accuracy}")
+    model.train().requires_grad_(True)
+    tower.requires_grad_(not args.tower_steps)  # a pretrained tower stays frozen, as CLIP in LLaVA
     dataset = SupervisedDataset(
         args.data_path, tokenizer, image_processor, model.config, image_folder=args.image_folder,
         conv_version="v1", model_max_length=model.config.max_position_embeddings,
@@ -78,9 +96,14 @@ def train(args: argparse.Namespace) -> dict:
     )
     progress = tqdm(total=args.steps, desc="training the tiny world's LLaVA", unit="step")
     step, smoothed, started = 0, None, time.perf_counter()
+    exits = random.Random(f"exit-dropout-{args.seed}")
+    layers = model.config.num_hidden_layers
     while step < args.steps:
         for batch in loader:
-            loss = model(**batch).loss
+            exit_config = None
+            if exits.random() < args.exit_dropout:
+                exit_config = ExitConfig("fixed", layer=exits.randint(1, layers - 1))
+            loss = model(**batch, exit_config=exit_config).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -103,6 +126,10 @@ def train(args: argparse.Namespace) -> dict:
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "init_from": args.init_from,
+        "tower_steps": args.tower_steps,
+        "tower_patch_accuracy": tower_accuracy,
+        "exit_dropout": args.exit_dropout,
+        "geometry": asdict(WORLD_GEOMETRY),
         "final_loss": round(smoothed, 4),
         "minutes": round((time.perf_counter() - started) / 60, 1),
     }
@@ -116,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-path", default="playground/data/tiny_world/train.json")
     parser.add_argument("--image-folder", default=None, help="default: images/ next to the data file")
     parser.add_argument("--out", default="checkpoints/tiny-world-llava")
-    parser.add_argument("--steps", type=int, default=1800)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--init-from", default=None, help="a checkpoint of this script to continue from")
+    parser.add_argument("--tower-steps", type=int, default=1000, help="dense pretraining of the tower; 0: train it with the rest")
+    parser.add_argument("--exit-dropout", type=float, default=0.5, help="share of steps with the visual tokens leaving early")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
