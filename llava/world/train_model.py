@@ -77,7 +77,6 @@ def train(args: argparse.Namespace) -> dict:
     tower, tower_accuracy = model.get_vision_tower(), None
     if args.tower_steps and not args.init_from:
         tower_accuracy = pretrain_tower(tower, image_processor, args.tower_steps, seed=args.seed)
-        print(f"vision tower's patch accuracy on unseen scenes: {tower_accuracy}")
     model.train().requires_grad_(True)
     tower.requires_grad_(not args.tower_steps)  # a pretrained tower stays frozen, as CLIP in LLaVA
     dataset = SupervisedDataset(
@@ -155,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.image_folder = args.image_folder or os.path.join(os.path.dirname(args.data_path), "images")
     report = train(args)
+    if report["tower_patch_accuracy"]:
+        print(f"vision tower's patch accuracy on unseen scenes: {report['tower_patch_accuracy']}")
     print(f"trained in {report['minutes']} min, final loss {report['final_loss']}: {os.path.abspath(args.out)}")
 
 
