@@ -3,6 +3,7 @@ pretrained on — right according to an independent reading of the rendered imag
 fill; shape from how much of its box a blob fills)."""
 
 import json
+import random
 import re
 from collections import deque
 
@@ -11,8 +12,6 @@ from PIL import Image
 
 from llava.eval.eval_gqa import score_gqa
 from llava.eval.io import read_jsonl
-import random
-
 from llava.world.generate import (
     COLOURS,
     GATE_TRAIN_DATA,

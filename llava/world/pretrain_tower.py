@@ -20,11 +20,11 @@ from llava.world.generate import COLOURS, SHAPES, SIZES, Shape, object_map, rand
 
 # Per patch, one label per attribute; class 0 is "no object covers this patch".
 ATTRIBUTES = {"colour": ("none", *COLOURS), "shape": ("none", *SHAPES), "size": ("none", *SIZES)}
+MIN_COVER = 0.25  # share of a patch's pixels an object needs to name the patch
 
 
 def attribute_values(shape: Shape) -> tuple[str, str, str]:
     return shape.colour, shape.kind, shape.size
-MIN_COVER = 0.25  # share of a patch's pixels an object needs to name the patch
 
 
 def patch_labels(shapes: list[Shape], patch_size: int) -> torch.Tensor:
