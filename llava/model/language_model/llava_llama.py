@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava.constants import IMAGE_TOKEN_INDEX
@@ -34,6 +34,15 @@ class LlavaCausalLMOutput(CausalLMOutputWithPast):
 
 @dataclass
 class LlavaGenerateOutput(GenerateDecoderOnlyOutput):
+    """Greedy or sampled output with the prefill's exit statistics, one row per returned sequence."""
+
+    exit_stats: ExitStats | None = None
+
+
+@dataclass
+class LlavaGenerateBeamOutput(GenerateBeamDecoderOnlyOutput):
+    """Beam-search output with the prefill's exit statistics, one row per returned sequence."""
+
     exit_stats: ExitStats | None = None
 
 
@@ -141,7 +150,16 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         )
         if isinstance(output, torch.Tensor):
             return output
-        return LlavaGenerateOutput(**output, exit_stats=cache.exit_stats)
+        output_class = LlavaGenerateBeamOutput if isinstance(output, GenerateBeamDecoderOnlyOutput) else LlavaGenerateOutput
+        return output_class(**output, exit_stats=_stats_per_sequence(cache.exit_stats, len(inputs), len(output.sequences)))
+
+
+def _stats_per_sequence(stats: ExitStats, prompts: int, sequences: int) -> ExitStats:
+    """generate() prefills each prompt once per beam (or per returned sample); copies of one prompt decide alike,
+    so each returned sequence takes the first prefill row of its prompt."""
+    per_prompt_prefill, per_prompt_returned = len(stats.exit_layer) // prompts, sequences // prompts
+    rows = torch.arange(sequences) // per_prompt_returned * per_prompt_prefill
+    return stats.select_rows(rows)
 
 
 def _needs_multimodal_inputs(input_ids: torch.LongTensor | None, images) -> bool:

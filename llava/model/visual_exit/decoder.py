@@ -32,6 +32,14 @@ class ExitStats:
     pruned_visual_tokens: torch.Tensor | None = None
     prune_layer: int | None = None
 
+    def select_rows(self, rows: torch.Tensor) -> ExitStats:
+        """These statistics for the given batch rows (e.g. one per returned sequence after beam search)."""
+        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        return ExitStats(
+            pick(self.exit_layer), pick(self.num_tokens), pick(self.num_visual_tokens), pick(self.gate_evaluations),
+            self.geometry, pick(self.pruned_visual_tokens), self.prune_layer,
+        )
+
     @property
     def prefill_flops(self) -> torch.Tensor:
         """Computed on access: nothing of it runs on the prefill's hot path."""
