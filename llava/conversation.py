@@ -251,6 +251,31 @@ conv_templates: dict[str, Conversation] = {
 }
 
 
+def infer_conv_mode(model_name: str) -> str:
+    """LLaVA's rule for checkpoints that do not say: pick the template from the model's folder name."""
+    name = model_name.lower()
+    for marker, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct")):
+        if marker in name:
+            return mode
+    if "v1" in name:
+        return "llava_v1"
+    return "mpt" if "mpt" in name else "llava_v0"
+
+
+def choose_conv_mode(requested: str | None, model_config, model_name: str) -> tuple[str, str]:
+    """The template to prompt with, and why: `--conv-mode` if given, else the one the checkpoint saved
+    (`conv_mode` in its config, written by our tools), else LLaVA's folder-name rule for foreign checkpoints."""
+    if requested:
+        mode, reason = requested, "given with --conv-mode"
+    elif getattr(model_config, "conv_mode", None):
+        mode, reason = model_config.conv_mode, "saved in the checkpoint's config"
+    else:
+        mode = infer_conv_mode(model_name)
+        reason = f"the checkpoint saves none: LLaVA's rule for the folder name {model_name!r}"
+    get_conv_template(mode)  # an unknown name fails here, before any model work
+    return mode, reason
+
+
 def get_conv_template(name: str) -> Conversation:
     """A fresh copy of the named template."""
     try:

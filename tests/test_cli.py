@@ -44,3 +44,24 @@ def test_cli_missing_image_is_one_line_error(llava_checkpoint, tmp_path):
     result = run_cli("--model-path", llava_checkpoint, "--image-file", str(tmp_path / "nope.jpg"))
     assert result.returncode != 0
     assert result.stderr.strip() == f"llava.serve.cli: error: {tmp_path / 'nope.jpg'}: image file not found"
+
+
+def test_cli_uses_the_saved_template_and_says_which(llava_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    image_path = tmp_path / "red.png"
+    Image.new("RGB", (80, 50), (200, 10, 10)).save(image_path)
+    args = ("--image-file", str(image_path), "--temperature", "0", "--max-new-tokens", "2", "--device", "cpu")
+    saved = run_cli("--model-path", llava_checkpoint, *args, stdin="Hi?\n")
+    assert saved.returncode == 0, saved.stderr
+    assert "conversation template vicuna_v1 (saved in the checkpoint's config)" in saved.stderr
+    assert saved.stdout.startswith("USER: ASSISTANT:")  # vicuna_v1's roles
+    foreign = tmp_path / "my-llava"
+    shutil.copytree(llava_checkpoint, foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    del config["conv_mode"]
+    (foreign / "config.json").write_text(json.dumps(config))
+    named = run_cli("--model-path", str(foreign), *args, stdin="Hi?\n")
+    assert "conversation template llava_v0 (the checkpoint saves none: LLaVA's rule for the folder name 'my-llava')" in named.stderr
+    assert named.stdout.startswith("Human: Assistant:")  # llava_v0's roles

@@ -77,6 +77,7 @@ def test_killed_run_resumes_and_answers_each_question_once(llava_checkpoint, gqa
     # A run killed after two answers, in the middle of writing the third line.
     lines = (folder / "complete.jsonl").read_text().splitlines()
     answers.write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][: len(lines[2]) // 2])
+    (folder / "a.settings.json").write_text((folder / "complete.settings.json").read_text())
     resumed = run(llava_checkpoint, folder, answers, "--batch-size", "2")
     assert sorted(r["question_id"] for r in resumed) == sorted(ids)
     assert {r["question_id"]: r["text"] for r in resumed} == {r["question_id"]: r["text"] for r in complete}
@@ -84,9 +85,9 @@ def test_killed_run_resumes_and_answers_each_question_once(llava_checkpoint, gqa
 
 def test_chunks_split_contiguously(llava_checkpoint, gqa_like):
     folder, ids = gqa_like
-    parts = [run(llava_checkpoint, folder, folder / f"3_{i}.jsonl", "--num-chunks", "3", "--chunk-idx", str(i)) for i in range(3)]
+    parts = [run(llava_checkpoint, folder, folder / f"2_{i}.jsonl", "--num-chunks", "2", "--chunk-idx", str(i)) for i in range(2)]
     assert [r["question_id"] for part in parts for r in part] == ids
-    assert [len(part) for part in parts] == [3, 3, 1]
+    assert [len(part) for part in parts] == [4, 3]
 
 
 def test_malformed_question_line_stops_before_model_work(gqa_like, capsys):
@@ -98,3 +99,150 @@ def test_malformed_question_line_stops_before_model_work(gqa_like, capsys):
         run("/nonexistent-model", folder, folder / "a.jsonl")
     assert "questions.jsonl:3: invalid JSON" in str(stopped.value)
     assert not (folder / "a.jsonl").exists()
+
+
+def question_file(folder, questions, name="questions.jsonl"):
+    (folder / name).write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return folder / name
+
+
+def run_plain(checkpoint, questions, images, answers, *extra):
+    """The loader with only what a user must give (no template, default decoding but greedy)."""
+    loader(["--model-path", str(checkpoint), "--question-file", str(questions), "--image-folder", str(images),
+            "--answers-file", str(answers), "--temperature", "0", "--max_new_tokens", "4", "--device", "cpu", *extra])
+    return [json.loads(line) for line in answers.read_text().splitlines()]
+
+
+def test_rerun_with_other_settings_stops_naming_the_difference(llava_checkpoint, gqa_like):
+    folder, ids = gqa_like
+    answers = folder / "a.jsonl"
+    first = run(llava_checkpoint, folder, answers, "--exit-mode", "none")
+    settings = json.loads((folder / "a.settings.json").read_text())
+    assert settings["exit"] == {"mode": "none"} and settings["conv_mode"] == "vicuna_v1"
+    for other, named in [(["--exit-mode", "fixed", "--exit-layer", "1"], "exit.mode: 'none' -> 'fixed'"),
+                         (["--exit-mode", "none", "--num_beams", "2"], "decoding.num_beams: 1 -> 2")]:
+        with pytest.raises(SystemExit) as stopped:
+            run(llava_checkpoint, folder, answers, *other)
+        assert named in str(stopped.value) and "--overwrite" in str(stopped.value)
+    assert answers.read_text().splitlines() == [json.dumps(r) for r in first]  # untouched
+    again = run(llava_checkpoint, folder, answers, "--exit-mode", "fixed", "--exit-layer", "1", "--overwrite")
+    assert sorted(r["question_id"] for r in again) == sorted(ids)
+    assert {r.get("exit_layer") for r in again if "error" not in r} == {1, 0}  # 0: the text-only question
+
+
+def test_error_records_are_asked_again_and_said(llava_checkpoint, gqa_like, caplog):
+    folder, ids = gqa_like
+    answers = folder / "a.jsonl"
+    wrong = folder / "no-such-folder"
+    image_questions = question_file(folder, [json.loads(l) for l in (folder / "questions.jsonl").read_text().splitlines()
+                                             if "image" in json.loads(l)], "images_only.jsonl")
+    with pytest.raises(SystemExit) as stopped:
+        run_plain(llava_checkpoint, image_questions, wrong, answers)
+    assert "every question failed" in str(stopped.value) and "6 of 6 questions are error records" in str(stopped.value)
+    assert f"{wrong}/0.jpg: image file not found" in str(stopped.value)
+    # With the folder fixed, the rerun asks them again: every image found is answered, each question once.
+    caplog.clear()
+    fixed = run_plain(llava_checkpoint, image_questions, folder / "images", answers)
+    assert sorted(r["question_id"] for r in fixed) == sorted(q for q in ids if q != "q-text")
+    assert [r["question_id"] for r in fixed if "error" in r] == ["q-missing"]
+    assert "1 of 6 questions are error records" in caplog.text and "gone.jpg: image file not found" in caplog.text
+
+
+def test_image_tags_and_overlong_prompts_are_per_question_records(llava_checkpoint, gqa_like):
+    folder, _ = gqa_like
+    good = [json.loads(l) for l in (folder / "questions.jsonl").read_text().splitlines()][:4]
+    bad = [{"question_id": "two-tags", "image": "1.jpg", "text": "Compare <image> with this."},
+           {"question_id": "tag-no-image", "text": "What is in <image>?"},
+           {"question_id": "too-long", "image": "2.jpg", "text": "why " * 2100}]
+    mixed = question_file(folder, [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3]], "mixed.jsonl")
+    records = by_id(run_plain(llava_checkpoint, mixed, folder / "images", folder / "mixed_answers.jsonl", "--batch-size", "4"))
+    clean = by_id(run_plain(llava_checkpoint, question_file(folder, good, "good.jsonl"), folder / "images", folder / "good_answers.jsonl"))
+    assert records["two-tags"]["error"] == "question two-tags: its prompt holds 2 <image> tag(s) for 1 image(s)"
+    assert records["tag-no-image"]["error"] == "question tag-no-image: its prompt holds 1 <image> tag(s) for 0 image(s)"
+    assert records["too-long"]["error"].startswith("question too-long: its prompt takes ")
+    assert records["too-long"]["error"].endswith("tokens, the model's context 2048")
+    for qid, answer in clean.items():  # the batches' other questions are answered as if alone
+        assert records[qid]["text"] == answer["text"]
+
+
+def test_unfinished_last_line_is_repaired_and_empty_chunks_are_written(llava_checkpoint, gqa_like, caplog):
+    folder, ids = gqa_like
+    complete = run(llava_checkpoint, folder, folder / "complete.jsonl")
+    answers = folder / "a.jsonl"
+    lines = (folder / "complete.jsonl").read_text().splitlines()
+    answers.write_text(lines[0] + "\n" + lines[1])  # the newline of a whole last answer is missing
+    (folder / "a.settings.json").write_text((folder / "complete.settings.json").read_text())
+    resumed = run(llava_checkpoint, folder, answers)
+    assert sorted(r["question_id"] for r in resumed) == sorted(ids)
+    assert {r["question_id"]: r["text"] for r in resumed} == {r["question_id"]: r["text"] for r in complete}
+    empty = question_file(folder, [], "empty.jsonl")
+    caplog.set_level("INFO")
+    assert run_plain(llava_checkpoint, empty, folder / "images", folder / "empty_answers.jsonl") == []
+    assert "no questions in this chunk; wrote an empty answers file" in caplog.text
+
+
+def test_a_second_run_into_the_same_file_is_refused(llava_checkpoint, gqa_like):
+    from llava.eval.run_settings import answers_lock
+
+    folder, _ = gqa_like
+    with answers_lock(str(folder / "a.jsonl")):
+        with pytest.raises(SystemExit) as stopped:
+            run(llava_checkpoint, folder, folder / "a.jsonl")
+    assert "another run is writing it" in str(stopped.value)
+    assert not (folder / "a.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--num-chunks", "0"], "argument --num-chunks: must be at least 1, got 0"),
+])
+def test_zero_sizes_get_plain_messages(gqa_like, capsys, flags, message):
+    folder, _ = gqa_like
+    with pytest.raises(SystemExit):
+        run("/nonexistent-model", folder, folder / "a.jsonl", *flags)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--exit-mode", "none", "--exit-layer", "3"], "exit mode 'none' does not use --exit-layer"),
+    (["--exit-mode", "fixed", "--exit-layer", "1", "--fastv-r", "0.5"], "exit mode 'fixed' does not use --fastv-r"),
+    (["--exit-mode", "fastv", "--fastv-k", "1", "--fastv-r", "0.5", "--exit-threshold", "0.9"],
+     "exit mode 'fastv' does not use --exit-threshold"),
+])
+def test_exit_flags_the_mode_ignores_are_errors(llava_checkpoint, gqa_like, flags, message):
+    folder, _ = gqa_like
+    with pytest.raises(SystemExit) as stopped:
+        run(llava_checkpoint, folder, folder / "a.jsonl", *flags)
+    assert str(stopped.value) == f"model_vqa_loader: error: {message}"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
+def test_cuda_without_a_cuda_device_is_an_error(llava_checkpoint, gqa_like):
+    folder, _ = gqa_like
+    with pytest.raises(SystemExit) as stopped:
+        loader(["--model-path", llava_checkpoint, "--question-file", str(folder / "questions.jsonl"),
+                "--answers-file", str(folder / "a.jsonl"), "--device", "cuda"])
+    assert str(stopped.value) == "model_vqa_loader: error: --device cuda: torch sees no CUDA device here"
+
+
+def test_template_comes_from_the_checkpoint_then_from_the_name(llava_checkpoint, gqa_like, tmp_path, caplog):
+    import shutil
+
+    folder, _ = gqa_like
+    caplog.set_level("INFO")
+    questions = folder / "questions.jsonl"
+    saved = by_id(run_plain(llava_checkpoint, questions, folder / "images", folder / "saved.jsonl"))
+    assert "conversation template vicuna_v1 (saved in the checkpoint's config)" in caplog.text
+    explicit = by_id(run(llava_checkpoint, folder, folder / "explicit.jsonl"))  # --conv-mode vicuna_v1
+    assert {q: r["text"] for q, r in saved.items()} == {q: r["text"] for q, r in explicit.items()}
+    # A foreign checkpoint (no conv_mode saved) falls back to LLaVA's folder-name rule, and says so.
+    for name, template in [("my-llava", "llava_v0"), ("llava-v1.5-tiny", "llava_v1")]:
+        foreign = tmp_path / name
+        shutil.copytree(llava_checkpoint, foreign)
+        config = json.loads((foreign / "config.json").read_text())
+        del config["conv_mode"]
+        (foreign / "config.json").write_text(json.dumps(config))
+        caplog.clear()
+        run_plain(foreign, questions, folder / "images", folder / f"{name}.jsonl")
+        assert f"conversation template {template} (the checkpoint saves none: LLaVA's rule for the folder name {name!r})" in caplog.text
+        assert json.loads((folder / f"{name}.settings.json").read_text())["conv_mode"] == template

@@ -350,6 +350,20 @@ def test_exit_settings_persist_and_calls_override(loaded, images, tmp_path):
     assert override.exit_stats.exit_layer.tolist() == [reloaded.config.num_hidden_layers]
 
 
+def test_saved_threshold_of_zero_stays_zero(loaded, tmp_path):
+    """A falsy saved threshold is a real setting, not a missing one (it once loaded as the 0.5 default)."""
+    from llava.model.builder import read_llava_config
+
+    _, model, _, _ = loaded
+    ExitConfig("dynamic", threshold=0.0).save_to(model.config)
+    try:
+        model.config.save_pretrained(tmp_path)
+    finally:
+        ExitConfig().save_to(model.config)
+    config, _, _ = read_llava_config(str(tmp_path))
+    assert ExitConfig.from_model_config(config) == ExitConfig("dynamic", threshold=0.0)
+
+
 def test_flops_formula():
     """LLaVA-1.5-7B geometry, 636 prompt tokens of which 576 visual: ~8.5 TFLOPs for the full model."""
     geometry = DecoderGeometry(hidden=4096, kv_width=4096, intermediate=11008, layers=32, gate_hidden=2048)

@@ -2,17 +2,22 @@
 --question-file q.jsonl --image-folder imgs --answers-file a.jsonl [--exit-mode dynamic] [--batch-size 8]`.
 
 LLaVA's loader, batched, chunked (`--num-chunks/--chunk-idx`) and resumable: answers are JSON lines written and
-flushed one by one, and a rerun skips question ids already answered. Each line keeps LLaVA's fields
-(question_id, prompt, text, answer_id, model_id, metadata) and adds the exit layer, the LM-prefill TFLOPs with
-exits and without (`tflops_full`), and the wall-clock prefill and generation time. A sample whose image is missing
-or unreadable gets an error record (`error`) instead of an answer; a malformed question line stops the run before
-any model work, naming the file and line.
+flushed one by one, and a rerun skips question ids already answered — only if it asks for the settings that made
+them (`a.settings.json` beside the answers; see llava.eval.run_settings; `--overwrite` starts afresh). Each line
+keeps LLaVA's fields (question_id, prompt, text, answer_id, model_id, metadata) and adds the exit layer, the
+LM-prefill TFLOPs with exits and without (`tflops_full`), and the wall-clock prefill and generation time.
+
+A question that cannot be asked (a missing or unreadable image, more `<image>` tags than images, a prompt longer
+than the model's context) gets an error record (`error`) instead of an answer; a rerun asks it again. The run ends
+with the count of error records and their first reasons, and fails when every question did. A malformed question
+line stops the run before any model work, naming the file and line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -25,14 +30,22 @@ import torch
 from tqdm import tqdm
 
 from llava.bench.timing import synchronize
-from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from llava.conversation import get_conv_template
+from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava.conversation import choose_conv_mode, get_conv_template
 from llava.eval.io import EvalInputError, read_jsonl
+from llava.eval.run_settings import answers_lock, check_resumable, run_settings, settings_path, write_settings
 from llava.mm_utils import ImageLoadError, get_model_name_from_path, load_image, process_images, tokenizer_image_token
-from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.builder import CheckpointError, load_pretrained_model, read_llava_config, resolve_device
 from llava.model.exit_args import add_exit_arguments, exit_config_from_args
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import prefill_flops
+
+logger = logging.getLogger("llava.eval")
+SHOWN_ERRORS = 3  # error reasons repeated on the console at the end of a run
+
+
+class QuestionError(ValueError):
+    """A question that cannot be asked as given; it becomes that question's error record."""
 
 
 def get_chunk(items: list, num_chunks: int, index: int) -> list:
@@ -48,23 +61,26 @@ def answer_key(record: dict) -> tuple:
     return record["question_id"], record.get("round_id")
 
 
-def finished_keys(path: str) -> set:
-    """Answers already in `path`. A last line cut off by a killed run is dropped from the file."""
+def resume_answers(path: str) -> tuple[set, list[str], bool]:
+    """(keys answered in `path`, the lines to keep, whether the file needs rewriting to them) for a resume.
+
+    Dropped: a last line cut off by a killed run, and error records, whose questions are asked again. A last line
+    that lost only its newline is kept and gets one, so the next answer does not run into it."""
     if not os.path.isfile(path):
-        return set()
+        return set(), [], False
     with open(path) as handle:
-        lines = handle.readlines()
+        content = handle.read()
     done, kept = set(), []
-    for line in lines:
+    for line in content.splitlines():
         try:
-            done.add(answer_key(json.loads(line)))
-            kept.append(line)
-        except (json.JSONDecodeError, KeyError):
+            record = json.loads(line)
+            key = answer_key(record)
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    if len(kept) != len(lines):
-        with open(path, "w") as handle:
-            handle.writelines(kept)
-    return done
+        if "error" not in record:
+            done.add(key)
+            kept.append(line + "\n")
+    return done, kept, "".join(kept) != content
 
 
 @dataclass
@@ -109,15 +125,24 @@ def question_prompt(question: str, conv_mode: str, model_config, has_image: bool
     return conv.get_prompt()
 
 
-def prepare(record: dict, args, tokenizer, image_processor, model_config) -> PreparedQuestion:
-    """`record["image"]`: a path under --image-folder, or an image already decoded (MMBench's base64)."""
+def prepare(record: dict, args, tokenizer, image_processor, model_config, limits: tuple[int, int]) -> PreparedQuestion:
+    """`record["image"]`: a path under --image-folder, or an image already decoded (MMBench's base64).
+    `limits`: the model's context length and the visual tokens one image takes there."""
     pixels = size = None
     image = record.get("image")
     if image:
         image = load_image(os.path.join(args.image_folder, image)) if isinstance(image, str) else image.convert("RGB")
         pixels, size = process_images([image], image_processor, model_config)[0], image.size
     prompt = question_prompt(record["text"], args.conv_mode, model_config, pixels is not None)
-    return PreparedQuestion(record, tokenizer_image_token(prompt, tokenizer, return_tensors="pt"), pixels, size)
+    input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")
+    tags, images = int((input_ids == IMAGE_TOKEN_INDEX).sum()), int(pixels is not None)
+    if tags != images:
+        raise QuestionError(f"question {record['question_id']}: its prompt holds {tags} <image> tag(s) for {images} image(s)")
+    context, visual_tokens = limits
+    length = len(input_ids) + tags * (visual_tokens - 1)
+    if length > context:
+        raise QuestionError(f"question {record['question_id']}: its prompt takes {length} tokens, the model's context {context}")
+    return PreparedQuestion(record, input_ids, pixels, size)
 
 
 def left_padded(sequences: list[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,29 +221,62 @@ def error_record(record: dict, error: Exception, model_name: str) -> dict:
     }
 
 
+def resolve_run(args: argparse.Namespace) -> tuple:
+    """(exit config, settings) of this run, from the checkpoint's config alone (no weights loaded yet)."""
+    config, _, _ = read_llava_config(args.model_path)
+    args.device_type = resolve_device(args.device).type
+    exit_config = exit_config_from_args(args, config)
+    args.conv_mode, reason = choose_conv_mode(args.conv_mode, config, get_model_name_from_path(args.model_path))
+    logger.info("conversation template %s (%s)", args.conv_mode, reason)
+    return exit_config, run_settings(args, exit_config, args.conv_mode)
+
+
 def answer_questions(args: argparse.Namespace, questions: list[dict]) -> None:
-    """Answer `questions` (this chunk's) into --answers-file, skipping those already there."""
+    """Answer `questions` (this chunk's) into --answers-file, skipping those already answered there."""
+    exit_config, settings = resolve_run(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
-    done = finished_keys(args.answers_file)
-    todo = [q for q in questions if answer_key(q) not in done]
-    if not todo:
-        return
+    with answers_lock(args.answers_file):
+        if args.overwrite:
+            for path in (args.answers_file, settings_path(args.answers_file)):
+                if os.path.isfile(path):
+                    os.remove(path)
+        done, kept, tidy = resume_answers(args.answers_file)
+        check_resumable(args.answers_file, settings, has_answers=bool(done))
+        if tidy:
+            with open(args.answers_file, "w") as handle:
+                handle.writelines(kept)
+        write_settings(args.answers_file, settings)
+        todo = [q for q in questions if answer_key(q) not in done]
+        if not questions:
+            open(args.answers_file, "a").close()
+            logger.info("%s: no questions in this chunk; wrote an empty answers file", args.answers_file)
+        elif not todo:
+            logger.info("%s: all %d questions already answered with these settings", args.answers_file, len(questions))
+        else:
+            errors = answer_into(args, todo, exit_config)
+            report_errors(args.answers_file, errors, len(todo))
+
+
+def answer_into(args: argparse.Namespace, todo: list[dict], exit_config) -> list[str]:
+    """Load the model, append an answer or error record per question; the reasons of the error records."""
     args.model_name = get_model_name_from_path(args.model_path)
-    tokenizer, model, image_processor, _ = load_pretrained_model(
+    tokenizer, model, image_processor, context_len = load_pretrained_model(
         args.model_path, args.model_base, args.model_name, device=args.device
     )
     model.eval()
-    exit_config = exit_config_from_args(args, model.config)
+    limits = (context_len, model.get_vision_tower().num_patches)
     timer = PrefillTimer(model, model.device)
+    errors = []
     with open(args.answers_file, "a") as out, torch.inference_mode():
-        progress = tqdm(total=len(todo), desc=f"answering ({exit_config.mode})", unit="q")
+        progress = tqdm(total=len(todo), desc=f"answering ({exit_config.label})", unit="q")
         for batch in batches(todo, args.batch_size):
             prepared, records = [], []
             for record in batch:
                 try:
-                    prepared.append(prepare(record, args, tokenizer, image_processor, model.config))
-                except ImageLoadError as error:
+                    prepared.append(prepare(record, args, tokenizer, image_processor, model.config, limits))
+                except (ImageLoadError, QuestionError) as error:
                     records.append(error_record(record, error, args.model_name))
+                    errors.append(str(error))
             if prepared:
                 records += answer_batch(model, tokenizer, prepared, args, exit_config, timer)
             order = {answer_key(q): i for i, q in enumerate(batch)}
@@ -227,6 +285,27 @@ def answer_questions(args: argparse.Namespace, questions: list[dict]) -> None:
             out.flush()
             progress.update(len(batch))
         progress.close()
+    return errors
+
+
+def report_errors(answers_file: str, errors: list[str], asked: int) -> None:
+    """Say how many questions failed and why (the first few); fail the run when none got an answer."""
+    if not errors:
+        logger.info("%s: %d questions answered", answers_file, asked)
+        return
+    shown = "".join(f"\n  {reason}" for reason in errors[:SHOWN_ERRORS])
+    more = f"\n  ... and {len(errors) - SHOWN_ERRORS} more" if len(errors) > SHOWN_ERRORS else ""
+    message = f"{answers_file}: {len(errors)} of {asked} questions are error records (a rerun asks them again):{shown}{more}"
+    if len(errors) == asked:
+        raise EvalInputError(f"every question failed. {message}")
+    logger.warning("%s", message)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
@@ -236,20 +315,22 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--question-file", type=str, default="tables/question.jsonl")
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
-    parser.add_argument("--conv-mode", type=str, default="llava_v1")
-    parser.add_argument("--num-chunks", type=int, default=1)
+    parser.add_argument("--conv-mode", type=str, default=None, help="default: the checkpoint's saved template, else LLaVA's name rule")
+    parser.add_argument("--num-chunks", type=positive_int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num_beams", type=positive_int, default=1)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="discard the answers file's answers and start afresh")
     add_exit_arguments(parser)
 
 
 def run_loader(args: argparse.Namespace, read_questions, name: str) -> None:
     """Read (and check) the questions, take this chunk, answer; known input errors end with one line."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         questions = get_chunk(read_questions(args), args.num_chunks, args.chunk_idx)
         answer_questions(args, questions)

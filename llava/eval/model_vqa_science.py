@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     add_loader_arguments(parser)
     parser.add_argument("--single-pred-prompt", action="store_true")
     parser.add_argument("--answer-prompter", action="store_true", help="accepted for LLaVA's scripts; unused")
-    parser.set_defaults(question_file="tables/question.json", conv_mode="llava_v0", max_new_tokens=1024)
+    parser.set_defaults(question_file="tables/question.json", max_new_tokens=1024)
     run_loader(parser.parse_args(argv), read_science_questions, "model_vqa_science")
 
 

@@ -1,8 +1,9 @@
 """One summary per evaluation run: `python -m llava.eval.summary --benchmark gqa --answers-file merge.jsonl
 --metrics-json scores.json` prints a table row and writes `<answers>.summary.json` beside the answers.
 
-Fields: benchmark, the scorer's metrics, samples, errors (error records of the loader), mean exit layer, mean
-LM-prefill TFLOPs, their reduction against mode none on the same inputs, mean latency and prefill time.
+Fields: benchmark, the model folder and exit settings that made the answers (from `<answers>.settings.json`; the
+JSON keeps all the settings), the scorer's metrics, samples, errors (error records of the loader), mean exit
+layer, mean LM-prefill TFLOPs, their reduction against mode none on the same inputs, mean latency and prefill time.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import json
 import os
 
 from llava.eval.io import read_jsonl
+from llava.eval.run_settings import read_settings
 
 COLUMNS = ("benchmark", "samples", "errors", "exit_layer", "tflops", "flops_reduction", "latency_ms")
+LEADING = ("model", "exit")  # which run a row is, right after the benchmark
+HIDDEN = ("prefill_ms", "settings")  # in the JSON, not in the row
 
 
-def summarize(answers: list[dict], benchmark: str, metrics: dict) -> dict:
+def summarize(answers: list[dict], benchmark: str, metrics: dict, settings: dict | None = None) -> dict:
     answered = [record for record in answers if "error" not in record]
 
     def mean(key: str) -> float | None:
@@ -25,8 +29,11 @@ def summarize(answers: list[dict], benchmark: str, metrics: dict) -> dict:
 
     full = sum(record.get("tflops_full") or 0.0 for record in answered)
     used = sum(record.get("tflops") or 0.0 for record in answered)
+    settings = settings or {}
     return {
         "benchmark": benchmark,
+        "model": settings.get("model_path") and os.path.basename(settings["model_path"]),
+        "exit": settings.get("exit_label"),
         **metrics,
         "samples": len(answers),
         "errors": len(answers) - len(answered),
@@ -35,11 +42,13 @@ def summarize(answers: list[dict], benchmark: str, metrics: dict) -> dict:
         "flops_reduction": 1 - used / full if full else None,
         "latency_ms": mean("latency_ms"),
         "prefill_ms": mean("prefill_ms"),
+        "settings": settings,
     }
 
 
 def format_row(summary: dict, header: bool = True) -> str:
-    keys = [k for k in summary if k not in COLUMNS and k != "prefill_ms"] + list(COLUMNS[1:])
+    metrics = [k for k in summary if k not in COLUMNS + LEADING + HIDDEN]
+    keys = list(LEADING) + metrics + list(COLUMNS[1:])
     cells = [summary["benchmark"]] + [_cell(summary[key]) for key in keys]
     widths = [max(len(name), len(cell)) for name, cell in zip(["benchmark", *keys], cells)]
     row = " | ".join(cell.rjust(width) for cell, width in zip(cells, widths))
@@ -67,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_json:
         with open(args.metrics_json) as handle:
             metrics = {k: v for k, v in json.load(handle).items() if isinstance(v, (int, float, str))}
-    summary = summarize(read_jsonl(args.answers_file, ("question_id",)), args.benchmark, metrics)
+    answers = read_jsonl(args.answers_file, ("question_id",))
+    summary = summarize(answers, args.benchmark, metrics, read_settings(args.answers_file))
     path = os.path.splitext(args.answers_file)[0] + ".summary.json"
     with open(path, "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -73,25 +73,18 @@ def load_pretrained_model(
     `device` defaults to CUDA when present, else CPU; `dtype` to fp16 on CUDA, fp32 on CPU.
     """
     del model_name  # LLaVA dispatches on the name; here the config says which layout a checkpoint has
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    device = resolve_device(device)
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     if use_flash_attn:
         attn_implementation = "flash_attention_2"
     load_kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
-    load_kwargs["device_map"] = device_map if torch.device(device).type == "cuda" else {"": device}
+    load_kwargs["device_map"] = device_map if device.type == "cuda" else {"": str(device)}
     if load_8bit or load_4bit:
         load_kwargs["quantization_config"] = _quantization_config(load_8bit, dtype)
 
-    gates_only = read_gates_config(model_path)
-    if gates_only is not None:  # a gates-only artifact: the LLaVA model comes from its base checkpoint
-        gates_path, model_path = model_path, gates_only["base_model"]
-    config_dict = read_config_dict(model_path)
-    config = llava_config_from_dict(config_dict, model_path)
-    if gates_only is not None:
-        config.visual_gate_hidden_size = gates_only["visual_gate_hidden_size"]
-    elif not getattr(config, "visual_gate_hidden_size", None):
-        # Reference-trained checkpoints carry gate weights without naming their width in the config.
-        config.visual_gate_hidden_size = gate_width_in_checkpoint(model_path)
+    gates_path = model_path
+    config, config_dict, model_path = read_llava_config(model_path)
+    gates_only = model_path != gates_path
     if is_hf_layout(config_dict):
         load_kwargs["key_mapping"] = HF_CHECKPOINT_TO_LLAVA
     weights_path = model_base or model_path
@@ -99,7 +92,7 @@ def load_pretrained_model(
     model = LlavaLlamaForCausalLM.from_pretrained(weights_path, config=config, **load_kwargs)
     if model_base is not None:
         _load_projector(model, model_path)
-    if gates_only is not None:
+    if gates_only:
         load_gates(model, gates_path)
 
     _add_mm_tokens(model, tokenizer)
@@ -107,8 +100,37 @@ def load_pretrained_model(
     if not tower.is_loaded:
         tower.load_model(dtype=dtype, device=model.device)
     image_processor = tower.image_processor or load_image_processor(model_path)
-    context_len = getattr(model.config, "max_sequence_length", DEFAULT_CONTEXT_LEN)
+    context_len = getattr(model.config, "max_sequence_length", None) or getattr(
+        model.config, "max_position_embeddings", DEFAULT_CONTEXT_LEN
+    )
     return tokenizer, model, image_processor, context_len
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device asked for (default: CUDA when present, else CPU); CUDA without a CUDA device is an error,
+    never a silent run elsewhere."""
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here")
+    return resolved
+
+
+def read_llava_config(model_path: str) -> tuple[LlavaConfig, dict, str]:
+    """The model's config without loading weights: (config, its raw dict, the folder holding the weights).
+
+    For a gates-only artifact the weights are its base checkpoint's and the config is the base's with the gates'
+    width; a checkpoint whose config does not name its gates' width gets it from the weights (reference-trained
+    checkpoints)."""
+    gates_only = read_gates_config(model_path)
+    if gates_only is not None:
+        model_path = gates_only["base_model"]
+    config_dict = read_config_dict(model_path)
+    config = llava_config_from_dict(config_dict, model_path)
+    if gates_only is not None:
+        config.visual_gate_hidden_size = gates_only["visual_gate_hidden_size"]
+    elif not getattr(config, "visual_gate_hidden_size", None):
+        config.visual_gate_hidden_size = gate_width_in_checkpoint(model_path)
+    return config, config_dict, model_path
 
 
 def gate_width_in_checkpoint(model_path: str) -> int | None:

@@ -17,6 +17,9 @@ def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
-    return ExitConfig.from_model_config(model_config).with_overrides(
-        args.exit_mode, args.exit_layer, args.exit_threshold, args.fastv_k, args.fastv_r
-    )
+    """The checkpoint's exit settings with the flags given on top; a flag the resulting mode ignores is an error
+    (`--exit-mode none --exit-layer 4` would otherwise run mode none under a name that says layer 4)."""
+    given = {"layer": args.exit_layer, "threshold": args.exit_threshold, "fastv_k": args.fastv_k, "fastv_r": args.fastv_r}
+    config = ExitConfig.from_model_config(model_config).with_overrides(args.exit_mode, **given)
+    config.check_overrides_used(**given)
+    return config

@@ -73,6 +73,7 @@ def build_tiny_llava(geometry: TinyGeometry, texts: tuple[str, ...] = ()):
         mm_use_im_start_end=False,
         mm_use_im_patch_token=False,
         image_aspect_ratio="pad",
+        conv_mode="vicuna_v1",
     )
     torch.manual_seed(geometry.seed)
     model = LlavaLlamaForCausalLM(config).eval()

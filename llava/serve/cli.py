@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import torch
 from transformers import TextStreamer
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from llava.conversation import get_conv_template
+from llava.conversation import choose_conv_mode, get_conv_template
 from llava.mm_utils import (
     ImageLoadError,
     KeywordsStoppingCriteria,
@@ -22,16 +23,7 @@ from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.exit_args import add_exit_arguments, exit_config_from_args
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 
-
-def infer_conv_mode(model_name: str) -> str:
-    """LLaVA's rule: pick the template from the model name."""
-    name = model_name.lower()
-    for marker, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"), ("v1.6-34b", "chatml_direct")):
-        if marker in name:
-            return mode
-    if "v1" in name:
-        return "llava_v1"
-    return "mpt" if "mpt" in name else "llava_v0"
+logger = logging.getLogger("llava.serve.cli")
 
 
 def image_prompt(question: str, model_config) -> str:
@@ -42,6 +34,7 @@ def image_prompt(question: str, model_config) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         chat(argv)
     except (ImageLoadError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
@@ -54,7 +47,7 @@ def chat(argv: list[str] | None) -> None:
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--image-file", required=True)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--conv-mode", default=None, help="default: inferred from the model name")
+    parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's saved template, else LLaVA's name rule")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--load-8bit", action="store_true")
@@ -64,11 +57,13 @@ def chat(argv: list[str] | None) -> None:
     args = parser.parse_args(argv)
 
     model_name = get_model_name_from_path(args.model_path)
-    conv = get_conv_template(args.conv_mode or infer_conv_mode(model_name))
     image = load_image(args.image_file)
     tokenizer, model, image_processor, _ = load_pretrained_model(
         args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=args.device
     )
+    conv_mode, reason = choose_conv_mode(args.conv_mode, model.config, model_name)
+    logger.info("conversation template %s (%s)", conv_mode, reason)
+    conv = get_conv_template(conv_mode)
     exit_config = exit_config_from_args(args, model.config)
     image_tensor = process_images([image], image_processor, model.config).to(model.device, model.dtype)
     image_sizes = [image.size]

@@ -74,6 +74,9 @@ def load_runs(answers_root: str) -> list[Run]:
         mode, settings = parse_run_name(name)
         with open(summary_path) as handle:
             summary = json.load(handle)
+        made_with = (summary.get("settings") or {}).get("exit_label")
+        if made_with is None or parse_run_name(made_with) != (mode, settings):
+            raise ValueError(f"{summary_path}: the answers were made with exit settings {made_with!r}, not {name!r}")
         answers = read_jsonl(os.path.join(folder, "merge.jsonl"), ("question_id",))
         runs.append(Run(
             name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],

@@ -67,6 +67,9 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+CONV_MODE = "vicuna_v1"  # the template every prompt is trained with; saved in the config for the loaders
+
+
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     if args.init_from:
@@ -81,7 +84,7 @@ def train(args: argparse.Namespace) -> dict:
     tower.requires_grad_(not args.tower_steps)  # a pretrained tower stays frozen, as CLIP in LLaVA
     dataset = SupervisedDataset(
         args.data_path, tokenizer, image_processor, model.config, image_folder=args.image_folder,
-        conv_version="v1", model_max_length=model.config.max_position_embeddings,
+        conv_version=CONV_MODE, model_max_length=model.config.max_position_embeddings,
     )
     crop = image_processor.crop_size
     collator = DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"]))
@@ -116,6 +119,7 @@ def train(args: argparse.Namespace) -> dict:
                 break
     progress.close()
     model.eval().requires_grad_(False)
+    model.config.conv_mode = CONV_MODE
     os.makedirs(args.out, exist_ok=True)
     save_llava_layout(args.out, model, tokenizer, image_processor)
     report = {

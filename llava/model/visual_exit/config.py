@@ -6,6 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 
 EXIT_MODES = ("none", "fixed", "dynamic", "fastv", "dynamic+fastv")
+FLAG_NAMES = {"layer": "exit-layer", "threshold": "exit-threshold", "fastv_k": "fastv-k", "fastv_r": "fastv-r"}
+
+
+def _saved(config, name: str, default):
+    """A config attribute, `default` only when it is absent or None (a saved 0.0 stays 0.0)."""
+    value = getattr(config, name, None)
+    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,31 @@ class ExitConfig:
         return cls(
             mode=getattr(config, "exit_mode", None) or "none",
             layer=getattr(config, "exit_layer", None),
-            threshold=getattr(config, "exit_threshold", None) or 0.5,
+            threshold=_saved(config, "exit_threshold", 0.5),
             fastv_k=getattr(config, "exit_fastv_k", None),
             fastv_r=getattr(config, "exit_fastv_r", None),
         )
+
+    @property
+    def used_fields(self) -> tuple[str, ...]:
+        """The fields this mode reads; the others are carried along but mean nothing to it."""
+        return (
+            (("layer",) if self.mode == "fixed" else ())
+            + (("threshold",) if self.uses_gates else ())
+            + (("fastv_k", "fastv_r") if self.uses_fastv else ())
+        )
+
+    def settings(self) -> dict:
+        """The mode and the fields it reads: what an answers file records as the exit that produced it."""
+        return {"mode": self.mode, **{name: getattr(self, name) for name in self.used_fields}}
+
+    @property
+    def label(self) -> str:
+        """A folder-friendly name of these settings, e.g. `none`, `fixed-4`, `dynamic-0.9`, `fastv-2-0.5`,
+        `dynamic+fastv-0.99-2-0.5` (the run names the quickstart's report reads)."""
+        values = [self.layer if self.mode == "fixed" else None, self.threshold if self.uses_gates else None]
+        values += [self.fastv_k, self.fastv_r] if self.uses_fastv else []
+        return "-".join([self.mode] + [f"{value:g}" for value in values if value is not None])
 
     def with_overrides(
         self,
@@ -65,6 +93,13 @@ class ExitConfig:
         """This config with the given (non-None) fields replaced, e.g. from CLI flags."""
         changes = {"mode": mode, "layer": layer, "threshold": threshold, "fastv_k": fastv_k, "fastv_r": fastv_r}
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def check_overrides_used(self, **given) -> None:
+        """Refuse settings the user gave explicitly (non-None) that this mode would silently ignore."""
+        unused = [name for name, value in given.items() if value is not None and name not in self.used_fields]
+        if unused:
+            flags = ", ".join("--" + FLAG_NAMES[name] for name in unused)
+            raise ValueError(f"exit mode {self.mode!r} does not use {flags}")
 
     def save_to(self, config) -> None:
         config.exit_mode, config.exit_layer, config.exit_threshold = self.mode, self.layer, self.threshold

@@ -1,53 +1,75 @@
 # Shared by the benchmark scripts in this folder (source it; it runs nothing by itself).
 # Environment, all optional:
-#   MODEL_PATH, MODEL_BASE, CKPT (answers subfolder, default: the model folder's name), EVAL_ROOT,
-#   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD / FASTV_K / FASTV_R (default: the checkpoint's config), BATCH_SIZE, CONV_MODE,
+#   MODEL_PATH, MODEL_BASE, EVAL_ROOT (and each script's own *_DIR), relative to where you call the script from;
+#   CKPT (answers subfolder, default: <model folder>_<exit settings>, e.g. llava-v1.5-7b_dynamic-0.5);
+#   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD / FASTV_K / FASTV_R (default: the checkpoint's config), BATCH_SIZE,
+#   CONV_MODE (default: the template the checkpoint saved, else LLaVA's rule for its folder name),
 #   CUDA_VISIBLE_DEVICES (one chunk per listed GPU; without a GPU one chunk on the CPU), PYTHON.
-# The defaults evaluate the tiny world's gated model on its GQA-format questions (scripts/quickstart.sh); for real
-# benchmarks set MODEL_PATH and EVAL_ROOT=./playground/data/eval (LLaVA's layout).
+# The defaults evaluate the tiny world's gated model on its GQA-format questions (generated here if missing); for
+# real benchmarks set MODEL_PATH and EVAL_ROOT=./playground/data/eval (LLaVA's layout).
 set -euo pipefail
+
+# Paths the caller gave are read from the caller's folder; the defaults below from the repository's.
+for name in MODEL_PATH MODEL_BASE EVAL_ROOT GQADIR MME_DIR MMBENCH_DIR POPE_DIR SEED_DIR SQA_DIR TEXTVQA_DIR VIZWIZ_DIR \
+    VQAV2_DIR; do
+    value=${!name:-}
+    if [ -n "$value" ] && [ "${value#/}" = "$value" ]; then
+        printf -v "$name" '%s' "$PWD/$value"
+    fi
+done
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 
+WORLD_EVAL=./playground/data/tiny_world/eval
 MODEL_PATH=${MODEL_PATH:-./checkpoints/tiny-world-llava-visual-gate}
-CKPT=${CKPT:-$(basename "$MODEL_PATH")}
-EVAL_ROOT=${EVAL_ROOT:-./playground/data/tiny_world/eval}
+EVAL_ROOT=${EVAL_ROOT:-$WORLD_EVAL}
 BATCH_SIZE=${BATCH_SIZE:-1}
-CONV_MODE=${CONV_MODE:-vicuna_v1}
 PYTHON=${PYTHON:-python}
 
-LOADER_ARGS=(--model-path "$MODEL_PATH" --conv-mode "$CONV_MODE" --temperature 0 --batch-size "$BATCH_SIZE")
+if [ "$EVAL_ROOT" = "$WORLD_EVAL" ] && [ ! -d "$WORLD_EVAL" ]; then
+    echo "the tiny world's questions are missing: generating them (python -m llava.world.generate, seconds)"
+    "$PYTHON" -m llava.world.generate --out "$(dirname "$WORLD_EVAL")"
+fi
+
+LOADER_ARGS=(--model-path "$MODEL_PATH" --temperature 0 --batch-size "$BATCH_SIZE")
+EXIT_ARGS=()
 [ -n "${MODEL_BASE:-}" ] && LOADER_ARGS+=(--model-base "$MODEL_BASE")
-[ -n "${EXIT_MODE:-}" ] && LOADER_ARGS+=(--exit-mode "$EXIT_MODE")
-[ -n "${EXIT_LAYER:-}" ] && LOADER_ARGS+=(--exit-layer "$EXIT_LAYER")
-[ -n "${EXIT_THRESHOLD:-}" ] && LOADER_ARGS+=(--exit-threshold "$EXIT_THRESHOLD")
-[ -n "${FASTV_K:-}" ] && LOADER_ARGS+=(--fastv-k "$FASTV_K")
-[ -n "${FASTV_R:-}" ] && LOADER_ARGS+=(--fastv-r "$FASTV_R")
+[ -n "${CONV_MODE:-}" ] && LOADER_ARGS+=(--conv-mode "$CONV_MODE")
+[ -n "${EXIT_MODE:-}" ] && EXIT_ARGS+=(--exit-mode "$EXIT_MODE")
+[ -n "${EXIT_LAYER:-}" ] && EXIT_ARGS+=(--exit-layer "$EXIT_LAYER")
+[ -n "${EXIT_THRESHOLD:-}" ] && EXIT_ARGS+=(--exit-threshold "$EXIT_THRESHOLD")
+[ -n "${FASTV_K:-}" ] && EXIT_ARGS+=(--fastv-k "$FASTV_K")
+[ -n "${FASTV_R:-}" ] && EXIT_ARGS+=(--fastv-r "$FASTV_R")
+LOADER_ARGS+=(${EXIT_ARGS[@]+"${EXIT_ARGS[@]}"})
+# Named after the model and the exit settings, so a run with other settings never resumes another's answers.
+CKPT=${CKPT:-$("$PYTHON" -m llava.eval.run_settings --model-path "$MODEL_PATH" ${EXIT_ARGS[@]+"${EXIT_ARGS[@]}"})}
 
 if "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     IFS=',' read -ra GPULIST <<< "${CUDA_VISIBLE_DEVICES:-0}"
 else
     GPULIST=(cpu)
 fi
-CHUNKS=${#GPULIST[@]}
+CHUNKS=${CHUNKS:-${#GPULIST[@]}}
 
-# run_chunks LOADER_MODULE ANSWERS_DIR [loader args...]: one loader per GPU on its chunk, then merge.jsonl in order.
+# run_chunks LOADER_MODULE ANSWERS_DIR [loader args...]: one loader per chunk (a GPU each, or all on the CPU), then
+# merge.jsonl in chunk order. CHUNKS overrides the count (several CPU processes, or a test).
 run_chunks() {
     local module=$1 answers_dir=$2
     shift 2
     mkdir -p "$answers_dir"
-    local pids=()
+    local pids=() parts=()
     for IDX in $(seq 0 $((CHUNKS - 1))); do
+        local gpu=${GPULIST[$((IDX % ${#GPULIST[@]}))]}
         local device=(--device cuda)
-        [ "${GPULIST[$IDX]}" = cpu ] && device=(--device cpu)
-        CUDA_VISIBLE_DEVICES=${GPULIST[$IDX]/cpu/} "$PYTHON" -m "$module" "${LOADER_ARGS[@]}" "${device[@]}" "$@" \
+        [ "$gpu" = cpu ] && device=(--device cpu)
+        parts+=("$answers_dir/${CHUNKS}_${IDX}.jsonl")
+        CUDA_VISIBLE_DEVICES=${gpu/cpu/} "$PYTHON" -m "$module" "${LOADER_ARGS[@]}" "${device[@]}" "$@" \
             --answers-file "$answers_dir/${CHUNKS}_${IDX}.jsonl" --num-chunks "$CHUNKS" --chunk-idx "$IDX" &
         pids+=($!)
     done
-    for pid in "${pids[@]}"; do wait "$pid"; done
-    : > "$answers_dir/merge.jsonl"
-    for IDX in $(seq 0 $((CHUNKS - 1))); do
-        cat "$answers_dir/${CHUNKS}_${IDX}.jsonl" >> "$answers_dir/merge.jsonl"
-    done
+    local failed=0
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    [ "$failed" = 0 ] || { echo "a chunk failed (its message is above); nothing merged" >&2; exit 1; }
+    "$PYTHON" -m llava.eval.merge --out "$answers_dir/merge.jsonl" "${parts[@]}"
 }
 
 # summarize BENCHMARK ANSWERS METRICS_JSON: the run's table row and <answers>.summary.json.
