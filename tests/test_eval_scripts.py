@@ -5,13 +5,17 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPLIT = "llava_gqa_testdev_balanced"
 
 
-def test_gqa_script_end_to_end(llava_checkpoint, tmp_path):
-    gqa = tmp_path / "gqa"
+@pytest.fixture
+def gqa_root(tmp_path):
+    """EVAL_ROOT with gqa/ in LLaVA's layout: three questions, their images and GQA-format truth."""
+    gqa = tmp_path / "eval" / "gqa"
     (gqa / "data" / "images").mkdir(parents=True)
     questions, truth = [], {}
     for i, answer in enumerate(["red", "blue", "red"]):
@@ -19,24 +23,59 @@ def test_gqa_script_end_to_end(llava_checkpoint, tmp_path):
         questions.append({"question_id": f"20{i}", "image": f"{i}.jpg", "category": "default",
                           "text": "What colour is it?\nAnswer the question using a single word or phrase."})
         truth[f"20{i}"] = {"answer": answer, "types": {"structural": "query", "semantic": "attr"}}
-    (gqa / "llava_gqa_testdev_balanced.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (gqa / f"{SPLIT}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     (gqa / "data" / "testdev_balanced_questions.json").write_text(json.dumps(truth))
-    env = dict(os.environ, MODEL_PATH=llava_checkpoint, CKPT="tiny", EVAL_ROOT=str(tmp_path), EXIT_MODE="fixed",
-               EXIT_LAYER="1", PYTHON=sys.executable, PYTHONPATH=ROOT,
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    result = subprocess.run(["bash", os.path.join(ROOT, "scripts/v1_5/eval/gqa.sh")], env=env, capture_output=True,
-                            text=True, timeout=600)
+    return tmp_path / "eval", truth
+
+
+def gqa_script(cwd, **env):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT,
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **env)
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts/v1_5/eval/gqa.sh")], env=env, cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    answers = gqa / "answers" / "llava_gqa_testdev_balanced" / "tiny"
+    return result
+
+
+def read_run(eval_root, name):
+    answers = eval_root / "gqa" / "answers" / SPLIT / name
     merged = [json.loads(line) for line in (answers / "merge.jsonl").read_text().splitlines()]
+    return merged, json.loads((answers / "merge.summary.json").read_text())
+
+
+def test_gqa_script_end_to_end(llava_checkpoint, gqa_root):
+    eval_root, truth = gqa_root
+    result = gqa_script(ROOT, MODEL_PATH=llava_checkpoint, CKPT="tiny", EVAL_ROOT=str(eval_root), EXIT_MODE="fixed",
+                        EXIT_LAYER="1")
+    merged, summary = read_run(eval_root, "tiny")
     assert [r["question_id"] for r in merged] == ["200", "201", "202"]
-    predictions = json.loads((gqa / "data" / "testdev_balanced_predictions.json").read_text())
+    predictions = json.loads((eval_root / "gqa" / "data" / "testdev_balanced_predictions.json").read_text())
     # Oracle for the converter and scorer: LLaVA's rule applied here by hand.
     expected = [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()} for r in merged]
     assert predictions == expected
     correct = sum(p["prediction"] == truth[p["questionId"]]["answer"] for p in expected)
-    summary = json.loads((answers / "merge.summary.json").read_text())
     assert abs(summary["accuracy"] - 100 * correct / 3) < 1e-9  # eval_gqa reports percent
     assert summary["samples"] == 3 and summary["errors"] == 0 and summary["exit_layer"] == 1
     assert 0 < summary["flops_reduction"] < 1
-    assert "gqa" in result.stdout and "flops_reduction" in result.stdout
+    assert summary["exit"] == "fixed-1" and summary["settings"]["exit"] == {"mode": "fixed", "layer": 1}
+    assert "gqa" in result.stdout and "flops_reduction" in result.stdout and "fixed-1" in result.stdout
+
+
+def test_runs_are_named_by_their_settings_paths_are_the_callers_and_two_chunks_equal_one(llava_checkpoint, gqa_root):
+    eval_root, _ = gqa_root
+    caller = eval_root.parent
+    os.symlink(llava_checkpoint, caller / "ckpt")
+    # Relative paths, read from the caller's folder; two chunks on the CPU.
+    gqa_script(caller, MODEL_PATH="ckpt", EVAL_ROOT="eval", EXIT_MODE="fixed", EXIT_LAYER="1", CHUNKS="2")
+    two_chunks, fixed = read_run(eval_root, "ckpt_fixed-1")
+    assert fixed["exit_layer"] == 1
+    # Another exit mode on the same model is a new run in a folder of its own, not a resume of the first.
+    gqa_script(caller, MODEL_PATH="ckpt", EVAL_ROOT="eval", EXIT_MODE="none")
+    _, none = read_run(eval_root, "ckpt_none")
+    assert none["exit_layer"] == 4 and none["exit"] == "none" and none["flops_reduction"] == pytest.approx(0.0)
+    gqa_script(caller, MODEL_PATH="ckpt", EVAL_ROOT="eval", EXIT_MODE="fixed", EXIT_LAYER="1", CKPT="one-chunk")
+    one_chunk, _ = read_run(eval_root, "one-chunk")
+    keep = ("question_id", "text", "exit_layer", "tflops", "tflops_full")
+    assert [{k: r[k] for k in keep} for r in two_chunks] == [{k: r[k] for k in keep} for r in one_chunk]
+    parts = sorted(p.name for p in (eval_root / "gqa" / "answers" / SPLIT / "ckpt_fixed-1").glob("2_*.jsonl"))
+    assert parts == ["2_0.jsonl", "2_1.jsonl"]
