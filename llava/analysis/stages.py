@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 from collections import Counter
@@ -31,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from llava.conversation import choose_conv_mode
 from llava.eval.io import EvalInputError, read_jsonl
-from llava.eval.model_vqa_loader import PreparedQuestion, batches, left_padded, prepare
-from llava.mm_utils import ImageLoadError
+from llava.eval.model_vqa_loader import PreparedQuestion, QuestionError, batches, left_padded, prepare
+from llava.mm_utils import ImageLoadError, get_model_name_from_path
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import ExitConfig
@@ -44,6 +46,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+logger = logging.getLogger("llava.analysis")
 KEY_GROUPS = ("visual", "text", "system")
 ATTENTION_COLUMNS = (
     "text_to_visual", "text_to_text", "text_to_system", "visual_to_visual", "text_entropy", "text_entropy_without_visual"
@@ -264,8 +267,13 @@ def plot_oracle_histogram(oracle: torch.Tensor, layers: int, path: str) -> None:
 
 def analyse(args: argparse.Namespace) -> dict:
     questions = read_jsonl(args.question_file, ("question_id", "text"))[: args.limit or None]
-    tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, args.model_base, device=args.device)
+    tokenizer, model, image_processor, context_len = load_pretrained_model(
+        args.model_path, args.model_base, device=args.device
+    )
     model.eval()
+    args.conv_mode, reason = choose_conv_mode(args.conv_mode, model.config, get_model_name_from_path(args.model_path))
+    logger.info("conversation template %s (%s)", args.conv_mode, reason)
+    limits = (context_len, model.get_vision_tower().num_patches)
     rule = ExitLabelRule(args.agree_threshold, args.ratio_threshold)
     os.makedirs(args.output_dir, exist_ok=True)
     results: list[BatchAnalysis] = []
@@ -279,8 +287,8 @@ def analyse(args: argparse.Namespace) -> dict:
                     skipped.append({"question_id": record["question_id"], "reason": "no image"})
                     continue
                 try:
-                    prepared.append(prepare(record, args, tokenizer, image_processor, model.config))
-                except ImageLoadError as error:
+                    prepared.append(prepare(record, args, tokenizer, image_processor, model.config, limits))
+                except (ImageLoadError, QuestionError) as error:
                     skipped.append({"question_id": record["question_id"], "reason": str(error)})
             if prepared:
                 batch = teacher_forced_batch(model, tokenizer, prepared, args.max_new_tokens)
@@ -334,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--question-file", required=True, help="LLaVA question jsonl (question_id, image, text)")
     parser.add_argument("--image-folder", default="")
-    parser.add_argument("--conv-mode", default="vicuna_v1")
+    parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's saved template, else LLaVA's name rule")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=0, help="analyse the first N questions (0: all)")
@@ -343,9 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ratio-threshold", type=float, default=ExitLabelRule.ratio_threshold)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         summary = analyse(args)
-    except (EvalInputError, CheckpointError, VisionTowerNotFoundError) as error:
+    except (EvalInputError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
         sys.exit(f"llava.analysis.stages: error: {error}")
     print(summary_table(summary))
     print(f"{summary['samples']} samples analysed, {summary['skipped']} skipped; "

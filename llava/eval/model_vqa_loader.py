@@ -125,9 +125,11 @@ def question_prompt(question: str, conv_mode: str, model_config, has_image: bool
     return conv.get_prompt()
 
 
-def prepare(record: dict, args, tokenizer, image_processor, model_config, limits: tuple[int, int]) -> PreparedQuestion:
+def prepare(
+    record: dict, args, tokenizer, image_processor, model_config, limits: tuple[int, int] | None = None
+) -> PreparedQuestion:
     """`record["image"]`: a path under --image-folder, or an image already decoded (MMBench's base64).
-    `limits`: the model's context length and the visual tokens one image takes there."""
+    `limits`: the model's context length and the visual tokens one image takes there (None: not checked)."""
     pixels = size = None
     image = record.get("image")
     if image:
@@ -138,9 +140,9 @@ def prepare(record: dict, args, tokenizer, image_processor, model_config, limits
     tags, images = int((input_ids == IMAGE_TOKEN_INDEX).sum()), int(pixels is not None)
     if tags != images:
         raise QuestionError(f"question {record['question_id']}: its prompt holds {tags} <image> tag(s) for {images} image(s)")
-    context, visual_tokens = limits
+    context, visual_tokens = limits or (None, 1)
     length = len(input_ids) + tags * (visual_tokens - 1)
-    if length > context:
+    if context is not None and length > context:
         raise QuestionError(f"question {record['question_id']}: its prompt takes {length} tokens, the model's context {context}")
     return PreparedQuestion(record, input_ids, pixels, size)
 
