@@ -160,7 +160,7 @@ def test_mme_category_acc_plus_by_hand():
     c = eval_mme.score_category(pairs)
     # right: T, F, T, T -> acc 3/4; image pairs (T,F) -> no, (T,T) -> yes -> acc+ 1/2
     assert c["acc"] == pytest.approx(0.75) and c["acc_plus"] == pytest.approx(0.5)
-    assert c["score"] == pytest.approx(125.0)  # 100 * (0.75 + 0.5)
+    assert c["score"] == pytest.approx(125.0)  # 0.75 * 100 + 0.5 * 100
     # "maybe" is other (wrong), "no" right -> acc 1/2, acc+ 0 -> 50
     c = eval_mme.score_category([("Yes", "maybe"), ("No", "no")])
     assert (c["score"], c["other"]) == (pytest.approx(50.0), 1)
@@ -226,8 +226,8 @@ def test_mme_convert_then_score(mme_files, capsys):
             (out_dir / f"{name}.txt").write_text("1.txt\tQ1? Please answer yes or no.\tYes\tyes\n"
                                                  "1.txt\tQ2? Please answer yes or no.\tNo\tyes\n")
     result = eval_mme.score(str(out_dir))
-    assert result["categories"]["existence"]["score"] == pytest.approx(200.0)  # both right: 100 * (1 + 1)
-    assert result["categories"]["artwork"]["score"] == pytest.approx(50.0)  # maybe=other, no right: 100 * (0.5 + 0)
+    assert result["categories"]["existence"]["score"] == pytest.approx(200.0)  # both right: 1 * 100 + 1 * 100
+    assert result["categories"]["artwork"]["score"] == pytest.approx(50.0)  # maybe=other, no right: 0.5 * 100 + 0 * 100
     assert result["Perception"] == pytest.approx(650.0)  # 200 + 50 + 8 * 50
     assert result["Cognition"] == pytest.approx(200.0)  # 4 * 50
     eval_mme.main(["score", "--results-dir", str(out_dir)])

@@ -8,7 +8,8 @@
 3. for each punctuation mark of `; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`: if the text (as it was before this
    step) has the mark followed by a space or preceded by a space, every occurrence is deleted, otherwise every
    occurrence becomes a space ("black-and-white" -> "black and white", "black - white" -> "black  white").
-   `'`, `:`, `*`, `#`, `%`, `&`, `$` are not in the list and stay.
+   `'`, `:`, `*`, `#`, `%`, `&`, `$` are not in the list and stay. (The shared rule also deletes every mark when the
+   text has a digit, a comma and a digit in a row; step 1 has removed the commas, so here that never happens.)
 4. a period not followed by a digit is deleted ("3.5" and ".5" keep theirs, "5." and "e.g." lose theirs); like the
    reference (whose intended look-behind is written as a look-ahead, and whose `re.UNICODE` lands in the `count`
    argument) at most 32 periods are deleted.
@@ -24,12 +25,13 @@ maps "somebody'd" to "somebodyd", which is kept.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 _PUNCTUATION = (
     ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
 )
 _PERIOD = re.compile(r"\.(?!\d)")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _MAX_PERIODS = 32  # re.UNICODE == 32, passed as `count` by the reference
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _NUMBERS = {word: str(value) for value, word in enumerate(_NUMBER_WORDS)}
@@ -65,42 +67,55 @@ def _tokenize(text: str) -> str:
     return text.strip()
 
 
-def _punctuation(text: str) -> str:
-    # The reference also deletes (rather than spaces) every mark when the text has a digit,digit group; commas are
-    # already gone after `_tokenize`, so that branch never fires and is left out.
+def process_punctuation(text: str) -> str:
+    """Steps 3 and 4, shared with GT-Vision-Lab's `vqaEval`, which (keeping its commas) does reach the digit-comma-
+    digit branch: "1,000" -> "1000" but "red,blue" -> "red blue"."""
+    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for mark in _PUNCTUATION:
-        if mark + " " in text or " " + mark in text:
+        if delete_all or mark + " " in text or " " + mark in text:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
     return _PERIOD.sub("", out, count=_MAX_PERIODS)
 
 
-def _digits_articles_contractions(text: str) -> str:
+def process_digit_article(text: str, contractions: Mapping[str, str] = CONTRACTIONS) -> str:
+    """Step 5 (lower-cased words, digits for number words, no articles, contractions restored), shared with
+    `vqaEval`; VizWiz's evaluator passes its own contraction table."""
     words = [_NUMBERS.get(word, word) for word in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
+    return " ".join(contractions.get(word, word) for word in words if word not in _ARTICLES)
 
 
 def normalize_answer(text: str) -> str:
     """EvalAI normalisation of one answer (see the module docstring for the exact steps)."""
     text = _tokenize(text)
     text = text.replace("\n", " ").replace("\t", " ").strip()
-    text = _punctuation(text)
-    return _digits_articles_contractions(text)
+    return process_digit_article(process_punctuation(text))
+
+
+def leave_one_out_accuracy(prediction: str, answers: Sequence[str], entries: Sequence[object] | None = None) -> float:
+    """Soft VQA accuracy in [0, 1]: the mean over the answers of min(1, matches of `prediction` among the others / 3).
+
+    "The others" of answer i are the answers whose entry differs from entry i; entries default to the positions,
+    so exactly one answer is left out (m4c, VizWiz). `vqaEval` compares whole annotation entries (answer text,
+    confidence, id); official VQAv2 entries all differ by `answer_id`. The sums run in answer order, as in every
+    reference. No answers score 0.
+    """
+    if not answers:
+        return 0.0
+    keys = range(len(answers)) if entries is None else entries
+    scores = []
+    for own in keys:
+        matches = sum(answer == prediction for answer, key in zip(answers, keys) if key != own)
+        scores.append(min(1, matches / 3))
+    return sum(scores) / len(scores)
 
 
 def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
-    """Soft VQA accuracy in [0, 1]: mean over the leave-one-annotator-out subsets of min(1, matches / 3).
+    """m4c's soft VQA accuracy in [0, 1] (TextVQA): `leave_one_out_accuracy` after normalising prediction and answers.
 
-    Prediction and answers are normalised first. With 10 answers, 1/2/3/4+ matching annotators give
-    0.3/0.6/0.9/1.0. Works for any number of answers (a single answer leaves an empty subset, so scores 0);
-    no answers score 0.
+    With 10 answers, 1/2/3/4+ matching annotators give 0.3/0.6/0.9/1.0. Works for any number of answers (a single
+    answer leaves an empty subset, so scores 0); no answers score 0.
     """
-    if not gt_answers:
-        return 0.0
-    predicted = normalize_answer(prediction)
-    matching = [normalize_answer(answer) == predicted for answer in gt_answers]
-    total = sum(matching)
-    scores = [min(1.0, (total - left_out) / 3) for left_out in matching]
-    return sum(scores) / len(scores)
+    return leave_one_out_accuracy(normalize_answer(prediction), [normalize_answer(answer) for answer in gt_answers])

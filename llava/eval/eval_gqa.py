@@ -7,8 +7,9 @@
   [--metrics-out m.json]`: exact string match of prediction and `answer` over the balanced questions of the GQA
   questions file (a dict `{questionId: {"answer", "types": {"structural", "semantic"}, "isBalanced", ...}}`),
   overall, binary/open (open = structural type `query`, binary = every other: verify, logical, compare, choose)
-  and per structural and semantic type, as the official `eval.py` reports them. Unlike the official script, which
-  stops on a missing prediction, a question without a prediction counts as wrong and is counted in `missing`.
+  and per structural and semantic type, as the official `eval.py` reports them, each computed as it does:
+  `correct / count * 100`. Unlike the official script, which stops on a missing prediction, a question without a
+  prediction counts as wrong and is counted in `missing`; an empty binary/open group is None where it prints 0.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def convert_gqa(results: Sequence[dict], source: str = "results", lines: Sequenc
 
 
 def _percent(values: list[bool]) -> float:
-    return 100.0 * sum(values) / len(values)
+    """eval.py's order: the mean first, then times 100 (`100 * s / n` can differ in the last bit)."""
+    return sum(values) / len(values) * 100
 
 
 def score_gqa(questions: dict, predictions: Sequence[dict]) -> dict:

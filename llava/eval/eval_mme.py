@@ -15,7 +15,8 @@ Tabs and newlines inside a prediction become spaces, which keeps every line read
 `python -m llava.eval.eval_mme score --results-dir eval_tool/answers/<ckpt>`: the prediction is lower-cased; exactly
 "yes"/"no" decide, otherwise its first 4 characters are searched for "yes", then for "no", and anything else is
 "other" (always wrong). Per category: acc (per question) and acc+ (share of consecutive line pairs with both answers
-right); score = 100 × (acc + acc+), at most 200. Perception and Cognition are sums over their categories.
+right); score = acc × 100 + acc+ × 100, summed in that order as the tool does (`100 × (acc + acc+)` can differ in
+the last bit), at most 200. Perception and Cognition are sums over their categories, in the tool's category order.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def score_category(pairs: list[tuple[str, str]]) -> dict:
         "other": other,
         "acc": acc,
         "acc_plus": acc_plus,
-        "score": 100 * (acc + acc_plus),
+        "score": acc * 100 + acc_plus * 100,  # calculation.py's order; 100 * (acc + acc+) can differ in the last bit
     }
 
 

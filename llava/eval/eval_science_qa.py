@@ -10,8 +10,10 @@ image subset (IMG-Accuracy, the number reported for SQA) is the answers whose `p
 problem without an answer counts in Total but not in the image subset.
 
 Outputs as the reference: `--output-file` gets a JSON object (despite the usual `.jsonl` name) with the `correct` and
-`incorrect` analyses; `--output-result` gets `acc`, `correct`, `count`, `results` (problem id → predicted choice
-index, -1 if none) and `outputs` (problem id → raw text), plus `img_acc`, `img_correct` and `img_count`.
+`incorrect` analyses; `--output-result` gets exactly LLaVA's keys: `acc`, `correct`, `count`, `results` (problem id →
+predicted choice index, -1 if none) and `outputs` (problem id → raw text). Accuracies are `correct / total * 100` in
+that order, as the reference computes them. `--metrics-out` (ours) gets the headline numbers, IMG-Accuracy included:
+`img_accuracy`, `accuracy`, `img_correct`, `img_total`, `correct`, `total`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from llava.eval.io import EvalInputError, read_json, read_jsonl
 OPTIONS = ("A", "B", "C", "D", "E")
 FAILED = "FAILED"
 IMAGE_TOKEN = "<image>"
+METRICS = ("img_accuracy", "accuracy", "img_correct", "img_total", "correct", "total")
 # Unescaped '.' on purpose: the reference pattern accepts any character after the letter.
 ANSWER_PATTERN = re.compile(r"The answer is ([A-Z]).")
 
@@ -101,9 +104,6 @@ def score_science_qa(
             "count": total,
             "results": predicted,
             "outputs": outputs,
-            "img_acc": img_accuracy,
-            "img_correct": img_correct,
-            "img_count": img_total,
         },
     }
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dump(result["sqa_results"], handle, indent=2)
     if args.metrics_out:
         with open(args.metrics_out, "w") as handle:
-            json.dump({"img_accuracy": result["img_accuracy"], "accuracy": result["accuracy"]}, handle, indent=2)
+            json.dump({key: result[key] for key in METRICS}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
-"""VQA-style scoring and submission files: `python -m llava.eval.eval_vqa {textvqa,vqav2-submission,vizwiz-submission}`.
+"""VQA-style scoring and submission files: `python -m llava.eval.eval_vqa
+{textvqa,vqav2,vizwiz,vqav2-submission,vizwiz-submission}`.
 
 - `textvqa --annotation-file TextVQA_0.5.1_val.json --result-file answers.jsonl [--metrics-out m.json]`: LLaVA's
   TextVQA scorer. Each answer is matched to an annotation by (image id = the answer's `question_id`, lower-cased
   question recovered from its `prompt`), then scored with soft VQA accuracy under EvalAI normalisation. Prints
-  `Samples: N` and `Accuracy: X.XX%`.
+  `Samples: N` and `Accuracy: X.XX%`, the accuracy being `100 * (sum / N)` in that order, as LLaVA computes it.
+- `vqav2 --annotation-file v2_mscoco_val2014_annotations.json --result-file answers.jsonl [--metrics-out m.json]`
+  and `vizwiz --annotation-file val.json --question-file llava_val.jsonl --result-file answers.jsonl
+  [--metrics-out m.json]`: val accuracy under the official evaluators' rules (`llava.eval.vqa_eval`) of the
+  answers the upload would carry; VizWiz answers reach their image through the question file.
 - `vqav2-submission --src merge.jsonl --test-file llava_vqav2_mscoco_test2015.jsonl --dst answers_upload.json`: the
   EvalAI upload, `{"question_id", "answer"}` for every question of the full test file (unanswered -> "").
 - `vizwiz-submission --annotation-file llava_test.jsonl --result-file answers.jsonl --dst upload.json`: the EvalAI
@@ -24,6 +29,7 @@ from collections.abc import Sequence
 
 from llava.eval.answer_processor import normalize_answer, vqa_accuracy
 from llava.eval.io import EvalInputError, read_json, read_jsonl, read_jsonl_lines, write_json
+from llava.eval.vqa_eval import load_vizwiz_annotations, load_vqav2_annotations, score_vizwiz, score_vqav2
 
 
 def _where(source: str, lines: Sequence[int] | None, index: int) -> str:
@@ -35,6 +41,11 @@ def _text(record: dict, where: str) -> str:
     if not isinstance(text, str):
         raise EvalInputError(f"{where}: 'text' is not a string")
     return text
+
+
+def _answers_by_id(results: Sequence[dict], source: str, lines: Sequence[int] | None) -> dict:
+    """question_id -> answer text (checked to be a string); a later record of the same id wins."""
+    return {record["question_id"]: _text(record, _where(source, lines, index)) for index, record in enumerate(results)}
 
 
 # ----------------------------------------------------------------------------------------------------------- textvqa
@@ -89,7 +100,7 @@ def score_textvqa(
                 f"{where}: no annotation for image {result['question_id']!r} with question {question!r}"
             )
         scores.append(vqa_accuracy(_text(result, where), entry["answers"]))
-    accuracy = 100.0 * sum(scores) / len(scores) if scores else 0.0
+    accuracy = 100.0 * (sum(scores) / len(scores)) if scores else 0.0
     return {"samples": len(scores), "accuracy": accuracy}
 
 
@@ -128,9 +139,7 @@ def vqav2_submission(
 
     Answers are normalised; a question without an answer record gets "" (a later record of the same id wins).
     """
-    answers = {}
-    for index, record in enumerate(results):
-        answers[record["question_id"]] = _text(record, _where(source, lines, index))
+    answers = _answers_by_id(results, source, lines)
     return [
         {
             "question_id": question["question_id"],
@@ -151,6 +160,15 @@ def run_vqav2_submission(src: str, test_file: str, dst: str) -> dict:
     return {"questions": len(questions), "results": len(results), "missing": missing}
 
 
+def run_vqav2(annotation_file: str, result_file: str) -> dict:
+    """`score_vqav2` of the answers' normalised texts (what the upload carries) against VQAv2 val annotations."""
+    annotations = load_vqav2_annotations(annotation_file)
+    results, lines = read_jsonl_lines(result_file, ("question_id", "text"))
+    answers = _answers_by_id(results, result_file, lines)
+    predictions = {question_id: normalize_answer(text) for question_id, text in answers.items()}
+    return score_vqav2(annotations, predictions, source=result_file)
+
+
 # ----------------------------------------------------------------------------------------------------------- vizwiz
 
 
@@ -164,9 +182,7 @@ def vizwiz_submission(
 
     Every question must have an answer record; a missing one is an error naming the question id.
     """
-    answers = {}
-    for index, record in enumerate(results):
-        answers[record["question_id"]] = _text(record, _where(source, lines, index))
+    answers = _answers_by_id(results, source, lines)
     upload = []
     for question in test_questions:
         if question["question_id"] not in answers:
@@ -184,6 +200,29 @@ def run_vizwiz_submission(annotation_file: str, result_file: str, dst: str) -> d
     return {"questions": len(upload)}
 
 
+def run_vizwiz(annotation_file: str, question_file: str, result_file: str) -> dict:
+    """`score_vizwiz` of the answers' normalised texts, each under its question's image, against VizWiz val.json."""
+    annotations = load_vizwiz_annotations(annotation_file)
+    questions = read_jsonl(question_file, ("question_id", "image"))
+    image_of = {question["question_id"]: question["image"] for question in questions}
+    results, lines = read_jsonl_lines(result_file, ("question_id", "text"))
+    predictions = {}
+    for question_id, text in _answers_by_id(results, result_file, lines).items():
+        if question_id not in image_of:
+            raise EvalInputError(f"{result_file}: question_id {question_id!r} is not in {question_file}")
+        predictions[image_of[question_id]] = normalize_answer(text)
+    return score_vizwiz(annotations, predictions, source=result_file)
+
+
+def _print_val(metrics: dict) -> None:
+    """The reference demo's report: overall, then per answer type, two decimals."""
+    print(f"Questions: {metrics['questions']} (annotated without an answer, not scored: {metrics['unscored']})")
+    print(f"Overall Accuracy is: {metrics['accuracy']:.2f}")
+    print("Per Answer Type Accuracy is the following:")
+    for kind, value in metrics["per_answer_type"].items():
+        print(f"{kind} : {value:.2f}")
+
+
 # -------------------------------------------------------------------------------------------------------------- cli
 
 
@@ -194,6 +233,15 @@ def main(argv: list[str] | None = None) -> None:
     textvqa.add_argument("--annotation-file", required=True)
     textvqa.add_argument("--result-file", required=True)
     textvqa.add_argument("--metrics-out", default=None, help="also write the metrics as a JSON object")
+    vqav2_val = commands.add_parser("vqav2", help="score VQAv2 val answers (vqaEval rules)")
+    vqav2_val.add_argument("--annotation-file", required=True, help="v2_mscoco_val2014_annotations.json")
+    vqav2_val.add_argument("--result-file", required=True)
+    vqav2_val.add_argument("--metrics-out", default=None, help="also write the metrics as a JSON object")
+    vizwiz_val = commands.add_parser("vizwiz", help="score VizWiz val answers (VizWiz evaluator rules)")
+    vizwiz_val.add_argument("--annotation-file", required=True, help="VizWiz val.json")
+    vizwiz_val.add_argument("--question-file", required=True, help="the answered questions (question_id, image)")
+    vizwiz_val.add_argument("--result-file", required=True)
+    vizwiz_val.add_argument("--metrics-out", default=None, help="also write the metrics as a JSON object")
     vqav2 = commands.add_parser("vqav2-submission", help="write the VQAv2 EvalAI upload")
     vqav2.add_argument("--src", required=True)
     vqav2.add_argument("--test-file", required=True)
@@ -209,6 +257,14 @@ def main(argv: list[str] | None = None) -> None:
             print(os.path.splitext(os.path.basename(args.result_file))[0])
             print(f"Samples: {metrics['samples']}")
             print(f"Accuracy: {metrics['accuracy']:.2f}%")
+            if args.metrics_out:
+                write_json(args.metrics_out, metrics)
+        elif args.command in ("vqav2", "vizwiz"):
+            if args.command == "vqav2":
+                metrics = run_vqav2(args.annotation_file, args.result_file)
+            else:
+                metrics = run_vizwiz(args.annotation_file, args.question_file, args.result_file)
+            _print_val(metrics)
             if args.metrics_out:
                 write_json(args.metrics_out, metrics)
         elif args.command == "vqav2-submission":
