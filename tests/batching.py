@@ -1,4 +1,4 @@
-"""Shared test helpers: a padded batch of LLaVA prompts; a temporary attention implementation."""
+"""Shared test helpers: a padded batch of LLaVA prompts; a temporary attention implementation; gates set by hand."""
 
 from contextlib import contextmanager
 
@@ -28,3 +28,20 @@ def attention_implementation(model, name: str):
         yield model
     finally:
         model.set_attn_implementation(previous)
+
+
+def set_sign_gate(gate, direction):
+    """Make logit1 - logit0 = direction . features exactly: GELU(a) - GELU(-a) = a."""
+    with torch.no_grad():
+        gate.w1.weight.zero_()
+        gate.w2.weight.zero_()
+        gate.w1.weight[0] = direction
+        gate.w1.weight[1] = -direction
+        gate.w2.weight[1, 0], gate.w2.weight[1, 1] = 1.0, -1.0
+
+
+def set_sample_dependent_gates(model, seed=3):
+    """Sign gates on random directions: each sample's features decide, so samples exit at different layers."""
+    generator = torch.Generator().manual_seed(seed)
+    for gate in model.get_model().visual_gates_router:
+        set_sign_gate(gate, torch.randn(2 * model.config.hidden_size, generator=generator) * 3)

@@ -7,6 +7,7 @@ import torch
 
 from llava.model.builder import load_pretrained_model
 from llava.model.tiny import TinyGeometry, write_tiny_checkpoint
+from llava.model.visual_exit.gate import build_visual_gates
 
 GEOMETRY = TinyGeometry(layers=4, hidden=64, heads=4, kv_heads=2, image_size=56, patch_size=14, seed=7)
 
@@ -32,3 +33,17 @@ def images() -> torch.Tensor:
     """Three distinct pixel tensors at the tiny tower's resolution."""
     generator = torch.Generator().manual_seed(0)
     return torch.randn(3, 3, GEOMETRY.image_size, GEOMETRY.image_size, generator=generator)
+
+
+@pytest.fixture
+def gated(loaded):
+    """The tiny model with gates (width 8) whose weights each test sets by hand; removed afterwards."""
+    _, model, _, _ = loaded
+    model.config.visual_gate_hidden_size = 8
+    model.get_model().visual_gates_router = build_visual_gates(model.config)
+    for gate in model.get_model().visual_gates_router:
+        torch.nn.init.zeros_(gate.w1.weight)
+        torch.nn.init.zeros_(gate.w2.weight)
+    yield model
+    model.get_model().visual_gates_router = None
+    del model.config.visual_gate_hidden_size

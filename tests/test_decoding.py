@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 from llava.mm_utils import tokenizer_image_token
 from llava.model.visual_exit import ExitConfig
 
-from batching import padded_batch
+from batching import padded_batch, set_sample_dependent_gates
 
 PROMPTS = ["USER: <image>\nWhat colour is it? ASSISTANT:", "USER: tell me about <image> please, in detail ASSISTANT:"]
 NEW_TOKENS = 5
@@ -120,3 +120,23 @@ def test_sampling_with_an_exit_follows_the_exit_logits(loaded, images, exit_conf
     assert cold.sequences.tolist() == greedy.sequences.tolist()
     assert cold.exit_stats.exit_layer.tolist() == greedy.exit_stats.exit_layer.tolist()
     assert warm[0].tolist() != warm[1].tolist()  # a hot temperature really samples
+
+
+def test_beam_search_with_gates_exiting_per_sample(gated, loaded, images):
+    """Dynamic exit: samples of one batch leave at different layers; each beam's score is its tokens' log-probability
+    recomputed without a cache under a fixed exit at the layer its prompt's gates chose, and batch == alone."""
+    tokenizer = loaded[0]
+    set_sample_dependent_gates(gated, seed=1)  # the two prompts exit after layers 2 and 1
+    ids, mask = padded_batch(tokenizer, PROMPTS, "left")
+    beams = dict(num_beams=3, num_return_sequences=3, length_penalty=0.0, do_sample=False, exit_config=ExitConfig("dynamic"))
+    with torch.no_grad():
+        batched = decode(gated, ids, mask, images[:2], **beams)
+        exit_layers = batched.exit_stats.exit_layer.view(2, 3)
+        assert (exit_layers == exit_layers[:, :1]).all() and exit_layers[0, 0] != exit_layers[1, 0]
+        for row, (prompt, image) in enumerate(zip(PROMPTS, images[:2])):
+            prompt_ids = tokenizer_image_token(prompt, tokenizer)
+            alone = decode(gated, torch.tensor([prompt_ids]), None, image[None], **beams)
+            assert alone.sequences.tolist() == batched.sequences[3 * row : 3 * row + 3].tolist()
+            fixed = ExitConfig("fixed", int(exit_layers[row, 0]))
+            for tokens, score in zip(alone.sequences.tolist(), alone.sequences_scores.tolist()):
+                assert score == pytest.approx(sequence_log_prob(gated, prompt_ids, tokens, image[None], fixed), abs=1e-4)

@@ -7,15 +7,13 @@ import torch
 
 from llava.model.visual_exit import ExitConfig
 
-from batching import attention_implementation
+from batching import attention_implementation, set_sample_dependent_gates
 
 from test_visual_exit import (
     PROMPTS,
     batch_inputs,
     fire_always,
-    gated,  # noqa: F401 (fixture)
     readback,  # noqa: F401 (fixture)
-    set_sample_dependent_gates,
     images_for,
     masked_reference_logits_by_token,
     text_positions,

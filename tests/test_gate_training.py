@@ -1,11 +1,17 @@
 """Gate training: the label rule, the shared-pass step against inference exits, training and resuming, the
-gates-only artifact, init_weight.py and the DeepSpeed script on CPU."""
+gates-only artifact, init_weight.py, one-line input errors, and the DeepSpeed script on CPU with 1 and 2 processes."""
 
+import ast
+import functools
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -14,13 +20,15 @@ from safetensors.torch import load_file
 
 from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
+from llava.model.gates_artifact import save_gates
 from llava.model.visual_exit import ExitConfig
 from llava.model.visual_exit.training import ExitLabelRule, exit_labels
-from llava.train.train import train
+from llava.train.train import main, resolve_resume, train
 
 from batching import padded_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts/v1_5/finetune_visual_gate.sh")
 
 
 def test_exit_labels_on_crafted_cases():
@@ -81,7 +89,7 @@ def test_training_exit_continuation_matches_inference_exit(loaded, images):
 def gate_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gate-data")
     records = []
-    for i, (name, rgb) in enumerate([("red", (220, 20, 20)), ("green", (20, 200, 20)), ("blue", (20, 20, 220))] * 3):
+    for i, (name, rgb) in enumerate([("red", (220, 20, 20)), ("green", (20, 200, 20)), ("blue", (20, 20, 220))] * 4):
         Image.new("RGB", (40 + i, 30), rgb).save(folder / f"{i}.png")
         records.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"It is {name}."}]})
@@ -149,28 +157,138 @@ def test_full_checkpoint_loads_with_trained_gates(init_checkpoint, gate_data, tm
     assert all(torch.equal(state[n], t) for n, t in gates.items())
 
 
-def test_malformed_data_stops_before_model_work(init_checkpoint, gate_data, tmp_path):
-    from llava.train.data import DataError
+def test_init_weight_refuses_existing_gates_unless_reinit(init_checkpoint, tmp_path, capsys):
+    from init_weight import main as init_weight
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "data.json").write_text('[{"id": "1",}]')
-    with pytest.raises(DataError, match=r"data.json:1: invalid JSON"):
-        train(train_args(init_checkpoint, bad, tmp_path / "run", "--max_steps", "1"))
+    _, model, _, _ = load_pretrained_model(init_checkpoint, device="cpu")
+    save_gates(model, str(tmp_path / "artifact"), init_checkpoint)
+    found = {init_checkpoint: "gates of width 16 in its weights",
+             str(tmp_path / "artifact"): f"a gates-only artifact (width 16, base {init_checkpoint})"}
+    for source, gates in found.items():
+        with pytest.raises(SystemExit) as refused:
+            init_weight(["--model-path", source, "--output-dir", str(tmp_path / "out")])
+        assert refused.value.code == f"init_weight.py: error: {source} already holds {gates}; --reinit replaces them with fresh ones"
+        assert not (tmp_path / "out").exists()
+
+    init_weight(["--model-path", init_checkpoint, "--output-dir", str(tmp_path / "out"), "--gate-hidden-size", "8", "--reinit"])
+    assert "fresh gates of width 8 replaced in" in capsys.readouterr().out
+    _, fresh, _, _ = load_pretrained_model(str(tmp_path / "out"), device="cpu")
+    assert fresh.config.visual_gate_hidden_size == 8 and fresh.get_model().visual_gates_router[0].w1.weight.shape[0] == 8
 
 
-def test_finetune_script_runs_with_deepspeed_on_cpu(init_checkpoint, gate_data, tmp_path):
-    env = dict(os.environ, MODEL_PATH=init_checkpoint, DATA_PATH=str(gate_data / "data.json"),
-               IMAGE_FOLDER=str(gate_data), OUTPUT_DIR=str(tmp_path / "ds"), BATCH_SIZE="3", WORKERS="0",
-               PYTHON=sys.executable, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               PYTHONPATH=ROOT)
-    result = subprocess.run(
-        ["bash", os.path.join(ROOT, "scripts/v1_5/finetune_visual_gate.sh"), "--max_steps", "2", "--learning_rate", "1e-2"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+@pytest.mark.parametrize("case, message", [
+    ("data file", r"nowhere\.json: data file not found"),
+    ("json", r"bad\.json:2: invalid JSON"),
+    ("images", r"unreadable/data\.json: no usable sample among 2: 2 × unreadable image \(e\.g\. 0\)"),
+    ("model", r"no-model: no config\.json here"),
+    ("sampler", r"--exit_layer_sampler '2-9': the range must lie within 0-2"),
+    ("resume latest", r"--resume_from_checkpoint True: no checkpoint-\* folder in .*/run to resume from"),
+    ("resume folder", r"--resume_from_checkpoint .*/checkpoint-7: not a checkpoint folder"),
+])
+def test_input_errors_end_in_one_line(init_checkpoint, gate_data, tmp_path, case, message):
+    (tmp_path / "bad.json").write_text('[\n  {"id": "1",}\n]')
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "data.json").write_text(json.dumps([json.loads((gate_data / "data.json").read_text())[i] for i in (0, 1)]))
+    for i in (0, 1):
+        (unreadable / f"{i}.png").write_text("version https://git-lfs.github.com/spec/v1")  # an LFS pointer, not an image
+    extra = {
+        "data file": ["--data_path", str(tmp_path / "nowhere.json")],
+        "json": ["--data_path", str(tmp_path / "bad.json")],
+        "images": ["--data_path", str(unreadable / "data.json"), "--image_folder", str(unreadable)],
+        "model": ["--model_name_or_path", str(tmp_path / "no-model")],
+        "sampler": ["--exit_layer_sampler", "2-9"],
+        "resume latest": ["--resume_from_checkpoint", "True"],
+        "resume folder": ["--resume_from_checkpoint", str(tmp_path / "checkpoint-7")],
+    }[case]
+    with pytest.raises(SystemExit) as stopped:
+        main(train_args(init_checkpoint, gate_data, tmp_path / "run", "--max_steps", "1", *extra))
+    assert isinstance(stopped.value.code, str) and "\n" not in stopped.value.code
+    assert stopped.value.code.startswith("train.py: error: ") and re.search(message, stopped.value.code)
+
+
+def test_resume_true_means_the_numerically_latest_checkpoint(tmp_path):
+    for step in (2, 10, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert resolve_resume("True", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume("False", str(tmp_path)) is None and resolve_resume(None, str(tmp_path)) is None
+
+
+def run_script(checkpoint, data, output_dir, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """finetune_visual_gate.sh on the tiny model, with MASTER_PORT left to the script."""
+    environment = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    environment.update(MODEL_PATH=checkpoint, DATA_PATH=str(data / "data.json"), IMAGE_FOLDER=str(data),
+                       OUTPUT_DIR=str(output_dir), WORKERS="0", PYTHON=sys.executable, PYTHONPATH=ROOT,
+                       PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **env)
+    return subprocess.run(["bash", SCRIPT, *args], env=environment, capture_output=True, text=True, timeout=600)
+
+
+def concurrently(*runs: functools.partial) -> list[subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(lambda run: run(), runs))
+
+
+def succeeded(result: subprocess.CompletedProcess) -> str:
+    """stdout + stderr of a run that must have succeeded."""
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "gate_accuracy" in result.stdout + result.stderr
-    trained = load_file(tmp_path / "ds" / "visual_gates.safetensors")
-    _, init, _, _ = load_pretrained_model(init_checkpoint, device="cpu")
-    initial = init.state_dict()
-    assert any(not torch.equal(tensor, initial[name]) for name, tensor in trained.items())
+    return result.stdout + result.stderr
+
+
+def logged_steps(output: str) -> list[dict]:
+    return [ast.literal_eval(line) for line in output.splitlines() if line.startswith("{'loss'")]
+
+
+def gate_metrics(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k.startswith(("gate_accuracy", "exit_ratio", "predicted_exit_ratio"))}
+
+
+def test_finetune_script_two_cpu_processes_train_as_one_save_once_and_resume(init_checkpoint, gate_data, tmp_path):
+    """Two trainings at once, with DeepSpeed's default port taken: 1 process of batch 4 and 2 processes of batch 2
+    (the same global batch) train the same gates and log the same gate metrics; the 2-process run writes each
+    save once; `--resume_from_checkpoint True` continues from the latest checkpoint left and ends where it did."""
+    steps = ("--max_steps", "3", "--save_steps", "1", "--save_total_limit", "3", "--learning_rate", "1e-2")
+    script = functools.partial(run_script, init_checkpoint, gate_data)
+    with socket.socket() as busy:
+        try:
+            busy.bind(("", 29500))
+            busy.listen()
+        except OSError:
+            pass  # taken already: just as good
+        one, two = map(succeeded, concurrently(
+            functools.partial(script, tmp_path / "one", *steps, BATCH_SIZE="4", NUM_PROCS="1"),
+            functools.partial(script, tmp_path / "two", *steps, "--log_level_replica", "info", BATCH_SIZE="2", NUM_PROCS="2"),
+        ))
+    ports = [re.search(r"--master_port=(\d+)", output).group(1) for output in (one, two)]
+    assert ports[0] != ports[1] and "29500" not in ports
+
+    alone, parallel = (load_file(tmp_path / run / "visual_gates.safetensors") for run in ("one", "two"))
+    initial = load_pretrained_model(init_checkpoint, device="cpu")[1].state_dict()
+    assert any(not torch.equal(tensor, initial[name]) for name, tensor in alone.items())
+    assert all(torch.allclose(alone[name], parallel[name], atol=1e-6) for name in alone)
+    log_one, log_two = logged_steps(one), logged_steps(two)
+    assert len(log_one) == len(log_two) == 3 and all("gate_accuracy" in entry for entry in log_two)
+    assert [gate_metrics(e) for e in log_one] == [gate_metrics(e) for e in log_two]  # counted over both processes
+    assert [float(e["loss"]) for e in log_one] == pytest.approx([float(e["loss"]) for e in log_two], rel=1e-3)
+    # Both processes log at INFO (--log_level_replica info), yet each save is written once.
+    saves = [os.path.join(tmp_path / "two", name) for name in ("checkpoint-1", "checkpoint-2", "checkpoint-3", "")]
+    assert re.findall(r"gates saved to (\S+)", two) == [path.rstrip(os.sep) for path in saves]
+
+    shutil.rmtree(tmp_path / "two" / "checkpoint-3")
+    resumed = logged_steps(succeeded(script(tmp_path / "two", *steps, "--resume_from_checkpoint", "True",
+                                            BATCH_SIZE="2", NUM_PROCS="2")))
+    assert len(resumed) == 1 and gate_metrics(resumed[0]) == gate_metrics(log_two[2])  # step 3 only: from checkpoint-2
+    again = load_file(tmp_path / "two" / "visual_gates.safetensors")
+    assert all(torch.allclose(again[name], parallel[name], atol=1e-6) for name in parallel)
+
+
+def test_finetune_script_input_errors_are_one_line(init_checkpoint, gate_data, tmp_path):
+    (tmp_path / "data.json").write_text('[\n  {"id": "1",}\n]')
+    results = concurrently(
+        functools.partial(run_script, init_checkpoint, tmp_path, tmp_path / "run", NUM_PROCS="2"),
+        functools.partial(run_script, init_checkpoint, gate_data, tmp_path / "run", DEEPSPEED_CONFIG=str(tmp_path / "zero9.json")),
+    )
+    lines = [f"train.py: error: {tmp_path / 'data.json'}:2: invalid JSON (Expecting property name enclosed in double quotes)",
+             f"finetune_visual_gate.sh: error: DEEPSPEED_CONFIG={tmp_path / 'zero9.json'}: no such file"]
+    for result, line in zip(results, lines):
+        assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+        assert [text for text in result.stderr.splitlines() if "error:" in text] == [line]  # once, though 2 processes met it

@@ -10,14 +10,8 @@ from llava.mm_utils import tokenizer_image_token
 from llava.model.visual_exit import ExitConfig
 from llava.model.visual_exit.gate import build_visual_gates
 
-from test_visual_exit import (
-    PROMPTS,
-    batch_inputs,
-    images_for,
-    masked_reference_logits,
-    set_sample_dependent_gates,
-    text_positions,
-)
+from batching import set_sample_dependent_gates
+from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits, text_positions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

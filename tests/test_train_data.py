@@ -78,13 +78,40 @@ def test_bad_records_are_skipped_and_counted(loaded, tmp_path, caplog):
     assert dataset.modality_lengths[0] > 0 > dataset.modality_lengths[1]
 
 
-def test_unreadable_image_is_replaced_and_counted(loaded, tmp_path):
+def truncate(path):
+    """Keep the PNG header (PIL opens it) but cut the pixel data (loading it fails)."""
+    Image.effect_noise((30, 20), 50).convert("RGB").save(path)
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def test_unreadable_images_are_skipped_or_replaced_and_counted(loaded, tmp_path):
     tokenizer, model, processor, _ = loaded
-    records = [image_record(tmp_path, "broken"), image_record(tmp_path, "fine")]
-    (tmp_path / "broken.png").write_bytes(b"not a png")
+    records = [image_record(tmp_path, name) for name in ("garbage", "truncated", "fine")]
+    (tmp_path / "garbage.png").write_bytes(b"not a png")  # found by its header when the dataset is built
+    truncate(tmp_path / "truncated.png")  # found only when its pixels are read
     dataset = SupervisedDataset(write_dataset(tmp_path, records), tokenizer, processor, model.config, image_folder=str(tmp_path))
+    assert dict(dataset.skipped) == {"unreadable image": 1} and len(dataset) == 2
     item = dataset[0]
     assert dataset.unreadable_images == 1 and item["input_ids"] == dataset.samples[1].input_ids
+
+
+def test_all_images_unreadable_is_one_error_naming_the_file(loaded, tmp_path):
+    tokenizer, model, processor, _ = loaded
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    records = [image_record(garbage, str(i)) for i in range(3)]
+    for i in range(3):
+        (garbage / f"{i}.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"garbage/data.json: no usable sample among 3: 3 × unreadable image \(e.g. 0\)$"):
+        SupervisedDataset(write_dataset(garbage, records), tokenizer, processor, model.config, image_folder=str(garbage))
+    # Headers that read but data that does not: the error comes at the first draw, never a RecursionError.
+    records = [image_record(tmp_path, str(i)) for i in range(3)]
+    for i in range(3):
+        truncate(tmp_path / f"{i}.png")
+    dataset = SupervisedDataset(write_dataset(tmp_path, records), tokenizer, processor, model.config, image_folder=str(tmp_path))
+    with pytest.raises(DataError, match=r"data.json: no usable sample among 3: 3 × unreadable image data"):
+        dataset[1]
+    assert dataset.unreadable_images == 3
 
 
 @pytest.mark.parametrize("name, content, where", [

@@ -9,9 +9,8 @@ import torch
 
 from llava.mm_utils import tokenizer_image_token
 from llava.model.visual_exit import DecoderGeometry, ExitConfig, gate_feature_weights, gate_features, prefill_flops
-from llava.model.visual_exit.gate import build_visual_gates
 
-from batching import attention_implementation, padded_batch
+from batching import attention_implementation, padded_batch, set_sample_dependent_gates, set_sign_gate
 
 PROMPTS = [
     ("USER: <image>\nWhat colour is it? ASSISTANT:", 1),
@@ -62,30 +61,6 @@ def masked_reference_logits_by_token(model, mm, gone_from, attention_layer=None)
 
 def text_positions(mm):
     return mm.attention_mask.bool() & ~mm.visual_mask
-
-
-@pytest.fixture
-def gated(loaded):
-    """The tiny model with gates (width 8) whose weights each test sets by hand; removed afterwards."""
-    _, model, _, _ = loaded
-    model.config.visual_gate_hidden_size = 8
-    model.get_model().visual_gates_router = build_visual_gates(model.config)
-    for gate in model.get_model().visual_gates_router:
-        torch.nn.init.zeros_(gate.w1.weight)
-        torch.nn.init.zeros_(gate.w2.weight)
-    yield model
-    model.get_model().visual_gates_router = None
-    del model.config.visual_gate_hidden_size
-
-
-def set_sign_gate(gate, direction):
-    """Make logit1 - logit0 = direction . features exactly: GELU(a) - GELU(-a) = a."""
-    with torch.no_grad():
-        gate.w1.weight.zero_()
-        gate.w2.weight.zero_()
-        gate.w1.weight[0] = direction
-        gate.w1.weight[1] = -direction
-        gate.w2.weight[1, 0], gate.w2.weight[1, 1] = 1.0, -1.0
 
 
 def fire_always(gate, hidden_size):
@@ -187,13 +162,6 @@ def readback(request, monkeypatch, gated):
     meanwhile): results must not change."""
     monkeypatch.setattr(gated.get_model(), "gate_readback_lag", request.param)
     return request.param
-
-
-def set_sample_dependent_gates(model, seed=3):
-    """Sign gates on random directions: each sample's features decide, so samples exit at different layers."""
-    generator = torch.Generator().manual_seed(seed)
-    for gate in model.get_model().visual_gates_router:
-        set_sign_gate(gate, torch.randn(2 * model.config.hidden_size, generator=generator) * 3)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
