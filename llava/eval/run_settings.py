@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from llava.eval.io import EvalInputError
-from llava.model.builder import read_llava_config
-from llava.model.exit_args import add_exit_arguments, exit_config_from_args
 
 # Loader flags that change the prompts (ScienceQA, MMBench); absent ones are left out.
 PROMPT_FLAGS = ("single_pred_prompt", "all_rounds", "lang")
@@ -112,6 +110,10 @@ def answers_lock(answers_file: str) -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> None:
     """Print `<model folder>_<exit label>`: the eval scripts' default answers folder for these settings."""
+    # Imported here: the merge and the summary read settings files and need neither torch nor a model.
+    from llava.model.builder import read_llava_config
+    from llava.model.exit_args import add_exit_arguments, exit_config_from_args
+
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model-path", required=True)
     add_exit_arguments(parser)
