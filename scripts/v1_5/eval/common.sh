@@ -5,8 +5,9 @@
 #   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD / FASTV_K / FASTV_R (default: the checkpoint's config), BATCH_SIZE,
 #   CONV_MODE (default: the template the checkpoint saved, else LLaVA's rule for its folder name),
 #   CUDA_VISIBLE_DEVICES (one chunk per listed GPU; without a GPU one chunk on the CPU), PYTHON.
-# The defaults evaluate the tiny world's gated model on its GQA-format questions (generated here if missing); for
-# real benchmarks set MODEL_PATH and EVAL_ROOT=./playground/data/eval (LLaVA's layout).
+# The defaults evaluate the tiny world's gated model on its GQA-format questions (generated here if missing, with
+# TRAIN_IMAGES / TEST_IMAGES images); for real benchmarks set MODEL_PATH and EVAL_ROOT=./playground/data/eval
+# (LLaVA's layout).
 set -euo pipefail
 
 # Paths the caller gave are read from the caller's folder; the defaults below from the repository's.
@@ -27,7 +28,8 @@ PYTHON=${PYTHON:-python}
 
 if [ "$EVAL_ROOT" = "$WORLD_EVAL" ] && [ ! -d "$WORLD_EVAL" ]; then
     echo "the tiny world's questions are missing: generating them (python -m llava.world.generate, seconds)"
-    "$PYTHON" -m llava.world.generate --out "$(dirname "$WORLD_EVAL")"
+    "$PYTHON" -m llava.world.generate --out "$(dirname "$WORLD_EVAL")" --train "${TRAIN_IMAGES:-20000}" \
+        --test "${TEST_IMAGES:-500}"
 fi
 
 LOADER_ARGS=(--model-path "$MODEL_PATH" --temperature 0 --batch-size "$BATCH_SIZE")
