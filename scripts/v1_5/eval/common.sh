@@ -12,7 +12,7 @@ set -euo pipefail
 
 # Paths the caller gave are read from the caller's folder; the defaults below from the repository's.
 for name in MODEL_PATH MODEL_BASE EVAL_ROOT GQADIR MME_DIR MMBENCH_DIR POPE_DIR SEED_DIR SQA_DIR TEXTVQA_DIR VIZWIZ_DIR \
-    VQAV2_DIR; do
+    VQAV2_DIR VQAV2_ANNOTATIONS VQAV2_TEST_FILE VQAV2_IMAGES VIZWIZ_ANNOTATIONS VIZWIZ_QUESTIONS VIZWIZ_IMAGES; do
     value=${!name:-}
     if [ -n "$value" ] && [ "${value#/}" = "$value" ]; then
         printf -v "$name" '%s' "$PWD/$value"
