@@ -246,3 +246,20 @@ def test_template_comes_from_the_checkpoint_then_from_the_name(llava_checkpoint,
         run_plain(foreign, questions, folder / "images", folder / f"{name}.jsonl")
         assert f"conversation template {template} (the checkpoint saves none: LLaVA's rule for the folder name {name!r})" in caplog.text
         assert json.loads((folder / f"{name}.settings.json").read_text())["conv_mode"] == template
+
+
+def test_merge_takes_empty_chunks_and_refuses_mixed_settings(tmp_path):
+    from llava.eval.merge import merge_chunks
+    from llava.eval.run_settings import write_settings
+
+    settings = {"exit": {"mode": "none"}, "conv_mode": "vicuna_v1"}
+    (tmp_path / "2_0.jsonl").write_text('{"question_id": "a"}\n{"question_id": "b"}')  # last newline lost
+    (tmp_path / "2_1.jsonl").write_text("")
+    for part in ("2_0.jsonl", "2_1.jsonl"):
+        write_settings(str(tmp_path / part), settings)
+    assert merge_chunks([str(tmp_path / "2_0.jsonl"), str(tmp_path / "2_1.jsonl")], str(tmp_path / "merge.jsonl")) == 2
+    assert (tmp_path / "merge.jsonl").read_text() == '{"question_id": "a"}\n{"question_id": "b"}\n'
+    assert json.loads((tmp_path / "merge.settings.json").read_text()) == settings
+    write_settings(str(tmp_path / "2_1.jsonl"), {**settings, "exit": {"mode": "fixed", "layer": 2}})
+    with pytest.raises(ValueError, match=r"2_1.jsonl: made with other settings .*exit.mode: 'none' -> 'fixed'"):
+        merge_chunks([str(tmp_path / "2_0.jsonl"), str(tmp_path / "2_1.jsonl")], str(tmp_path / "merge.jsonl"))
