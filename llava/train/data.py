@@ -6,8 +6,9 @@ the separator that closes each (`</s>` for vicuna_v1), as LLaVA supervises them.
 from the tokenizer's character offsets, so it holds for any tokenizer.
 
 Bad records never stop a run midway: they are found when the dataset is built, skipped, counted by reason and
-reported in one warning (missing image, no answer, roles out of order, answer cut off by model_max_length).
-Malformed JSON stops before any model work, naming the file and line.
+reported in one warning (missing or unreadable image, no answer, roles out of order, answer cut off by
+model_max_length). Malformed JSON, or a file without one usable record, stops before training with one error naming
+the file (and line, or the reason counts).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -61,6 +63,15 @@ def load_records(path: str) -> list[dict]:
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")
     return records
+
+
+def _opens_as_image(path: str) -> bool:
+    """Whether PIL recognises the file from its header: cheap, the pixels are read when the sample is drawn."""
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError):
+        return False
 
 
 def conversation_turns(record: dict, has_image: bool) -> list[tuple[str, str]]:
@@ -161,11 +172,12 @@ class SupervisedDataset(Dataset):
             except SampleError as error:
                 self.skipped[str(error)] += 1
                 examples.setdefault(str(error), str(record.get("id", f"#{number}")) if isinstance(record, dict) else f"#{number}")
-        if self.skipped:
-            detail = "; ".join(f"{count} × {reason} (e.g. {examples[reason]})" for reason, count in self.skipped.items())
-            logger.warning("%s: skipped %d of %d samples: %s", self.data_path, sum(self.skipped.values()), len(records), detail)
+        detail = "; ".join(f"{count} × {reason} (e.g. {examples[reason]})" for reason, count in self.skipped.items())
         if not self.samples:
-            raise DataError(f"{self.data_path}: no usable sample among {len(records)}")
+            reasons = f": {detail}" if detail else ""
+            raise DataError(f"{self.data_path}: no usable sample among {len(records)}{reasons}")
+        if self.skipped:
+            logger.warning("%s: skipped %d of %d samples: %s", self.data_path, sum(self.skipped.values()), len(records), detail)
 
     def _prepare(self, record) -> Sample:
         if not isinstance(record, dict):
@@ -175,6 +187,8 @@ class SupervisedDataset(Dataset):
             image = os.path.join(self.image_folder or "", image)
             if not os.path.isfile(image):
                 raise SampleError("missing image")
+            if not _opens_as_image(image):
+                raise SampleError("unreadable image")
         pairs = conversation_turns(record, has_image=image is not None)
         prompt, spans = render_prompt(pairs, self.conv_version)
         ids, labels = tokenize_with_labels(prompt, spans, self.tokenizer)
@@ -193,17 +207,21 @@ class SupervisedDataset(Dataset):
         return [s.words + 128 if s.image else -s.words for s in self.samples]
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        pixels = None
-        if sample.image is not None:
+        # An image whose header reads but whose data does not is found only now: count it and use the next sample
+        # instead of stopping the run, unless not one sample can be read.
+        for offset in range(len(self)):
+            sample = self.samples[(index + offset) % len(self)]
             try:
-                pixels = process_images([load_image(sample.image)], self.image_processor, self.model_config)[0]
+                pixels = None if sample.image is None else self._pixels(sample.image)
             except ImageLoadError as error:
-                # Found only now (the file exists): count it and use the next sample instead of stopping the run.
                 self.unreadable_images += 1
                 logger.warning("%s (unreadable images so far: %d); using the next sample", error, self.unreadable_images)
-                return self[(index + 1) % len(self)]
-        return {"input_ids": sample.input_ids, "labels": sample.labels, "pixels": pixels}
+                continue
+            return {"input_ids": sample.input_ids, "labels": sample.labels, "pixels": pixels}
+        raise DataError(f"{self.data_path}: no usable sample among {len(self)}: {len(self)} × unreadable image data")
+
+    def _pixels(self, path: str) -> torch.Tensor:
+        return process_images([load_image(path)], self.image_processor, self.model_config)[0]
 
 
 @dataclass
