@@ -5,7 +5,8 @@
 Without arguments it works on the tiny world's model (checkpoints/tiny-world-llava → checkpoints/tiny-world-llava-exit-init).
 
 The output is a full checkpoint that `load_pretrained_model` loads with gates (Xavier-uniform, as the reference
-initialises them), ready for `scripts/v1_5/finetune_visual_gate.sh`.
+initialises them), ready for `scripts/v1_5/finetune_visual_gate.sh`. A checkpoint that already holds gates (in its
+weights, or a gates-only artifact) is refused unless `--reinit`: its gates may be trained ones.
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ import argparse
 import os
 import sys
 
-from llava.model.builder import CheckpointError, load_pretrained_model
-from llava.model.gates_artifact import attach_gates
+from llava.model.builder import CheckpointError, gate_width_in_checkpoint, load_pretrained_model
+from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
+
+
+def existing_gates(model_path: str) -> str | None:
+    """What gates `model_path` already holds, in words, or None; read from its files without loading the model."""
+    artifact = read_gates_config(model_path)
+    if artifact is not None:
+        return f"a gates-only artifact (width {artifact['visual_gate_hidden_size']}, base {artifact['base_model']})"
+    width = gate_width_in_checkpoint(model_path)
+    return None if width is None else f"gates of width {width} in its weights"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,8 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default=None, help="default: <model-path>-exit-init")
     parser.add_argument("--gate-hidden-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reinit", action="store_true", help="replace gates the checkpoint already has")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or args.model_path.rstrip("/") + "-exit-init"
+    found = existing_gates(args.model_path)
+    if found is not None and not args.reinit:
+        sys.exit(f"init_weight.py: error: {args.model_path} already holds {found}; "
+                 "--reinit replaces them with fresh ones")
     try:
         tokenizer, model, image_processor, _ = load_pretrained_model(
             args.model_path, args.model_base, device="cpu", dtype="auto"
@@ -40,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     image_processor.save_pretrained(output_dir)
-    print(f"gates of width {args.gate_hidden_size} added to {args.model_path}: {os.path.abspath(output_dir)}")
+    done = "replaced in" if found is not None else "added to"
+    print(f"fresh gates of width {args.gate_hidden_size} {done} {args.model_path}: {os.path.abspath(output_dir)}")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,14 @@ def test_training_changes_only_the_gates_and_resumes(init_checkpoint, gate_data,
     assert all(torch.allclose(final[n], again[n], atol=1e-6) for n in final)
 
 
+def test_training_on_from_a_gates_artifact_keeps_its_base(init_checkpoint, gate_data, tmp_path):
+    train(train_args(init_checkpoint, gate_data, tmp_path / "first", "--max_steps", "1"))
+    train(train_args(str(tmp_path / "first"), gate_data, tmp_path / "second", "--max_steps", "1"))
+    artifact = json.loads((tmp_path / "second" / "visual_gates.json").read_text())
+    assert artifact["base_model"] == os.path.abspath(init_checkpoint)
+    load_pretrained_model(str(tmp_path / "second"), device="cpu")
+
+
 def test_full_checkpoint_loads_with_trained_gates(init_checkpoint, gate_data, tmp_path):
     train(train_args(init_checkpoint, gate_data, tmp_path / "run", "--max_steps", "1", "--save_full_model", "True"))
     _, full, _, _ = load_pretrained_model(str(tmp_path / "run" / "full_model"), device="cpu")
@@ -167,13 +175,15 @@ def test_init_weight_refuses_existing_gates_unless_reinit(init_checkpoint, tmp_p
     for source, gates in found.items():
         with pytest.raises(SystemExit) as refused:
             init_weight(["--model-path", source, "--output-dir", str(tmp_path / "out")])
-        assert refused.value.code == f"init_weight.py: error: {source} already holds {gates}; --reinit replaces them with fresh ones"
+        assert refused.value.code == (
+            f"init_weight.py: error: {source} already holds {gates}; --reinit replaces them with fresh ones")
         assert not (tmp_path / "out").exists()
 
-    init_weight(["--model-path", init_checkpoint, "--output-dir", str(tmp_path / "out"), "--gate-hidden-size", "8", "--reinit"])
+    init_weight(["--model-path", init_checkpoint, "--output-dir", str(tmp_path / "out"), "--gate-hidden-size", "8",
+                 "--reinit"])
     assert "fresh gates of width 8 replaced in" in capsys.readouterr().out
     _, fresh, _, _ = load_pretrained_model(str(tmp_path / "out"), device="cpu")
-    assert fresh.config.visual_gate_hidden_size == 8 and fresh.get_model().visual_gates_router[0].w1.weight.shape[0] == 8
+    assert fresh.get_model().visual_gates_router[0].w1.weight.shape[0] == fresh.config.visual_gate_hidden_size == 8
 
 
 @pytest.mark.parametrize("case, message", [
@@ -189,9 +199,9 @@ def test_input_errors_end_in_one_line(init_checkpoint, gate_data, tmp_path, case
     (tmp_path / "bad.json").write_text('[\n  {"id": "1",}\n]')
     unreadable = tmp_path / "unreadable"
     unreadable.mkdir()
-    (unreadable / "data.json").write_text(json.dumps([json.loads((gate_data / "data.json").read_text())[i] for i in (0, 1)]))
+    (unreadable / "data.json").write_text(json.dumps(json.loads((gate_data / "data.json").read_text())[:2]))
     for i in (0, 1):
-        (unreadable / f"{i}.png").write_text("version https://git-lfs.github.com/spec/v1")  # an LFS pointer, not an image
+        (unreadable / f"{i}.png").write_text("version https://git-lfs.github.com/spec/v1")  # an LFS pointer
     extra = {
         "data file": ["--data_path", str(tmp_path / "nowhere.json")],
         "json": ["--data_path", str(tmp_path / "bad.json")],
@@ -256,7 +266,8 @@ def test_finetune_script_two_cpu_processes_train_as_one_save_once_and_resume(ini
             pass  # taken already: just as good
         one, two = map(succeeded, concurrently(
             functools.partial(script, tmp_path / "one", *steps, BATCH_SIZE="4", NUM_PROCS="1"),
-            functools.partial(script, tmp_path / "two", *steps, "--log_level_replica", "info", BATCH_SIZE="2", NUM_PROCS="2"),
+            functools.partial(script, tmp_path / "two", *steps, "--log_level_replica", "info",
+                              BATCH_SIZE="2", NUM_PROCS="2"),
         ))
     ports = [re.search(r"--master_port=(\d+)", output).group(1) for output in (one, two)]
     assert ports[0] != ports[1] and "29500" not in ports
@@ -270,8 +281,8 @@ def test_finetune_script_two_cpu_processes_train_as_one_save_once_and_resume(ini
     assert [gate_metrics(e) for e in log_one] == [gate_metrics(e) for e in log_two]  # counted over both processes
     assert [float(e["loss"]) for e in log_one] == pytest.approx([float(e["loss"]) for e in log_two], rel=1e-3)
     # Both processes log at INFO (--log_level_replica info), yet each save is written once.
-    saves = [os.path.join(tmp_path / "two", name) for name in ("checkpoint-1", "checkpoint-2", "checkpoint-3", "")]
-    assert re.findall(r"gates saved to (\S+)", two) == [path.rstrip(os.sep) for path in saves]
+    saves = [str(tmp_path / "two" / f"checkpoint-{step}") for step in (1, 2, 3)] + [str(tmp_path / "two")]
+    assert re.findall(r"gates saved to (\S+)", two) == saves
 
     shutil.rmtree(tmp_path / "two" / "checkpoint-3")
     resumed = logged_steps(succeeded(script(tmp_path / "two", *steps, "--resume_from_checkpoint", "True",
@@ -283,12 +294,14 @@ def test_finetune_script_two_cpu_processes_train_as_one_save_once_and_resume(ini
 
 def test_finetune_script_input_errors_are_one_line(init_checkpoint, gate_data, tmp_path):
     (tmp_path / "data.json").write_text('[\n  {"id": "1",}\n]')
+    missing = tmp_path / "zero9.json"
     results = concurrently(
         functools.partial(run_script, init_checkpoint, tmp_path, tmp_path / "run", NUM_PROCS="2"),
-        functools.partial(run_script, init_checkpoint, gate_data, tmp_path / "run", DEEPSPEED_CONFIG=str(tmp_path / "zero9.json")),
+        functools.partial(run_script, init_checkpoint, gate_data, tmp_path / "run", DEEPSPEED_CONFIG=str(missing)),
     )
-    lines = [f"train.py: error: {tmp_path / 'data.json'}:2: invalid JSON (Expecting property name enclosed in double quotes)",
-             f"finetune_visual_gate.sh: error: DEEPSPEED_CONFIG={tmp_path / 'zero9.json'}: no such file"]
+    lines = [f"train.py: error: {tmp_path / 'data.json'}:2: invalid JSON (Expecting property name enclosed in double "
+             "quotes)", f"finetune_visual_gate.sh: error: DEEPSPEED_CONFIG={missing}: no such file"]
     for result, line in zip(results, lines):
         assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
-        assert [text for text in result.stderr.splitlines() if "error:" in text] == [line]  # once, though 2 processes met it
+        # once, though both processes met the malformed file
+        assert [text for text in result.stderr.splitlines() if "error:" in text] == [line]

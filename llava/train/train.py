@@ -5,23 +5,32 @@
 
 LLaVA's argument names, plus the gate options of `GateArguments`. Writes the gates-only artifact to OUT
 (`visual_gates.safetensors`, loadable with `load_pretrained_model(OUT)`), and a full checkpoint too with
-`--save_full_model True`.
+`--save_full_model True`. `--resume_from_checkpoint True` continues from the latest OUT/checkpoint-*.
+Input errors (data, checkpoint, options) end the run with one line on stderr, from the main process only.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 import transformers
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
-from llava.model.builder import load_pretrained_model
-from llava.model.gates_artifact import attach_gates
+from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.gates_artifact import attach_gates, read_gates_config
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit.training import ExitLabelRule
-from llava.train.data import DataCollator, SupervisedDataset
-from llava.train.trainer import ExitLayerSampler, GateTrainer
+from llava.train.data import DataCollator, DataError, SupervisedDataset
+from llava.train.trainer import ConfigError, ExitLayerSampler, GateTrainer
+
+INPUT_ERRORS = (CheckpointError, ConfigError, DataError, VisionTowerNotFoundError)
+REPLICA_GRACE_S = 30  # how long a non-main process waits for the main one to report a shared input error
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +91,30 @@ def build_model(model_args: ModelArguments, gate_args: GateArguments, training_a
     return tokenizer, model, image_processor
 
 
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder `--resume_from_checkpoint` names. `True` means the latest `checkpoint-*` in
+    `output_dir`, as in the HF Trainer; with none there it is an error (as in the Trainer), not a fresh start, so a
+    mistyped OUTPUT_DIR never silently trains from scratch."""
+    if value is None or value.lower() in ("", "false"):
+        return None
+    if value.lower() == "true":
+        latest = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if latest is None:
+            raise ConfigError(f"--resume_from_checkpoint True: no checkpoint-* folder in {output_dir} to resume from")
+        return latest
+    if not os.path.isfile(os.path.join(value, TRAINER_STATE_NAME)):
+        raise ConfigError(f"--resume_from_checkpoint {value}: not a checkpoint folder (no {TRAINER_STATE_NAME})")
+    return value
+
+
 def train(argv: list[str] | None = None) -> GateTrainer:
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, GateArguments, TrainingArguments))
     model_args, data_args, gate_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    # Replicas log at --log_level_replica (HF's option, default warning).
+    logging.basicConfig(level=logging.INFO if training_args.should_log else training_args.get_process_log_level())
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
+    layer_sampler = ExitLayerSampler(model.config.num_hidden_layers, gate_args.exit_layer_sampler)
     if data_args.image_aspect_ratio:
         model.config.image_aspect_ratio = data_args.image_aspect_ratio
     dataset = SupervisedDataset(
@@ -99,17 +127,17 @@ def train(argv: list[str] | None = None) -> GateTrainer:
         model_max_length=training_args.model_max_length,
     )
     crop = image_processor.crop_size
+    artifact = read_gates_config(model_args.model_name_or_path)  # training on from a gates artifact: keep its base
     trainer = GateTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         data_collator=DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"])),
-        layer_sampler=ExitLayerSampler(model.config.num_hidden_layers, gate_args.exit_layer_sampler),
+        layer_sampler=layer_sampler,
         label_rule=ExitLabelRule(gate_args.gate_agree_threshold, gate_args.gate_ratio_threshold),
-        base_model=os.path.abspath(model_args.model_name_or_path),
+        base_model=artifact["base_model"] if artifact else os.path.abspath(model_args.model_name_or_path),
     )
-    resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=resume if resume not in (None, "False", "false") else None)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     if gate_args.save_full_model and training_args.should_save:
         full = os.path.join(training_args.output_dir, "full_model")
@@ -124,5 +152,17 @@ def train(argv: list[str] | None = None) -> GateTrainer:
     return trainer
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The CLI: an input error is one line on stderr, not a traceback repeated by every process."""
+    try:
+        train(argv)
+    except INPUT_ERRORS as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            sys.exit(f"train.py: error: {error}")
+        # Every process meets the same input; the launcher ends this one as soon as the main one has reported it.
+        time.sleep(REPLICA_GRACE_S)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    train()
+    main()

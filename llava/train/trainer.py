@@ -3,8 +3,8 @@ the real exit ratio, and checkpoints only the gates."""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections import defaultdict
 
 import torch
 from transformers import Trainer
@@ -12,6 +12,12 @@ from transformers import Trainer
 from llava.model.gates_artifact import load_gates, save_gates
 from llava.model.visual_exit.training import ExitLabelRule
 from llava.train.sampler import ModalityLengthGroupedSampler
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A training option cannot be used; the message names the option and why."""
 
 
 class ExitLayerSampler:
@@ -27,9 +33,9 @@ class ExitLayerSampler:
             try:
                 self.low, self.high = (int(part) for part in spec.split("-"))
             except ValueError:
-                raise ValueError(f"exit layer sampler {spec!r}: expected 'uniform' or a range like '4-20'") from None
+                raise ConfigError(f"--exit_layer_sampler {spec!r}: expected 'uniform' or a range like '4-20'") from None
         if not 0 <= self.low <= self.high <= last:
-            raise ValueError(f"exit layer range {self.low}-{self.high} outside 0-{last}")
+            raise ConfigError(f"--exit_layer_sampler {spec!r}: the range must lie within 0-{last} (low <= high)")
 
     def sample(self) -> int:
         return int(torch.randint(self.low, self.high + 1, ()).item())
@@ -40,7 +46,8 @@ class GateTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.layer_sampler, self.label_rule, self.base_model = layer_sampler, label_rule, base_model
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer scale it
-        self._counts: dict[int, torch.Tensor] = defaultdict(lambda: torch.zeros(4))
+        # Per layer, since the last log: samples judged, gate predictions right, exits labelled safe, exits predicted.
+        self._counts = torch.zeros(self.model.config.num_hidden_layers, 4)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         layer = self.layer_sampler.sample()
@@ -48,7 +55,6 @@ class GateTrainer(Trainer):
         judged = outputs.exit_labels
         usable = judged.usable
         predicted = outputs.gate_logits.detach().argmax(dim=-1)
-        # per layer: samples judged, gate predictions right, exits labelled safe, exits predicted
         self._counts[layer] += torch.stack(
             [usable.sum(), (usable & (predicted == judged.label)).sum(), (usable & (judged.label == 1)).sum(),
              (usable & (predicted == 1)).sum()]
@@ -56,18 +62,20 @@ class GateTrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Adds, since the last log: gate accuracy and label/predicted exit ratio per layer, and overall."""
-        if self._counts and "loss" in logs:
-            total = torch.stack(list(self._counts.values())).sum(dim=0)
+        """Adds, since the last log and over all processes: gate accuracy and label/predicted exit ratio per layer,
+        and overall. Every process logs the training loss (a collective), so the counts are summed here too."""
+        if "loss" in logs:
+            counts = self.accelerator.reduce(self._counts.to(self.args.device), reduction="sum").cpu()
+            total = counts.sum(dim=0)
             if total[0] > 0:
                 logs["gate_accuracy"] = round((total[1] / total[0]).item(), 4)
                 logs["exit_ratio"] = round((total[2] / total[0]).item(), 4)
-            for layer, (judged, right, safe, predicted) in sorted(self._counts.items()):
+            for layer, (judged, right, safe, predicted) in enumerate(counts.tolist()):
                 if judged > 0:
-                    logs[f"gate_accuracy/layer_{layer}"] = round((right / judged).item(), 4)
-                    logs[f"exit_ratio/layer_{layer}"] = round((safe / judged).item(), 4)
-                    logs[f"predicted_exit_ratio/layer_{layer}"] = round((predicted / judged).item(), 4)
-            self._counts.clear()
+                    logs[f"gate_accuracy/layer_{layer}"] = round(right / judged, 4)
+                    logs[f"exit_ratio/layer_{layer}"] = round(safe / judged, 4)
+                    logs[f"predicted_exit_ratio/layer_{layer}"] = round(predicted / judged, 4)
+            self._counts.zero_()
         super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -82,13 +90,15 @@ class GateTrainer(Trainer):
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Checkpoints and the final save hold the gates only (plus what the Trainer adds to resume)."""
+        """Checkpoints and the final save hold the gates only (plus what the Trainer adds to resume). Under DeepSpeed
+        the Trainer calls this on every process; only the main one writes."""
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         save_gates(model, output_dir, self.base_model, state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        logger.info("gates saved to %s", output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_gates(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the exit gates of a LLaVA-1.5 checkpoint (LLM, vision tower and projector frozen) with DeepSpeed ZeRO-2,
-# over all visible GPUs; without a GPU the same run goes to the CPU. Every path and size is an environment
-# variable; extra Trainer flags go after the script's name, e.g. `... finetune_visual_gate.sh --max_steps 10`.
+# over all visible GPUs; without a GPU the same run goes to the CPU (NUM_PROCS processes). Every path and size is an
+# environment variable; extra Trainer flags go after the script's name, e.g. `... finetune_visual_gate.sh --max_steps
+# 10`. Input errors (data, checkpoint, options) end the run with one line on stderr and exit status 1.
 # The defaults train on the tiny world (scripts/quickstart.sh); for LLaVA-1.5-7B set, as the paper does:
 #   MODEL_PATH=./checkpoints/llava-v1.5-7b-exit-init OUTPUT_DIR=./checkpoints/llava-v1.5-7b-visual-gate \
 #   DATA_PATH=./playground/data/mix665k_single_turn_only_image_1%.json IMAGE_FOLDER=./playground/data
@@ -23,16 +24,24 @@ SAVE_STEPS=${SAVE_STEPS:-50000}
 WORKERS=${WORKERS:-4}
 REPORT_TO=${REPORT_TO:-none}          # wandb to log there as well
 PYTHON=${PYTHON:-python}
+NUM_PROCS=${NUM_PROCS:-1}             # without a GPU: processes on the CPU (gloo), global batch NUM_PROCS x BATCH_SIZE
+# DeepSpeed's rendezvous port, free at launch: its default 29500 would stop a second training on the same machine.
+MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")}
 
-DEEPSPEED=("$PYTHON" -m deepspeed.launcher.runner)  # the `deepspeed` launcher of $PYTHON's environment
+if [ ! -f "$DEEPSPEED_CONFIG" ]; then
+    echo "finetune_visual_gate.sh: error: DEEPSPEED_CONFIG=$DEEPSPEED_CONFIG: no such file" >&2
+    exit 1
+fi
+
+DEEPSPEED=("$PYTHON" -m deepspeed.launcher.runner --master_port "$MASTER_PORT")  # `deepspeed` of $PYTHON's environment
 NUM_GPUS=${NUM_GPUS:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
 if [ "$NUM_GPUS" -gt 0 ]; then
     PRECISION=(--bf16 True --tf32 True)
     LAUNCH=("${DEEPSPEED[@]}" --num_gpus "$NUM_GPUS")
 else
-    # DeepSpeed runs its CPU (gloo) backend in one process; fp32, since CPUs gain nothing from bf16 here.
+    # DeepSpeed's CPU (gloo) backend, one process per NUM_PROCS; fp32, since CPUs gain nothing from bf16 here.
     PRECISION=(--use_cpu True)
-    LAUNCH=("${DEEPSPEED[@]}" --num_gpus 1)
+    LAUNCH=("${DEEPSPEED[@]}" --num_gpus "$NUM_PROCS")
 fi
 
 "${LAUNCH[@]}" llava/train/train.py \
