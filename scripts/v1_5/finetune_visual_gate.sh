@@ -3,15 +3,19 @@
 # over all visible GPUs; without a GPU the same run goes to the CPU (NUM_PROCS processes). Every path and size is an
 # environment variable; extra Trainer flags go after the script's name, e.g. `... finetune_visual_gate.sh --max_steps
 # 10`. Input errors (data, checkpoint, options) end the run with one line on stderr and exit status 1.
-# The defaults train on the tiny world (scripts/quickstart.sh); for LLaVA-1.5-7B set, as the paper does:
+# Relative paths are read from the folder you call it from. The defaults train on the tiny world (generated here if
+# missing, TRAIN_IMAGES / TEST_IMAGES images); for LLaVA-1.5-7B set, as the paper does:
 #   MODEL_PATH=./checkpoints/llava-v1.5-7b-exit-init OUTPUT_DIR=./checkpoints/llava-v1.5-7b-visual-gate \
 #   DATA_PATH=./playground/data/mix665k_single_turn_only_image_1%.json IMAGE_FOLDER=./playground/data
 set -euo pipefail
+source "$(dirname "$0")/../script_env.sh"
+# Paths the caller gave are read from the caller's folder; the defaults below from the repository's.
+paths_from_caller MODEL_PATH DATA_PATH IMAGE_FOLDER OUTPUT_DIR DEEPSPEED_CONFIG
 cd "$(dirname "$0")/../.."
 
 MODEL_PATH=${MODEL_PATH:-./checkpoints/tiny-world-llava-exit-init}   # from init_weight.py
-DATA_PATH=${DATA_PATH:-./playground/data/tiny_world/train_single_turn.json}
-IMAGE_FOLDER=${IMAGE_FOLDER:-./playground/data/tiny_world/images}
+DATA_PATH=${DATA_PATH:-$TINY_WORLD/train_single_turn.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-$TINY_WORLD/images}
 OUTPUT_DIR=${OUTPUT_DIR:-./checkpoints/tiny-world-llava-visual-gate}
 VERSION=${VERSION:-v1}
 DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-./scripts/zero2.json}
@@ -28,6 +32,7 @@ NUM_PROCS=${NUM_PROCS:-1}             # without a GPU: processes on the CPU (glo
 # DeepSpeed's rendezvous port, free at launch: its default 29500 would stop a second training on the same machine.
 MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")}
 
+if [ "$DATA_PATH" = "$TINY_WORLD/train_single_turn.json" ]; then ensure_tiny_world; fi
 if [ ! -f "$DEEPSPEED_CONFIG" ]; then
     echo "finetune_visual_gate.sh: error: DEEPSPEED_CONFIG=$DEEPSPEED_CONFIG: no such file" >&2
     exit 1

@@ -10,27 +10,17 @@
 # (LLaVA's layout).
 set -euo pipefail
 
+source "$(dirname "${BASH_SOURCE[0]}")/../../script_env.sh"
 # Paths the caller gave are read from the caller's folder; the defaults below from the repository's.
-for name in MODEL_PATH MODEL_BASE EVAL_ROOT GQADIR MME_DIR MMBENCH_DIR POPE_DIR SEED_DIR SQA_DIR TEXTVQA_DIR VIZWIZ_DIR \
-    VQAV2_DIR VQAV2_ANNOTATIONS VQAV2_TEST_FILE VQAV2_IMAGES VIZWIZ_ANNOTATIONS VIZWIZ_QUESTIONS VIZWIZ_IMAGES; do
-    value=${!name:-}
-    if [ -n "$value" ] && [ "${value#/}" = "$value" ]; then
-        printf -v "$name" '%s' "$PWD/$value"
-    fi
-done
+paths_from_caller MODEL_PATH MODEL_BASE EVAL_ROOT GQADIR MME_DIR MMBENCH_DIR POPE_DIR SEED_DIR SQA_DIR TEXTVQA_DIR \
+    VIZWIZ_DIR VQAV2_DIR VQAV2_ANNOTATIONS VQAV2_TEST_FILE VQAV2_IMAGES VIZWIZ_ANNOTATIONS VIZWIZ_QUESTIONS VIZWIZ_IMAGES
 cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 
-WORLD_EVAL=./playground/data/tiny_world/eval
 MODEL_PATH=${MODEL_PATH:-./checkpoints/tiny-world-llava-visual-gate}
-EVAL_ROOT=${EVAL_ROOT:-$WORLD_EVAL}
+EVAL_ROOT=${EVAL_ROOT:-$TINY_WORLD/eval}
 BATCH_SIZE=${BATCH_SIZE:-1}
 PYTHON=${PYTHON:-python}
-
-if [ "$EVAL_ROOT" = "$WORLD_EVAL" ] && [ ! -d "$WORLD_EVAL" ]; then
-    echo "the tiny world's questions are missing: generating them (python -m llava.world.generate, seconds)"
-    "$PYTHON" -m llava.world.generate --out "$(dirname "$WORLD_EVAL")" --train "${TRAIN_IMAGES:-20000}" \
-        --test "${TEST_IMAGES:-500}"
-fi
+if [ "$EVAL_ROOT" = "$TINY_WORLD/eval" ]; then ensure_tiny_world; fi
 
 LOADER_ARGS=(--model-path "$MODEL_PATH" --temperature 0 --batch-size "$BATCH_SIZE")
 EXIT_ARGS=()
