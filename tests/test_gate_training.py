@@ -224,13 +224,13 @@ def test_resume_true_means_the_numerically_latest_checkpoint(tmp_path):
     assert resolve_resume("False", str(tmp_path)) is None and resolve_resume(None, str(tmp_path)) is None
 
 
-def run_script(checkpoint, data, output_dir, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """finetune_visual_gate.sh on the tiny model, with MASTER_PORT left to the script."""
+def run_script(checkpoint, data, output_dir, *args: str, cwd=None, **env: str) -> subprocess.CompletedProcess:
+    """finetune_visual_gate.sh on the tiny model, with MASTER_PORT left to the script, called from `cwd`."""
     environment = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
     environment.update(MODEL_PATH=checkpoint, DATA_PATH=str(data / "data.json"), IMAGE_FOLDER=str(data),
                        OUTPUT_DIR=str(output_dir), WORKERS="0", PYTHON=sys.executable, PYTHONPATH=ROOT,
                        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], **env)
-    return subprocess.run(["bash", SCRIPT, *args], env=environment, capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", SCRIPT, *args], env=environment, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def concurrently(*runs: functools.partial) -> list[subprocess.CompletedProcess]:
@@ -297,7 +297,8 @@ def test_finetune_script_input_errors_are_one_line(init_checkpoint, gate_data, t
     missing = tmp_path / "zero9.json"
     results = concurrently(
         functools.partial(run_script, init_checkpoint, tmp_path, tmp_path / "run", NUM_PROCS="2"),
-        functools.partial(run_script, init_checkpoint, gate_data, tmp_path / "run", DEEPSPEED_CONFIG=str(missing)),
+        # a relative path is read from the caller's folder
+        functools.partial(run_script, init_checkpoint, gate_data, tmp_path / "run", cwd=tmp_path, DEEPSPEED_CONFIG=missing.name),
     )
     lines = [f"train.py: error: {tmp_path / 'data.json'}:2: invalid JSON (Expecting property name enclosed in double "
              "quotes)", f"finetune_visual_gate.sh: error: DEEPSPEED_CONFIG={missing}: no such file"]
