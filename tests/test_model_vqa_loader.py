@@ -41,6 +41,7 @@ def by_id(records):
     ["--exit-mode", "none"],
     ["--exit-mode", "fixed", "--exit-layer", "1"],
     ["--exit-mode", "fastv", "--fastv-k", "1", "--fastv-r", "0.5"],
+    ["--exit-mode", "fixed", "--exit-layer", "1", "--num_beams", "2"],
 ])
 def test_batched_answers_equal_one_by_one(llava_checkpoint, gqa_like, mode):
     folder, ids = gqa_like

@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from llava.eval.io import EvalInputError
+from llava.eval.io import EvalInputError, read_json
 
 # Loader flags that change the prompts (ScienceQA, MMBench); absent ones are left out.
 PROMPT_FLAGS = ("single_pred_prompt", "all_rounds", "lang")
@@ -49,13 +49,7 @@ def run_settings(args: argparse.Namespace, exit_config, conv_mode: str) -> dict:
 
 def read_settings(answers_file: str) -> dict | None:
     path = settings_path(answers_file)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise EvalInputError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+    return read_json(path) if os.path.isfile(path) else None
 
 
 def write_settings(answers_file: str, settings: dict) -> None:
