@@ -167,3 +167,20 @@ def test_cls_patch_keeps_the_class_token(loaded, images):
     # Oracle: the features are CLIP's hidden states of the selected layer (-2), computed independently.
     reference = tower.vision_tower(images, output_hidden_states=True).hidden_states
     assert torch.equal(with_cls, reference[len(reference) - 2])
+
+
+def test_asking_the_decoder_for_hidden_states_leaves_the_image_features_alone(loaded, images):
+    """The CLIP tower sits inside the decoder (LLaVA's layout) and reads its hidden_states[-2] on every call; a
+    decoder call with output_hidden_states must not make the tower record its layers twice."""
+    tokenizer, model, _, _ = loaded
+    ids, _ = batch_ids(tokenizer, PROMPTS[:1], "right")
+    with torch.no_grad():
+        features = model.encode_images(images[:1])
+        logits = model(input_ids=ids, images=images[:1]).logits
+        mm = model.prepare_inputs_labels_for_multimodal(ids, None, None, images[:1])
+        states = model.get_model()(inputs_embeds=mm.inputs_embeds, output_hidden_states=True).hidden_states
+        tower_states = model.get_vision_tower().vision_tower(images[:1], output_hidden_states=True).hidden_states
+        assert torch.equal(model.encode_images(images[:1]), features)
+        assert torch.equal(model(input_ids=ids, images=images[:1]).logits, logits)
+    assert len(states) == model.config.num_hidden_layers + 1
+    assert len(tower_states) == model.get_vision_tower().config.num_hidden_layers + 1

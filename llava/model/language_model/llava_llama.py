@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from llava.compat import cache_argument, install_output_capture_hooks, output_cache, take_cache
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava.model.visual_exit import ExitConfig, ExitStats, VisualExitCache, VisualExitDecoderMixin
@@ -58,13 +59,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         self.vocab_size = config.vocab_size
         self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        install_output_capture_hooks(self.model)  # before the tower's first call (see compat)
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: VisualExitCache | None = None,
+        cache: VisualExitCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -79,6 +81,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
     ) -> LlavaCausalLMOutput | GateTrainingOutput:
         """LLaVA's forward. With `gate_training_layer` k it is a gate-training step instead: the loss of gate k
         against labels from the two continuations after layer k (see visual_exit.training)."""
+        cache = take_cache(kwargs, cache)
         if inputs_embeds is None and _needs_multimodal_inputs(input_ids, images):
             mm = self.prepare_inputs_labels_for_multimodal(input_ids, attention_mask, labels, images, image_sizes)
             input_ids, inputs_embeds, labels, visual_mask = None, mm.inputs_embeds, mm.labels, mm.visual_mask
@@ -94,11 +97,11 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             visual_mask=visual_mask,
             exit_config=exit_config,
+            **cache_argument(cache),
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -109,7 +112,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         return LlavaCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_argument(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             exit_stats=outputs.exit_stats,
@@ -139,13 +142,13 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         mm = self.prepare_inputs_labels_for_multimodal(
             inputs, kwargs.pop("attention_mask", None), None, images, image_sizes, padding_side="left"
         )
-        cache = kwargs.pop("past_key_values", None) or VisualExitCache(config=self.config)
+        cache = take_cache(kwargs) or VisualExitCache(config=self.config)
         output = super().generate(
             inputs_embeds=mm.inputs_embeds,
             attention_mask=mm.attention_mask,
             visual_mask=mm.visual_mask,
             exit_config=exit_config,
-            past_key_values=cache,
+            **cache_argument(cache),
             **kwargs,
         )
         if isinstance(output, torch.Tensor):
