@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     def ours(config):
         return lambda: model(
             inputs_embeds=embeds, attention_mask=mask, visual_mask=visual, exit_config=config,
-            past_key_values=VisualExitCache(config=model.config), use_cache=True,
+            cache=VisualExitCache(config=model.config), use_cache=True,
         )
 
     plans = [("stock", None, stock(embeds, mask)), ("stock-text-only", None, stock(text_embeds, text_mask))]

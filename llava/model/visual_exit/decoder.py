@@ -9,6 +9,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from llava.compat import cache_argument, take_cache
 from llava.model.visual_exit.cache import KeyLayout, VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
@@ -77,30 +78,29 @@ class VisualExitDecoderMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: VisualExitCache | None = None,
+        cache: VisualExitCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         visual_mask: torch.Tensor | None = None,
         exit_config: ExitConfig | None = None,
         **kwargs,
     ) -> VisualExitModelOutput:
+        cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = VisualExitCache(config=self.config)
-        if past_key_values is not None and not isinstance(past_key_values, VisualExitCache):
-            raise TypeError(f"pass a VisualExitCache (layers may cache different tokens), not {type(past_key_values).__name__}")
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
-            hidden = self._decode(inputs_embeds, attention_mask, position_ids, past_key_values, kwargs)
-            return VisualExitModelOutput(last_hidden_state=hidden, past_key_values=past_key_values)
-        hidden, stats = self._prefill(
-            inputs_embeds, attention_mask, position_ids, past_key_values, visual_mask, exit_config, kwargs
-        )
-        if past_key_values is not None:
-            past_key_values.exit_stats = stats
-        return VisualExitModelOutput(last_hidden_state=hidden, past_key_values=past_key_values, exit_stats=stats)
+        if use_cache and cache is None:
+            cache = VisualExitCache(config=self.config)
+        if cache is not None and not isinstance(cache, VisualExitCache):
+            raise TypeError(f"pass a VisualExitCache (layers may cache different tokens), not {type(cache).__name__}")
+        if cache is not None and cache.get_seq_length() > 0:
+            hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache, kwargs)
+            return VisualExitModelOutput(last_hidden_state=hidden, **cache_argument(cache))
+        hidden, stats = self._prefill(inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs)
+        if cache is not None:
+            cache.exit_stats = stats
+        return VisualExitModelOutput(last_hidden_state=hidden, exit_stats=stats, **cache_argument(cache))
 
     def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs):
         exit_config = exit_config or ExitConfig.from_model_config(self.config)
@@ -154,8 +154,8 @@ class VisualExitDecoderMixin:
                 attention_mask=mask,
                 position_embeddings=layout.position_embeddings,
                 position_ids=layout.position_ids,
-                past_key_values=cache,
                 use_cache=cache is not None,
+                **cache_argument(cache),
                 **kwargs,
             )
             if cache is not None:
@@ -190,8 +190,8 @@ class VisualExitDecoderMixin:
                 attention_mask=masks[id(layout)],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
+                **cache_argument(cache),
                 **kwargs,
             )
         return self.norm(hidden)
