@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Source it: sets up .venv on a fresh machine (a CPU torch wheel when there is no CUDA GPU, then this package
 # with its training extras) and leaves its interpreter in $PY. Re-running it on a set-up machine is quick.
+# VENV names another environment; TRANSFORMERS_VERSION pins transformers there (e.g. the oldest we support).
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
@@ -17,4 +18,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     fi
 fi
 export DS_BUILD_OPS=0
-"$PY" -m pip install -q -e ".[train,dev]"
+"$PY" -m pip install -q -e ".[train,dev]" ${TRANSFORMERS_VERSION:+"transformers==$TRANSFORMERS_VERSION"}

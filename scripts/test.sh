@@ -1,6 +1,21 @@
 #!/usr/bin/env bash
-# Set up .venv on a fresh machine (CPU torch when there is no CUDA GPU) and run the test suite.
+# Set up .venv on a fresh machine (CPU torch when there is no CUDA GPU) and run the test suite on the transformers
+# it resolves (the newest). Without arguments it then also runs the exit, generation and oracle tests on the oldest
+# transformers we support, in .venv-transformers-$OLDEST_TRANSFORMERS, set up the same way. Arguments go to pytest
+# (main environment only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+OLDEST_TRANSFORMERS=${OLDEST_TRANSFORMERS:-5.17.0}
+ORACLE_TESTS=(tests/test_compat.py tests/test_visual_exit.py tests/test_generation.py tests/test_decoding.py
+    tests/test_fastv.py tests/test_model.py tests/test_world_model.py tests/test_loader_variants.py)
+
 source scripts/setup.sh
-exec "$PY" -m pytest -q "$@"
+if [ $# -gt 0 ]; then
+    exec "$PY" -m pytest -q "$@"
+fi
+"$PY" -c "import transformers; print('== the whole suite on transformers', transformers.__version__)"
+"$PY" -m pytest -q
+
+VENV=.venv-transformers-$OLDEST_TRANSFORMERS TRANSFORMERS_VERSION=$OLDEST_TRANSFORMERS source scripts/setup.sh
+"$PY" -c "import transformers; print('== exit, generation and oracle tests on transformers', transformers.__version__)"
+"$PY" -m pytest -q "${ORACLE_TESTS[@]}"
