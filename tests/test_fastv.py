@@ -13,7 +13,6 @@ from test_visual_exit import (
     PROMPTS,
     batch_inputs,
     fire_always,
-    readback,  # noqa: F401 (fixture)
     images_for,
     masked_reference_logits_by_token,
     text_positions,
@@ -157,8 +156,8 @@ def test_dynamic_plus_fastv(gated, loaded, images, fire_layer):
     assert out.exit_stats.pruned_visual_tokens.tolist() == expected_pruned.tolist()
 
 
-def test_dynamic_plus_fastv_with_sample_dependent_gates(gated, loaded, images, readback):
-    """Samples exit at different layers, before and after FastV's K, with the host reading gate decisions late:
+def test_dynamic_plus_fastv_with_sample_dependent_gates(gated, loaded, images):
+    """Samples exit at different layers, before and after FastV's K:
     the batch equals the oracle built from each sample's exit layer, and each sample alone."""
     tokenizer = loaded[0]
     set_sample_dependent_gates(gated)

@@ -74,8 +74,6 @@ def run(args: argparse.Namespace) -> list[Row]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model = build_model(args.preset, args.layers, dtype, device, args.attn)
-    if args.gate_readback_lag is not None:
-        model.gate_readback_lag = args.gate_readback_lag
     layers = model.config.num_hidden_layers
     ks = args.k or sorted({max(1, layers // 4), max(1, layers // 2), max(1, 3 * layers // 4)})
 
@@ -177,8 +175,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
-    parser.add_argument("--gate-readback-lag", type=int, default=None,
-                        help="layers between a gate decision and the host reading it (default: the model's, 0)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")

@@ -51,27 +51,6 @@ class VisualExitCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def merge_equal_layouts(self) -> None:
-        """Let consecutive layers whose key layouts are equal share one, so decoding builds one mask for them.
-
-        Layers after an exit that the host had not yet seen each got their own (conservatively padded) layout.
-        """
-        distinct = list({id(layout): layout for layout in self.layouts}.values())
-        if len(distinct) <= 1:
-            return
-        pairs = [(a, b) for a, b in zip(distinct, distinct[1:]) if a.valid.shape == b.valid.shape]
-        flags = torch.stack(
-            [(a.valid == b.valid).all() for a, b in pairs] + [~layout.valid.all() for layout in distinct]
-        ).tolist()
-        equal = {id(b) for (_, b), same in zip(pairs, flags) if same}
-        for layout, padded in zip(distinct, flags[len(pairs) :]):
-            layout.padded = padded
-        merged, previous = {}, None
-        for layout in distinct:
-            previous = previous if id(layout) in equal else layout
-            merged[id(layout)] = previous
-        self.layouts = [merged[id(layout)] for layout in self.layouts]
-
     def extend_layouts(self, new_tokens: int) -> list[KeyLayout]:
         """Layouts after appending `new_tokens` real tokens to every layer (done by the caller's forward)."""
         self.layouts = _map_shared(self.layouts, lambda layout: layout.extended(new_tokens))

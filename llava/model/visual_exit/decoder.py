@@ -63,10 +63,6 @@ class VisualExitDecoderMixin:
     settings for this call. Decode steps (non-empty cache) take no decisions: each layer attends to what it cached.
     """
 
-    # Layers between a gate's decision and the host reading it (see ExitPolicy). 0 measured best on an H100 at
-    # LLaVA-7B size: a later read keeps the device busy but hides keys by mask and drops tokens later.
-    gate_readback_lag = 0
-
     def __init__(self, config):
         super().__init__(config)
         self.visual_gates_router = build_visual_gates(config)
@@ -108,8 +104,7 @@ class VisualExitDecoderMixin:
             hidden, attention_mask, position_ids, visual_mask, gate_weights=exit_config.uses_gates
         )
         policy = ExitPolicy(
-            exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, self.gate_readback_lag,
-            self.layers, cache,
+            exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, self.layers, cache,
         )
         drop = policy.drop_before_first_layer(layout)
         if drop is not None:
@@ -117,8 +112,6 @@ class VisualExitDecoderMixin:
         hidden, layout = self.run_layers(hidden, layout, range(self.config.num_hidden_layers), cache, policy, **kwargs)
         if cache is not None:
             cache.seen_tokens = layout.input_length
-            if policy.masked_layers:
-                cache.merge_equal_layouts()
         stats = ExitStats(
             policy.exit_layer,
             layout.input_valid.sum(dim=1),
@@ -145,9 +138,8 @@ class VisualExitDecoderMixin:
         """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""
         keys, mask = None, None
         for index in layers:
-            visible = policy.visible_keys(layout) if policy is not None else layout.keys
-            if visible is not keys:
-                keys, mask = visible, self._mask(visible, visible.valid.shape[1], hidden.dtype)
+            if layout.keys is not keys:  # a mask per key layout, shared by the layers between two drops
+                keys, mask = layout.keys, self._mask(layout.keys, layout.keys.valid.shape[1], hidden.dtype)
             layer_input = hidden
             hidden = self.layers[index](
                 hidden,

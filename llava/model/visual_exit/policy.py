@@ -7,52 +7,22 @@ import math
 import torch
 from torch import nn
 
-from llava.model.visual_exit.cache import KeyLayout, VisualExitCache
+from llava.model.visual_exit.cache import VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.fastv import fastv_pruned, last_token_attention
 from llava.model.visual_exit.gate import gate_features
 from llava.model.visual_exit.tokens import TokenLayout
 
 
-class FlagReadback:
-    """Device flags read on the host `lag` posts later. With lag 1 the host waits for layer i's decision only
-    after it has queued layer i + 1, so the device never idles for it; with lag 0 it waits at once."""
-
-    def __init__(self, device: torch.device, lag: int):
-        self.lag = lag
-        self.cuda = device.type == "cuda"
-        self.host = [torch.empty(2, dtype=torch.bool, pin_memory=self.cuda) for _ in range(lag + 1)]
-        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(lag + 1)]
-        self.posted = self.read = 0
-
-    def post(self, flags: torch.Tensor) -> None:
-        slot = self.posted % len(self.host)
-        self.host[slot].copy_(flags, non_blocking=self.cuda)
-        if self.cuda:
-            self.events[slot].record()
-        self.posted += 1
-
-    def collect(self) -> list[bool] | None:
-        """The oldest unread flags once `lag` newer posts exist (waiting for the device if needed), else None."""
-        if self.posted - self.read <= self.lag:
-            return None
-        slot = self.read % len(self.host)
-        if self.cuda:
-            self.events[slot].synchronize()
-        self.read += 1
-        return self.host[slot].tolist()
-
-
 class ExitPolicy:
     """Tracks per sample whether it still holds visual tokens, its `exit_layer` (layers that processed them), how
     many gates it evaluated and how many visual tokens FastV pruned (after `prune_layer` layers).
 
-    Before each layer, `visible_keys` says which cached keys that layer may attend to; after it, `drop_after`
-    returns the slots to remove from the sequence, or None. Gate decisions take effect on the device at once,
-    by hiding the exited visual keys from the next layers; the host reads them `readback_lag` layers later and
-    then drops the tokens. Dynamic mode stops reading once no sample holds visual tokens. `fixed` mode never
-    waits beyond the re-packing itself. FastV ranks by the last token's attention in `layers[fastv_k - 1]`, from
-    that layer's input; a sample left with no visual token has exited there.
+    After each layer, `drop_after` returns the slots to remove from the sequence, or None. A gated layer costs one
+    host read of its decision (any sample exiting, any left with visual tokens); dynamic mode stops gating once no
+    sample holds visual tokens, and `fixed` mode never waits beyond the re-packing itself. FastV ranks by the last
+    token's attention in `layers[fastv_k - 1]`, from that layer's input; a sample left with no visual token has
+    exited there.
     """
 
     def __init__(
@@ -61,7 +31,6 @@ class ExitPolicy:
         num_layers: int,
         layout: TokenLayout,
         gates: nn.ModuleList | None,
-        readback_lag: int,
         layers: nn.ModuleList | None = None,
         cache: VisualExitCache | None = None,
     ):
@@ -88,15 +57,6 @@ class ExitPolicy:
         tau = config.threshold
         self.margin = math.inf if tau >= 1 else -math.inf if tau <= 0 else math.log(tau / (1 - tau))
         self.any_active = config.mode != "none" and bool(has_visual.any())
-        self.hidden_visual: torch.Tensor | None = None  # exited visual slots still in the sequence, masked
-        self.masked_layers = False  # whether some layer ran with such masked keys
-        self.readback = FlagReadback(layout.keys.valid.device, readback_lag)
-
-    def visible_keys(self, layout: TokenLayout) -> KeyLayout:
-        if self.hidden_visual is None:
-            return layout.keys
-        self.masked_layers = True
-        return KeyLayout(layout.keys.valid & ~self.hidden_visual, padded=True)
 
     def drop_before_first_layer(self, layout: TokenLayout) -> torch.Tensor | None:
         if self.config.mode != "fixed" or self.config.layer != 0 or not self.any_active:
@@ -115,18 +75,16 @@ class ExitPolicy:
             self.any_active = False
             return self._exit(self.active, layer + 1, layout)
         drop = None
-        if self.config.uses_gates:
-            # An exit after the last layer would change nothing, so its gate is not run.
-            if self.any_active and layer < self.num_layers - 1:
-                self._run_gate(layer, hidden, layout)
-            drop = self._collect()
+        # An exit after the last layer would change nothing, so its gate is not run.
+        if self.config.uses_gates and self.any_active and layer < self.num_layers - 1:
+            drop = self._run_gate(layer, hidden, layout)
         if self.config.uses_fastv and layer + 1 == self.prune_layer and self.any_active:
             drop = self._prune(layer, layer_input, layout, drop)
         return drop
 
     def _prune(self, layer: int, layer_input: torch.Tensor, layout: TokenLayout, drop: torch.Tensor | None):
-        """FastV after `layer`: prune the active samples' least-attended visual tokens; also drops whatever exited
-        visual tokens are still only masked, since the re-packing would misplace their mask."""
+        """FastV after `layer`: prune the active samples' least-attended visual tokens, together with `drop`, the
+        visual tokens of samples whose gates fired at this layer."""
         keys = self.cache.layers[layer].keys if self.cache is not None else None
         scores = last_token_attention(self.layers[layer], layer_input, layout.position_embeddings, layout.keys.valid, keys)
         visual = layout.visual & self.active[:, None]
@@ -135,35 +93,19 @@ class ExitPolicy:
         emptied = self.active & (counts == visual.sum(dim=1))
         self._exit(emptied, layer + 1, layout)
         self.pruned_visual = torch.where(emptied, 0, counts)
-        for pending in (drop, self.hidden_visual):
-            if pending is not None:
-                pruned = pruned | pending
-        self.hidden_visual = None
+        if drop is not None:
+            pruned = pruned | drop
         if self.config.mode == "fastv":
             self.any_active = False  # nothing is decided after FastV's one layer
         return pruned
 
-    def _run_gate(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> None:
+    def _run_gate(self, layer: int, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
+        """The visual slots of the samples whose gate fires after `layer`, or None when none does."""
         logits = self.gates[layer](gate_features(hidden, layout.gate_weights))
         exiting = self.active & (logits[:, 1] - logits[:, 0] > self.margin)
-        hidden_now = self._exit(exiting, layer + 1, layout)
-        self.hidden_visual = hidden_now if self.hidden_visual is None else self.hidden_visual | hidden_now
-        self.readback.post(torch.stack([self.hidden_visual.any(), self.active.any()]))
-
-    def _collect(self) -> torch.Tensor | None:
-        """Once the host knows what the device decided: stop gating when nobody is left, drop what is hidden."""
-        flags = self.readback.collect()
-        if flags is None:
-            return None
-        any_hidden, self.any_active = flags
-        if not any_hidden:
-            if self.readback.read == self.readback.posted:  # nothing hidden as of the latest decision
-                self.hidden_visual = None
-            return None
-        if self.hidden_visual is None:
-            return None
-        drop, self.hidden_visual = self.hidden_visual, None
-        return drop
+        drop = self._exit(exiting, layer + 1, layout)
+        any_exiting, self.any_active = torch.stack([exiting.any(), self.active.any()]).tolist()  # the one host read
+        return drop if any_exiting else None
 
     @property
     def gate_evaluations(self) -> torch.Tensor:
