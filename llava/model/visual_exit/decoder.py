@@ -15,7 +15,7 @@ from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates
 from llava.model.visual_exit.masks import attention_mask_for
-from llava.model.visual_exit.policy import ExitPolicy
+from llava.model.visual_exit.policy import ExitPolicy, LayerStep
 from llava.model.visual_exit.tokens import TokenLayout
 
 
@@ -103,9 +103,7 @@ class VisualExitDecoderMixin:
         hidden, layout = self.start_prefill(
             hidden, attention_mask, position_ids, visual_mask, gate_weights=exit_config.uses_gates
         )
-        policy = ExitPolicy(
-            exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, self.layers, cache,
-        )
+        policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router)
         drop = policy.drop_before_first_layer(layout)
         if drop is not None:
             hidden, layout = layout.drop(hidden, drop)
@@ -152,7 +150,10 @@ class VisualExitDecoderMixin:
             )
             if cache is not None:
                 cache.layouts.append(keys)
-            drop = policy.drop_after(index, hidden, layout, layer_input) if policy is not None else None
+            drop = None
+            if policy is not None:
+                cached_keys = cache.layers[index].keys if cache is not None else None  # FastV reads them, not recomputes
+                drop = policy.drop_after(LayerStep(index, self.layers[index], layer_input, hidden, cached_keys), layout)
             if drop is not None:
                 hidden, layout = layout.drop(hidden, drop)
         return hidden, layout

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from llava.model.visual_exit.cache import VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.fastv import fastv_pruned, last_token_attention
 from llava.model.visual_exit.gate import gate_features
 from llava.model.visual_exit.tokens import TokenLayout
+
+
+@dataclass
+class LayerStep:
+    """What a decision after decoder layer `index` may read: the layer, its input and output hidden states
+    (B, T, H), and the keys it has just cached for these T slots (None without a cache)."""
+
+    index: int
+    layer: nn.Module
+    input: torch.Tensor
+    output: torch.Tensor
+    cached_keys: torch.Tensor | None
 
 
 class ExitPolicy:
@@ -31,8 +43,6 @@ class ExitPolicy:
         num_layers: int,
         layout: TokenLayout,
         gates: nn.ModuleList | None,
-        layers: nn.ModuleList | None = None,
-        cache: VisualExitCache | None = None,
     ):
         if config.mode == "fixed" and config.layer > num_layers:
             raise ValueError(f"exit layer {config.layer} exceeds the model's {num_layers} layers")
@@ -43,8 +53,6 @@ class ExitPolicy:
         self.config = config
         self.num_layers = num_layers
         self.gates = gates
-        self.layers = layers
-        self.cache = cache  # FastV reads layer K's keys from it instead of projecting them again
         self.pruned_visual = torch.zeros_like(layout.visual[:, 0], dtype=torch.long)
         # FastV at K = L would prune after the last layer, which changes nothing.
         self.prune_layer = config.fastv_k if config.uses_fastv and config.fastv_k < num_layers else num_layers
@@ -64,10 +72,9 @@ class ExitPolicy:
         self.any_active = False
         return self._exit(self.active, 0, layout)
 
-    def drop_after(
-        self, layer: int, hidden: torch.Tensor, layout: TokenLayout, layer_input: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Slots to drop after `layer` (whose input was `layer_input` and output `hidden`), or None."""
+    def drop_after(self, step: LayerStep, layout: TokenLayout) -> torch.Tensor | None:
+        """Slots to drop after the decoder layer `step` describes, or None."""
+        layer = step.index
         if self.config.mode == "fixed":
             # K = L is the vanilla model: nothing is left to skip after the last layer.
             if not self.any_active or layer + 1 != self.config.layer or layer + 1 == self.num_layers:
@@ -77,16 +84,16 @@ class ExitPolicy:
         drop = None
         # An exit after the last layer would change nothing, so its gate is not run.
         if self.config.uses_gates and self.any_active and layer < self.num_layers - 1:
-            drop = self._run_gate(layer, hidden, layout)
+            drop = self._run_gate(layer, step.output, layout)
         if self.config.uses_fastv and layer + 1 == self.prune_layer and self.any_active:
-            drop = self._prune(layer, layer_input, layout, drop)
+            drop = self._prune(step, layout, drop)
         return drop
 
-    def _prune(self, layer: int, layer_input: torch.Tensor, layout: TokenLayout, drop: torch.Tensor | None):
-        """FastV after `layer`: prune the active samples' least-attended visual tokens, together with `drop`, the
-        visual tokens of samples whose gates fired at this layer."""
-        keys = self.cache.layers[layer].keys if self.cache is not None else None
-        scores = last_token_attention(self.layers[layer], layer_input, layout.position_embeddings, layout.keys.valid, keys)
+    def _prune(self, step: LayerStep, layout: TokenLayout, drop: torch.Tensor | None):
+        """FastV after the step's layer: prune the active samples' least-attended visual tokens, together with
+        `drop`, the visual tokens of samples whose gates fired at this layer."""
+        layer = step.index
+        scores = last_token_attention(step.layer, step.input, layout.position_embeddings, layout.keys.valid, step.cached_keys)
         visual = layout.visual & self.active[:, None]
         pruned = fastv_pruned(scores, visual, self.config.fastv_r)
         counts = pruned.sum(dim=1)
