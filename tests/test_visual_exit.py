@@ -335,10 +335,10 @@ def test_flops_formula():
     n, v, d, m = 636, 576, 4096, 11008
     per_layer = 2 * n * (2 * d * d + 2 * d * d) + 4 * n * n * d + 6 * n * d * m
     text_layer = 2 * (n - v) * (4 * d * d) + 4 * (n - v) ** 2 * d + 6 * (n - v) * d * m
-    full = prefill_flops(geometry, torch.tensor([n]), torch.tensor([v]), torch.tensor([32]), torch.tensor([0]))
+    full = prefill_flops(geometry, torch.tensor([[n] * 32]), torch.tensor([0]))
     assert full.item() == 32 * per_layer and 8.4e12 < full.item() < 8.6e12
     gate = 2 * (2 * d * 2048 + 2 * 2048)
-    exited = prefill_flops(geometry, torch.tensor([n]), torch.tensor([v]), torch.tensor([8]), torch.tensor([8]))
+    exited = prefill_flops(geometry, torch.tensor([[n] * 8 + [n - v] * 24]), torch.tensor([8]))
     assert exited.item() == 8 * per_layer + 24 * text_layer + 8 * gate
 
 
@@ -358,6 +358,9 @@ def test_reported_flops_follow_exit_layers(loaded, images):
     has_image = visual > 0
     assert torch.equal(fixed.prefill_flops[has_image], expected[has_image])
     assert (fixed.prefill_flops < none.prefill_flops)[has_image].all()
+    assert torch.equal(fixed.flops_none, none.prefill_flops) and torch.equal(none.flops_none, none.prefill_flops)
+    assert fixed.layer_tokens[:, 0].tolist() == tokens.tolist()
+    assert fixed.layer_tokens[:, 1:].tolist() == (tokens - visual)[:, None].expand(-1, geometry.layers - 1).tolist()
 
 
 def test_no_gate_work_after_the_last_sample_exits(gated, loaded, images):

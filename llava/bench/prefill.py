@@ -113,10 +113,12 @@ def run(args: argparse.Namespace) -> list[Row]:
     full_time, text_time = times[("stock", None)], times[("stock-text-only", None)]
 
     def flops(exit_layer: int, gates: int = 0, pruned: int = 0, prune_layer: int | None = None) -> float:
-        one = torch.ones(1, dtype=torch.long)
-        return prefill_flops(
-            geometry, one * length, one * VISUAL_TOKENS, one * exit_layer, one * gates, one * pruned, prune_layer
-        ).item() * args.batch
+        """The batch's FLOPs: `prune_layer` layers at the full length, then the pruned length until `exit_layer`,
+        then text only."""
+        prune_layer = exit_layer if prune_layer is None else prune_layer
+        entering = [length] * prune_layer + [length - pruned] * (exit_layer - prune_layer)
+        entering += [length - VISUAL_TOKENS] * (layers - exit_layer)
+        return prefill_flops(geometry, torch.tensor([entering]), torch.tensor([gates])).item() * args.batch
 
     base_flops = flops(layers)
     rows = []

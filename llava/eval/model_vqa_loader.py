@@ -38,7 +38,6 @@ from llava.mm_utils import ImageLoadError, get_model_name_from_path, load_image,
 from llava.model.builder import CheckpointError, load_pretrained_model, read_llava_config, resolve_device
 from llava.model.exit_args import add_exit_arguments, exit_config_from_args
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.visual_exit import prefill_flops
 
 logger = logging.getLogger("llava.eval")
 SHOWN_ERRORS = 3  # error reasons repeated on the console at the end of a run
@@ -181,10 +180,7 @@ def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_
     synchronize(model.device)
     total = time.perf_counter() - timer.started
     stats = output.exit_stats
-    full = prefill_flops(
-        stats.geometry, stats.num_tokens, stats.num_visual_tokens, torch.full_like(stats.exit_layer, stats.geometry.layers),
-        torch.zeros_like(stats.exit_layer),
-    )
+    full = stats.flops_none
     texts = tokenizer.batch_decode(output.sequences, skip_special_tokens=True)
     records = []
     for row, question in enumerate(prepared):

@@ -22,32 +22,38 @@ from llava.model.visual_exit.tokens import TokenLayout
 @dataclass
 class ExitStats:
     """Per sample: decoder layers that processed its visual tokens (L if they never left, 0 without any), its
-    token and visual-token counts, the gates it evaluated, the visual tokens FastV pruned after the first
-    `prune_layer` layers (L: no pruning); `prefill_flops` derives its theoretical LM FLOPs."""
+    token and visual-token counts, the gates it evaluated, the visual tokens pruned after the first `prune_layer`
+    layers (L: no pruning), and `layer_tokens` (B, L): the tokens that entered each layer. Its theoretical LM
+    FLOPs (`prefill_flops`) are the per-layer costs of those tokens plus the gates; `flops_none` those of mode
+    `none` on the same input."""
 
     exit_layer: torch.Tensor
     num_tokens: torch.Tensor
     num_visual_tokens: torch.Tensor
     gate_evaluations: torch.Tensor
     geometry: DecoderGeometry
-    pruned_visual_tokens: torch.Tensor | None = None
-    prune_layer: int | None = None
+    pruned_visual_tokens: torch.Tensor
+    prune_layer: int
+    layer_tokens: torch.Tensor
 
     def select_rows(self, rows: torch.Tensor) -> ExitStats:
         """These statistics for the given batch rows (e.g. one per returned sequence after beam search)."""
-        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
+        pick = lambda t: t[rows.to(t.device)]  # noqa: E731
         return ExitStats(
             pick(self.exit_layer), pick(self.num_tokens), pick(self.num_visual_tokens), pick(self.gate_evaluations),
-            self.geometry, pick(self.pruned_visual_tokens), self.prune_layer,
+            self.geometry, pick(self.pruned_visual_tokens), self.prune_layer, pick(self.layer_tokens),
         )
 
     @property
     def prefill_flops(self) -> torch.Tensor:
         """Computed on access: nothing of it runs on the prefill's hot path."""
-        return prefill_flops(
-            self.geometry, self.num_tokens, self.num_visual_tokens, self.exit_layer, self.gate_evaluations,
-            self.pruned_visual_tokens, self.prune_layer,
-        )
+        return prefill_flops(self.geometry, self.layer_tokens, self.gate_evaluations)
+
+    @property
+    def flops_none(self) -> torch.Tensor:
+        """Mode `none` on the same input: every layer at the full length, no gates."""
+        full = self.num_tokens[:, None].expand(-1, self.geometry.layers)
+        return prefill_flops(self.geometry, full, torch.zeros_like(self.gate_evaluations))
 
 
 @dataclass
@@ -118,6 +124,7 @@ class VisualExitDecoderMixin:
             DecoderGeometry.from_config(self.config),
             policy.pruned_visual,
             policy.prune_layer,
+            torch.stack(policy.layer_tokens, dim=1),
         )
         return self.finish_prefill(hidden, layout), stats
 
@@ -136,8 +143,11 @@ class VisualExitDecoderMixin:
         """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""
         keys, mask = None, None
         for index in layers:
-            if layout.keys is not keys:  # a mask per key layout, shared by the layers between two drops
+            if layout.keys is not keys:  # a mask (and a token count) per key layout, shared until the next drop
                 keys, mask = layout.keys, self._mask(layout.keys, layout.keys.valid.shape[1], hidden.dtype)
+                entering = keys.valid.sum(dim=1)
+            if policy is not None:
+                policy.layer_tokens.append(entering)
             layer_input = hidden
             hidden = self.layers[index](
                 hidden,

@@ -1,7 +1,8 @@
 """Theoretical LM-prefill FLOPs (FLOPs = 2 x multiply-adds; attention counted as a full square, as FastV does).
 
-Per layer with n tokens: 2n(2d^2 + 2d*d_kv) + 4n^2*d + 6n*d*m, plus 2(2d*G + 2G) per evaluated gate. FastV's
-ranking row (one query projected and scored against layer K's cached keys) is far below 1 % of a layer and not counted.
+Per layer with the n tokens that entered it: 2n(2d^2 + 2d*d_kv) + 4n^2*d + 6n*d*m, plus 2(2d*G + 2G) per evaluated
+gate. FastV's ranking row (one query projected and scored against layer K's cached keys) is far below 1 % of a
+layer and not counted.
 """
 
 from __future__ import annotations
@@ -40,22 +41,7 @@ class DecoderGeometry:
         return 2 * (2 * self.hidden * self.gate_hidden + 2 * self.gate_hidden)
 
 
-def prefill_flops(
-    geometry: DecoderGeometry,
-    num_tokens: torch.Tensor,
-    num_visual: torch.Tensor,
-    exit_layer: torch.Tensor,
-    gate_evaluations: torch.Tensor,
-    pruned_visual: torch.Tensor | None = None,
-    prune_layer: int | None = None,
-) -> torch.Tensor:
-    """Per-sample FLOPs: layers before `min(prune_layer, exit_layer)` at the full length, then up to `exit_layer`
-    without the `pruned_visual` tokens (FastV), the rest at the text-only length."""
-    full = geometry.layer_flops(num_tokens)
-    text_only = geometry.layer_flops(num_tokens - num_visual)
-    layers_visual = exit_layer.double()
-    layers_full = layers_visual.clamp(max=geometry.layers if prune_layer is None else prune_layer)
-    flops = layers_full * full + (geometry.layers - layers_visual) * text_only + gate_evaluations.double() * geometry.gate_flops
-    if pruned_visual is not None:
-        flops = flops + (layers_visual - layers_full) * geometry.layer_flops(num_tokens - pruned_visual)
-    return flops
+def prefill_flops(geometry: DecoderGeometry, layer_tokens: torch.Tensor, gate_evaluations: torch.Tensor) -> torch.Tensor:
+    """Per-sample FLOPs from `layer_tokens` (B, L), the tokens that entered each layer, and the gates evaluated:
+    whatever left the sequence after whichever layer (an exit, pruning stages), each layer costs what entered it."""
+    return geometry.layer_flops(layer_tokens).sum(dim=1) + gate_evaluations.double() * geometry.gate_flops

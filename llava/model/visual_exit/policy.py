@@ -65,6 +65,7 @@ class ExitPolicy:
         tau = config.threshold
         self.margin = math.inf if tau >= 1 else -math.inf if tau <= 0 else math.log(tau / (1 - tau))
         self.any_active = config.mode != "none" and bool(has_visual.any())
+        self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)
 
     def drop_before_first_layer(self, layout: TokenLayout) -> torch.Tensor | None:
         if self.config.mode != "fixed" or self.config.layer != 0 or not self.any_active:
