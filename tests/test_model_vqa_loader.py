@@ -42,6 +42,7 @@ def by_id(records):
     ["--exit-mode", "fixed", "--exit-layer", "1"],
     ["--exit-mode", "fastv", "--fastv-k", "1", "--fastv-r", "0.5"],
     ["--exit-mode", "fixed", "--exit-layer", "1", "--num_beams", "2"],
+    ["--exit-stages", "prune:random:1:0.5"],
 ])
 def test_batched_answers_equal_one_by_one(llava_checkpoint, gqa_like, mode):
     folder, ids = gqa_like
@@ -57,7 +58,8 @@ def test_batched_answers_equal_one_by_one(llava_checkpoint, gqa_like, mode):
     assert record["prompt"] == f"What colour is thing 0?{SUFFIX}"
     exit_layer = 1 if "fixed" in mode else 3 + 1  # the tiny checkpoint has 4 layers; FastV keeps half its tokens
     assert record["exit_layer"] == exit_layer and alone["q-text"]["exit_layer"] == 0
-    assert record["pruned_visual_tokens"] == (8 if "fastv" in mode else 0)  # half of the tiny tower's 16 patches
+    prunes = "fastv" in mode or "--exit-stages" in mode
+    assert record["pruned_visual_tokens"] == (8 if prunes else 0)  # half of the tiny tower's 16 patches
     assert (record["tflops"] < record["tflops_full"]) == ("none" not in mode)
 
 
@@ -209,6 +211,9 @@ def test_zero_sizes_get_plain_messages(gqa_like, capsys, flags, message):
     (["--exit-mode", "fixed", "--exit-layer", "1", "--fastv-r", "0.5"], "exit mode 'fixed' does not use --fastv-r"),
     (["--exit-mode", "fastv", "--fastv-k", "1", "--fastv-r", "0.5", "--exit-threshold", "0.9"],
      "exit mode 'fastv' does not use --exit-threshold"),
+    (["--exit-mode", "fixed", "--exit-stages", "prune:random:1:0.5"], "--exit-stages composes its own exit: leave out --exit-mode fixed"),
+    (["--exit-stages", "prune:random:1:0.5", "--exit-layer", "2"], "exit mode 'stages' does not use --exit-layer"),
+    (["--exit-stages", "prune:random:9:0.5"], "prune layer 9 exceeds the model's 4 layers"),
 ])
 def test_exit_flags_the_mode_ignores_are_errors(llava_checkpoint, gqa_like, flags, message):
     folder, _ = gqa_like

@@ -224,6 +224,7 @@ def resolve_run(args: argparse.Namespace) -> tuple:
     config, _, _ = read_llava_config(args.model_path)
     args.device_type = resolve_device(args.device).type
     exit_config = exit_config_from_args(args, config)
+    exit_config.check_model(config.num_hidden_layers, bool(getattr(config, "visual_gate_hidden_size", None)))
     args.conv_mode, reason = choose_conv_mode(args.conv_mode, config, get_model_name_from_path(args.model_path))
     logger.info("conversation template %s (%s)", args.conv_mode, reason)
     return exit_config, run_settings(args, exit_config, args.conv_mode)

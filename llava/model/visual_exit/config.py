@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-EXIT_MODES = ("none", "fixed", "dynamic", "fastv", "dynamic+fastv")
-FLAG_NAMES = {"layer": "exit-layer", "threshold": "exit-threshold", "fastv_k": "fastv-k", "fastv_r": "fastv-r"}
+from llava.model.visual_exit.stages import FixedExit, GateExit, Prune, Stage, parse_stages
+
+EXIT_MODES = ("none", "fixed", "dynamic", "fastv", "dynamic+fastv", "stages")
+FLAG_NAMES = {
+    "layer": "exit-layer", "threshold": "exit-threshold", "fastv_k": "fastv-k", "fastv_r": "fastv-r", "stages": "exit-stages",
+}
 
 
 def _saved(config, name: str, default):
@@ -22,13 +26,15 @@ class ExitConfig:
     FastV baseline): after the first `fastv_k` layers keep the top (1 - `fastv_r`) share of each sample's visual
     tokens, ranked by the last prompt token's head-averaged attention in layer `fastv_k` (1-based); `fastv_r` = 1
     drops them all, an exit after `fastv_k`. `dynamic+fastv`: FastV's pruning, and the gates may still take out
-    what is left."""
+    what is left. `stages`: any list of stages (`stages`, e.g. "prune:random:2:0.5,gates:0.9"; llava.model.
+    visual_exit.stages); each other mode is a preset of them (`stage_list`)."""
 
     mode: str = "none"
     layer: int | None = None
     threshold: float = 0.5
     fastv_k: int | None = None
     fastv_r: float | None = None
+    stages: str | None = None
 
     def __post_init__(self):
         if self.mode not in EXIT_MODES:
@@ -42,10 +48,29 @@ class ExitConfig:
                 raise ValueError(f"exit mode {self.mode!r} needs --fastv-k >= 1 (it ranks by that layer's attention), got {self.fastv_k}")
             if self.fastv_r is None or not 0.0 <= self.fastv_r <= 1.0:
                 raise ValueError(f"exit mode {self.mode!r} needs a pruning ratio --fastv-r in [0, 1], got {self.fastv_r}")
+        if self.mode == "stages" and not self.stages:
+            raise ValueError("exit mode 'stages' needs a stage list, e.g. --exit-stages prune:fastv:2:0.5,gates:0.9")
+        self.stage_list  # noqa: B018 (a malformed stage list fails here, not in the middle of a run)
+
+    @property
+    def stage_list(self) -> tuple[Stage, ...]:
+        """The stages this config runs, in order; the modes other than `stages` are presets of them."""
+        if self.mode == "stages":
+            return parse_stages(self.stages)
+        if self.mode == "fixed":
+            return (FixedExit(self.layer),)
+        # dynamic+fastv is gates:τ,prune:fastv:K:R: after layer K a sample whose gate fires exits unpruned.
+        gates = (GateExit(self.threshold),) if self.mode in ("dynamic", "dynamic+fastv") else ()
+        return gates + ((Prune("fastv", self.fastv_k, self.fastv_r),) if self.uses_fastv else ())
+
+    def check_model(self, num_layers: int, has_gates: bool) -> None:
+        """Raise ValueError when a stage cannot run on a model of `num_layers` layers (with gates or not)."""
+        for stage in self.stage_list:
+            stage.check(num_layers, has_gates)
 
     @property
     def uses_gates(self) -> bool:
-        return self.mode in ("dynamic", "dynamic+fastv")
+        return any(isinstance(stage, GateExit) for stage in self.stage_list)
 
     @property
     def uses_fastv(self) -> bool:
@@ -59,11 +84,14 @@ class ExitConfig:
             threshold=_saved(config, "exit_threshold", 0.5),
             fastv_k=getattr(config, "exit_fastv_k", None),
             fastv_r=getattr(config, "exit_fastv_r", None),
+            stages=getattr(config, "exit_stages", None),
         )
 
     @property
     def used_fields(self) -> tuple[str, ...]:
         """The fields this mode reads; the others are carried along but mean nothing to it."""
+        if self.mode == "stages":
+            return ("stages",)
         return (
             (("layer",) if self.mode == "fixed" else ())
             + (("threshold",) if self.uses_gates else ())
@@ -77,7 +105,10 @@ class ExitConfig:
     @property
     def label(self) -> str:
         """A folder-friendly name of these settings, e.g. `none`, `fixed-4`, `dynamic-0.9`, `fastv-2-0.5`,
-        `dynamic+fastv-0.99-2-0.5` (the run names the quickstart's report reads)."""
+        `dynamic+fastv-0.99-2-0.5` (the run names the quickstart's report reads); a stage list reads
+        `prune-fastv-2-0.5+gates-0.9`."""
+        if self.mode == "stages":
+            return self.stages.replace(" ", "").replace(":", "-").replace(",", "+")
         values = [self.layer if self.mode == "fixed" else None, self.threshold if self.uses_gates else None]
         values += [self.fastv_k, self.fastv_r] if self.uses_fastv else []
         return "-".join([self.mode] + [f"{value:g}" for value in values if value is not None])
@@ -89,9 +120,12 @@ class ExitConfig:
         threshold: float | None = None,
         fastv_k: int | None = None,
         fastv_r: float | None = None,
+        stages: str | None = None,
     ) -> ExitConfig:
         """This config with the given (non-None) fields replaced, e.g. from CLI flags."""
-        changes = {"mode": mode, "layer": layer, "threshold": threshold, "fastv_k": fastv_k, "fastv_r": fastv_r}
+        changes = {
+            "mode": mode, "layer": layer, "threshold": threshold, "fastv_k": fastv_k, "fastv_r": fastv_r, "stages": stages,
+        }
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def check_overrides_used(self, **given) -> None:
@@ -103,4 +137,4 @@ class ExitConfig:
 
     def save_to(self, config) -> None:
         config.exit_mode, config.exit_layer, config.exit_threshold = self.mode, self.layer, self.threshold
-        config.exit_fastv_k, config.exit_fastv_r = self.fastv_k, self.fastv_r
+        config.exit_fastv_k, config.exit_fastv_r, config.exit_stages = self.fastv_k, self.fastv_r, self.stages

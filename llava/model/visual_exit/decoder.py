@@ -15,7 +15,8 @@ from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates
 from llava.model.visual_exit.masks import attention_mask_for
-from llava.model.visual_exit.policy import ExitPolicy, LayerStep
+from llava.model.visual_exit.policy import ExitPolicy
+from llava.model.visual_exit.stages import LayerStep
 from llava.model.visual_exit.tokens import TokenLayout
 
 

@@ -2,7 +2,8 @@
 # Environment, all optional:
 #   MODEL_PATH, MODEL_BASE, EVAL_ROOT (and each script's own *_DIR), relative to where you call the script from;
 #   CKPT (answers subfolder, default: <model folder>_<exit settings>, e.g. llava-v1.5-7b_dynamic-0.5);
-#   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD / FASTV_K / FASTV_R (default: the checkpoint's config), BATCH_SIZE,
+#   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD / FASTV_K / FASTV_R, or EXIT_STAGES (e.g. prune:random:2:0.5,gates:0.9;
+#   default: the checkpoint's config), BATCH_SIZE,
 #   CONV_MODE (default: the template the checkpoint saved, else LLaVA's rule for its folder name),
 #   CUDA_VISIBLE_DEVICES (one chunk per listed GPU; without a GPU one chunk on the CPU), PYTHON.
 # The defaults evaluate the tiny world's gated model on its GQA-format questions (generated here if missing, with
@@ -31,6 +32,7 @@ EXIT_ARGS=()
 [ -n "${EXIT_THRESHOLD:-}" ] && EXIT_ARGS+=(--exit-threshold "$EXIT_THRESHOLD")
 [ -n "${FASTV_K:-}" ] && EXIT_ARGS+=(--fastv-k "$FASTV_K")
 [ -n "${FASTV_R:-}" ] && EXIT_ARGS+=(--fastv-r "$FASTV_R")
+[ -n "${EXIT_STAGES:-}" ] && EXIT_ARGS+=(--exit-stages "$EXIT_STAGES")
 LOADER_ARGS+=(${EXIT_ARGS[@]+"${EXIT_ARGS[@]}"})
 # Named after the model and the exit settings, so a run with other settings never resumes another's answers.
 CKPT=${CKPT:-$("$PYTHON" -m llava.eval.run_settings --model-path "$MODEL_PATH" ${EXIT_ARGS[@]+"${EXIT_ARGS[@]}"})}

@@ -1,14 +1,22 @@
-"""FastV's ranking (Chen et al., 2024, the training-free baseline): the visual tokens that the last prompt token
-attends to least, in one layer, leave the sequence.
+"""`fastv` scorer (Chen et al., 2024, the training-free baseline): a visual token is worth what the last prompt
+token attends to it, head-averaged, in the layer just run.
 
-Only that one query row is computed, from the layer's input: the layer itself keeps its fast attention kernel and
-no (T x T) attention map is ever materialised.
+Only that one query row is computed, from the layer's input and the keys the layer cached: the layer itself keeps
+its fast attention kernel and no (T x T) attention map is ever materialised.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from llava.model.visual_exit.stages.base import LayerStep
+from llava.model.visual_exit.tokens import TokenLayout
+
+
+def fastv_scores(step: LayerStep, layout: TokenLayout) -> torch.Tensor:
+    """(B, T): the last prompt token's attention in the step's layer."""
+    return last_token_attention(step.layer, step.input, layout.position_embeddings, layout.keys.valid, step.cached_keys)
 
 
 def last_token_attention(
@@ -34,11 +42,3 @@ def last_token_attention(
     # The last token is the last valid slot, so the valid keys are exactly those its causal mask allows.
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     return scores.softmax(dim=-1).mean(dim=1)
-
-
-def fastv_pruned(scores: torch.Tensor, visual: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(B, T) bool: the visual slots outside each sample's top round((1 - ratio) * its visual count) by score."""
-    keep = ((1.0 - ratio) * visual.sum(dim=1).double()).round().long()
-    order = scores.masked_fill(~visual, float("-inf")).argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return visual & (rank >= keep[:, None])

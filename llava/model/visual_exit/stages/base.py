@@ -1,0 +1,71 @@
+"""What every exit stage works with: the step after a decoder layer, and the per-sample state of one prefill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llava.model.visual_exit.tokens import TokenLayout
+
+
+@dataclass
+class LayerStep:
+    """What a decision after decoder layer `index` may read: the layer, its input and output hidden states
+    (B, T, H), and the keys it has just cached for these T slots (None without a cache)."""
+
+    index: int
+    layer: nn.Module
+    input: torch.Tensor
+    output: torch.Tensor
+    cached_keys: torch.Tensor | None
+
+
+class ExitState:
+    """Per sample, over one prefill: whether it still holds visual tokens (`active`), its `exit_layer` (layers that
+    processed them: L if they never left, 0 without any) and the visual tokens pruned before it exited. `any_active`
+    is the host's (possibly stale) view, so that stages skip work once nothing is left. `gates` and `num_layers`
+    come from the model."""
+
+    def __init__(self, layout: TokenLayout, num_layers: int, gates: nn.ModuleList | None):
+        self.num_layers, self.gates = num_layers, gates
+        self.num_visual = layout.visual.sum(dim=1)
+        self.has_visual = self.num_visual > 0
+        self.active = self.has_visual
+        self.exit_layer = torch.where(self.has_visual, num_layers, 0)
+        self.pruned_visual = torch.zeros_like(self.num_visual)
+        self.any_active = bool(self.has_visual.any())
+
+    def exit(self, exiting: torch.Tensor, layer: int, layout: TokenLayout) -> torch.Tensor:
+        """Samples `exiting` (B,) lose their visual tokens after `layer` layers; their visual slots (B, T)."""
+        self.exit_layer = torch.where(exiting, layer, self.exit_layer)
+        self.active = self.active & ~exiting  # not in place: `exiting` may be `self.active` itself
+        return layout.visual & exiting[:, None]
+
+
+def spec_number(text: str, kind: type, lowest: float, highest: float = float("inf")) -> int | float:
+    """A number of a stage spec, in [lowest, highest]; ValueError otherwise."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not lowest <= value <= highest:
+        raise ValueError(f"{text} lies outside [{lowest:g}, {highest:g}]")
+    return value
+
+
+class Stage:
+    """One decision source of an exit: before layer 0 and after each layer, the visual slots that leave (or None).
+    `usage` is its spec (`name:ARG:...`); `parse` builds it from the spec's arguments."""
+
+    usage = ""
+
+    def check(self, num_layers: int, has_gates: bool) -> None:
+        """Raise ValueError when this stage cannot run on the model."""
+
+    def before_first_layer(self, state: ExitState, layout: TokenLayout) -> torch.Tensor | None:
+        return None
+
+    def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout) -> torch.Tensor | None:
+        raise NotImplementedError

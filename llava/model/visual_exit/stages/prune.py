@@ -1,0 +1,52 @@
+"""`prune:SCORER:K:R`: after the first K layers each sample keeps the round((1 - R)·n) of its n remaining visual
+tokens that SCORER ranks highest (FastV with the `fastv` scorer); the rest leave the sequence and the later layers'
+caches. A sample left with none has exited after K. Several prune stages prune what the earlier ones left."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llava.model.visual_exit.scorers import SCORERS
+from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number
+from llava.model.visual_exit.tokens import TokenLayout
+
+
+def lowest_ranked(scores: torch.Tensor, visual: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(B, T) bool: the visual slots outside each sample's top round((1 - ratio) * its visual count) by score."""
+    keep = ((1.0 - ratio) * visual.sum(dim=1).double()).round().long()
+    order = scores.masked_fill(~visual, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return visual & (rank >= keep[:, None])
+
+
+@dataclass(frozen=True)
+class Prune(Stage):
+    scorer: str
+    layer: int
+    ratio: float
+    usage = "prune:SCORER:K:R"
+
+    @classmethod
+    def parse(cls, args: list[str]) -> Prune:
+        scorer, layer, ratio = args
+        if scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
+        return cls(scorer, spec_number(layer, int, 1), spec_number(ratio, float, 0.0, 1.0))
+
+    def check(self, num_layers: int, has_gates: bool) -> None:
+        if self.layer > num_layers:
+            raise ValueError(f"prune layer {self.layer} exceeds the model's {num_layers} layers")
+
+    def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout):
+        # K = L would prune after the last layer, which changes nothing.
+        if step.index + 1 != self.layer or self.layer == state.num_layers or not state.any_active:
+            return None
+        visual = layout.visual & state.active[:, None]
+        pruned = lowest_ranked(SCORERS[self.scorer](step, layout), visual, self.ratio)
+        counts = pruned.sum(dim=1)
+        emptied = state.active & (counts == visual.sum(dim=1))
+        state.exit(emptied, self.layer, layout)
+        state.pruned_visual = torch.where(emptied, state.pruned_visual, state.pruned_visual + counts)
+        return pruned
