@@ -2,9 +2,10 @@
 
     python -m llava.world.report --answers-root ANSWERS --out RESULTS
 
-ANSWERS holds one folder per run, named by its exit setting: `none`, `dynamic-<τ>`, `fixed-<K>`, `fastv-<K>-<R>`,
-`dynamic+fastv-<τ>-<K>-<R>`; each holds the `merge.jsonl` and `merge.summary.json` that
-`scripts/v1_5/eval/gqa.sh` writes (CKPT is the folder's name).
+ANSWERS holds one folder per run, each with the `merge.jsonl` and `merge.summary.json` that
+`scripts/v1_5/eval/gqa.sh` writes. Which exit a run used (none, dynamic τ, fixed K, FastV K R, dynamic+FastV) is
+read from the settings its answers were made with, not from the folder's name; rows are named by those settings
+(`dynamic-0.9`, `fastv-2-0.5`, ...).
 Writes RESULTS/table.md, RESULTS/accuracy_vs_tflops.png and RESULTS/exit_layer_histogram.png.
 """
 
@@ -23,8 +24,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from llava.eval.io import read_jsonl  # noqa: E402
 
-# Each mode's settings, in the order its folder name gives them.
-SETTINGS = {"none": (), "dynamic": ("τ",), "fixed": ("K",), "fastv": ("K", "R"), "dynamic+fastv": ("τ", "K", "R")}
+# Each mode's settings (symbol: the field of the run's recorded exit settings), in the order its label gives them.
+SETTINGS = {
+    "none": {},
+    "dynamic": {"τ": "threshold"},
+    "fixed": {"K": "layer"},
+    "fastv": {"K": "fastv_k", "R": "fastv_r"},
+    "dynamic+fastv": {"τ": "threshold", "K": "fastv_k", "R": "fastv_r"},
+}
 MODES = tuple(SETTINGS)
 STYLES = {  # mode: (line style, legend)
     "fixed": ("s--", "fixed exit after K"),
@@ -50,18 +57,16 @@ class Run:
         return dict(zip(SETTINGS[self.mode], self.settings))
 
 
-def parse_run_name(name: str) -> tuple[str, tuple[float, ...]]:
-    for mode in sorted(MODES, key=len, reverse=True):
-        if name == mode or name.startswith(mode + "-"):
-            values = name[len(mode) + 1 :].split("-") if name != mode else []
-            if len(values) == len(SETTINGS[mode]):
-                try:
-                    return mode, tuple(float(value) for value in values)
-                except ValueError:
-                    break
-    raise ValueError(
-        f"run folder {name!r}: expected none, dynamic-<τ>, fixed-<K>, fastv-<K>-<R> or dynamic+fastv-<τ>-<K>-<R>"
-    )
+def recorded_run(summary_path: str, summary: dict) -> tuple[str, str, tuple[float, ...]]:
+    """(name, mode, settings) of a run, from the settings its answers were made with (never from its folder)."""
+    settings = summary.get("settings") or {}
+    exit_settings = settings.get("exit")
+    if exit_settings is None:
+        raise ValueError(f"{summary_path}: records no exit settings; rerun its evaluation")
+    mode = exit_settings["mode"]
+    if mode not in SETTINGS:
+        raise ValueError(f"{summary_path}: exit mode {mode!r} is not one this report plots ({', '.join(MODES)})")
+    return settings["exit_label"], mode, tuple(float(exit_settings[field]) for field in SETTINGS[mode].values())
 
 
 def load_runs(answers_root: str) -> list[Run]:
@@ -71,15 +76,12 @@ def load_runs(answers_root: str) -> list[Run]:
         summary_path = os.path.join(folder, "merge.summary.json")
         if not os.path.isfile(summary_path):
             continue
-        mode, settings = parse_run_name(name)
         with open(summary_path) as handle:
             summary = json.load(handle)
-        made_with = (summary.get("settings") or {}).get("exit_label")
-        if made_with is None or parse_run_name(made_with) != (mode, settings):
-            raise ValueError(f"{summary_path}: the answers were made with exit settings {made_with!r}, not {name!r}")
+        run_name, mode, settings = recorded_run(summary_path, summary)
         answers = read_jsonl(os.path.join(folder, "merge.jsonl"), ("question_id",))
         runs.append(Run(
-            name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
+            run_name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
             summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a],
         ))
     if not any(run.mode == "none" for run in runs):
