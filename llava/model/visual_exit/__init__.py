@@ -6,7 +6,7 @@ and every later layer's KV cache. Which, is decided by an ordered list of stages
 gates, pruning ranked by a scorer in `scorers/`); one drop mechanism (`tokens.py`) carries every decision out.
 """
 
-from llava.model.visual_exit.cache import KeyLayout, VisualExitCache
+from llava.model.visual_exit.cache import ValidKeys, VisualExitCache
 from llava.model.visual_exit.config import EXIT_MODES, ExitConfig
 from llava.model.visual_exit.decoder import ExitStats, VisualExitDecoderMixin, VisualExitModelOutput
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
@@ -21,7 +21,7 @@ __all__ = [
     "DecoderGeometry",
     "ExitConfig",
     "ExitStats",
-    "KeyLayout",
+    "ValidKeys",
     "VisualExitCache",
     "VisualExitDecoderMixin",
     "VisualExitModelOutput",

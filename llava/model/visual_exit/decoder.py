@@ -10,7 +10,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from llava.compat import cache_argument, take_cache
-from llava.model.visual_exit.cache import KeyLayout, VisualExitCache
+from llava.model.visual_exit.cache import ValidKeys, VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates
@@ -108,7 +108,7 @@ class VisualExitDecoderMixin:
     def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs):
         exit_config = exit_config or ExitConfig.from_model_config(self.config)
         hidden, layout = self.start_prefill(
-            hidden, attention_mask, position_ids, visual_mask, gate_weights=exit_config.uses_gates
+            hidden, attention_mask, position_ids, visual_mask, with_gate_features=exit_config.uses_gates
         )
         policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router)
         drop = policy.drop_before_first_layer(layout)
@@ -129,7 +129,7 @@ class VisualExitDecoderMixin:
         )
         return self.finish_prefill(hidden, layout), stats
 
-    def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, gate_weights: bool):
+    def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, with_gate_features: bool):
         """The input's token layout (validity, positions, RoPE, visual slots) before layer 0."""
         batch, length = hidden.shape[:2]
         if attention_mask is not None and attention_mask.shape != (batch, length):
@@ -138,15 +138,16 @@ class VisualExitDecoderMixin:
         if position_ids is None:
             position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        return hidden, TokenLayout.start(valid, position_ids, position_embeddings, visual_mask, gate_weights)
+        return hidden, TokenLayout.start(valid, position_ids, position_embeddings, visual_mask, with_gate_features)
 
     def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
         """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""
-        keys, mask = None, None
+        valid_keys, mask = None, None
         for index in layers:
-            if layout.keys is not keys:  # a mask (and a token count) per key layout, shared until the next drop
-                keys, mask = layout.keys, self._mask(layout.keys, layout.keys.valid.shape[1], hidden.dtype)
-                entering = keys.valid.sum(dim=1)
+            if layout.valid_keys is not valid_keys:  # a mask (and a token count) per ValidKeys, until the next drop
+                valid_keys = layout.valid_keys
+                mask = self._mask(valid_keys, valid_keys.valid.shape[1], hidden.dtype)
+                entering = valid_keys.valid.sum(dim=1)
             if policy is not None:
                 policy.layer_tokens.append(entering)
             layer_input = hidden
@@ -160,7 +161,7 @@ class VisualExitDecoderMixin:
                 **kwargs,
             )
             if cache is not None:
-                cache.layouts.append(keys)
+                cache.valid_keys.append(valid_keys)
             drop = None
             if policy is not None:
                 cached_keys = cache.layers[index].keys if cache is not None else None  # FastV reads them, not recomputes
@@ -183,15 +184,15 @@ class VisualExitDecoderMixin:
                 start = cache.get_seq_length()
                 position_ids = torch.arange(start, start + new_tokens, device=hidden.device).unsqueeze(0)
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        layouts = cache.extend_layouts(new_tokens)
+        per_layer = cache.extend_valid_keys(new_tokens)
         masks: dict[int, torch.Tensor | None] = {}
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            layout = layouts[index]
-            if id(layout) not in masks:
-                masks[id(layout)] = self._mask(layout, new_tokens, hidden.dtype)
+            valid_keys = per_layer[index]
+            if id(valid_keys) not in masks:
+                masks[id(valid_keys)] = self._mask(valid_keys, new_tokens, hidden.dtype)
             hidden = decoder_layer(
                 hidden,
-                attention_mask=masks[id(layout)],
+                attention_mask=masks[id(valid_keys)],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 use_cache=True,
@@ -200,5 +201,5 @@ class VisualExitDecoderMixin:
             )
         return self.norm(hidden)
 
-    def _mask(self, keys: KeyLayout, query_length: int, dtype: torch.dtype):
-        return attention_mask_for(keys, query_length, self.config._attn_implementation, dtype)
+    def _mask(self, valid_keys: ValidKeys, query_length: int, dtype: torch.dtype):
+        return attention_mask_for(valid_keys, query_length, self.config._attn_implementation, dtype)

@@ -1,35 +1,35 @@
-"""Attention masks for one KeyLayout, in the form each attention implementation takes.
+"""Attention masks for one layer's `ValidKeys`, in the form each attention implementation takes.
 
 transformers' `create_causal_mask` sizes every mask from one cache layer; here layers hold different keys, so each
-layout gets its own mask. Queries are the last `query_length` keys (new tokens are always appended at the end).
+`ValidKeys` gets its own mask. Queries are the last `query_length` keys (new tokens are always appended at the end).
 """
 
 from __future__ import annotations
 
 import torch
 
-from llava.model.visual_exit.cache import KeyLayout
+from llava.model.visual_exit.cache import ValidKeys
 
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 
-def attention_mask_for(layout: KeyLayout, query_length: int, implementation: str, dtype: torch.dtype):
+def attention_mask_for(valid_keys: ValidKeys, query_length: int, implementation: str, dtype: torch.dtype):
     """eager: additive float (B, 1, Q, K); sdpa: bool (B, 1, Q, K) or None; flash: (B, K) padding mask or None."""
     if implementation in FLASH_IMPLEMENTATIONS or implementation.startswith("kernels-community/flash"):
-        return layout.valid.long() if layout.padded else None
+        return valid_keys.valid.long() if valid_keys.padded else None
     if implementation not in ("sdpa", "eager"):
         raise NotImplementedError(f"attention implementation {implementation!r} is not supported with visual exit")
-    key_length = layout.valid.shape[1]
+    key_length = valid_keys.valid.shape[1]
     # None lets SDPA use its causal (flash) kernel: exact only without padding and when the queries are all keys
     # or a single new token (SDPA's is_causal aligns top-left).
-    if implementation == "sdpa" and not layout.padded and query_length in (1, key_length):
+    if implementation == "sdpa" and not valid_keys.padded and query_length in (1, key_length):
         return None
     offset = key_length - query_length
-    keys = torch.arange(key_length, device=layout.valid.device)
-    queries = torch.arange(query_length, device=layout.valid.device) + offset
-    allowed = (keys[None, :] <= queries[:, None]) & layout.valid[:, None, :]
+    key_slots = torch.arange(key_length, device=valid_keys.valid.device)
+    query_slots = torch.arange(query_length, device=valid_keys.valid.device) + offset
+    allowed = (key_slots[None, :] <= query_slots[:, None]) & valid_keys.valid[:, None, :]
     # A padding query would mask every key (NaN under softmax); let it see itself. Real queries are unaffected.
-    allowed |= keys[None, None, :] == queries[None, :, None]
+    allowed |= key_slots[None, None, :] == query_slots[None, :, None]
     allowed = allowed.unsqueeze(1)
     if implementation == "sdpa":
         return allowed

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from llava.model.visual_exit.cache import KeyLayout
+from llava.model.visual_exit.cache import ValidKeys
 from llava.model.visual_exit.gate import gate_feature_weights
 
 
@@ -19,14 +19,15 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TokenLayout:
     """Per slot of the current sequence: validity, original position and index, and whether it is visual.
-    For the gates only (None otherwise): per slot, its weights in the gate features (`gate_feature_weights`)."""
+    `valid_keys`: the slots a layer run now caches as real keys. For the gates only (None otherwise): per slot, its
+    weight in the gate features (`feature_weights`, from `gate_feature_weights`)."""
 
-    keys: KeyLayout
+    valid_keys: ValidKeys
     position_ids: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor]
     origin: torch.Tensor
     visual: torch.Tensor
-    gate_weights: torch.Tensor | None
+    feature_weights: torch.Tensor | None
     input_valid: torch.Tensor
     compacted: bool = False
 
@@ -36,33 +37,34 @@ class TokenLayout:
 
     @classmethod
     def start(
-        cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings, visual: torch.Tensor | None, gates: bool
+        cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings, visual: torch.Tensor | None,
+        with_gate_features: bool,
     ):
         batch, length = valid.shape
         slots = torch.arange(length, device=valid.device).expand(batch, length)
         visual = valid & visual if visual is not None else torch.zeros_like(valid)
-        gate_weights = None
-        if gates:
+        feature_weights = None
+        if with_gate_features:
             last_index = torch.where(valid, slots, -1).amax(dim=1)
             last_visual = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
             text_span = valid & (slots > last_visual) & (slots != last_index[:, None])
-            gate_weights = gate_feature_weights(text_span, last_index)
+            feature_weights = gate_feature_weights(text_span, last_index)
         return cls(
-            keys=KeyLayout(valid, padded=not bool(valid.all())),
+            valid_keys=ValidKeys(valid, padded=not bool(valid.all())),
             position_ids=position_ids.expand(batch, length),
             position_embeddings=tuple(e.expand(batch, *e.shape[1:]) for e in position_embeddings),
             origin=slots,
             visual=visual,
-            gate_weights=gate_weights,
+            feature_weights=feature_weights,
             input_valid=valid,
         )
 
     def drop(self, hidden: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
         """Remove the slots where `drop` is true and re-pack each sample to the right (left padding), in order.
 
-        Positions keep their original RoPE values; the new layout starts a new KeyLayout for the layers after.
+        Positions keep their original RoPE values; the new layout starts new ValidKeys for the layers after.
         """
-        keep = self.keys.valid & ~drop
+        keep = self.valid_keys.valid & ~drop
         counts = keep.sum(dim=1)
         longest, shortest = torch.stack([counts.max(), counts.min()]).tolist()  # the one host sync of a drop
         batch, length = keep.shape
@@ -74,12 +76,12 @@ class TokenLayout:
         valid = torch.arange(longest, device=keep.device)[None, :] >= pad[:, None]
         layout = replace(
             self,
-            keys=KeyLayout(valid, padded=shortest < longest),
+            valid_keys=ValidKeys(valid, padded=shortest < longest),
             position_ids=self.position_ids.gather(1, index),
             position_embeddings=tuple(_gather(e, index) for e in self.position_embeddings),
             origin=self.origin.gather(1, index),
             visual=self.visual.gather(1, index) & valid,
-            gate_weights=None if self.gate_weights is None else _gather(self.gate_weights, index) * valid[..., None],
+            feature_weights=None if self.feature_weights is None else _gather(self.feature_weights, index) * valid[..., None],
             compacted=True,
         )
         return _gather(hidden, index), layout
@@ -89,7 +91,7 @@ class TokenLayout:
         if not self.compacted:
             return hidden
         length = self.input_length
-        target = torch.where(self.keys.valid, self.origin, length)
+        target = torch.where(self.valid_keys.valid, self.origin, length)
         restored = hidden.new_zeros(hidden.shape[0], length + 1, hidden.shape[-1])
         restored.scatter_(1, target.unsqueeze(-1).expand_as(hidden), hidden)
         return restored[:, :length]

@@ -90,9 +90,9 @@ def gate_training_pass(
     if not 0 <= layer < num_layers - 1:
         raise ValueError(f"gate layer {layer} outside 0..{num_layers - 2}: an exit after the last layer changes nothing")
     with torch.no_grad():
-        hidden, layout = decoder.start_prefill(inputs_embeds, attention_mask, position_ids, visual_mask, gate_weights=True)
+        hidden, layout = decoder.start_prefill(inputs_embeds, attention_mask, position_ids, visual_mask, with_gate_features=True)
         hidden, layout = decoder.run_layers(hidden, layout, range(layer + 1))
-        features = gate_features(hidden, layout.gate_weights)
+        features = gate_features(hidden, layout.feature_weights)
         rest = range(layer + 1, num_layers)
         full = decoder.finish_prefill(*decoder.run_layers(hidden, layout, rest))
         exit_hidden, exit_layout = layout.drop(hidden, layout.visual)

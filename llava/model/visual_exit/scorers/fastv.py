@@ -16,7 +16,7 @@ from llava.model.visual_exit.tokens import TokenLayout
 
 def fastv_scores(step: LayerStep, layout: TokenLayout) -> torch.Tensor:
     """(B, T): the last prompt token's attention in the step's layer."""
-    return last_token_attention(step.layer, step.input, layout.position_embeddings, layout.keys.valid, step.cached_keys)
+    return last_token_attention(step.layer, step.input, layout.position_embeddings, layout.valid_keys.valid, step.cached_keys)
 
 
 def last_token_attention(

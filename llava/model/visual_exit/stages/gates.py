@@ -35,7 +35,7 @@ class GateExit(Stage):
     def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout):
         if not state.any_active or step.index >= state.num_layers - 1:
             return None
-        logits = state.gates[step.index](gate_features(step.output, layout.gate_weights))
+        logits = state.gates[step.index](gate_features(step.output, layout.feature_weights))
         exiting = state.active & (logits[:, 1] - logits[:, 0] > self.margin)
         drop = state.exit(exiting, step.index + 1, layout)
         any_exiting, state.any_active = torch.stack([exiting.any(), state.active.any()]).tolist()  # one host read
