@@ -16,17 +16,20 @@ from transformers import DynamicCache
 @dataclass
 class ValidKeys:
     """`valid[b, k]`: key k of sample b is a real token. `padded`: some key is not (fixed at prefill, since every
-    token appended later is real)."""
+    token appended later is real). `positions[b, k]`: the key's original (RoPE) position, what sliding windows
+    are measured in once tokens have left."""
 
     valid: torch.Tensor
     padded: bool
+    positions: torch.Tensor
 
-    def extended(self, new_tokens: int) -> ValidKeys:
-        ones = self.valid.new_ones(self.valid.shape[0], new_tokens)
-        return ValidKeys(torch.cat([self.valid, ones], dim=1), self.padded)
+    def extended(self, new_positions: torch.Tensor) -> ValidKeys:
+        """After appending real tokens at `new_positions` (B, new)."""
+        ones = self.valid.new_ones(new_positions.shape)
+        return ValidKeys(torch.cat([self.valid, ones], dim=1), self.padded, torch.cat([self.positions, new_positions], dim=1))
 
     def map_batch(self, fn) -> ValidKeys:
-        return ValidKeys(fn(self.valid), self.padded)
+        return ValidKeys(fn(self.valid), self.padded, fn(self.positions))
 
 
 def _map_shared(per_layer: list[ValidKeys], fn) -> list[ValidKeys]:
@@ -42,8 +45,11 @@ class VisualExitCache(DynamicCache):
     """KV cache for the exit decoder. `get_seq_length` reports the tokens seen (what position ids count), which
     differs from a layer's cached length once visual tokens left it. `exit_stats` holds the prefill's outcome."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config=None, **kwargs):
+        # `config` is not handed on: it would make sliding-window layers, which evict keys by slot, while the exit
+        # measures windows in original positions (masks.py) and keeps every key a window may still reach.
+        del config
+        super().__init__(**kwargs)
         self.valid_keys: list[ValidKeys] = []
         self.seen_tokens = 0
         self.exit_stats = None
@@ -51,10 +57,11 @@ class VisualExitCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def extend_valid_keys(self, new_tokens: int) -> list[ValidKeys]:
-        """Each layer's valid keys after appending `new_tokens` real tokens to it (done by the caller's forward)."""
-        self.valid_keys = _map_shared(self.valid_keys, lambda keys: keys.extended(new_tokens))
-        self.seen_tokens += new_tokens
+    def extend_valid_keys(self, new_positions: torch.Tensor) -> list[ValidKeys]:
+        """Each layer's valid keys after appending real tokens at `new_positions` (B, new) to it (done by the
+        caller's forward)."""
+        self.valid_keys = _map_shared(self.valid_keys, lambda keys: keys.extended(new_positions))
+        self.seen_tokens += new_positions.shape[1]
         return self.valid_keys
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

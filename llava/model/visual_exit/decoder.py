@@ -142,12 +142,15 @@ class VisualExitDecoderMixin:
 
     def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
         """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""
-        valid_keys, mask = None, None
+        valid_keys, masks = None, {}
         for index in layers:
-            if layout.valid_keys is not valid_keys:  # a mask (and a token count) per ValidKeys, until the next drop
-                valid_keys = layout.valid_keys
-                mask = self._mask(valid_keys, valid_keys.valid.shape[1], hidden.dtype)
+            if layout.valid_keys is not valid_keys:  # masks (and a token count) per ValidKeys, until the next drop
+                valid_keys, masks = layout.valid_keys, {}
                 entering = valid_keys.valid.sum(dim=1)
+            window = self._window(index)
+            if window not in masks:
+                masks[window] = self._mask(valid_keys, valid_keys.valid.shape[1], hidden.dtype, window)
+            mask = masks[window]
             if policy is not None:
                 policy.layer_tokens.append(entering)
             layer_input = hidden
@@ -184,15 +187,15 @@ class VisualExitDecoderMixin:
                 start = cache.get_seq_length()
                 position_ids = torch.arange(start, start + new_tokens, device=hidden.device).unsqueeze(0)
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        per_layer = cache.extend_valid_keys(new_tokens)
-        masks: dict[int, torch.Tensor | None] = {}
+        per_layer = cache.extend_valid_keys(position_ids.expand(hidden.shape[0], new_tokens))
+        masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            valid_keys = per_layer[index]
-            if id(valid_keys) not in masks:
-                masks[id(valid_keys)] = self._mask(valid_keys, new_tokens, hidden.dtype)
+            valid_keys, window = per_layer[index], self._window(index)
+            if (id(valid_keys), window) not in masks:
+                masks[id(valid_keys), window] = self._mask(valid_keys, new_tokens, hidden.dtype, window)
             hidden = decoder_layer(
                 hidden,
-                attention_mask=masks[id(valid_keys)],
+                attention_mask=masks[id(valid_keys), window],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 use_cache=True,
@@ -201,5 +204,14 @@ class VisualExitDecoderMixin:
             )
         return self.norm(hidden)
 
-    def _mask(self, valid_keys: ValidKeys, query_length: int, dtype: torch.dtype):
-        return attention_mask_for(valid_keys, query_length, self.config._attn_implementation, dtype)
+    def _mask(self, valid_keys: ValidKeys, query_length: int, dtype: torch.dtype, window: int | None):
+        return attention_mask_for(valid_keys, query_length, self.config._attn_implementation, dtype, window)
+
+    def _window(self, index: int) -> int | None:
+        """Layer `index`'s sliding window, in positions: the config's `sliding_window` for every layer (Mistral) or
+        for those `layer_types` names sliding (Qwen2, Gemma-style alternation); None for full attention."""
+        window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None)
+        if window is None or (layer_types is not None and layer_types[index] != "sliding_attention"):
+            return None
+        return window

@@ -2,6 +2,9 @@
 
 transformers' `create_causal_mask` sizes every mask from one cache layer; here layers hold different keys, so each
 `ValidKeys` gets its own mask. Queries are the last `query_length` keys (new tokens are always appended at the end).
+A sliding window (Mistral, Qwen2's sliding layers) is measured in original token positions, not in slots: once
+visual tokens have left, a query still sees exactly the keys within `window` positions of it, as in the full
+sequence, and a padded sample sees what it sees alone.
 """
 
 from __future__ import annotations
@@ -13,21 +16,30 @@ from llava.model.visual_exit.cache import ValidKeys
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 
-def attention_mask_for(valid_keys: ValidKeys, query_length: int, implementation: str, dtype: torch.dtype):
-    """eager: additive float (B, 1, Q, K); sdpa: bool (B, 1, Q, K) or None; flash: (B, K) padding mask or None."""
+def attention_mask_for(
+    valid_keys: ValidKeys, query_length: int, implementation: str, dtype: torch.dtype, window: int | None = None
+):
+    """eager: additive float (B, 1, Q, K); sdpa: bool (B, 1, Q, K) or None; flash: (B, K) padding mask or None.
+    `window`: a query sees the keys less than `window` positions before it (None: all earlier keys)."""
     if implementation in FLASH_IMPLEMENTATIONS or implementation.startswith("kernels-community/flash"):
+        if window is not None:
+            raise NotImplementedError("flash attention windows count slots, not positions: use sdpa or eager here")
         return valid_keys.valid.long() if valid_keys.padded else None
     if implementation not in ("sdpa", "eager"):
         raise NotImplementedError(f"attention implementation {implementation!r} is not supported with visual exit")
     key_length = valid_keys.valid.shape[1]
+    windowed = window is not None and key_length > window
     # None lets SDPA use its causal (flash) kernel: exact only without padding and when the queries are all keys
     # or a single new token (SDPA's is_causal aligns top-left).
-    if implementation == "sdpa" and not valid_keys.padded and query_length in (1, key_length):
+    if implementation == "sdpa" and not valid_keys.padded and not windowed and query_length in (1, key_length):
         return None
     offset = key_length - query_length
     key_slots = torch.arange(key_length, device=valid_keys.valid.device)
     query_slots = torch.arange(query_length, device=valid_keys.valid.device) + offset
     allowed = (key_slots[None, :] <= query_slots[:, None]) & valid_keys.valid[:, None, :]
+    if windowed:
+        positions = valid_keys.positions
+        allowed = allowed & (positions[:, -query_length:, None] - positions[:, None, :] < window)
     # A padding query would mask every key (NaN under softmax); let it see itself. Real queries are unaffected.
     allowed |= key_slots[None, None, :] == query_slots[None, :, None]
     allowed = allowed.unsqueeze(1)

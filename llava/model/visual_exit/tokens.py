@@ -50,7 +50,7 @@ class TokenLayout:
             text_span = valid & (slots > last_visual) & (slots != last_index[:, None])
             feature_weights = gate_feature_weights(text_span, last_index)
         return cls(
-            valid_keys=ValidKeys(valid, padded=not bool(valid.all())),
+            valid_keys=ValidKeys(valid, padded=not bool(valid.all()), positions=position_ids.expand(batch, length)),
             position_ids=position_ids.expand(batch, length),
             position_embeddings=tuple(e.expand(batch, *e.shape[1:]) for e in position_embeddings),
             origin=slots,
@@ -74,10 +74,11 @@ class TokenLayout:
         index.scatter_(1, destination, torch.arange(length, device=keep.device).expand(batch, length))
         index = index[:, :longest]
         valid = torch.arange(longest, device=keep.device)[None, :] >= pad[:, None]
+        position_ids = self.position_ids.gather(1, index)
         layout = replace(
             self,
-            valid_keys=ValidKeys(valid, padded=shortest < longest),
-            position_ids=self.position_ids.gather(1, index),
+            valid_keys=ValidKeys(valid, padded=shortest < longest, positions=position_ids),
+            position_ids=position_ids,
             position_embeddings=tuple(_gather(e, index) for e in self.position_embeddings),
             origin=self.origin.gather(1, index),
             visual=self.visual.gather(1, index) & valid,
