@@ -112,6 +112,9 @@ def train(argv: list[str] | None = None) -> GateTrainer:
     model_args, data_args, gate_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # Replicas log at --log_level_replica (HF's option, default warning).
     logging.basicConfig(level=logging.INFO if training_args.should_log else training_args.get_process_log_level())
+    if not training_args.should_log:
+        # A replica's progress bars (weight loading) would run into the main process's lines on the shared stderr.
+        transformers.utils.logging.disable_progress_bar()
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
     layer_sampler = ExitLayerSampler(model.config.num_hidden_layers, gate_args.exit_layer_sampler)
