@@ -2,6 +2,8 @@
 token positions. Oracles: mode none == transformers' own MistralModel; an exit == the stock layers on the full
 sequence with the window and the visual keys masked after the exit layer; cached decode == recompute."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import MistralConfig, MistralModel
@@ -10,6 +12,7 @@ from llava.compat import output_cache
 from llava.model.visual_exit import ExitConfig, VisualExitDecoderMixin
 
 from batching import attention_implementation
+from test_stages import random_gone_from
 
 WINDOW = 5
 
@@ -77,12 +80,8 @@ def test_exit_equals_the_windowed_oracle(model, attn, padding_side, spec):
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, visual_mask=visual,
                     exit_config=config)
         gone_from = torch.full(mask.shape, model.config.num_hidden_layers)
-        if spec.startswith("prune"):  # the random scorer from its definition: a seeded draw per position
-            table = torch.rand(int(positions.max()) + 1, generator=torch.Generator().manual_seed(0))
-            for b in range(2):
-                slots = visual[b].nonzero().flatten().tolist()
-                ranked = sorted(slots, key=lambda t: -float(table[positions[b, t]]))
-                gone_from[b, ranked[round(0.5 * len(slots)) :]] = 1
+        if spec.startswith("prune"):
+            gone_from = random_gone_from(SimpleNamespace(visual_mask=visual, position_ids=positions), 1, 0.5, gone_from)
         exit_after = int(spec.rsplit(":", 1)[1])  # every spec ends in fixed:K
         gone_from = torch.where(visual, gone_from.clamp(max=exit_after), gone_from)
         oracle = windowed_oracle(model, embeds, mask, positions, gone_from)

@@ -79,7 +79,8 @@ class VisualExitCache(DynamicCache):
         )
 
     def crop(self, *args, **kwargs) -> None:
-        """Only for caches that no exit has touched (one keys, every token cached); used by assisted decoding."""
+        """Only for caches that no exit has touched (one ValidKeys for all layers, every token cached); used by
+        assisted decoding."""
         uniform = len({id(keys) for keys in self.valid_keys}) <= 1
         if not uniform or (self.layers and self.layers[0].get_seq_length() != self.seen_tokens):
             raise NotImplementedError("cropping a cache whose layers hold different tokens is not supported")

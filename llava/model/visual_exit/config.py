@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 
 from llava.model.visual_exit.stages import FixedExit, GateExit, Prune, Stage, parse_stages
 
@@ -52,9 +53,10 @@ class ExitConfig:
             raise ValueError("exit mode 'stages' needs a stage list, e.g. --exit-stages prune:fastv:2:0.5,gates:0.9")
         self.stage_list  # noqa: B018 (a malformed stage list fails here, not in the middle of a run)
 
-    @property
+    @cached_property
     def stage_list(self) -> tuple[Stage, ...]:
-        """The stages this config runs, in order; the modes other than `stages` are presets of them."""
+        """The stages this config runs, in order; the modes other than `stages` are presets of them (parsed once
+        per config: the prefill and its callers ask for them several times)."""
         if self.mode == "stages":
             return parse_stages(self.stages)
         if self.mode == "fixed":

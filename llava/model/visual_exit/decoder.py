@@ -117,13 +117,14 @@ class VisualExitDecoderMixin:
         hidden, layout = self.run_layers(hidden, layout, range(self.config.num_hidden_layers), cache, policy, **kwargs)
         if cache is not None:
             cache.seen_tokens = layout.input_length
+        state = policy.state
         stats = ExitStats(
-            policy.exit_layer,
+            state.exit_layer,
             layout.input_valid.sum(dim=1),
-            policy.num_visual,
+            state.num_visual,
             policy.gate_evaluations,
             DecoderGeometry.from_config(self.config),
-            policy.pruned_visual,
+            state.pruned_visual,
             policy.prune_layer,
             torch.stack(policy.layer_tokens, dim=1),
         )

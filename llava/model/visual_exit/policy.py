@@ -7,7 +7,6 @@ from torch import nn
 
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.stages import ExitState, LayerStep, Stage
-from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.stages.prune import Prune
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -24,7 +23,7 @@ class ExitPolicy:
         self.state.any_active &= bool(self.stages)
         prune_layers = [s.layer for s in self.stages if isinstance(s, Prune) and s.layer < num_layers]
         self.prune_layer = min(prune_layers, default=num_layers)  # the first layer after which tokens are pruned
-        self.gated = any(isinstance(stage, GateExit) for stage in self.stages)
+        self.gated = config.uses_gates
         self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)
 
     def drop_before_first_layer(self, layout: TokenLayout) -> torch.Tensor | None:
@@ -37,23 +36,12 @@ class ExitPolicy:
         return _union(stage.after_layer(step, self.state, layout) for stage in self.stages)
 
     @property
-    def exit_layer(self) -> torch.Tensor:
-        return self.state.exit_layer
-
-    @property
-    def num_visual(self) -> torch.Tensor:
-        return self.state.num_visual
-
-    @property
-    def pruned_visual(self) -> torch.Tensor:
-        return self.state.pruned_visual
-
-    @property
     def gate_evaluations(self) -> torch.Tensor:
         """Gates run for a sample at layers 0 .. exit_layer - 1, never at the last layer."""
+        state = self.state
         if not self.gated:
-            return torch.zeros_like(self.exit_layer)
-        return torch.where(self.state.has_visual, self.exit_layer.clamp(max=self.state.num_layers - 1), 0)
+            return torch.zeros_like(state.exit_layer)
+        return torch.where(state.has_visual, state.exit_layer.clamp(max=state.num_layers - 1), 0)
 
 
 def _union(drops) -> torch.Tensor | None:
