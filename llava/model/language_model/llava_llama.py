@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaModel
-from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava.compat import cache_argument, install_output_capture_hooks, output_cache, take_cache
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava.model.visual_exit import ExitConfig, ExitStats, VisualExitCache, VisualExitDecoderMixin
+from llava.model.visual_exit.generation import with_exit_stats
 from llava.model.visual_exit.training import ExitLabelRule, GateTrainingOutput, gate_training_pass
 
 
@@ -29,20 +29,6 @@ class LlavaLlamaModel(LlavaMetaModel, VisualExitDecoderMixin, LlamaModel):
 @dataclass
 class LlavaCausalLMOutput(CausalLMOutputWithPast):
     """Adds the prefill's exit statistics (None on decode steps)."""
-
-    exit_stats: ExitStats | None = None
-
-
-@dataclass
-class LlavaGenerateOutput(GenerateDecoderOnlyOutput):
-    """Greedy or sampled output with the prefill's exit statistics, one row per returned sequence."""
-
-    exit_stats: ExitStats | None = None
-
-
-@dataclass
-class LlavaGenerateBeamOutput(GenerateBeamDecoderOnlyOutput):
-    """Beam-search output with the prefill's exit statistics, one row per returned sequence."""
 
     exit_stats: ExitStats | None = None
 
@@ -151,18 +137,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             **cache_argument(cache),
             **kwargs,
         )
-        if isinstance(output, torch.Tensor):
-            return output
-        output_class = LlavaGenerateBeamOutput if isinstance(output, GenerateBeamDecoderOnlyOutput) else LlavaGenerateOutput
-        return output_class(**output, exit_stats=_stats_per_sequence(cache.exit_stats, len(inputs), len(output.sequences)))
-
-
-def _stats_per_sequence(stats: ExitStats, prompts: int, sequences: int) -> ExitStats:
-    """generate() prefills each prompt once per beam (or per returned sample); copies of one prompt decide alike,
-    so each returned sequence takes the first prefill row of its prompt."""
-    per_prompt_prefill, per_prompt_returned = len(stats.exit_layer) // prompts, sequences // prompts
-    rows = torch.arange(sequences) // per_prompt_returned * per_prompt_prefill
-    return stats.select_rows(rows)
+        return with_exit_stats(output, cache.exit_stats, len(inputs))
 
 
 def _needs_multimodal_inputs(input_ids: torch.LongTensor | None, images) -> bool:

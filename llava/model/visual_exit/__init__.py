@@ -13,12 +13,14 @@ from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
 from llava.model.visual_exit.gate import VisualGate, gate_feature_weights, gate_features
 from llava.model.visual_exit.scorers import SCORERS
 from llava.model.visual_exit.stages import STAGES, parse_stages
+from llava.model.visual_exit.vlm import FamilyAdapter, enable_visual_exit, register_family, visual_exit_class
 
 __all__ = [
     "EXIT_MODES",
     "SCORERS",
     "STAGES",
     "DecoderGeometry",
+    "FamilyAdapter",
     "ExitConfig",
     "ExitStats",
     "ValidKeys",
@@ -26,8 +28,11 @@ __all__ = [
     "VisualExitDecoderMixin",
     "VisualExitModelOutput",
     "VisualGate",
+    "enable_visual_exit",
     "gate_feature_weights",
     "gate_features",
     "parse_stages",
     "prefill_flops",
+    "register_family",
+    "visual_exit_class",
 ]

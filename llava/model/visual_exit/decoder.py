@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,22 @@ class VisualExitModelOutput(BaseModelOutputWithPast):
     exit_stats: ExitStats | None = None
 
 
+@dataclass
+class ExitRequest:
+    """What a wrapping model (one of transformers' VLM classes, see vlm.py) hands its decoder through the stock
+    forwards' `**kwargs`, and what comes back the same way: the stock forwards in between keep neither.
+
+    In: `visual_mask` (B, T), `exit_config`, and for a gate-training step `gate_training(decoder, inputs_embeds,
+    attention_mask, position_ids, visual_mask)`, which replaces the prefill. Out: `stats` of the prefill, or the
+    gate-training step's `gate_output`."""
+
+    visual_mask: torch.Tensor | None = None
+    exit_config: ExitConfig | None = None
+    gate_training: Callable | None = None
+    stats: ExitStats | None = None
+    gate_output: object = None
+
+
 class VisualExitDecoderMixin:
     """Mix in before a `LlamaModel`-like class (`embed_tokens`, `layers`, `rotary_emb`, `norm`): replaces its
     forward with one whose prefill can drop each sample's visual tokens after any layer.
@@ -89,6 +106,9 @@ class VisualExitDecoderMixin:
         **kwargs,
     ) -> VisualExitModelOutput:
         cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
+        request = kwargs.pop("exit_request", None)
+        if request is not None:
+            visual_mask, exit_config = request.visual_mask, request.exit_config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -100,9 +120,14 @@ class VisualExitDecoderMixin:
         if cache is not None and cache.get_seq_length() > 0:
             hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache, kwargs)
             return VisualExitModelOutput(last_hidden_state=hidden, **cache_argument(cache))
+        if request is not None and request.gate_training is not None:
+            request.gate_output = request.gate_training(self, inputs_embeds, attention_mask, position_ids, visual_mask)
+            return VisualExitModelOutput(last_hidden_state=inputs_embeds)  # the wrapper returns gate_output instead
         hidden, stats = self._prefill(inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs)
         if cache is not None:
             cache.exit_stats = stats
+        if request is not None:
+            request.stats = stats
         return VisualExitModelOutput(last_hidden_state=hidden, exit_stats=stats, **cache_argument(cache))
 
     def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs):
@@ -136,10 +161,9 @@ class VisualExitDecoderMixin:
         if attention_mask is not None and attention_mask.shape != (batch, length):
             raise ValueError(f"prefill needs a 2D attention mask of shape {(batch, length)}, got {tuple(attention_mask.shape)}")
         valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
-        if position_ids is None:
-            position_ids = torch.arange(length, device=hidden.device).unsqueeze(0)
-        position_embeddings = self.rotary_emb(hidden, position_ids)
-        return hidden, TokenLayout.start(valid, position_ids, position_embeddings, visual_mask, with_gate_features)
+        positions, rope_position_ids = self.split_position_ids(position_ids, hidden, past_length=0)
+        position_embeddings = self.rotary_emb(hidden, rope_position_ids)
+        return hidden, TokenLayout.start(valid, positions, position_embeddings, visual_mask, with_gate_features)
 
     def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
         """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""
@@ -181,13 +205,10 @@ class VisualExitDecoderMixin:
     def _decode(self, hidden, attention_mask, position_ids, cache, kwargs):
         """New tokens attend, in each layer, to that layer's own cached keys; they are always real tokens."""
         new_tokens = hidden.shape[1]
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, -new_tokens:]
-            else:
-                start = cache.get_seq_length()
-                position_ids = torch.arange(start, start + new_tokens, device=hidden.device).unsqueeze(0)
-        position_embeddings = self.rotary_emb(hidden, position_ids)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, -new_tokens:]
+        position_ids, rope_position_ids = self.split_position_ids(position_ids, hidden, cache.get_seq_length())
+        position_embeddings = self.rotary_emb(hidden, rope_position_ids)
         per_layer = cache.extend_valid_keys(position_ids.expand(hidden.shape[0], new_tokens))
         masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
@@ -204,6 +225,14 @@ class VisualExitDecoderMixin:
                 **kwargs,
             )
         return self.norm(hidden)
+
+    def split_position_ids(self, position_ids, hidden: torch.Tensor, past_length: int):
+        """(positions, rope input): `positions` (B or 1, T), one per token, are what masks, sliding windows and the
+        layers read; the rope input is what `rotary_emb` takes. Both are `position_ids`, or the tokens' indices
+        after `past_length` cached ones when None. Decoders with several position rows (M-RoPE) override this."""
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + hidden.shape[1], device=hidden.device).unsqueeze(0)
+        return position_ids, position_ids
 
     def _mask(self, valid_keys: ValidKeys, query_length: int, dtype: torch.dtype, window: int | None):
         return attention_mask_for(valid_keys, query_length, self.config._attn_implementation, dtype, window)

@@ -1,0 +1,30 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): Qwen2-VL's text side and M-RoPE (see qwen2_vl.py), a
+windowed-attention vision encoder whose merger outputs the text width."""
+
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from llava.model.families.qwen2_vl import MultimodalRopeDecoderMixin, text_config
+from llava.model.visual_exit.vlm import FamilyAdapter, register_family
+
+ADAPTER = register_family(
+    FamilyAdapter(
+        Qwen2_5_VLForConditionalGeneration,
+        visual_token_attributes=("image_token_id", "video_token_id"),
+        decoder_mixin=MultimodalRopeDecoderMixin,
+    )
+)
+
+
+def tiny_config(text: dict, tokens: dict) -> Qwen2_5_VLConfig:
+    return Qwen2_5_VLConfig(
+        text_config=text_config(text, tokens),
+        vision_config={
+            "depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": 14,
+            "temporal_patch_size": 2, "spatial_merge_size": 2, "out_hidden_size": text["hidden_size"],
+            "window_size": 56, "fullatt_block_indexes": [1],
+        },
+        image_token_id=tokens["image"],
+        video_token_id=tokens["video"],
+        vision_start_token_id=tokens["vision_start"],
+        vision_end_token_id=tokens["vision_end"],
+    )

@@ -1,0 +1,188 @@
+"""Visual-token exit inside transformers' own VLM classes (llava-hf, LLaVA-NeXT, OneVision, Qwen2-VL, ...).
+
+`enable_visual_exit(model)` gives a loaded model the exit decoder loop: its language model's class becomes a
+subclass with `VisualExitDecoderMixin` in front (its own decoder layers, rotary and norm, unmodified), gates
+`visual_gates_router.{i}` sit beside its layers, and the model's class becomes a subclass whose `forward` and
+`generate` take `exit_config` and report `exit_stats`. The stock forward in between still embeds, encodes the
+images and builds the positions (M-RoPE included); the visual tokens are found by the model's own token ids.
+
+What differs per family is one `FamilyAdapter`, registered by the family's own small file (llava/model/families).
+The exit classes keep the stock class names, so a saved checkpoint names the stock architecture (stock
+transformers loads it, ignoring the gates) and `visual_exit_class(Stock).from_pretrained` loads it with its gates.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from safetensors import safe_open
+
+from llava.compat import cache_argument, take_cache
+from llava.model.visual_exit.cache import VisualExitCache
+from llava.model.visual_exit.config import ExitConfig
+from llava.model.visual_exit.decoder import ExitRequest, VisualExitDecoderMixin
+from llava.model.visual_exit.gate import build_visual_gates, init_gate_weights
+from llava.model.visual_exit.generation import with_exit_stats
+from llava.model.visual_exit.training import ExitLabelRule, gate_training_pass
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """What the exit needs to know of one VLM class: where its language model is, which config attributes hold
+    the ids of its visual tokens (every placeholder the model fills with vision features), and the decoder mixin
+    (another one only where positions differ, e.g. M-RoPE)."""
+
+    model_class: type
+    visual_token_attributes: tuple[str, ...] = ("image_token_id",)
+    decoder_mixin: type = VisualExitDecoderMixin
+    decoder_path: str = "model.language_model"
+
+    def visual_token_ids(self, config) -> list[int]:
+        ids = [getattr(config, name, None) for name in self.visual_token_attributes]
+        return [token for token in ids if token is not None]
+
+    def decoder(self, model) -> torch.nn.Module:
+        module = model
+        for name in self.decoder_path.split("."):
+            module = getattr(module, name)
+        return module
+
+
+FAMILIES: dict[type, FamilyAdapter] = {}
+_EXIT_CLASSES: dict[type, type] = {}
+
+
+def register_family(adapter: FamilyAdapter) -> FamilyAdapter:
+    FAMILIES[adapter.model_class] = adapter
+    return adapter
+
+
+def family_of(model_class: type) -> FamilyAdapter:
+    for cls in model_class.__mro__:
+        if cls in FAMILIES:
+            return FAMILIES[cls]
+    known = ", ".join(sorted(cls.__name__ for cls in FAMILIES))
+    raise TypeError(f"visual exit does not know {model_class.__name__}; it runs on: {known}")
+
+
+def _subclass(base: type, mixin: type, **attributes) -> type:
+    """`mixin` in front of `base`, under `base`'s name (what save_pretrained writes as the architecture)."""
+    key = (base, mixin)
+    if key not in _EXIT_CLASSES:
+        _EXIT_CLASSES[key] = type(base.__name__, (mixin, base), {"__module__": base.__module__, **attributes})
+    return _EXIT_CLASSES[key]
+
+
+def visual_exit_class(model_class: type) -> type:
+    """The exit variant of a registered VLM class; `.from_pretrained` loads a checkpoint with its gates."""
+    if issubclass(model_class, VisualExitVLMMixin):
+        return model_class
+    return _subclass(model_class, VisualExitVLMMixin, visual_exit_family=family_of(model_class))
+
+
+def enable_visual_exit(model, gate_hidden_size: int | None = None):
+    """The same `model` object, with the exit decoder loop, and gates of width `gate_hidden_size` (freshly
+    initialised) or of the width its config names (loaded from the folder it came from, if they are there)."""
+    model.__class__ = visual_exit_class(type(model))
+    decoder = model.visual_exit_family.decoder(model)
+    if gate_hidden_size is not None:
+        decoder.config.visual_gate_hidden_size = gate_hidden_size
+        decoder.visual_gates_router = None
+    _install_decoder(model)
+    if gate_hidden_size is None and decoder.visual_gates_router is not None:
+        _load_saved_gates(model, decoder)
+    return model
+
+
+def _install_decoder(model) -> None:
+    family = model.visual_exit_family
+    decoder = family.decoder(model)
+    if not isinstance(decoder, VisualExitDecoderMixin):
+        decoder.__class__ = _subclass(type(decoder), family.decoder_mixin)
+    if getattr(decoder, "visual_gates_router", None) is None:
+        gates = build_visual_gates(decoder.config)
+        if gates is not None:
+            init_gate_weights(gates)
+            reference = decoder.embed_tokens.weight
+            gates = gates.to(device=reference.device, dtype=reference.dtype)
+        decoder.visual_gates_router = gates
+
+
+def _load_saved_gates(model, decoder) -> None:
+    """Gate weights from the safetensors of the folder `model` was loaded from, which the stock class skipped."""
+    folder = getattr(model, "name_or_path", "")
+    names = {f"{name}.": module for name, module in model.named_modules() if module is decoder.visual_gates_router}
+    if not os.path.isdir(folder) or not names:
+        return
+    prefix = next(iter(names))
+    weights = {}
+    for file in sorted(os.listdir(folder)):
+        if file.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, file), framework="pt") as handle:
+                weights.update({k[len(prefix) :]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)})
+    if weights:
+        decoder.visual_gates_router.load_state_dict(weights)
+
+
+class VisualExitVLMMixin:
+    """In front of a transformers VLM class (see `visual_exit_class`): forward and generate with the exit."""
+
+    visual_exit_family: FamilyAdapter
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _install_decoder(self)
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor(self.visual_exit_family.visual_token_ids(self.config), device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        *args,
+        exit_config: ExitConfig | None = None,
+        gate_training_layer: int | None = None,
+        exit_label_rule: ExitLabelRule | None = None,
+        **kwargs,
+    ):
+        """The stock forward; its output also carries `exit_stats` (None on decode steps). With
+        `gate_training_layer` k it is a gate-training step instead (visual_exit.training), which returns a
+        GateTrainingOutput with the loss of gate k."""
+        if input_ids is None and kwargs.get("inputs_embeds") is not None:
+            raise NotImplementedError("visual exit finds the visual tokens by their ids: pass input_ids, not inputs_embeds")
+        request = ExitRequest(None if input_ids is None else self.visual_mask(input_ids), exit_config)
+        if gate_training_layer is not None:
+            labels = kwargs.pop("labels")
+            request.gate_training = partial(
+                _gate_training, lm_head=self.lm_head, labels=labels, layer=gate_training_layer,
+                rule=exit_label_rule or ExitLabelRule(),
+            )
+            kwargs["logits_to_keep"] = 1
+        output = super().forward(input_ids, *args, exit_request=request, **kwargs)
+        if request.gate_output is not None:
+            return request.gate_output
+        output.exit_stats = request.stats
+        return output
+
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, exit_config: ExitConfig | None = None, **kwargs):
+        """The stock generate with a VisualExitCache; with `return_dict_in_generate=True` the output also carries
+        the prefill's `exit_stats`, one row per returned sequence."""
+        inputs = kwargs.pop("input_ids", inputs)
+        if inputs is None:
+            raise ValueError("generate needs the prompt input_ids (visual tokens are found by their ids)")
+        if kwargs.get("use_cache") is False:
+            raise ValueError("generate decodes with a VisualExitCache; use_cache=False is not supported")
+        cache = take_cache(kwargs) or VisualExitCache()
+        output = super().generate(inputs, exit_config=exit_config, **cache_argument(cache), **kwargs)
+        return with_exit_stats(output, cache.exit_stats, len(inputs))
+
+
+def _gate_training(decoder, inputs_embeds, attention_mask, position_ids, visual_mask, *, lm_head, labels, layer, rule):
+    return gate_training_pass(
+        decoder, lm_head, inputs_embeds, attention_mask, position_ids, visual_mask, labels, layer, rule
+    )

@@ -1,0 +1,155 @@
+"""Test helpers for transformers' own VLM families: tiny stock models, hand-built multimodal batches (what each
+family's processor would emit: placeholders expanded, pixel values, grids), and the masked stock oracle."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from llava.model.families import FAMILY_MODULES
+from llava.model.visual_exit import enable_visual_exit
+
+TEXT = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+TOKENS = dict(image=250, video=251, vision_start=252, vision_end=253)
+FAMILIES = list(FAMILY_MODULES)
+ANYRES = ("llava-next", "llava-onevision")
+
+
+def stock_model(family: str, seed: int = 0, attn: str = "eager"):
+    config = FAMILY_MODULES[family].tiny_config(dict(TEXT), TOKENS)
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    return FAMILY_MODULES[family].ADAPTER.model_class(config).eval()
+
+
+def exit_model(stock, gate_hidden_size: int | None = 16):
+    """A copy of `stock` with the visual exit (the stock one stays the oracle)."""
+    return enable_visual_exit(copy.deepcopy(stock), gate_hidden_size=gate_hidden_size)
+
+
+@dataclass
+class Sample:
+    """Text tokens before and after the images; each image a size: (h, w) pixels (anyres), patches (Qwen), tiles
+    (InternVL), ignored (llava-hf)."""
+
+    before: int
+    images: list = field(default_factory=list)
+    after: int = 5
+
+
+def _image(family, model, size, generator):
+    """(placeholder run, pixel inputs of this one image)."""
+    config = model.config
+    if family == "llava-hf":
+        return [TOKENS["image"]] * 4, {"pixel_values": torch.randn(1, 3, 28, 28, generator=generator)}
+    if family in ANYRES:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        patches = image_size_to_num_patches(size, config.image_grid_pinpoints, 28)
+        pixels = {"pixel_values": torch.randn(1, patches, 3, 28, 28, generator=generator), "image_sizes": torch.tensor([size])}
+        with torch.no_grad():
+            count = model.model.get_image_features(**pixels, return_dict=True).pooler_output[0].shape[0]
+        return [TOKENS["image"]] * count, pixels
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        h, w = size
+        pixels = torch.randn(h * w, 3 * 2 * 14 * 14, generator=generator)
+        run = [TOKENS["vision_start"]] + [TOKENS["image"]] * (h * w // 4) + [TOKENS["vision_end"]]
+        return run, {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, h, w]])}
+    if family == "internvl":
+        return [TOKENS["image"]] * (config.image_seq_length * size), {"pixel_values": torch.randn(size, 3, 28, 28, generator=generator)}
+    raise KeyError(family)
+
+
+def _collate(family, pixel_inputs):
+    if not pixel_inputs:
+        return {}
+    if family in ANYRES:
+        widest = max(p["pixel_values"].shape[1] for p in pixel_inputs)
+        padded = [torch.nn.functional.pad(p["pixel_values"], (0, 0, 0, 0, 0, 0, 0, widest - p["pixel_values"].shape[1])) for p in pixel_inputs]
+        return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([p["image_sizes"] for p in pixel_inputs])}
+    return {key: torch.cat([p[key] for p in pixel_inputs]) for key in pixel_inputs[0]}
+
+
+def batch(family, model, samples: list[Sample], padding_side: str = "left", seed: int = 0) -> dict:
+    """Model inputs for `samples`, padded to one length; text tokens are random, the same for the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, pixel_inputs = [], []
+    for sample in samples:
+        row = torch.randint(3, 200, (sample.before,), generator=generator).tolist()
+        for size in sample.images:
+            run, pixels = _image(family, model, size, generator)
+            row += run
+            pixel_inputs.append(pixels)
+        rows.append(row + torch.randint(3, 200, (sample.after,), generator=generator).tolist())
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), TEXT["pad_token_id"])
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        ids[b, span], mask[b, span] = torch.tensor(row), 1
+    inputs = {"input_ids": ids, "attention_mask": mask, **_collate(family, pixel_inputs)}
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        inputs["mm_token_type_ids"] = (ids == TOKENS["image"]).int()
+    return inputs
+
+
+def sample_inputs(family, model, inputs: dict, samples: list[Sample], b: int) -> dict:
+    """Sample b of a batch on its own, unpadded (its images' pixel inputs sliced out)."""
+    valid = inputs["attention_mask"][b].bool()
+    alone = {"input_ids": inputs["input_ids"][b, valid][None], "attention_mask": inputs["attention_mask"][b, valid][None]}
+    if "mm_token_type_ids" in inputs:
+        alone["mm_token_type_ids"] = inputs["mm_token_type_ids"][b, valid][None]
+    first = sum(len(s.images) for s in samples[:b])
+    count = len(samples[b].images)
+    if not count:
+        return alone
+    if family in ("qwen2-vl", "qwen2.5-vl"):
+        grids = inputs["image_grid_thw"]
+        start = int(grids[:first].prod(dim=1).sum())
+        alone["pixel_values"] = inputs["pixel_values"][start : start + int(grids[first : first + count].prod(dim=1).sum())]
+        alone["image_grid_thw"] = grids[first : first + count]
+    elif family == "internvl":
+        tiles = [size for s in samples for size in s.images]
+        start = sum(tiles[:first])
+        alone["pixel_values"] = inputs["pixel_values"][start : start + sum(tiles[first : first + count])]
+    else:
+        for key in ("pixel_values", "image_sizes"):
+            if key in inputs:
+                alone[key] = inputs[key][first : first + count]
+    return alone
+
+
+def visual_mask(inputs: dict) -> torch.Tensor:
+    return torch.isin(inputs["input_ids"], torch.tensor([TOKENS["image"], TOKENS["video"]])) & inputs["attention_mask"].bool()
+
+
+def masked_stock_forward(stock, inputs: dict, gone_from: torch.Tensor, **kwargs):
+    """The stock model, its own positions (3-D for Qwen), with key t of sample b masked for every query in layers
+    >= gone_from[b, t]: a hook swaps each decoder layer's attention mask for that one (eager, additive)."""
+    decoder = stock.model.language_model
+    valid = inputs["attention_mask"].bool()
+    batch_size, length = valid.shape
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    itself = torch.eye(length, dtype=torch.bool)
+    handles = []
+    for index, layer in enumerate(decoder.layers):
+        gone = index >= gone_from
+        allowed = (causal & valid[:, None, :] & ~gone[:, None, :]) | itself
+        additive = torch.zeros(batch_size, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+
+        def swap(module, args, layer_kwargs, additive=additive):
+            layer_kwargs["attention_mask"] = additive
+            return args, layer_kwargs
+
+        handles.append(layer.register_forward_pre_hook(swap, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return stock(**inputs, use_cache=False, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
