@@ -13,6 +13,7 @@ transformers loads it, ignoring the gates) and `visual_exit_class(Stock).from_pr
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -80,7 +81,27 @@ def visual_exit_class(model_class: type) -> type:
     """The exit variant of a registered VLM class; `.from_pretrained` loads a checkpoint with its gates."""
     if issubclass(model_class, VisualExitVLMMixin):
         return model_class
-    return _subclass(model_class, VisualExitVLMMixin, visual_exit_family=family_of(model_class))
+    family = family_of(model_class)
+
+    def forward(self, *args, **kwargs):
+        return VisualExitVLMMixin.forward(self, *args, **kwargs)
+
+    # generate() checks its keyword arguments against forward's signature: the stock one plus the exit's.
+    stock = inspect.signature(model_class.forward)
+    exit_parameters = inspect.signature(VisualExitVLMMixin.forward).parameters
+    extra = [exit_parameters[name] for name in ("exit_config", "gate_training_layer", "exit_label_rule")]
+    parameters = list(stock.parameters.values())
+    forward.__signature__ = stock.replace(parameters=parameters[:-1] + extra + parameters[-1:])
+    forward.__doc__ = VisualExitVLMMixin.forward.__doc__
+    # Some families' save-time renaming of the language model's keys is not undone for the gates at load time
+    # (Qwen2-VL writes `model.visual_gates_router.*`, then reads `model.visual*` as its vision tower's): the exit
+    # class reads them by their own suffix instead (from_pretrained), so the load report leaves them out.
+    ignore = [r"visual_gates_router\."]
+    return _subclass(
+        model_class, VisualExitVLMMixin, visual_exit_family=family, forward=forward,
+        _keys_to_ignore_on_load_unexpected=(model_class._keys_to_ignore_on_load_unexpected or []) + ignore,
+        _keys_to_ignore_on_load_missing=(model_class._keys_to_ignore_on_load_missing or []) + ignore,
+    )
 
 
 def enable_visual_exit(model, gate_hidden_size: int | None = None):
@@ -112,17 +133,17 @@ def _install_decoder(model) -> None:
 
 
 def _load_saved_gates(model, decoder) -> None:
-    """Gate weights from the safetensors of the folder `model` was loaded from, which the stock class skipped."""
+    """Gate weights from the safetensors of the folder `model` was loaded from, which the stock class skipped.
+    Checkpoints may store a family's keys under older names, so the gates are found by their own suffix."""
     folder = getattr(model, "name_or_path", "")
-    names = {f"{name}.": module for name, module in model.named_modules() if module is decoder.visual_gates_router}
-    if not os.path.isdir(folder) or not names:
+    if not os.path.isdir(folder):
         return
-    prefix = next(iter(names))
+    marker = "visual_gates_router."
     weights = {}
     for file in sorted(os.listdir(folder)):
         if file.endswith(".safetensors"):
             with safe_open(os.path.join(folder, file), framework="pt") as handle:
-                weights.update({k[len(prefix) :]: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)})
+                weights.update({k.split(marker, 1)[1]: handle.get_tensor(k) for k in handle.keys() if marker in k})
     if weights:
         decoder.visual_gates_router.load_state_dict(weights)
 
@@ -135,6 +156,14 @@ class VisualExitVLMMixin:
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         _install_decoder(self)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        decoder = model.visual_exit_family.decoder(model)
+        if decoder.visual_gates_router is not None:
+            _load_saved_gates(model, decoder)
+        return model
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = torch.tensor(self.visual_exit_family.visual_token_ids(self.config), device=input_ids.device)
