@@ -25,6 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
+from llava.model.visual_exit import exit_decoder_of
 from llava.model.visual_exit.training import ExitLabelRule
 from llava.train.data import DataCollator, DataError, SupervisedDataset
 from llava.train.trainer import ConfigError, ExitLayerSampler, GateTrainer
@@ -83,10 +84,10 @@ def build_model(model_args: ModelArguments, gate_args: GateArguments, training_a
     tokenizer, model, image_processor, _ = load_pretrained_model(
         model_args.model_name_or_path, model_args.model_base, device="cpu", dtype=dtype
     )
-    if model.get_model().visual_gates_router is None:
+    if exit_decoder_of(model).visual_gates_router is None:
         attach_gates(model, gate_args.gate_hidden_size, training_args.seed)
     model.requires_grad_(False)
-    model.get_model().visual_gates_router.requires_grad_(True)
+    exit_decoder_of(model).visual_gates_router.requires_grad_(True)
     model.config.use_cache = False
     return tokenizer, model, image_processor
 
@@ -117,7 +118,7 @@ def train(argv: list[str] | None = None) -> GateTrainer:
         transformers.utils.logging.disable_progress_bar()
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
-    layer_sampler = ExitLayerSampler(model.config.num_hidden_layers, gate_args.exit_layer_sampler)
+    layer_sampler = ExitLayerSampler(exit_decoder_of(model).config.num_hidden_layers, gate_args.exit_layer_sampler)
     if data_args.image_aspect_ratio:
         model.config.image_aspect_ratio = data_args.image_aspect_ratio
     dataset = SupervisedDataset(

@@ -10,6 +10,7 @@ import torch
 from transformers import Trainer
 
 from llava.model.gates_artifact import load_gates, save_gates
+from llava.model.visual_exit import exit_decoder_of
 from llava.model.visual_exit.training import ExitLabelRule
 from llava.train.sampler import ModalityLengthGroupedSampler
 
@@ -47,7 +48,7 @@ class GateTrainer(Trainer):
         self.layer_sampler, self.label_rule, self.base_model = layer_sampler, label_rule, base_model
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer scale it
         # Per layer, since the last log: samples judged, gate predictions right, exits labelled safe, exits predicted.
-        self._counts = torch.zeros(self.model.config.num_hidden_layers, 4)
+        self._counts = torch.zeros(exit_decoder_of(self.model).config.num_hidden_layers, 4)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         layer = self.layer_sampler.sample()

@@ -245,3 +245,13 @@ class VisualExitDecoderMixin:
         if window is None or (layer_types is not None and layer_types[index] != "sliding_attention"):
             return None
         return window
+
+
+def exit_decoder_of(model) -> VisualExitDecoderMixin:
+    """The module running the exit loop inside `model`: our LLaVA's decoder or a family's language model."""
+    if isinstance(model, VisualExitDecoderMixin):
+        return model
+    for module in model.modules():
+        if isinstance(module, VisualExitDecoderMixin):
+            return module
+    raise TypeError(f"{type(model).__name__} has no visual-exit decoder (see llava.model.visual_exit.enable_visual_exit)")
