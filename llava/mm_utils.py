@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -38,8 +39,49 @@ def expand2square(image: Image.Image, background_color: tuple[int, ...]) -> Imag
     return square
 
 
+def select_best_resolution(image_size: tuple[int, int], resolutions: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """LLaVA-NeXT's canvas for an image of (width, height): of the (width, height) `resolutions`, the one that keeps
+    the most of the image's pixels once it is scaled to fit, then the one that wastes the least area; the first
+    listed wins a tie. (The same float arithmetic as LLaVA and transformers, so borderline sizes agree.)"""
+    width, height = image_size
+
+    def fit(resolution):
+        scale = min(resolution[0] / width, resolution[1] / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        return kept, kept - resolution[0] * resolution[1]
+
+    best = max(resolutions, key=fit)  # max() keeps the first of equal keys
+    return best[0], best[1]
+
+
+def anyres_views(image: Image.Image, resolutions: Sequence[Sequence[int]], tile: int, base: int) -> list[Image.Image]:
+    """LLaVA-NeXT's views of one image: the whole image squashed to base x base, then the tiles of its canvas.
+
+    The canvas is the best resolution; the image is scaled to fit it, keeping its aspect ratio, and pasted in the
+    middle on black. Tiles of tile x tile are cut row by row. Resizing is bicubic (PIL's default, which LLaVA uses).
+    """
+    canvas_width, canvas_height = select_best_resolution(image.size, resolutions)
+    width, height = image.size
+    scale_width, scale_height = canvas_width / width, canvas_height / height
+    if scale_width < scale_height:
+        size = (canvas_width, min(math.ceil(height * scale_width), canvas_height))
+    else:
+        size = (min(math.ceil(width * scale_height), canvas_width), canvas_height)
+    canvas = Image.new("RGB", (canvas_width, canvas_height), (0, 0, 0))
+    offset = ((canvas_width - size[0]) // 2, (canvas_height - size[1]) // 2)
+    canvas.paste(image.resize(size, Image.Resampling.BICUBIC), offset)
+    tiles = [
+        canvas.crop((left, top, left + tile, top + tile))
+        for top in range(0, canvas_height, tile)
+        for left in range(0, canvas_width, tile)
+    ]
+    return [image.resize((base, base), Image.Resampling.BICUBIC), *tiles]
+
+
 def process_images(images: Sequence[Image.Image], image_processor, model_cfg) -> torch.Tensor | list[torch.Tensor]:
-    """Images → pixel tensors, following the config's `image_aspect_ratio` ('pad' for LLaVA-1.5)."""
+    """Images → pixel tensors, following the config's `image_aspect_ratio`: 'pad' (LLaVA-1.5) gives one
+    3 x S x S view per image, 'anyres' (LLaVA-NeXT) a (1 + tiles) x 3 x S x S stack of views per image. The
+    result is stacked when all images have the same shape, else a list."""
     aspect_ratio = getattr(model_cfg, "image_aspect_ratio", None)
     if aspect_ratio == "pad":
         background = tuple(int(mean * 255) for mean in image_processor.image_mean)
@@ -47,6 +89,10 @@ def process_images(images: Sequence[Image.Image], image_processor, model_cfg) ->
             image_processor(expand2square(image, background), return_tensors="pt")["pixel_values"][0]
             for image in images
         ]
+    elif aspect_ratio == "anyres":
+        tile, base = image_processor.crop_size["height"], image_processor.size["shortest_edge"]
+        views = [anyres_views(image, model_cfg.image_grid_pinpoints, tile, base) for image in images]
+        pixels = [image_processor(image_views, return_tensors="pt")["pixel_values"] for image_views in views]
     else:
         pixels = list(image_processor(list(images), return_tensors="pt")["pixel_values"])
     if all(p.shape == pixels[0].shape for p in pixels):
