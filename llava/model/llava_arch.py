@@ -9,18 +9,23 @@ import torch
 from torch import nn
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.mm_utils import select_best_resolution
 from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_projector.builder import build_vision_projector
 
 
 class LlavaMetaModel:
-    """Mixin for the base decoder model: owns `vision_tower` and `mm_projector` (LLaVA's state-dict names)."""
+    """Mixin for the base decoder model: owns `vision_tower`, `mm_projector` and, for LLaVA-NeXT's
+    `spatial_unpad` merge, the learned end-of-row embedding `image_newline` (LLaVA's state-dict names)."""
 
     def __init__(self, config):
         super().__init__(config)
         if getattr(config, "mm_vision_tower", None) or getattr(config, "mm_vision_config", None):
             self.vision_tower = build_vision_tower(config)
             self.mm_projector = build_vision_projector(config)
+            if "unpad" in getattr(config, "mm_patch_merge_type", "flat"):
+                # LLaVA-NeXT's initialisation (std 1/sqrt(hidden)); a checkpoint's trained vector replaces it.
+                self.image_newline = nn.Parameter(torch.randn(config.hidden_size) / config.hidden_size**0.5)
 
     def get_vision_tower(self):
         return getattr(self, "vision_tower", None)
@@ -54,13 +59,47 @@ class LlavaMetaForCausalLM:
         """(N, 3, H, W) pixels → (N, patches, hidden) LLM-space features."""
         return self.get_model().mm_projector(self.get_vision_tower()(images))
 
-    def _image_features(self, images) -> list[torch.Tensor]:
-        """One (tokens, hidden) tensor per image; an image given as several tiles is flattened (`flat` merge)."""
+    def _image_features(self, images, image_sizes) -> list[torch.Tensor]:
+        """One (tokens, hidden) tensor per image. An image given as several views (anyres: the whole image, then
+        its tiles) is merged by `mm_patch_merge_type`: `flat` concatenates the views, `spatial*` lays the tiles
+        out as one feature map (LLaVA-NeXT)."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             return list(self.encode_images(images))
-        tiles = [image if image.ndim == 4 else image.unsqueeze(0) for image in images]
-        features = self.encode_images(torch.cat(tiles))
-        return [chunk.flatten(0, 1) for chunk in torch.split(features, [len(t) for t in tiles])]
+        views = [image if image.ndim == 4 else image.unsqueeze(0) for image in images]
+        features = torch.split(self.encode_images(torch.cat(views)), [len(v) for v in views])
+        merge = getattr(self.config, "mm_patch_merge_type", "flat")
+        if merge == "flat":
+            return [chunk.flatten(0, 1) for chunk in features]
+        if not merge.startswith("spatial"):
+            raise ValueError(f"unknown mm_patch_merge_type {merge!r} (expected flat, spatial or spatial_unpad)")
+        if image_sizes is None or len(image_sizes) != len(features):
+            raise ValueError(f"{merge} images need image_sizes, each image's original (width, height), one per image")
+        unpad = "unpad" in merge
+        return [self._spatial_features(chunk, size, unpad) for chunk, size in zip(features, image_sizes)]
+
+    def _spatial_features(self, views: torch.Tensor, image_size: tuple[int, int], unpad: bool) -> torch.Tensor:
+        """LLaVA-NeXT's token layout for one image's (1 + tiles, patches, hidden) features: the whole image's
+        patches, then the tiles' patches as one map of the canvas, row by row; with `unpad` the map is cropped to
+        the image (the canvas padding goes) and `image_newline` closes each row."""
+        base, tiles = views[0], views[1:]
+        newline = self.get_model().image_newline.to(base.dtype) if unpad else None
+        if len(tiles) == 0:  # a single view (not anyres-processed): LLaVA still closes it with one newline
+            return base if newline is None else torch.cat([base, newline[None]])
+        tower = self.get_vision_tower().config
+        side = tower.image_size // tower.patch_size
+        width, height = select_best_resolution(image_size, self.config.image_grid_pinpoints)
+        rows, columns = height // tower.image_size, width // tower.image_size
+        if rows * columns != len(tiles):
+            raise ValueError(
+                f"an image of (width, height) {tuple(image_size)} has {rows}x{columns} tiles under "
+                f"image_grid_pinpoints, but {len(tiles)} came: are image_sizes the images' own (width, height)?"
+            )
+        # (rows, columns, y, x, hidden) -> (hidden, rows * y, columns * x): the canvas as one feature map
+        canvas = tiles.view(rows, columns, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+        if unpad:
+            canvas = unpad_features(canvas, image_size)
+            canvas = torch.cat([canvas, newline[:, None, None].expand(-1, canvas.shape[1], 1)], dim=2)
+        return torch.cat([base, canvas.flatten(1, 2).T])
 
     def prepare_inputs_labels_for_multimodal(
         self,
@@ -76,7 +115,8 @@ class LlavaMetaForCausalLM:
         Images are consumed in order. Either one per `<image>` tag, or LLaVA's training convention of one
         (dummy, unused) image for each sample without a tag as well. Position ids restart at 0 for each
         sample's first real token. `padding_side` defaults to the config's `tokenizer_padding_side` ('right');
-        generation passes 'left'. `image_sizes` is accepted for LLaVA's API; 'pad'/'flat' models do not need it.
+        generation passes 'left'. `image_sizes` holds each image's original (width, height), as LLaVA passes
+        them (PIL's `image.size`); only the `spatial*` merge (anyres) needs them.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -87,7 +127,7 @@ class LlavaMetaForCausalLM:
         sample_ids = [ids[mask] for ids, mask in zip(input_ids, attention_mask)]
         sample_labels = [None] * len(sample_ids) if labels is None else [lab[mask] for lab, mask in zip(labels, attention_mask)]
         tags_per_sample = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in sample_ids]
-        features = self._image_features(images) if images is not None and len(images) > 0 else []
+        features = self._image_features(images, image_sizes) if images is not None and len(images) > 0 else []
         feature_queue = self._assign_images(features, tags_per_sample)
 
         embed_tokens = self.get_model().embed_tokens
@@ -131,6 +171,19 @@ class LlavaMetaForCausalLM:
             assigned.append([] if dummy else features[offset : offset + count])
             offset += count
         return assigned
+
+
+def unpad_features(canvas: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """Crop a (hidden, height, width) feature map of the padded canvas to the image of (width, height) in it: the
+    image was scaled to fit and centred, so equal margins go on the axis it did not fill. Integer arithmetic is
+    exact where LLaVA's float product can land just below an integer (transformers rounds that away too)."""
+    width, height = image_size
+    canvas_height, canvas_width = canvas.shape[1:]
+    if width * canvas_height > height * canvas_width:  # relatively wider than the canvas: margins above and below
+        margin = (canvas_height - height * canvas_width // width) // 2
+        return canvas[:, margin : canvas_height - margin]
+    margin = (canvas_width - width * canvas_height // height) // 2
+    return canvas[:, :, margin : canvas_width - margin]
 
 
 def _pad_samples(
