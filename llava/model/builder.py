@@ -8,13 +8,13 @@ import os
 
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, CLIPVisionConfig
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from llava.model.gates_artifact import load_gates, read_gates_config
 from llava.model.hf_layout import HF_CHECKPOINT_TO_LLAVA, is_hf_layout, llava_config_from_hf
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
-from llava.model.multimodal_encoder.clip_encoder import load_image_processor
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError, load_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,14 @@ def llava_config_from_dict(config_dict: dict, model_path: str) -> LlavaConfig:
         local = os.path.join(model_path, tower)
         if os.path.exists(local):
             config.mm_vision_tower = os.path.abspath(local)
+    # LLaVA builds a tower it trained (llava-v1.6 sets unfreeze_mm_vision_tower) before it reads the shards, so the
+    # shards' tuned tower weights replace the folder's: the tower takes the folder's config and the shards' weights.
+    if getattr(config, "unfreeze_mm_vision_tower", False) and getattr(config, "mm_vision_config", None) is None:
+        if not os.path.isfile(os.path.join(config.mm_vision_tower, "config.json")):
+            raise VisionTowerNotFoundError(
+                f"{config.mm_vision_tower}: no config.json (the CLIP tower that mm_vision_tower names)"
+            )
+        config.mm_vision_config = CLIPVisionConfig.from_pretrained(config.mm_vision_tower).to_dict()
     return config
 
 
@@ -99,7 +107,7 @@ def load_pretrained_model(
     tower = model.get_vision_tower()
     if not tower.is_loaded:
         tower.load_model(dtype=dtype, device=model.device)
-    image_processor = tower.image_processor or load_image_processor(model_path)
+    image_processor = tower.image_processor or load_image_processor(tower.vision_tower_name or model_path)
     context_len = getattr(model.config, "max_sequence_length", None) or getattr(
         model.config, "max_position_embeddings", DEFAULT_CONTEXT_LEN
     )
