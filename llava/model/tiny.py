@@ -3,7 +3,9 @@
 The model is real (transformers' Llama decoder, CLIPVisionModel, LLaVA projector), only small and untrained.
 `--format llava` writes the original layout (config with `mm_*` keys, `model.mm_projector.*`, the CLIP tower in
 `DIR/vision_tower`, named by a relative `mm_vision_tower`); `--format hf` the llava-hf layout through transformers'
-own `LlavaForConditionalGeneration`. The same `--seed` gives the same weights in both layouts.
+own `LlavaForConditionalGeneration`. The same `--seed` gives the same weights in both layouts. `--anyres` makes it
+LLaVA-NeXT (llava-v1.6's anyres tiles, `spatial_unpad` merge and `image_newline`; `LlavaNextForConditionalGeneration`
+in the hf layout).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.hf_layout import hf_config_from_llava, llava_state_dict_to_hf_modules
@@ -41,8 +43,24 @@ class TinyGeometry:
     seed: int = 0
 
 
-def build_tiny_llava(geometry: TinyGeometry, texts: tuple[str, ...] = ()):
-    """A randomly initialised model with its tokenizer, image processor and CLIP config."""
+# llava-v1.6's image_grid_pinpoints, (width, height) in units of its tower's image size (336).
+V1_6_PINPOINTS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+
+
+def anyres_settings(image_size: int) -> dict:
+    """llava-v1.6's anyres config keys, its pinpoints scaled to a tower of `image_size`; v1.6 also trained its
+    tower, so its shards' tower weights are the ones to use."""
+    return {
+        "image_aspect_ratio": "anyres",
+        "mm_patch_merge_type": "spatial_unpad",
+        "image_grid_pinpoints": [[width * image_size, height * image_size] for width, height in V1_6_PINPOINTS],
+        "unfreeze_mm_vision_tower": True,
+    }
+
+
+def build_tiny_llava(geometry: TinyGeometry, texts: tuple[str, ...] = (), anyres: bool = False):
+    """A randomly initialised model with its tokenizer, image processor and CLIP config; llava-v1.6-style with
+    `anyres`."""
     tokenizer = build_tokenizer(texts, vocab_size=geometry.vocab_size)
     vision_config = CLIPVisionConfig(
         hidden_size=geometry.vision_hidden,
@@ -75,6 +93,8 @@ def build_tiny_llava(geometry: TinyGeometry, texts: tuple[str, ...] = ()):
         image_aspect_ratio="pad",
         conv_mode="vicuna_v1",
     )
+    if anyres:
+        config.update(anyres_settings(geometry.image_size))
     torch.manual_seed(geometry.seed)
     model = LlavaLlamaForCausalLM(config).eval()
     image_processor = CLIPImageProcessor(
@@ -101,16 +121,19 @@ def save_hf_layout(out: str, model, tokenizer, image_processor, vision_config: C
     image_token_index = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
     num_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     hf_config = hf_config_from_llava(model.config, vision_config, image_token_index, num_patches)
-    hf_model = LlavaForConditionalGeneration(hf_config)
+    next_layout = hf_config.model_type == "llava_next"
+    hf_model = (LlavaNextForConditionalGeneration if next_layout else LlavaForConditionalGeneration)(hf_config)
     hf_model.load_state_dict(llava_state_dict_to_hf_modules(model.state_dict()), strict=True)
     hf_model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     image_processor.save_pretrained(out)
 
 
-def write_tiny_checkpoint(out: str, layout: str = "llava", geometry: TinyGeometry | None = None) -> str:
+def write_tiny_checkpoint(
+    out: str, layout: str = "llava", geometry: TinyGeometry | None = None, anyres: bool = False
+) -> str:
     geometry = geometry or TinyGeometry()
-    model, tokenizer, image_processor, vision_config = build_tiny_llava(geometry)
+    model, tokenizer, image_processor, vision_config = build_tiny_llava(geometry, anyres=anyres)
     os.makedirs(out, exist_ok=True)
     if layout == "llava":
         save_llava_layout(out, model, tokenizer, image_processor)
@@ -125,11 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--format", choices=("llava", "hf"), default="llava")
+    parser.add_argument("--anyres", action="store_true", help="llava-v1.6-style: anyres tiles, spatial_unpad merge")
     for name, default in asdict(TinyGeometry()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     args = parser.parse_args(argv)
     geometry = TinyGeometry(**{name: getattr(args, name) for name in asdict(TinyGeometry())})
-    write_tiny_checkpoint(args.out, args.format, geometry)
+    write_tiny_checkpoint(args.out, args.format, geometry, args.anyres)
 
 
 if __name__ == "__main__":
