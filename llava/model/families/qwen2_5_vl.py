@@ -1,8 +1,11 @@
 """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): Qwen2-VL's text side and M-RoPE (see qwen2_vl.py), a
 windowed-attention vision encoder whose merger outputs the text width."""
 
+import dataclasses
+
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from llava.model.families import qwen2_vl
 from llava.model.families.qwen2_vl import MultimodalRopeDecoderMixin, text_config
 from llava.model.visual_exit.vlm import FamilyAdapter, register_family
 
@@ -28,3 +31,7 @@ def tiny_config(text: dict, tokens: dict) -> Qwen2_5_VLConfig:
         vision_start_token_id=tokens["vision_start"],
         vision_end_token_id=tokens["vision_end"],
     )
+
+
+# Qwen2-VL's template, tokens and image processor.
+PROCESSING = dataclasses.replace(qwen2_vl.PROCESSING, processor_class="Qwen2_5_VLProcessor")

@@ -3,8 +3,9 @@
 `<|vision_start|>` and `<|vision_end|>` text tokens."""
 
 import torch
-from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
+from llava.model.families.processing import FamilyProcessing, content_jinja
 from llava.model.visual_exit.decoder import VisualExitDecoderMixin
 from llava.model.visual_exit.vlm import FamilyAdapter, register_family
 
@@ -53,3 +54,64 @@ def tiny_config(text: dict, tokens: dict) -> Qwen2VLConfig:
         vision_start_token_id=tokens["vision_start"],
         vision_end_token_id=tokens["vision_end"],
     )
+
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def chatml_template(image_markup: str, default_system: str | None = None) -> str:
+    """ChatML, the conversation format of Qwen and the families built on it: each message is
+    `<|im_start|>role\n...<|im_end|>\n`, the generation prompt `<|im_start|>assistant\n`; `default_system` is put
+    first when the conversation brings no system message."""
+    system = ""
+    if default_system:
+        opening = "<|im_start|>system\n" + default_system + "<|im_end|>\n"
+        system = "{%- if not messages or messages[0].role != 'system' -%}{{ " + repr(opening) + " }}{%- endif -%}"
+    return (
+        system
+        + "{%- for message in messages -%}{{ '<|im_start|>' + message.role + '\\n' }}"
+        + content_jinja(image_markup)
+        + "{{ '<|im_end|>\\n' }}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+def tiny_image_processor(config) -> Qwen2VLImageProcessorPil:
+    """Images of 1 to 16 visual tokens (pixels are rounded to whole merged patches)."""
+    vision = config.vision_config
+    unit = vision.patch_size * vision.spatial_merge_size
+    return Qwen2VLImageProcessorPil(
+        min_pixels=unit * unit, max_pixels=16 * unit * unit, patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size, merge_size=vision.spatial_merge_size,
+    )
+
+
+def image_token_counts(image_inputs, settings: dict, image_processor) -> list[int]:
+    """One visual token per merge x merge patches of each (t, h, w) grid."""
+    merge = image_processor.merge_size
+    return [t * h * w // merge**2 for t, h, w in image_inputs["image_grid_thw"].tolist()]
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """What Qwen's processor returns beside input_ids (and get_rope_index needs): 1 on image pads, 2 on video
+    pads, 0 on text."""
+    image = input_ids == tokenizer.convert_tokens_to_ids(getattr(tokenizer, "image_token", "<|image_pad|>"))
+    video = input_ids == tokenizer.convert_tokens_to_ids(getattr(tokenizer, "video_token", "<|video_pad|>"))
+    return image.long() + 2 * video.long()
+
+
+PROCESSING = FamilyProcessing(
+    processor_class="Qwen2VLProcessor",
+    chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant."),
+    turn_end="<|im_end|>",
+    placeholder=("image_token", "<|image_pad|>"),
+    named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    chat_tokens=("<|vision_start|>", "<|vision_end|>", *CHATML_TOKENS),
+    config_tokens={
+        "image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>",
+    },
+    settings_for=lambda config: {},
+    tiny_image_processor=tiny_image_processor,
+    token_counts=image_token_counts,
+    token_type_ids=mm_token_type_ids,
+)
