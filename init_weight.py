@@ -1,11 +1,12 @@
-"""Add freshly initialised exit gates to a LLaVA checkpoint.
+"""Add freshly initialised exit gates to a LLaVA checkpoint, or to one of the other VLM families'.
 
     python init_weight.py --model-path /models/llava-v1.5-7b --output-dir checkpoints/llava-v1.5-7b-exit-init
 
 Without arguments it works on the tiny world's model (checkpoints/tiny-world-llava → checkpoints/tiny-world-llava-exit-init).
 
 The output is a full checkpoint that `load_pretrained_model` loads with gates (Xavier-uniform, as the reference
-initialises them), ready for `scripts/v1_5/finetune_visual_gate.sh`. A checkpoint that already holds gates (in its
+initialises them), ready for `scripts/v1_5/finetune_visual_gate.sh`. A family checkpoint (Qwen2-VL, InternVL, ...)
+stays in transformers' layout, its processor files beside it. A checkpoint that already holds gates (in its
 weights, or a gates-only artifact) is refused unless `--reinit`: its gates may be trained ones.
 """
 
@@ -15,9 +16,13 @@ import argparse
 import os
 import sys
 
+import torch
+
 from llava.model.builder import CheckpointError, gate_width_in_checkpoint, load_pretrained_model
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
+from llava.model.visual_exit import enable_visual_exit
+from llava.model.visual_exit.vlm import VisualExitVLMMixin
 
 
 def existing_gates(model_path: str) -> str | None:
@@ -32,7 +37,8 @@ def existing_gates(model_path: str) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model-path", default="checkpoints/tiny-world-llava", help="LLaVA checkpoint (original or llava-hf layout)"
+        "--model-path", default="checkpoints/tiny-world-llava",
+        help="LLaVA checkpoint (original or llava-hf layout) or one of another VLM family (Qwen2-VL, InternVL, ...)"
     )
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--output-dir", default=None, help="default: <model-path>-exit-init")
@@ -46,15 +52,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"init_weight.py: error: {args.model_path} already holds {found}; "
                  "--reinit replaces them with fresh ones")
     try:
-        tokenizer, model, image_processor, _ = load_pretrained_model(
+        tokenizer, model, processor, _ = load_pretrained_model(
             args.model_path, args.model_base, device="cpu", dtype="auto"
         )
     except (CheckpointError, VisionTowerNotFoundError) as error:
         sys.exit(f"init_weight.py: error: {error}")
-    attach_gates(model, args.gate_hidden_size, args.seed)
+    if isinstance(model, VisualExitVLMMixin):  # transformers' own class of another VLM family
+        torch.manual_seed(args.seed)
+        enable_visual_exit(model, args.gate_hidden_size)
+    else:
+        attach_gates(model, args.gate_hidden_size, args.seed)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    image_processor.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     done = "replaced in" if found is not None else "added to"
     print(f"fresh gates of width {args.gate_hidden_size} {done} {args.model_path}: {os.path.abspath(output_dir)}")
 

@@ -1,4 +1,5 @@
-"""`load_pretrained_model`: LLaVA's loader, for original LLaVA and llava-hf checkpoints alike."""
+"""`load_pretrained_model`: LLaVA's loader, for original LLaVA and llava-hf checkpoints alike, and for checkpoints
+of the other VLM families the visual exit runs on (Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, OneVision, InternVL)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPVisionConfig
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from llava.model.families.processing import load_processor
 from llava.model.gates_artifact import load_gates, read_gates_config
 from llava.model.hf_layout import HF_CHECKPOINT_TO_LLAVA, is_hf_layout, llava_config_from_hf
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError, load_image_processor
+from llava.model.visual_exit.vlm import FAMILIES, visual_exit_class
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT_LEN = 2048
-GATE_KEY = "model.visual_gates_router.0.w1.weight"
+# The first gate's first weight, under whatever prefix the checkpoint's layout puts the decoder.
+GATE_KEY_SUFFIX = "visual_gates_router.0.w1.weight"
 
 
 class CheckpointError(ValueError):
@@ -74,7 +78,13 @@ def load_pretrained_model(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
 ):
-    """Load tokenizer, model (our `LlavaLlamaForCausalLM`), image processor and context length.
+    """`(tokenizer, model, processor, context_len)`.
+
+    LLaVA checkpoints (original and llava-hf layouts): `model` is our `LlavaLlamaForCausalLM` and `processor` its
+    image processor (for `process_images`). A checkpoint of another VLM family (config.json naming e.g.
+    `Qwen2VLForConditionalGeneration`; see `family_class`): `model` is transformers' own class with the visual exit
+    (`visual_exit_class`, gates loaded when saved) and `processor` a `FamilyProcessor`, which builds its inputs from
+    LLaVA conversations (llava.model.families.processing); `tokenizer` is the processor's.
 
     `model_base` with a projector-only checkpoint (`mm_projector.bin`) takes the LLM from the base, as LLaVA does.
     A gates-only artifact (`visual_gates.json`) loads its base checkpoint plus the trained gates.
@@ -89,6 +99,11 @@ def load_pretrained_model(
     load_kwargs["device_map"] = device_map if device.type == "cuda" else {"": str(device)}
     if load_8bit or load_4bit:
         load_kwargs["quantization_config"] = _quantization_config(load_8bit, dtype)
+
+    if read_gates_config(model_path) is None and family_class(read_config_dict(model_path)) is not None:
+        if model_base is not None:
+            raise CheckpointError(f"{model_path}: model_base applies to LLaVA projector checkpoints, not to this VLM family")
+        return load_family_model(model_path, **load_kwargs)
 
     gates_path = model_path
     config, config_dict, model_path = read_llava_config(model_path)
@@ -112,6 +127,37 @@ def load_pretrained_model(
         model.config, "max_position_embeddings", DEFAULT_CONTEXT_LEN
     )
     return tokenizer, model, image_processor, context_len
+
+
+def registered_family_class(config_dict: dict) -> type | None:
+    """The registered VLM class (llava.model.families) that config.json names, or None."""
+    by_name = {model_class.__name__: model_class for model_class in FAMILIES}
+    return next((by_name[name] for name in config_dict.get("architectures") or () if name in by_name), None)
+
+
+def family_class(config_dict: dict) -> type | None:
+    """The VLM class `load_pretrained_model` loads a checkpoint into through the family path: a registered one,
+    unless our LLaVA class loads that layout (hf_layout decides: llava-hf LLaVA-1.5, and what else it maps)."""
+    if is_hf_layout({"architectures": config_dict.get("architectures") or []}):
+        return None
+    return registered_family_class(config_dict)
+
+
+def load_family_model(model_path: str, **from_pretrained_kwargs):
+    """`(tokenizer, model, processor, context_len)` of a checkpoint of a registered VLM family (llava-hf ones
+    too): transformers' own class with the visual exit, its gates loaded when the checkpoint holds them, and the
+    family's `FamilyProcessor`. Keyword arguments go to `from_pretrained` (dtype, attn_implementation,
+    device_map, ...)."""
+    config_dict = read_config_dict(model_path)
+    model_class = registered_family_class(config_dict)
+    if model_class is None:
+        known = ", ".join(sorted(cls.__name__ for cls in FAMILIES))
+        raise CheckpointError(f"{model_path}: config.json names {config_dict.get('architectures')}, none of {known}")
+    processor = load_processor(model_path)
+    model = visual_exit_class(model_class).from_pretrained(model_path, **from_pretrained_kwargs)
+    text_config = model.config.get_text_config()
+    context_len = getattr(text_config, "max_position_embeddings", None) or DEFAULT_CONTEXT_LEN
+    return processor.tokenizer, model, processor, context_len
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -142,26 +188,34 @@ def read_llava_config(model_path: str) -> tuple[LlavaConfig, dict, str]:
 
 
 def gate_width_in_checkpoint(model_path: str) -> int | None:
-    """G of `model.visual_gates_router.0.w1.weight` (G x 2H) if the checkpoint holds gates, else None."""
-    key = GATE_KEY
+    """G of the first gate's `w1` (G x 2H) if the checkpoint holds gates, else None; found by its name's end,
+    since each layout puts the decoder under its own prefix (`model.`, `language_model.model.`, ...)."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(model_path, index_name)
         if os.path.isfile(index_path):
             with open(index_path) as handle:
-                shard = json.load(handle)["weight_map"].get(key)
-            return None if shard is None else _tensor_rows(os.path.join(model_path, shard), key)
+                weight_map = json.load(handle)["weight_map"]
+            key = _gate_key(weight_map)
+            return None if key is None else _tensor_rows(os.path.join(model_path, weight_map[key]), key)
     for name in ("model.safetensors", "pytorch_model.bin"):
         path = os.path.join(model_path, name)
         if os.path.isfile(path):
-            return _tensor_rows(path, key)
+            return _tensor_rows(path)
     return None
 
 
-def _tensor_rows(path: str, key: str) -> int | None:
+def _gate_key(keys) -> str | None:
+    return next((key for key in keys if key.endswith(GATE_KEY_SUFFIX)), None)
+
+
+def _tensor_rows(path: str, key: str | None = None) -> int | None:
+    """Rows of tensor `key` (default: the gate key the file holds) in one weights file, None if absent."""
     if path.endswith(".safetensors"):
         with safe_open(path, framework="pt") as handle:
+            key = key or _gate_key(handle.keys())
             return handle.get_slice(key).get_shape()[0] if key in handle.keys() else None
     weights = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    key = key or _gate_key(weights)
     return weights[key].shape[0] if key in weights else None
 
 
