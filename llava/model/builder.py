@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPVisionConfig
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
-from llava.model.families.processing import load_processor
+from llava.model.families.processing import family_module, load_processor
 from llava.model.gates_artifact import load_gates, read_gates_config
 from llava.model.hf_layout import HF_CHECKPOINT_TO_LLAVA, is_hf_layout, llava_config_from_hf
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
@@ -102,7 +102,7 @@ def load_pretrained_model(
 
     if read_gates_config(model_path) is None and family_class(read_config_dict(model_path)) is not None:
         if model_base is not None:
-            raise CheckpointError(f"{model_path}: model_base applies to LLaVA projector checkpoints, not to this VLM family")
+            raise CheckpointError(f"{model_path}: model_base is for LLaVA projector checkpoints, not VLM families")
         return load_family_model(model_path, **load_kwargs)
 
     gates_path = model_path
@@ -131,8 +131,8 @@ def load_pretrained_model(
 
 def registered_family_class(config_dict: dict) -> type | None:
     """The registered VLM class (llava.model.families) that config.json names, or None."""
-    by_name = {model_class.__name__: model_class for model_class in FAMILIES}
-    return next((by_name[name] for name in config_dict.get("architectures") or () if name in by_name), None)
+    module = family_module(config_dict)
+    return None if module is None else module.ADAPTER.model_class
 
 
 def family_class(config_dict: dict) -> type | None:

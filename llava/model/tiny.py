@@ -152,10 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--anyres", action="store_true", help="llava-v1.6-style: anyres tiles, spatial_unpad merge")
     parser.add_argument(
         "--family", choices=list(FAMILY_MODULES), default=None,
-        help="instead: transformers' own class of this VLM family with its processor files (llava.model.tiny_families); "
-        "the text sizes below apply, the vision tower is the family's tiny one",
+        help="instead: transformers' own class of this VLM family with its processor files "
+        "(llava.model.tiny_families); the text sizes below apply, the vision tower is the family's tiny one",
     )
-    parser.add_argument("--gate-hidden-size", type=int, default=None, help="with --family: fresh exit gates of this width")
+    parser.add_argument(
+        "--gate-hidden-size", type=int, default=None, help="with --family: fresh exit gates of this width"
+    )
     for name, default in asdict(TinyGeometry()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     args = parser.parse_args(argv)

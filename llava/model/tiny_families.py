@@ -30,7 +30,8 @@ def build_family_tokenizer(processing: FamilyProcessing, vocab_size: int) -> Pre
     with the answer's first letter, and the prompt's tokens would no longer begin its answer's sequence."""
     base = build_tokenizer(vocab_size=vocab_size)
     backend = base.backend_tokenizer
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"), backend.pre_tokenizer])
+    newlines = pre_tokenizers.Split("\n", behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Sequence([newlines, backend.pre_tokenizer])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=base.bos_token,
@@ -72,7 +73,8 @@ def build_tiny_family(family: str, geometry: TinyGeometry | None = None, gate_hi
     if gate_hidden_size is not None:
         enable_visual_exit(model, gate_hidden_size)
     image_processor = processing.tiny_image_processor(config)
-    processor = FamilyProcessor(processing, tokenizer, image_processor, processing.settings_for(config), processing.chat_template)
+    settings = processing.settings_for(config)
+    processor = FamilyProcessor(processing, tokenizer, image_processor, settings, processing.chat_template)
     return model, processor
 
 

@@ -46,7 +46,8 @@ def processor_settings(config) -> dict:
 
 def feature_offset(settings: dict) -> int:
     """Visual tokens per image beyond its patches: the tower's extra tokens, less the class token "default" drops."""
-    return settings.get("num_additional_image_tokens", 0) - (settings.get("vision_feature_select_strategy") == "default")
+    dropped_class_token = settings.get("vision_feature_select_strategy") == "default"
+    return settings.get("num_additional_image_tokens", 0) - dropped_class_token
 
 
 def tiny_image_processor(config) -> CLIPImageProcessorPil:

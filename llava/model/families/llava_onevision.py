@@ -42,7 +42,9 @@ def processor_settings(config) -> dict:
 
 def tiny_image_processor(config) -> LlavaOnevisionImageProcessorPil:
     side = config.vision_config.image_size
-    return LlavaOnevisionImageProcessorPil(size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints)
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": side, "width": side}, image_grid_pinpoints=config.image_grid_pinpoints
+    )
 
 
 def image_token_counts(image_inputs, settings: dict, image_processor) -> list[int]:

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import transformers
@@ -88,10 +89,15 @@ def chat_messages(conversation: Sequence[dict], image_count: int) -> list[dict]:
             raise ValueError(f"conversation turn {index}: expected {{'from': ..., 'value': ...}}, got {turn!r}")
         role = ROLES.get(turn["from"])
         if role is None:
-            raise ValueError(f"conversation turn {index}: unknown speaker {turn['from']!r}; expected one of {sorted(ROLES)}")
+            raise ValueError(
+                f"conversation turn {index}: unknown speaker {turn['from']!r}; expected one of {sorted(ROLES)}"
+            )
         pieces = str(turn["value"]).split(DEFAULT_IMAGE_TOKEN)
         if len(pieces) > 1 and role != "user":
-            raise ValueError(f"conversation turn {index}: a {turn['from']!r} turn holds {DEFAULT_IMAGE_TOKEN}; only human turns show images")
+            raise ValueError(
+                f"conversation turn {index}: a {turn['from']!r} turn holds {DEFAULT_IMAGE_TOKEN}; "
+                "only human turns show images"
+            )
         tags += len(pieces) - 1
         parts = []
         for number, piece in enumerate(pieces):
@@ -101,7 +107,9 @@ def chat_messages(conversation: Sequence[dict], image_count: int) -> list[dict]:
                 parts.append({"type": "text", "text": piece.strip()})
         messages.append({"role": role, "content": parts})
     if tags != image_count:
-        raise ValueError(f"the conversation has {tags} {DEFAULT_IMAGE_TOKEN} tag(s) but {image_count} image(s) were given")
+        raise ValueError(
+            f"the conversation has {tags} {DEFAULT_IMAGE_TOKEN} tag(s) but {image_count} image(s) were given"
+        )
     return messages
 
 
@@ -109,7 +117,9 @@ class FamilyProcessor:
     """Inputs for one family's checkpoint (see the module docstring); `stock` is transformers' processor when
     it constructs, else None (the fallback)."""
 
-    def __init__(self, family: FamilyProcessing, tokenizer, image_processor, settings: dict, chat_template: str, stock=None):
+    def __init__(
+        self, family: FamilyProcessing, tokenizer, image_processor, settings: dict, chat_template: str, stock=None
+    ):
         self.family = family
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -132,10 +142,10 @@ class FamilyProcessor:
         """prompt_inputs' keys for the whole conversation plus `labels` (same length as input_ids): each
         assistant turn's tokens up to its end-of-turn token, -100 elsewhere (text, images, template)."""
         messages = chat_messages(conversation, len(images))
-        spans = self._assistant_spans(messages)
+        text = self._render(messages, add_generation_prompt=False)
+        spans = self._assistant_spans(messages, text)
         if not spans:
             raise ValueError("the conversation has no gpt turn: nothing to supervise")
-        text = self._render(messages, add_generation_prompt=False)
         inputs = self._encode(text, images)
         inputs["labels"] = torch.tensor([self._labels(text, spans, inputs["input_ids"][0].tolist())])
         return inputs
@@ -148,7 +158,9 @@ class FamilyProcessor:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not inputs:
             raise ValueError("collate needs at least one sample")
-        pad_values = {"input_ids": self.tokenizer.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
+        pad_values = dict(
+            input_ids=self.tokenizer.pad_token_id, attention_mask=0, labels=IGNORE_INDEX, mm_token_type_ids=0
+        )
         width = max(sample["input_ids"].shape[-1] for sample in inputs)
         batch = {}
         for key in dict.fromkeys(key for sample in inputs for key in sample):
@@ -177,16 +189,16 @@ class FamilyProcessor:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    def _assistant_spans(self, messages: list[dict]) -> list[tuple[int, int]]:
-        """Character spans of each assistant turn in the rendered conversation: what follows the generation
-        prompt of the turns before it, without the whitespace the template puts before the next turn."""
+    def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """Character spans of each assistant turn in `text`, the rendered conversation: what follows the
+        generation prompt of the turns before it, without the whitespace the template puts before the next turn."""
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
             prompt = self._render(messages[:index], add_generation_prompt=True)
             turn = self._render(messages[: index + 1], add_generation_prompt=False)
-            if not turn.startswith(prompt):
+            if not (turn.startswith(prompt) and text.startswith(turn)):
                 raise ValueError(
                     "the chat template does not render a conversation as the prompt of its answer followed by the "
                     f"answer (turn {index}), so the answer's tokens cannot be told apart"
@@ -244,12 +256,12 @@ class FamilyProcessor:
                 labels += [IGNORE_INDEX] * (position - run_start)
                 continue
             if position >= len(input_ids) or input_ids[position] != token:
-                raise ValueError(f"input_ids differ from the text's tokens outside the image runs at position {position}")
+                raise ValueError(f"input_ids differ from the text's tokens outside the image runs at {position}")
             supervised = end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
             labels.append(token if supervised else IGNORE_INDEX)
             position += 1
         if position != len(input_ids):
-            raise ValueError(f"input_ids hold {len(input_ids) - position} token(s) more than the text and its image runs")
+            raise ValueError(f"input_ids hold {len(input_ids) - position} token(s) beyond the text and its image runs")
         return labels
 
 
@@ -267,15 +279,13 @@ def _pad_to(tensor: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, padding) if any(padding) else tensor
 
 
-def family_processing(config_dict: dict) -> FamilyProcessing | None:
-    """The processing of the registered family whose class config.json names, None for any other checkpoint."""
+def family_module(config_dict: dict) -> ModuleType | None:
+    """The family file (llava.model.families: its ADAPTER and PROCESSING) of the registered class config.json
+    names, None for any other checkpoint."""
     from llava.model.families import FAMILY_MODULES  # the family files import this module
 
-    by_class = {module.ADAPTER.model_class.__name__: module.PROCESSING for module in FAMILY_MODULES.values()}
-    for architecture in config_dict.get("architectures") or ():
-        if architecture in by_class:
-            return by_class[architecture]
-    return None
+    by_class = {module.ADAPTER.model_class.__name__: module for module in FAMILY_MODULES.values()}
+    return next((by_class[name] for name in config_dict.get("architectures") or () if name in by_class), None)
 
 
 def load_processor(model_path: str) -> FamilyProcessor:
@@ -283,9 +293,11 @@ def load_processor(model_path: str) -> FamilyProcessor:
     config_dict = _read_json(os.path.join(model_path, "config.json"))
     if config_dict is None:
         raise ValueError(f"{model_path}: no config.json here, not a checkpoint folder")
-    family = family_processing(config_dict)
-    if family is None:
-        raise ValueError(f"{model_path}: config.json names {config_dict.get('architectures')}, not one of the VLM families")
+    module = family_module(config_dict)
+    if module is None:
+        names = config_dict.get("architectures")
+        raise ValueError(f"{model_path}: config.json names {names}, not one of the VLM families")
+    family = module.PROCESSING
     saved = _read_json(os.path.join(model_path, PROCESSOR_CONFIG_FILE)) or {}
     settings = {**family.settings_for(AutoConfig.from_pretrained(model_path)), **_processor_arguments(saved)}
     try:
@@ -336,5 +348,7 @@ def _saved_chat_template(model_path: str, saved: dict, tokenizer) -> str:
     older = _read_json(os.path.join(model_path, "chat_template.json")) or {}
     template = older.get("chat_template") or saved.get("chat_template") or tokenizer.chat_template
     if not template:
-        raise ValueError(f"{model_path}: no chat template saved ({CHAT_TEMPLATE_FILE}, chat_template.json or the tokenizer's)")
+        raise ValueError(
+            f"{model_path}: no chat template saved ({CHAT_TEMPLATE_FILE}, chat_template.json or the tokenizer's)"
+        )
     return template

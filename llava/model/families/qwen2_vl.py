@@ -108,7 +108,8 @@ PROCESSING = FamilyProcessing(
     named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     chat_tokens=("<|vision_start|>", "<|vision_end|>", *CHATML_TOKENS),
     config_tokens={
-        "image": "<|image_pad|>", "video": "<|video_pad|>", "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>",
+        "image": "<|image_pad|>", "video": "<|video_pad|>",
+        "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>",
     },
     settings_for=lambda config: {},
     tiny_image_processor=tiny_image_processor,
