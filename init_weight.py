@@ -5,9 +5,10 @@
 Without arguments it works on the tiny world's model (checkpoints/tiny-world-llava → checkpoints/tiny-world-llava-exit-init).
 
 The output is a full checkpoint that `load_pretrained_model` loads with gates (Xavier-uniform, as the reference
-initialises them), ready for `scripts/v1_5/finetune_visual_gate.sh`. A family checkpoint (Qwen2-VL, InternVL, ...)
-stays in transformers' layout, its processor files beside it. A checkpoint that already holds gates (in its
-weights, or a gates-only artifact) is refused unless `--reinit`: its gates may be trained ones.
+initialises them), ready for `scripts/v1_5/finetune_visual_gate.sh`. A checkpoint of one of transformers' VLM classes
+(llava-hf LLaVA, Qwen2-VL, InternVL, ...) gets its gates in that class and stays in its layout, its processor files
+beside it. A checkpoint that already holds gates (in its weights, or a gates-only artifact) is refused unless
+`--reinit`: its gates may be trained ones.
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ import sys
 
 import torch
 
-from llava.model.builder import CheckpointError, gate_width_in_checkpoint, load_pretrained_model
+from llava.model.builder import (
+    CheckpointError,
+    gate_width_in_checkpoint,
+    load_family_model,
+    load_pretrained_model,
+    read_config_dict,
+    registered_family_class,
+)
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import enable_visual_exit
-from llava.model.visual_exit.vlm import VisualExitVLMMixin
 
 
 def existing_gates(model_path: str) -> str | None:
@@ -32,6 +39,12 @@ def existing_gates(model_path: str) -> str | None:
         return f"a gates-only artifact (width {artifact['visual_gate_hidden_size']}, base {artifact['base_model']})"
     width = gate_width_in_checkpoint(model_path)
     return None if width is None else f"gates of width {width} in its weights"
+
+
+def is_family_checkpoint(model_path: str) -> bool:
+    """A checkpoint of one of transformers' VLM classes the exit runs on (llava-hf LLaVA included), which gets its
+    gates in that class and is saved back in its own layout."""
+    return read_gates_config(model_path) is None and registered_family_class(read_config_dict(model_path)) is not None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,12 +65,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"init_weight.py: error: {args.model_path} already holds {found}; "
                  "--reinit replaces them with fresh ones")
     try:
-        tokenizer, model, processor, _ = load_pretrained_model(
-            args.model_path, args.model_base, device="cpu", dtype="auto"
-        )
+        family = args.model_base is None and is_family_checkpoint(args.model_path)
+        if family:
+            tokenizer, model, processor, _ = load_family_model(args.model_path, dtype="auto", device_map={"": "cpu"})
+        else:
+            tokenizer, model, processor, _ = load_pretrained_model(
+                args.model_path, args.model_base, device="cpu", dtype="auto"
+            )
     except (CheckpointError, VisionTowerNotFoundError) as error:
         sys.exit(f"init_weight.py: error: {error}")
-    if isinstance(model, VisualExitVLMMixin):  # transformers' own class of another VLM family
+    if family:
         torch.manual_seed(args.seed)
         enable_visual_exit(model, args.gate_hidden_size)
     else:
