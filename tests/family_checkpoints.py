@@ -1,0 +1,39 @@
+"""Tiny checkpoints of every VLM family, written by our own writer once per test module, and images of known
+sizes for them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava.model.families import FAMILY_MODULES
+from llava.model.tiny import TinyGeometry
+from llava.model.tiny_families import write_tiny_family
+
+FAMILIES = list(FAMILY_MODULES)
+GEOMETRY = TinyGeometry(seed=3)
+WIDE, SQUARE = (30, 60), (56, 56)  # (height, width) of the test images
+# Visual tokens the model fills for a WIDE and a SQUARE image, worked out by hand from each family's tiny tower
+# (28 px tiles of 14 px patches):
+#   llava-hf: every image becomes one 28 px tile, (28/14)^2 = 4.
+#   llava-next, onevision: the 2x2 base tile (4), then the grid of the pinpoint that fits best: WIDE → 28x56, 1x2
+#     tiles, 2x4 features + 2 newlines = 10 (14); SQUARE → 56x56, 4x4 + 4 newlines = 20 (24).
+#   qwen: pixels rounded to whole 28 px units: WIDE → 28x56, 2x4 patches / 2^2 = 2; SQUARE → 4x4 / 4 = 4.
+#   internvl: one token per 28 px tile, plus a thumbnail when there are several: WIDE → 2 + 1, SQUARE → 4 + 1.
+EXPECTED_TOKENS = {
+    "llava-hf": (4, 4), "llava-next": (14, 24), "llava-onevision": (14, 24),
+    "qwen2-vl": (2, 4), "qwen2.5-vl": (2, 4), "internvl": (3, 5),
+}
+
+
+def image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    height, width = size
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_checkpoint(request, tmp_path_factory) -> tuple[str, str]:
+    """(family, folder) of a tiny checkpoint without gates."""
+    return request.param, write_tiny_family(str(tmp_path_factory.mktemp(request.param)), request.param, GEOMETRY)
