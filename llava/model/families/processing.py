@@ -218,6 +218,11 @@ class FamilyProcessor:
                 text=[text], images=[list(images)] if images else None, return_tensors="pt",
                 add_special_tokens=add_special_tokens,
             )
+        return self._fallback_encode(text, images, add_special_tokens)
+
+    def _fallback_encode(self, text: str, images: Sequence, add_special_tokens: bool) -> BatchFeature:
+        """What transformers' processor returns, without it: the text's tokens with each placeholder expanded
+        into its image's run, the image processor's model inputs and, for Qwen, mm_token_type_ids."""
         ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         inputs = {}
         counts = []
