@@ -16,6 +16,7 @@ line stops the run before any model work, naming the file and line.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -35,7 +36,11 @@ from llava.conversation import choose_conv_mode, get_conv_template
 from llava.eval.io import EvalInputError, read_jsonl
 from llava.eval.run_settings import answers_lock, check_resumable, run_settings, settings_path, write_settings
 from llava.mm_utils import ImageLoadError, get_model_name_from_path, load_image, process_images, tokenizer_image_token
-from llava.model.builder import CheckpointError, load_pretrained_model, read_llava_config, resolve_device
+from llava.model.builder import (
+    CheckpointError, family_checkpoint, load_pretrained_model, read_family_decoder_config, read_llava_config,
+    resolve_device,
+)
+from llava.model.families.processing import FamilyProcessor, load_processor
 from llava.model.exit_args import add_exit_arguments, exit_config_from_args
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 
@@ -84,10 +89,14 @@ def resume_answers(path: str) -> tuple[set, list[str], bool]:
 
 @dataclass
 class PreparedQuestion:
+    """A LLaVA prompt (`input_ids` with IMAGE_TOKEN_INDEX, `pixels`, `image_size`), or a family checkpoint's
+    processor inputs for it (`model_inputs`, a batch of one)."""
+
     record: dict
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor | None
     pixels: torch.Tensor | None
     image_size: tuple[int, int] | None
+    model_inputs: dict | None = None
 
 
 class PrefillTimer:
@@ -146,6 +155,25 @@ def prepare(
     return PreparedQuestion(record, input_ids, pixels, size)
 
 
+def prepare_for_family(record: dict, args, processor, context: int) -> PreparedQuestion:
+    """The question as one human turn for a family checkpoint's processor (its own chat template)."""
+    image = record.get("image")
+    images = []
+    if image:
+        images = [load_image(os.path.join(args.image_folder, image)) if isinstance(image, str) else image.convert("RGB")]
+    text = record["text"]
+    if images and DEFAULT_IMAGE_TOKEN not in text:
+        text = f"{DEFAULT_IMAGE_TOKEN}\n{text}"
+    try:
+        inputs = processor.prompt_inputs([{"from": "human", "value": text}], images)
+    except ValueError as error:
+        raise QuestionError(f"question {record['question_id']}: {error}") from None
+    length = inputs["input_ids"].shape[1]
+    if length > context:
+        raise QuestionError(f"question {record['question_id']}: its prompt takes {length} tokens, the model's context {context}")
+    return PreparedQuestion(record, None, None, None, model_inputs=inputs)
+
+
 def left_padded(sequences: list[torch.Tensor], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) batch of 1-D sequences padded on the left with `pad_value`, and its attention mask."""
     width = max(len(sequence) for sequence in sequences)
@@ -157,16 +185,30 @@ def left_padded(sequences: list[torch.Tensor], pad_value: int) -> tuple[torch.Te
     return batch, mask
 
 
-def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_config, timer: PrefillTimer) -> list[dict]:
+def generate_inputs(model, tokenizer, prepared: list[PreparedQuestion], processor) -> dict:
+    """One left-padded batch: a family processor's collated inputs, or LLaVA's ids, mask, images and sizes."""
+    if prepared[0].model_inputs is not None:
+        inputs = processor.collate([p.model_inputs for p in prepared], padding_side="left")
+        return {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device) for k, v in inputs.items()}
     input_ids, attention_mask = left_padded([p.input_ids for p in prepared], tokenizer.pad_token_id)
-    pixels = [p.pixels for p in prepared if p.pixels is not None]
-    images = torch.stack(pixels).to(model.device, model.dtype) if pixels else None
+    pixels = [p.pixels.to(model.device, model.dtype) for p in prepared if p.pixels is not None]
+    # anyres images differ in their number of views: a list then, which the model takes as well
+    same_shape = all(p.shape == pixels[0].shape for p in pixels)
+    images = (torch.stack(pixels) if same_shape else pixels) if pixels else None
+    image_sizes = [p.image_size for p in prepared if p.image_size is not None]
+    return {
+        "input_ids": input_ids.to(model.device), "attention_mask": attention_mask.to(model.device), "images": images,
+        "image_sizes": image_sizes,
+    }
+
+
+def answer_batch(
+    model, tokenizer, prepared: list[PreparedQuestion], args, exit_config, timer: PrefillTimer, processor=None
+) -> list[dict]:
+    inputs = generate_inputs(model, tokenizer, prepared, processor)
     timer.start()
     output = model.generate(
-        input_ids.to(model.device),
-        attention_mask=attention_mask.to(model.device),
-        images=images,
-        image_sizes=[p.image_size for p in prepared if p.image_size is not None],
+        **inputs,
         exit_config=exit_config,
         do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else None,
@@ -181,7 +223,9 @@ def answer_batch(model, tokenizer, prepared: list[PreparedQuestion], args, exit_
     total = time.perf_counter() - timer.started
     stats = output.exit_stats
     full = stats.flops_none
-    texts = tokenizer.batch_decode(output.sequences, skip_special_tokens=True)
+    # LLaVA's generate returns the new tokens only, transformers' own classes the prompt too.
+    new_tokens = output.sequences if prepared[0].model_inputs is None else output.sequences[:, inputs["input_ids"].shape[1] :]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     records = []
     for row, question in enumerate(prepared):
         records.append(
@@ -221,13 +265,26 @@ def error_record(record: dict, error: Exception, model_name: str) -> dict:
 
 def resolve_run(args: argparse.Namespace) -> tuple:
     """(exit config, settings) of this run, from the checkpoint's config alone (no weights loaded yet)."""
-    config, _, _ = read_llava_config(args.model_path)
     args.device_type = resolve_device(args.device).type
+    config = read_family_decoder_config(args.model_path)
+    if config is not None:
+        args.conv_mode, reason = family_template(args)
+    else:
+        config, _, _ = read_llava_config(args.model_path)
+        args.conv_mode, reason = choose_conv_mode(args.conv_mode, config, get_model_name_from_path(args.model_path))
     exit_config = exit_config_from_args(args, config)
     exit_config.check_model(config.num_hidden_layers, bool(getattr(config, "visual_gate_hidden_size", None)))
-    args.conv_mode, reason = choose_conv_mode(args.conv_mode, config, get_model_name_from_path(args.model_path))
     logger.info("conversation template %s (%s)", args.conv_mode, reason)
     return exit_config, run_settings(args, exit_config, args.conv_mode)
+
+
+def family_template(args: argparse.Namespace) -> tuple[str, str]:
+    """A family checkpoint prompts with its own chat template; the settings name it by a digest of its text, so
+    answers made under another template are not resumed."""
+    if args.conv_mode is not None:
+        raise ValueError(f"--conv-mode {args.conv_mode}: {args.model_path} prompts with its own chat template")
+    template = load_processor(family_checkpoint(args.model_path)).chat_template
+    return f"chat_template:{hashlib.sha256(template.encode()).hexdigest()[:12]}", "the checkpoint's own chat template"
 
 
 def answer_questions(args: argparse.Namespace, questions: list[dict]) -> None:
@@ -263,7 +320,8 @@ def answer_into(args: argparse.Namespace, todo: list[dict], exit_config) -> list
         args.model_path, args.model_base, args.model_name, device=args.device
     )
     model.eval()
-    limits = (context_len, model.get_vision_tower().num_patches)
+    family = isinstance(image_processor, FamilyProcessor)
+    limits = None if family else (context_len, model.get_vision_tower().num_patches)
     timer = PrefillTimer(model, model.device)
     errors = []
     with open(args.answers_file, "a") as out, torch.inference_mode():
@@ -272,12 +330,15 @@ def answer_into(args: argparse.Namespace, todo: list[dict], exit_config) -> list
             prepared, records = [], []
             for record in batch:
                 try:
-                    prepared.append(prepare(record, args, tokenizer, image_processor, model.config, limits))
+                    if family:
+                        prepared.append(prepare_for_family(record, args, image_processor, context_len))
+                    else:
+                        prepared.append(prepare(record, args, tokenizer, image_processor, model.config, limits))
                 except (ImageLoadError, QuestionError) as error:
                     records.append(error_record(record, error, args.model_name))
                     errors.append(str(error))
             if prepared:
-                records += answer_batch(model, tokenizer, prepared, args, exit_config, timer)
+                records += answer_batch(model, tokenizer, prepared, args, exit_config, timer, image_processor)
             order = {answer_key(q): i for i, q in enumerate(batch)}
             for record in sorted(records, key=lambda r: order[answer_key(r)]):
                 out.write(json.dumps(record) + "\n")

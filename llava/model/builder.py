@@ -9,7 +9,7 @@ import os
 
 import torch
 from safetensors import safe_open
-from transformers import AutoTokenizer, CLIPVisionConfig
+from transformers import AutoConfig, AutoTokenizer, CLIPVisionConfig
 
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from llava.model.families.processing import family_module, load_processor
@@ -17,6 +17,7 @@ from llava.model.gates_artifact import load_gates, read_gates_config
 from llava.model.hf_layout import HF_CHECKPOINT_TO_LLAVA, is_hf_layout, llava_config_from_hf
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError, load_image_processor
+from llava.model.visual_exit import enable_visual_exit, exit_decoder_of
 from llava.model.visual_exit.vlm import FAMILIES, visual_exit_class
 
 logger = logging.getLogger(__name__)
@@ -100,10 +101,14 @@ def load_pretrained_model(
     if load_8bit or load_4bit:
         load_kwargs["quantization_config"] = _quantization_config(load_8bit, dtype)
 
-    if read_gates_config(model_path) is None and family_class(read_config_dict(model_path)) is not None:
+    family_path = family_checkpoint(model_path)
+    if family_path is not None:
         if model_base is not None:
             raise CheckpointError(f"{model_path}: model_base is for LLaVA projector checkpoints, not VLM families")
-        return load_family_model(model_path, **load_kwargs)
+        loaded = load_family_model(family_path, **load_kwargs)
+        if family_path != model_path:
+            _load_gates_artifact(loaded[1], model_path)
+        return loaded
 
     gates_path = model_path
     config, config_dict, model_path = read_llava_config(model_path)
@@ -141,6 +146,35 @@ def family_class(config_dict: dict) -> type | None:
     if is_hf_layout({"architectures": config_dict.get("architectures") or []}):
         return None
     return registered_family_class(config_dict)
+
+
+def family_checkpoint(model_path: str) -> str | None:
+    """The folder of the VLM-family checkpoint `model_path` is (itself) or builds on (a gates-only artifact's
+    base); None for LLaVA checkpoints."""
+    artifact = read_gates_config(model_path)
+    base = artifact["base_model"] if artifact is not None else model_path
+    return base if family_class(read_config_dict(base)) is not None else None
+
+
+def read_family_decoder_config(model_path: str):
+    """The decoder (text) config of a VLM-family checkpoint, the gates' width of an artifact on it included — what
+    the exit settings and their checks read before any weights load; None for LLaVA checkpoints."""
+    family_path = family_checkpoint(model_path)
+    if family_path is None:
+        return None
+    config = AutoConfig.from_pretrained(family_path).get_text_config()
+    artifact = read_gates_config(model_path)
+    if artifact is not None:
+        config.visual_gate_hidden_size = artifact["visual_gate_hidden_size"]
+    return config
+
+
+def _load_gates_artifact(model, gates_path: str) -> None:
+    """An artifact's gates into a family model, replacing any gates it was saved with."""
+    width = read_gates_config(gates_path)["visual_gate_hidden_size"]
+    if getattr(exit_decoder_of(model).config, "visual_gate_hidden_size", None) != width:
+        enable_visual_exit(model, gate_hidden_size=width)
+    load_gates(model, gates_path)
 
 
 def load_family_model(model_path: str, **from_pretrained_kwargs):

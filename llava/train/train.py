@@ -27,7 +27,9 @@ from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import exit_decoder_of
 from llava.model.visual_exit.training import ExitLabelRule
+from llava.model.families.processing import FamilyProcessor
 from llava.train.data import DataCollator, DataError, SupervisedDataset
+from llava.train.family_data import FamilyCollator, FamilySupervisedDataset
 from llava.train.trainer import ConfigError, ExitLayerSampler, GateTrainer
 
 INPUT_ERRORS = (CheckpointError, ConfigError, DataError, VisionTowerNotFoundError)
@@ -92,6 +94,29 @@ def build_model(model_args: ModelArguments, gate_args: GateArguments, training_a
     return tokenizer, model, image_processor
 
 
+def training_data(data_args, model_args, training_args, tokenizer, image_processor, model_config):
+    """(dataset, collator): LLaVA's prompts for our LLaVA class; a family checkpoint's own chat template and
+    processor for transformers' VLM classes (where --version means nothing)."""
+    if isinstance(image_processor, FamilyProcessor):
+        dataset = FamilySupervisedDataset(
+            data_args.data_path, image_processor, data_args.image_folder, training_args.model_max_length
+        )
+        return dataset, FamilyCollator(image_processor)
+    if data_args.image_aspect_ratio:
+        model_config.image_aspect_ratio = data_args.image_aspect_ratio
+    dataset = SupervisedDataset(
+        data_args.data_path,
+        tokenizer,
+        image_processor,
+        model_config,
+        image_folder=data_args.image_folder,
+        conv_version=model_args.version,
+        model_max_length=training_args.model_max_length,
+    )
+    crop = image_processor.crop_size
+    return dataset, DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"]))
+
+
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
     """The checkpoint folder `--resume_from_checkpoint` names. `True` means the latest `checkpoint-*` in
     `output_dir`, as in the HF Trainer; with none there it is an error (as in the Trainer), not a fresh start, so a
@@ -119,24 +144,13 @@ def train(argv: list[str] | None = None) -> GateTrainer:
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
     layer_sampler = ExitLayerSampler(exit_decoder_of(model).config.num_hidden_layers, gate_args.exit_layer_sampler)
-    if data_args.image_aspect_ratio:
-        model.config.image_aspect_ratio = data_args.image_aspect_ratio
-    dataset = SupervisedDataset(
-        data_args.data_path,
-        tokenizer,
-        image_processor,
-        model.config,
-        image_folder=data_args.image_folder,
-        conv_version=model_args.version,
-        model_max_length=training_args.model_max_length,
-    )
-    crop = image_processor.crop_size
+    dataset, collator = training_data(data_args, model_args, training_args, tokenizer, image_processor, model.config)
     artifact = read_gates_config(model_args.model_name_or_path)  # training on from a gates artifact: keep its base
     trainer = GateTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"])),
+        data_collator=collator,
         layer_sampler=layer_sampler,
         label_rule=ExitLabelRule(gate_args.gate_agree_threshold, gate_args.gate_ratio_threshold),
         base_model=artifact["base_model"] if artifact else os.path.abspath(model_args.model_name_or_path),
