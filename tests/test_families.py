@@ -286,3 +286,33 @@ def test_unknown_class_and_embeds_are_refused(family):
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     with pytest.raises(NotImplementedError, match="pass input_ids"):
         model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+
+
+def test_stage_list_with_random_pruning_equals_seeded_oracle_and_each_alone(family):
+    """`prune:random:1:0.5` ranks by one seeded draw per text position (the count of real tokens before a token,
+    as generate numbers them: 1-D families get those position ids, M-RoPE ones count them from the mask)."""
+    name, stock, model = family
+    samples = samples_for(name)
+    inputs = batch(name, stock, samples)
+    counted = (inputs["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
+    if name not in ("qwen2-vl", "qwen2.5-vl"):
+        inputs["position_ids"] = counted
+    table = torch.rand(int(counted.max()) + 1, generator=torch.Generator().manual_seed(0))
+    gone_from = torch.full(counted.shape, LAYERS)
+    visual = visual_mask(inputs)
+    for b in range(len(samples)):
+        ranked = sorted(visual[b].nonzero().flatten().tolist(), key=lambda t: -float(table[counted[b, t]]))
+        for t in ranked[round(0.5 * len(ranked)) :]:
+            gone_from[b, t] = 1
+    oracle = masked_stock_forward(stock, inputs, gone_from)
+    config = ExitConfig("stages", stages="prune:random:1:0.5")
+    ours = forward(model, inputs, config)
+    text = text_slots(inputs)
+    assert (ours.logits - oracle.logits)[text].abs().max() <= TOLERANCE
+    for b in range(len(samples)):
+        alone = sample_inputs(name, stock, inputs, samples, b)
+        if "position_ids" in inputs:
+            alone["position_ids"] = counted[b, inputs["attention_mask"][b].bool()][None]
+        single = forward(model, alone, config)
+        valid = inputs["attention_mask"][b].bool()
+        assert (ours.logits[b, valid] - single.logits[0]).abs().max() <= TOLERANCE

@@ -140,6 +140,41 @@ def tokenize_with_labels(prompt: str, spans: list[tuple[int, int]], tokenizer) -
     return ids, labels
 
 
+def usable_samples(data_path: str, prepare, skipped: Counter) -> list:
+    """`prepare(record)` of every record of the file; records it refuses (SampleError) are counted by reason in
+    `skipped` and reported in one warning, and a file without one usable record is a DataError."""
+    samples, examples = [], {}
+    records = load_records(data_path)
+    for number, record in enumerate(records):
+        try:
+            samples.append(prepare(record))
+        except SampleError as error:
+            skipped[str(error)] += 1
+            examples.setdefault(str(error), str(record.get("id", f"#{number}")) if isinstance(record, dict) else f"#{number}")
+    detail = "; ".join(f"{count} × {reason} (e.g. {examples[reason]})" for reason, count in skipped.items())
+    if not samples:
+        reasons = f": {detail}" if detail else ""
+        raise DataError(f"{data_path}: no usable sample among {len(records)}{reasons}")
+    if skipped:
+        logger.warning("%s: skipped %d of %d samples: %s", data_path, sum(skipped.values()), len(records), detail)
+    return samples
+
+
+def checked_image(record, image_folder: str | None) -> str | None:
+    """The path of the record's image (None without one), which must exist and open as an image."""
+    if not isinstance(record, dict):
+        raise SampleError("not a JSON object")
+    image = record.get("image")
+    if image is None:
+        return None
+    image = os.path.join(image_folder or "", image)
+    if not os.path.isfile(image):
+        raise SampleError("missing image")
+    if not _opens_as_image(image):
+        raise SampleError("unreadable image")
+    return image
+
+
 @dataclass
 class Sample:
     input_ids: list[int]
@@ -163,32 +198,10 @@ class SupervisedDataset(Dataset):
     unreadable_images: int = 0
 
     def __post_init__(self):
-        self.samples: list[Sample] = []
-        examples: dict[str, str] = {}
-        records = load_records(self.data_path)
-        for number, record in enumerate(records):
-            try:
-                self.samples.append(self._prepare(record))
-            except SampleError as error:
-                self.skipped[str(error)] += 1
-                examples.setdefault(str(error), str(record.get("id", f"#{number}")) if isinstance(record, dict) else f"#{number}")
-        detail = "; ".join(f"{count} × {reason} (e.g. {examples[reason]})" for reason, count in self.skipped.items())
-        if not self.samples:
-            reasons = f": {detail}" if detail else ""
-            raise DataError(f"{self.data_path}: no usable sample among {len(records)}{reasons}")
-        if self.skipped:
-            logger.warning("%s: skipped %d of %d samples: %s", self.data_path, sum(self.skipped.values()), len(records), detail)
+        self.samples = usable_samples(self.data_path, self._prepare, self.skipped)
 
     def _prepare(self, record) -> Sample:
-        if not isinstance(record, dict):
-            raise SampleError("not a JSON object")
-        image = record.get("image")
-        if image is not None:
-            image = os.path.join(self.image_folder or "", image)
-            if not os.path.isfile(image):
-                raise SampleError("missing image")
-            if not _opens_as_image(image):
-                raise SampleError("unreadable image")
+        image = checked_image(record, self.image_folder)
         pairs = conversation_turns(record, has_image=image is not None)
         prompt, spans = render_prompt(pairs, self.conv_version)
         ids, labels = tokenize_with_labels(prompt, spans, self.tokenizer)

@@ -10,7 +10,6 @@ than `model_max_length` cannot be cut without cutting an image, so it is counted
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from torch.utils.data import Dataset
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.mm_utils import ImageLoadError, load_image
-from llava.train.data import DataError, SampleError, _opens_as_image, conversation_turns, load_records
+from llava.train.data import DataError, SampleError, checked_image, conversation_turns, usable_samples
 
 logger = logging.getLogger(__name__)
 
@@ -41,29 +40,10 @@ class FamilySupervisedDataset(Dataset):
     too_long: int = 0
 
     def __post_init__(self):
-        self.records: list[FamilyRecord] = []
-        records = load_records(self.data_path)
-        for record in records:
-            try:
-                self.records.append(self._check(record))
-            except SampleError as error:
-                self.skipped[str(error)] += 1
-        detail = "; ".join(f"{count} × {reason}" for reason, count in self.skipped.items())
-        if not self.records:
-            raise DataError(f"{self.data_path}: no usable sample among {len(records)}{': ' + detail if detail else ''}")
-        if self.skipped:
-            logger.warning("%s: skipped %d of %d samples: %s", self.data_path, sum(self.skipped.values()), len(records), detail)
+        self.records = usable_samples(self.data_path, self._check, self.skipped)
 
     def _check(self, record) -> FamilyRecord:
-        if not isinstance(record, dict):
-            raise SampleError("not a JSON object")
-        image = record.get("image")
-        if image is not None:
-            image = os.path.join(self.image_folder or "", image)
-            if not os.path.isfile(image):
-                raise SampleError("missing image")
-            if not _opens_as_image(image):
-                raise SampleError("unreadable image")
+        image = checked_image(record, self.image_folder)
         pairs = conversation_turns(record, has_image=image is not None)
         conversation = [{"from": role, "value": text} for pair in pairs for role, text in zip(("human", "gpt"), pair)]
         if image is None and any(DEFAULT_IMAGE_TOKEN in turn["value"] for turn in conversation):

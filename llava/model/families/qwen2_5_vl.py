@@ -6,16 +6,10 @@ import dataclasses
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from llava.model.families import qwen2_vl
-from llava.model.families.qwen2_vl import MultimodalRopeDecoderMixin, text_config
-from llava.model.visual_exit.vlm import FamilyAdapter, register_family
+from llava.model.families.qwen2_vl import text_config
+from llava.model.visual_exit.vlm import register_family
 
-ADAPTER = register_family(
-    FamilyAdapter(
-        Qwen2_5_VLForConditionalGeneration,
-        visual_token_attributes=("image_token_id", "video_token_id"),
-        decoder_mixin=MultimodalRopeDecoderMixin,
-    )
-)
+ADAPTER = register_family(dataclasses.replace(qwen2_vl.ADAPTER, model_class=Qwen2_5_VLForConditionalGeneration))
 
 
 def tiny_config(text: dict, tokens: dict) -> Qwen2_5_VLConfig:

@@ -12,13 +12,17 @@ from llava.model.visual_exit.vlm import FamilyAdapter, register_family
 
 class MultimodalRopeDecoderMixin(VisualExitDecoderMixin):
     """Positions as the M-RoPE text models take them: `[4, B, T]` (generate: a text row, then the three rotary
-    rows), `[3, B, T]` (the rotary rows alone), `[B, T]` or None (text, the same on all three rows). Masks and
-    windows count the text row, or the token index when only rotary rows come (as the stock text model does)."""
+    rows), `[3, B, T]` (the rotary rows alone), `[B, T]` or None (text, the same on all three rows). Masks, windows
+    and the random scorer read the text row; with the rotary rows alone, each token's count of real tokens before
+    it, so a left-padded sample numbers its tokens as it does alone."""
 
-    def split_position_ids(self, position_ids, hidden: torch.Tensor, past_length: int):
+    def split_position_ids(self, position_ids, hidden: torch.Tensor, past_length: int, attention_mask=None):
         if position_ids is not None and position_ids.dim() == 3:
             if position_ids.shape[0] == 4:
                 return position_ids[0], position_ids[1:]
+            if attention_mask is not None:
+                counted = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+                return counted[:, -hidden.shape[1] :], position_ids
             positions, _ = super().split_position_ids(None, hidden, past_length)
             return positions, position_ids
         positions, _ = super().split_position_ids(position_ids, hidden, past_length)

@@ -161,7 +161,7 @@ class VisualExitDecoderMixin:
         if attention_mask is not None and attention_mask.shape != (batch, length):
             raise ValueError(f"prefill needs a 2D attention mask of shape {(batch, length)}, got {tuple(attention_mask.shape)}")
         valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
-        positions, rope_position_ids = self.split_position_ids(position_ids, hidden, past_length=0)
+        positions, rope_position_ids = self.split_position_ids(position_ids, hidden, 0, attention_mask)
         position_embeddings = self.rotary_emb(hidden, rope_position_ids)
         return hidden, TokenLayout.start(valid, positions, position_embeddings, visual_mask, with_gate_features)
 
@@ -207,7 +207,7 @@ class VisualExitDecoderMixin:
         new_tokens = hidden.shape[1]
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, -new_tokens:]
-        position_ids, rope_position_ids = self.split_position_ids(position_ids, hidden, cache.get_seq_length())
+        position_ids, rope_position_ids = self.split_position_ids(position_ids, hidden, cache.get_seq_length(), attention_mask)
         position_embeddings = self.rotary_emb(hidden, rope_position_ids)
         per_layer = cache.extend_valid_keys(position_ids.expand(hidden.shape[0], new_tokens))
         masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
@@ -226,10 +226,11 @@ class VisualExitDecoderMixin:
             )
         return self.norm(hidden)
 
-    def split_position_ids(self, position_ids, hidden: torch.Tensor, past_length: int):
+    def split_position_ids(self, position_ids, hidden: torch.Tensor, past_length: int, attention_mask=None):
         """(positions, rope input): `positions` (B or 1, T), one per token, are what masks, sliding windows and the
         layers read; the rope input is what `rotary_emb` takes. Both are `position_ids`, or the tokens' indices
-        after `past_length` cached ones when None. Decoders with several position rows (M-RoPE) override this."""
+        after `past_length` cached ones when None (as the stock decoders number them). Decoders with several
+        position rows (M-RoPE) override this; `attention_mask` (B, past + T) is there for them."""
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + hidden.shape[1], device=hidden.device).unsqueeze(0)
         return position_ids, position_ids
