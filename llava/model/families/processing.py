@@ -308,7 +308,8 @@ def load_processor(model_path: str) -> FamilyProcessor:
     try:
         stock = AutoProcessor.from_pretrained(model_path)
     except (ImportError, AttributeError, TypeError, ValueError, OSError) as error:
-        logger.info("%s: transformers' processor does not construct here (%s); using the fallback", model_path, error)
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        logger.info("%s: transformers' processor does not construct here (%s); using the fallback", model_path, reason)
         stock = None
     tokenizer = stock.tokenizer if stock is not None else AutoTokenizer.from_pretrained(model_path)
     image_processor = stock.image_processor if stock is not None else _load_image_processor(model_path, saved)
