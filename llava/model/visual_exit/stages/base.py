@@ -13,13 +13,15 @@ from llava.model.visual_exit.tokens import TokenLayout
 @dataclass
 class LayerStep:
     """What a decision after decoder layer `index` may read: the layer, its input and output hidden states
-    (B, T, H), and the keys it has just cached for these T slots (None without a cache)."""
+    (B, T, H), the keys it has just cached for these T slots (None without a cache), and the decoder running it
+    (its `layers`, final `norm` and `config`: some methods score with the next layer or the normed states)."""
 
     index: int
     layer: nn.Module
     input: torch.Tensor
     output: torch.Tensor
     cached_keys: torch.Tensor | None
+    decoder: nn.Module | None = None
 
 
 class ExitState:
