@@ -126,8 +126,8 @@ class VisualExitDecoderMixin:
         hidden, stats = self._prefill(inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs)
         if cache is not None:
             cache.exit_stats = stats
-        if request is not None:
-            request.stats = stats
+        if request is not None:  # a wrapper's stock forward rebuilds its own output from this one's fields
+            request.stats, stats = stats, None
         return VisualExitModelOutput(last_hidden_state=hidden, exit_stats=stats, **cache_argument(cache))
 
     def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs):
