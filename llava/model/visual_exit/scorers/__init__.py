@@ -2,9 +2,11 @@
 A new one is a file here and a line below."""
 
 from llava.model.visual_exit.scorers.fastv import fastv_scores
+from llava.model.visual_exit.scorers.pdrop import pdrop_scores
 from llava.model.visual_exit.scorers.random import random_scores
 
 SCORERS = {
     "fastv": fastv_scores,
+    "pdrop": pdrop_scores,
     "random": random_scores,
 }

@@ -4,14 +4,18 @@ stages in that order after every layer. A new stage is a file here and a line be
 from __future__ import annotations
 
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage
+from llava.model.visual_exit.stages.dart import Dart
 from llava.model.visual_exit.stages.fixed import FixedExit
 from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.stages.prune import Prune
+from llava.model.visual_exit.stages.pyramid import PyramidDrop
 
 STAGES: dict[str, type[Stage]] = {
     "fixed": FixedExit,
     "gates": GateExit,
     "prune": Prune,
+    "pdrop": PyramidDrop,
+    "dart": Dart,
 }
 
 

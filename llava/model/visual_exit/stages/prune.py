@@ -15,10 +15,23 @@ from llava.model.visual_exit.tokens import TokenLayout
 
 def lowest_ranked(scores: torch.Tensor, visual: torch.Tensor, ratio: float) -> torch.Tensor:
     """(B, T) bool: the visual slots outside each sample's top round((1 - ratio) * its visual count) by score."""
-    keep = ((1.0 - ratio) * visual.sum(dim=1).double()).round().long()
+    return outside_top(scores, visual, ((1.0 - ratio) * visual.sum(dim=1).double()).round().long())
+
+
+def outside_top(scores: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the visual slots outside each sample's `keep[b]` highest-scored ones (ties: the earlier slot)."""
     order = scores.masked_fill(~visual, float("-inf")).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     return visual & (rank >= keep[:, None])
+
+
+def record_pruning(state: ExitState, pruned: torch.Tensor, visual: torch.Tensor, layer: int, layout: TokenLayout) -> None:
+    """Account `pruned` (B, T) of the samples' remaining `visual` slots after `layer` layers: a sample left with
+    none has exited there; the others count their pruned tokens."""
+    counts = pruned.sum(dim=1)
+    emptied = state.active & (counts == visual.sum(dim=1))
+    state.exit(emptied, layer, layout)
+    state.pruned_visual = torch.where(emptied, state.pruned_visual, state.pruned_visual + counts)
 
 
 @dataclass(frozen=True)
@@ -45,8 +58,5 @@ class Prune(Stage):
             return None
         visual = layout.visual & state.active[:, None]
         pruned = lowest_ranked(SCORERS[self.scorer](step, layout), visual, self.ratio)
-        counts = pruned.sum(dim=1)
-        emptied = state.active & (counts == visual.sum(dim=1))
-        state.exit(emptied, self.layer, layout)
-        state.pruned_visual = torch.where(emptied, state.pruned_visual, state.pruned_visual + counts)
+        record_pruning(state, pruned, visual, self.layer, layout)
         return pruned
