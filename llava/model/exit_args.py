@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+from transformers import CLIPVisionConfig
 
 from llava.model.visual_exit import EXIT_MODES, ExitConfig
+from llava.model.visual_exit.budget import METHODS, method_stages
 
 
 def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,22 +21,51 @@ def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--exit-stages", default=None, metavar="SPEC",
         help="any list of stages, run in order after every layer, e.g. prune:fastv:2:0.5,gates:0.9 "
-        "(fixed:K, gates:τ, prune:SCORER:K:R with scorers fastv, random); implies --exit-mode stages",
+        "(fixed:K, gates:τ, prune:SCORER:K:R with scorers fastv, pdrop, random; pdrop:L1-L2-..:λ, ...); "
+        "implies --exit-mode stages",
+    )
+    group.add_argument(
+        "--exit-method", choices=METHODS, default=None,
+        help="a reduction method run at --visual-budget (llava.model.visual_exit.budget); implies --exit-mode stages",
+    )
+    group.add_argument("--visual-budget", type=float, default=None, help="equivalent visual tokens (layer average)")
+    group.add_argument(
+        "--visual-tokens", type=int, default=None,
+        help="visual tokens per image the budget is a share of (default: the LLaVA tower's patch count)",
     )
 
 
 def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
     """The checkpoint's exit settings with the flags given on top; a flag the resulting mode ignores is an error
-    (`--exit-mode none --exit-layer 4` would otherwise run mode none under a name that says layer 4)."""
+    (`--exit-mode none --exit-layer 4` would otherwise run mode none under a name that says layer 4). A method at a
+    visual budget becomes its stage list."""
+    stages, mode = args.exit_stages, args.exit_mode
+    budgeted = getattr(args, "exit_method", None), getattr(args, "visual_budget", None)
+    if any(value is not None for value in budgeted):
+        if None in budgeted or mode is not None or stages is not None:
+            raise ValueError("--exit-method and --visual-budget go together, without --exit-mode or --exit-stages")
+        tokens = args.visual_tokens or visual_tokens_per_image(model_config)
+        stages = method_stages(*budgeted, model_config.num_hidden_layers, tokens)
     given = {
         "layer": args.exit_layer, "threshold": args.exit_threshold, "fastv_k": args.fastv_k, "fastv_r": args.fastv_r,
-        "stages": args.exit_stages,
+        "stages": stages,
     }
-    mode = args.exit_mode
-    if args.exit_stages is not None:
+    if stages is not None:
         if mode not in (None, "stages"):
             raise ValueError(f"--exit-stages composes its own exit: leave out --exit-mode {mode}")
         mode = "stages"
     config = ExitConfig.from_model_config(model_config).with_overrides(mode, **given)
     config.check_overrides_used(**given)
     return config
+
+
+def visual_tokens_per_image(model_config) -> int:
+    """A LLaVA checkpoint's visual tokens per image (its tower's patch grid, plus CLS under `cls_patch`)."""
+    vision = getattr(model_config, "mm_vision_config", None)
+    tower = getattr(model_config, "mm_vision_tower", None)
+    if vision is None and tower is not None and os.path.isdir(tower):
+        vision = CLIPVisionConfig.from_pretrained(tower).to_dict()
+    if vision is None:
+        raise ValueError("pass --visual-tokens: this checkpoint's visual tokens per image depend on the image")
+    patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    return patches + (getattr(model_config, "mm_vision_select_feature", "patch") == "cls_patch")

@@ -1,0 +1,72 @@
+"""One visual budget for every method: the stage specs it maps to reach that layer-average of visual tokens, at
+LLaVA-1.5-7B's geometry (the papers' settings) and, measured from `exit_stats.layer_tokens`, on the tiny model."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from llava.model.exit_args import exit_config_from_args, visual_tokens_per_image
+from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit.budget import method_stages
+
+from test_fastv import run
+from test_visual_exit import PROMPTS, batch_inputs, images_for
+
+
+@pytest.mark.parametrize("budget, fastv_kept, pdrop_ratio, visionzip", [
+    (192, 166, 0.56, (162, 30)), (128, 98, 0.42, (108, 20)), (64, 30, 0.19, (54, 10)),
+])
+def test_llava_7b_settings_match_the_papers(budget, fastv_kept, pdrop_ratio, visionzip):
+    """FastV's kept count (SparseVLM's equivalent-token rule), PyramidDrop's λ on [2, 8, 16] (its authors' advice
+    for these budgets) and VisionZip's published dominant + contextual splits."""
+    _, _, k, ratio = method_stages("fastv", budget, 32, 576).split(":")
+    assert int(k) == 2 and round(576 * (1 - float(ratio))) == fastv_kept
+    _, layers, lam = method_stages("pdrop", budget, 32, 576).split(":")
+    assert layers == "2-8-16" and abs(float(lam) - pdrop_ratio) < 0.01
+    counts = [576] * 2 + [math.floor(576 * float(lam))] * 6 + [math.floor(576 * float(lam) ** 2)] * 8
+    counts += [math.floor(576 * float(lam) ** 3)] * 16
+    assert abs(sum(counts) / 32 - budget) < 1
+    assert method_stages("visionzip", budget, 32, 576) == f"visionzip:{visionzip[0]}:{visionzip[1]}"
+
+
+def test_out_of_reach_budgets_are_refused():
+    with pytest.raises(ValueError, match="outside"):
+        method_stages("fastv", 600, 32, 576)
+    with pytest.raises(ValueError, match="first 2 layers alone"):
+        method_stages("fastv", 20, 32, 576)
+    with pytest.raises(ValueError, match="unknown method"):
+        method_stages("fancy", 64, 32, 576)
+
+
+def visual_average(stats) -> torch.Tensor:
+    """Per sample, the layer average of the visual tokens that entered each layer (text never leaves)."""
+    text = stats.num_tokens - stats.num_visual_tokens
+    return (stats.layer_tokens - text[:, None]).double().mean(dim=1)
+
+
+@pytest.mark.parametrize("method", ["fastv", "random", "pdrop", "fixed"])
+def test_measured_average_meets_the_budget_on_the_tiny_model(loaded, images, method):
+    tokenizer, model, _, _ = loaded
+    n, layers = visual_tokens_per_image(model.config), model.config.num_hidden_layers
+    prompts = PROMPTS[:1]
+    ids, mask = batch_inputs(tokenizer, prompts)
+    for budget in (n / 2, n / 4 + 2):
+        stats = run(model, ids, mask, images_for(images, prompts), ExitConfig("stages", stages=method_stages(method, budget, layers, n))).exit_stats
+        # A layer is the finest step of an exit and a token of a prune: the average lands within one step of the budget.
+        step = n / layers if method == "fixed" else 1.0
+        assert abs(float(visual_average(stats)[0]) - budget) <= step, (method, budget)
+
+
+def test_cli_flags_map_a_budget_and_refuse_mixtures(loaded):
+    _, model, _, _ = loaded
+    flags = dict(exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None, fastv_r=None, exit_stages=None,
+                 exit_method="pdrop", visual_budget=8.0, visual_tokens=None)
+    config = exit_config_from_args(argparse.Namespace(**flags), model.config)
+    assert config.mode == "stages"
+    assert config.stages == method_stages("pdrop", 8.0, 4, visual_tokens_per_image(model.config))
+    with pytest.raises(ValueError, match="go together"):
+        exit_config_from_args(argparse.Namespace(**{**flags, "exit_mode": "fastv"}), model.config)
+    with pytest.raises(ValueError, match="go together"):
+        exit_config_from_args(argparse.Namespace(**{**flags, "visual_budget": None}), model.config)
