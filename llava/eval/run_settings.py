@@ -27,14 +27,21 @@ def settings_path(answers_file: str) -> str:
     return os.path.splitext(answers_file)[0] + ".settings.json"
 
 
+def run_label(args: argparse.Namespace, exit_config) -> str:
+    """The run's name in folders and tables: the exit's label, or `METHOD-budgetT` for a method at a budget."""
+    if getattr(args, "exit_method", None) is not None:
+        return f"{args.exit_method}-budget{args.visual_budget:g}"
+    return exit_config.label
+
+
 def run_settings(args: argparse.Namespace, exit_config, conv_mode: str) -> dict:
     """Everything that changes an answer: not the batch size (a batch answers as each sample alone) nor the
     image folder (a fixed folder only turns error records into answers)."""
-    return {
+    settings = {
         "model_path": os.path.abspath(args.model_path),
         "model_base": args.model_base and os.path.abspath(args.model_base),
         "exit": exit_config.settings(),
-        "exit_label": exit_config.label,
+        "exit_label": run_label(args, exit_config),
         "conv_mode": conv_mode,
         "decoding": {
             "temperature": args.temperature,
@@ -45,6 +52,9 @@ def run_settings(args: argparse.Namespace, exit_config, conv_mode: str) -> dict:
         "device": args.device_type,
         **{flag: getattr(args, flag) for flag in PROMPT_FLAGS if hasattr(args, flag)},
     }
+    if getattr(args, "exit_method", None) is not None:
+        settings["budget"] = {"method": args.exit_method, "visual_budget": args.visual_budget}
+    return settings
 
 
 def read_settings(answers_file: str) -> dict | None:
@@ -105,7 +115,7 @@ def answers_lock(answers_file: str) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     """Print `<model folder>_<exit label>`: the eval scripts' default answers folder for these settings."""
     # Imported here: the merge and the summary read settings files and need neither torch nor a model.
-    from llava.model.builder import read_llava_config
+    from llava.model.builder import read_family_decoder_config, read_llava_config
     from llava.model.exit_args import add_exit_arguments, exit_config_from_args
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -113,8 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     add_exit_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        config, _, _ = read_llava_config(args.model_path)
-        label = exit_config_from_args(args, config).label
+        config = read_family_decoder_config(args.model_path) or read_llava_config(args.model_path)[0]
+        label = run_label(args, exit_config_from_args(args, config))
     except ValueError as error:
         raise SystemExit(f"run_settings: error: {error}") from None
     print(f"{os.path.basename(os.path.normpath(args.model_path))}_{label}")

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from llava.eval.io import read_jsonl  # noqa: E402
+from llava.model.visual_exit.budget import METHODS  # noqa: E402
 
 # Each mode's settings (symbol: the field of the run's recorded exit settings), in the order its label gives them.
 SETTINGS = {
@@ -32,12 +33,16 @@ SETTINGS = {
     "fastv": {"K": "fastv_k", "R": "fastv_r"},
     "dynamic+fastv": {"τ": "threshold", "K": "fastv_k", "R": "fastv_r"},
 }
+# Reduction methods run at a visual budget (llava.model.visual_exit.budget): one setting, the budget T.
+BUDGETED = {method: f"{method}-budget" for method in METHODS}  # their modes here, apart from modes fastv / fixed
+SETTINGS.update({mode: {"T": "visual_budget"} for mode in BUDGETED.values()})
 MODES = tuple(SETTINGS)
 STYLES = {  # mode: (line style, legend)
     "fixed": ("s--", "fixed exit after K"),
     "dynamic": ("o-", "dynamic exit (τ)"),
     "fastv": ("^:", "FastV, K={K:g} (R)"),
     "dynamic+fastv": ("D", "dynamic + FastV"),
+    **{mode: (marker + "-.", f"{method} at budget T") for (method, mode), marker in zip(BUDGETED.items(), "v<>phx+")},
 }
 
 
@@ -63,6 +68,9 @@ def recorded_run(summary_path: str, summary: dict) -> tuple[str, str, tuple[floa
     exit_settings = settings.get("exit")
     if exit_settings is None:
         raise ValueError(f"{summary_path}: records no exit settings; rerun its evaluation")
+    budget = settings.get("budget")
+    if budget is not None:  # a method at a budget: named and plotted by the method, not by its stage list
+        return settings["exit_label"], BUDGETED[budget["method"]], (float(budget["visual_budget"]),)
     mode = exit_settings["mode"]
     if mode not in SETTINGS:
         raise ValueError(f"{summary_path}: exit mode {mode!r} is not one this report plots ({', '.join(MODES)})")
@@ -114,8 +122,9 @@ def plot_accuracy_vs_tflops(runs: list[Run], path: str) -> None:
     figure, axes = plt.subplots(figsize=(7.2, 4.8))
     curves: dict[tuple[str, float | None], list[Run]] = {}
     for run in runs:
-        if run.mode != "none":  # FastV: one curve over R per K
-            curves.setdefault((run.mode, run.setting.get("K") if run.mode == "fastv" else None), []).append(run)
+        if run.mode != "none":  # FastV: one curve over R per K; a budgeted method: one over T
+            key = (run.mode, run.setting.get("K") if run.mode == "fastv" else None)
+            curves.setdefault(key, []).append(run)
     for (mode, k), members in curves.items():
         style, legend = STYLES[mode]
         points = sorted((run.tflops * scale, run.accuracy, run) for run in members)
@@ -128,7 +137,7 @@ def plot_accuracy_vs_tflops(runs: list[Run], path: str) -> None:
     axes.plot([reference.tflops * scale], [reference.accuracy], "k*", markersize=12, label="no exit")
     axes.set_xlabel(f"LM prefill {unit} per sample")
     axes.set_ylabel("accuracy (%)")
-    axes.set_title("Accuracy vs prefill cost: dynamic exit against fixed K and FastV")
+    axes.set_title("Accuracy vs prefill cost: dynamic exit against fixed K, FastV and the reduction methods")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
