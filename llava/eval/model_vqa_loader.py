@@ -223,6 +223,9 @@ def answer_batch(
     total = time.perf_counter() - timer.started
     stats = output.exit_stats
     full = stats.flops_none
+    # Equivalent visual tokens: the layer average of those entering each layer, the visual budgets' currency.
+    text_tokens = stats.num_tokens - stats.num_visual_tokens
+    visual_average = (stats.layer_tokens - text_tokens[:, None]).double().mean(dim=1)
     # LLaVA's generate returns the new tokens only, transformers' own classes the prompt too.
     new_tokens = output.sequences if prepared[0].model_inputs is None else output.sequences[:, inputs["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
@@ -240,6 +243,8 @@ def answer_batch(
                 "pruned_visual_tokens": int(stats.pruned_visual_tokens[row]),
                 "tflops": float(stats.prefill_flops[row]) / 1e12,
                 "tflops_full": float(full[row]) / 1e12,
+                "visual_tokens": int(stats.num_visual_tokens[row]),
+                "visual_tokens_avg": float(visual_average[row]),
                 # A batch is timed as a whole: each sample gets its share.
                 "prefill_ms": timer.prefill * 1e3 / len(prepared),
                 "latency_ms": total * 1e3 / len(prepared),
@@ -287,8 +292,9 @@ def family_template(args: argparse.Namespace) -> tuple[str, str]:
     return f"chat_template:{hashlib.sha256(template.encode()).hexdigest()[:12]}", "the checkpoint's own chat template"
 
 
-def answer_questions(args: argparse.Namespace, questions: list[dict]) -> None:
-    """Answer `questions` (this chunk's) into --answers-file, skipping those already answered there."""
+def answer_questions(args: argparse.Namespace, questions: list[dict], loaded: tuple | None = None) -> None:
+    """Answer `questions` (this chunk's) into --answers-file, skipping those already answered there. `loaded`:
+    what `load_pretrained_model` returned for --model-path, for callers running many settings on one model."""
     exit_config, settings = resolve_run(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.answers_file)), exist_ok=True)
     with answers_lock(args.answers_file):
@@ -309,14 +315,14 @@ def answer_questions(args: argparse.Namespace, questions: list[dict]) -> None:
         elif not todo:
             logger.info("%s: all %d questions already answered with these settings", args.answers_file, len(questions))
         else:
-            errors = answer_into(args, todo, exit_config)
+            errors = answer_into(args, todo, exit_config, loaded)
             report_errors(args.answers_file, errors, len(todo))
 
 
-def answer_into(args: argparse.Namespace, todo: list[dict], exit_config) -> list[str]:
-    """Load the model, append an answer or error record per question; the reasons of the error records."""
+def answer_into(args: argparse.Namespace, todo: list[dict], exit_config, loaded: tuple | None = None) -> list[str]:
+    """Load the model (unless given), append an answer or error record per question; the error records' reasons."""
     args.model_name = get_model_name_from_path(args.model_path)
-    tokenizer, model, image_processor, context_len = load_pretrained_model(
+    tokenizer, model, image_processor, context_len = loaded or load_pretrained_model(
         args.model_path, args.model_base, args.model_name, device=args.device
     )
     model.eval()

@@ -1,0 +1,161 @@
+"""Every reduction method at the same visual budgets, on one model and one GQA-format question file:
+
+    python -m llava.analysis.compare --model-path CKPT --question-file Q.jsonl --image-folder IMAGES \\
+        --truth testdev_balanced_questions.json --budgets 64 128 192 --out DIR
+
+Runs mode `none`, each method of `--methods` at each budget (llava.model.visual_exit.budget: equivalent visual
+tokens, the layer average), and DyVTE's gates with their threshold calibrated per budget: on the first
+`--calibration` questions each τ of `--thresholds` is run and the one whose measured average comes closest to
+the budget without exceeding it is kept (the smallest average when none fits). Writes DIR/comparison.csv (one row
+per run: method, budget, setting, accuracy, measured equivalent tokens, prefill TFLOPs, FLOPs reduction) and
+DIR/accuracy_vs_tflops.png; the answers of every run stay in DIR/answers/ and a rerun resumes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from llava.eval.eval_gqa import _load_questions, convert_gqa, score_gqa  # noqa: E402
+from llava.eval.io import EvalInputError, read_jsonl  # noqa: E402
+from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions  # noqa: E402
+from llava.mm_utils import get_model_name_from_path  # noqa: E402
+from llava.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
+from llava.model.visual_exit.budget import METHODS  # noqa: E402
+
+logger = logging.getLogger("llava.analysis.compare")
+DEFAULT_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 0.9999)
+CSV_HEADER = ["method", "budget", "setting", "accuracy", "visual_tokens_avg", "tflops", "flops_reduction", "questions"]
+
+
+@dataclass
+class RunResult:
+    method: str
+    budget: float | None
+    setting: str
+    accuracy: float
+    visual_tokens_avg: float
+    tflops: float
+    flops_reduction: float
+    questions: int
+
+    def row(self) -> list:
+        return [self.method, "" if self.budget is None else f"{self.budget:g}", self.setting, f"{self.accuracy:.2f}",
+                f"{self.visual_tokens_avg:.2f}", f"{self.tflops:.6g}", f"{self.flops_reduction:.4f}", self.questions]
+
+
+def run_setting(base: argparse.Namespace, name: str, questions: list[dict], loaded, **exit_flags) -> list[dict]:
+    """The answer records of one setting (resumed from DIR/answers/NAME.jsonl when made with the same settings)."""
+    args = argparse.Namespace(**{**vars(base), **exit_flags})
+    args.answers_file = os.path.join(base.out, "answers", f"{name}.jsonl")
+    answer_questions(args, questions, loaded)
+    return [r for r in read_jsonl(args.answers_file, ("question_id",)) if "error" not in r]
+
+
+def result(method: str, budget, setting: str, records: list[dict], truth: dict) -> RunResult:
+    if not records:
+        raise EvalInputError(f"{method} {setting}: no question was answered")
+    accuracy = score_gqa(truth, convert_gqa(records))["accuracy"]
+    mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
+    reduction = 1 - sum(r["tflops"] for r in records) / sum(r["tflops_full"] for r in records)
+    return RunResult(method, budget, setting, accuracy, mean("visual_tokens_avg"), mean("tflops"), reduction, len(records))
+
+
+def calibrated_threshold(base, questions, loaded, budget: float, thresholds) -> float:
+    """The τ whose measured average on the calibration questions comes closest to `budget` from below."""
+    measured = {}
+    for tau in thresholds:
+        records = run_setting(base, f"calibration-dynamic-{tau:g}", questions, loaded, exit_mode="dynamic",
+                              exit_threshold=tau)
+        measured[tau] = sum(r["visual_tokens_avg"] for r in records) / max(1, len(records))
+    fitting = [tau for tau, average in measured.items() if average <= budget]
+    chosen = max(fitting, key=measured.get) if fitting else min(measured, key=measured.get)
+    logger.info("budget %g: dynamic τ=%g (calibration average %.2f tokens)", budget, chosen, measured[chosen])
+    return chosen
+
+
+def compare(args: argparse.Namespace) -> list[RunResult]:
+    truth = _load_questions(args.truth)
+    questions = read_jsonl(args.question_file, ("question_id", "text"))
+    calibration, evaluated = questions[: args.calibration], questions[args.calibration :] or questions
+    loaded = load_pretrained_model(args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device)
+    empty = dict(exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None, fastv_r=None, exit_stages=None,
+                 exit_method=None, visual_budget=None)
+    base = argparse.Namespace(**{**vars(args), **empty})
+    results = [result("none", None, "", run_setting(base, "none", evaluated, loaded, exit_mode="none"), truth)]
+    for budget in args.budgets:
+        for method in args.methods:
+            records = run_setting(base, f"{method}-budget{budget:g}", evaluated, loaded, exit_method=method,
+                                  visual_budget=budget)
+            results.append(result(method, budget, f"budget {budget:g}", records, truth))
+        if args.dynamic:
+            tau = calibrated_threshold(base, calibration, loaded, budget, args.thresholds)
+            records = run_setting(base, f"dynamic-{tau:g}", evaluated, loaded, exit_mode="dynamic", exit_threshold=tau)
+            results.append(result("dynamic", budget, f"τ={tau:g}", records, truth))
+    return results
+
+
+def plot(results: list[RunResult], path: str) -> None:
+    figure, axes = plt.subplots(figsize=(7.2, 4.8))
+    reference = results[0]
+    scale, unit = (1e3, "GFLOPs") if reference.tflops < 0.1 else (1.0, "TFLOPs")
+    for method in dict.fromkeys(r.method for r in results[1:]):
+        points = sorted((r.tflops * scale, r.accuracy, r.budget) for r in results if r.method == method)
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+        for x, y, budget in points:
+            axes.annotate(f"{budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.plot([reference.tflops * scale], [reference.accuracy], "k*", markersize=12, label="none")
+    axes.set_xlabel(f"LM prefill {unit} per sample")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title("Reduction methods at equal visual budgets (labels: equivalent tokens)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def table(results: list[RunResult]) -> str:
+    lines = ["| " + " | ".join(CSV_HEADER) + " |", "|" + "---|" * len(CSV_HEADER)]
+    lines += ["| " + " | ".join(map(str, r.row())) + " |" for r in results]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_loader_arguments(parser)
+    parser.add_argument("--truth", required=True, help="GQA-format ground truth ({question_id: {answer, types}})")
+    parser.add_argument("--budgets", type=float, nargs="+", required=True, help="equivalent visual tokens")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "fixed"])
+    parser.add_argument("--no-dynamic", dest="dynamic", action="store_false", help="leave out DyVTE's gates")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS)
+    parser.add_argument("--calibration", type=int, default=50, help="first questions used to calibrate τ only")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    args.temperature = 0.0  # greedy: the methods differ by what they drop, not by sampling
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        os.makedirs(os.path.join(args.out, "answers"), exist_ok=True)
+        results = compare(args)
+    except (EvalInputError, CheckpointError, ValueError) as error:
+        sys.exit(f"compare: error: {error}")
+    with open(os.path.join(args.out, "comparison.csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(r.row() for r in results)
+    plot(results, os.path.join(args.out, "accuracy_vs_tflops.png"))
+    print(table(results))
+    print(f"wrote {os.path.join(args.out, 'comparison.csv')} and accuracy_vs_tflops.png")
+
+
+if __name__ == "__main__":
+    main()

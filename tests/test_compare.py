@@ -1,0 +1,44 @@
+"""`python -m llava.analysis.compare`: every method at the same budgets on one model and question file, one CSV
+and one PNG; the budgets are met as measured, and the gates' threshold is calibrated to each budget."""
+
+import csv
+import json
+
+from llava.analysis.compare import main as compare
+from llava.eval.io import read_jsonl
+
+from test_eval_scripts import SPLIT, gqa_root  # noqa: F401 (a fixture)
+from test_gate_training import init_checkpoint  # noqa: F401 (a fixture: the tiny checkpoint with fresh gates)
+
+
+def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa_root, tmp_path):  # noqa: F811
+    eval_root, _ = gqa_root
+    gqa = eval_root / "gqa"
+    out = tmp_path / "compare"
+    compare([
+        "--model-path", init_checkpoint, "--question-file", str(gqa / f"{SPLIT}.jsonl"),
+        "--image-folder", str(gqa / "data" / "images"), "--truth", str(gqa / "data" / "testdev_balanced_questions.json"),
+        "--budgets", "6", "10", "--methods", "fastv", "pdrop", "random", "--calibration", "1",
+        "--thresholds", "0.0", "0.5", "1.0", "--out", str(out), "--batch-size", "2",
+    ])
+    with open(out / "comparison.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", "")] + [
+        (m, b) for b in ("6", "10") for m in ("fastv", "pdrop", "random", "dynamic")
+    ]
+    assert all(r["questions"] == "2" for r in rows)  # the calibration question is not scored
+    for row in rows[1:]:
+        if row["method"] != "dynamic":  # a prune keeps whole tokens: within one of the budget
+            assert abs(float(row["visual_tokens_avg"]) - float(row["budget"])) <= 1, row
+    by = {(r["method"], r["budget"]): r for r in rows}
+    assert by["fastv", "6"]["tflops"] == by["random", "6"]["tflops"]  # same budget, same schedule, same FLOPs
+    # Calibration: the chosen τ's average on the calibration question is the largest one not above the budget.
+    for budget in ("6", "10"):
+        tau = float(by["dynamic", budget]["setting"].removeprefix("τ="))
+        averages = {t: read_jsonl(str(out / "answers" / f"calibration-dynamic-{t:g}.jsonl"), ("question_id",))[0]["visual_tokens_avg"]
+                    for t in (0.0, 0.5, 1.0)}
+        fitting = {t: a for t, a in averages.items() if a <= float(budget)}
+        expected = max(fitting, key=fitting.get) if fitting else min(averages, key=averages.get)
+        assert averages[tau] == averages[expected]
+    assert (out / "accuracy_vs_tflops.png").stat().st_size > 0
+    assert json.loads((out / "answers" / "pdrop-budget6.settings.json").read_text())["budget"]["method"] == "pdrop"
