@@ -59,9 +59,14 @@ class CLIPVisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) pixels → (N, patches[+1], hidden) features. Frozen (as in LLaVA) unless a caller sets
         requires_grad on the tower, as the tiny world's trainer does; frozen weights build no autograd graph."""
-        images = images.to(device=self.device, dtype=self.dtype)
-        hidden_states = self.vision_tower(images, output_hidden_states=True).hidden_states[self.select_layer]
+        hidden_states = self.hidden_states(images)[self.select_layer]
         return hidden_states[:, 1:] if self.select_feature == "patch" else hidden_states
+
+    def hidden_states(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(N, 3, H, W) pixels → the (N, 1 + patches, hidden) states of the embeddings (after CLIP's pre-layernorm),
+        then of each encoder layer's output: what `select_layer` indexes."""
+        images = images.to(device=self.device, dtype=self.dtype)
+        return self.vision_tower(images, output_hidden_states=True).hidden_states
 
     @property
     def config(self) -> CLIPVisionConfig:
