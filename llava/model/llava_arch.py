@@ -11,7 +11,10 @@ from torch import nn
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import select_best_resolution
 from llava.model.multimodal_encoder.builder import build_vision_tower
+from llava.model.multimodal_encoder.visionzip import feature_layers, merge_flops, tower_flops, visionzip_features
 from llava.model.multimodal_projector.builder import build_vision_projector
+from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit.stages.visionzip import VisionZip, find_visionzip
 
 
 class LlavaMetaModel:
@@ -36,7 +39,8 @@ class MultimodalInputs:
     """Padded decoder inputs with image features spliced in.
 
     `visual_mask[b, t]` is true where position t of sample b holds an image feature: any count, any place,
-    several images per sample. Padding is where `attention_mask` is false.
+    several images per sample. Padding is where `attention_mask` is false. `vision_flops` (B,) float64: the
+    theoretical FLOPs of the images each sample uses, through the tower, VisionZip's merge and the projector.
     """
 
     inputs_embeds: torch.Tensor
@@ -44,6 +48,7 @@ class MultimodalInputs:
     position_ids: torch.LongTensor
     visual_mask: torch.Tensor
     labels: torch.LongTensor | None = None
+    vision_flops: torch.Tensor | None = None
 
 
 class LlavaMetaForCausalLM:
@@ -55,27 +60,58 @@ class LlavaMetaForCausalLM:
     def get_vision_tower(self):
         return self.get_model().get_vision_tower()
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) pixels → (N, patches, hidden) LLM-space features."""
-        return self.get_model().mm_projector(self.get_vision_tower()(images))
+    def visionzip_stage(self, exit_config: ExitConfig | None) -> VisionZip | None:
+        """The exit's VisionZip stage (the checkpoint's exit settings when the call gives none), or None: it acts
+        on the image features, before the decoder sees them."""
+        return find_visionzip((exit_config or ExitConfig.from_model_config(self.config)).stage_list)
 
-    def _image_features(self, images, image_sizes) -> list[torch.Tensor]:
-        """One (tokens, hidden) tensor per image. An image given as several views (anyres: the whole image, then
-        its tiles) is merged by `mm_patch_merge_type`: `flat` concatenates the views, `spatial*` lays the tiles
-        out as one feature map (LLaVA-NeXT)."""
+    def encode_images(self, images: torch.Tensor, visionzip: VisionZip | None = None) -> torch.Tensor:
+        """(N, 3, H, W) pixels → (N, tokens, hidden) LLM-space features: the tower's selected features, or with a
+        `visionzip` stage each view's D dominant and C contextual tokens (multimodal_encoder/visionzip.py)."""
+        tower = self.get_vision_tower()
+        if visionzip is None:
+            return self.get_model().mm_projector(tower(images))
+        features = visionzip_features(tower, images, visionzip.dominant, visionzip.contextual)
+        return self.get_model().mm_projector(features)
+
+    def _image_features(self, images, image_sizes, visionzip: VisionZip | None = None) -> tuple[list, list[int]]:
+        """One (tokens, hidden) tensor per image, and its vision FLOPs. An image given as several views (anyres:
+        the whole image, then its tiles) is merged by `mm_patch_merge_type`: `flat` concatenates the views,
+        `spatial*` lays the tiles out as one feature map (LLaVA-NeXT). VisionZip reduces each view to D + C tokens,
+        which the flat merge concatenates; the spatial merge, which needs every tile's whole patch grid, refuses it."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
-            return list(self.encode_images(images))
-        views = [image if image.ndim == 4 else image.unsqueeze(0) for image in images]
-        features = torch.split(self.encode_images(torch.cat(views)), [len(v) for v in views])
-        merge = getattr(self.config, "mm_patch_merge_type", "flat")
-        if merge == "flat":
-            return [chunk.flatten(0, 1) for chunk in features]
-        if not merge.startswith("spatial"):
+            merge, pixels, views = "flat", images, [1] * len(images)
+        else:
+            stacks = [image if image.ndim == 4 else image.unsqueeze(0) for image in images]
+            merge = getattr(self.config, "mm_patch_merge_type", "flat")
+            pixels, views = torch.cat(stacks), [len(stack) for stack in stacks]
+        if merge != "flat" and not merge.startswith("spatial"):
             raise ValueError(f"unknown mm_patch_merge_type {merge!r} (expected flat, spatial or spatial_unpad)")
+        if visionzip is not None and merge != "flat":
+            raise ValueError(
+                f"VisionZip keeps D + C tokens per view, which mm_patch_merge_type {merge!r} cannot lay out as the "
+                "tiles' feature map; use the flat merge (each view reduced on its own) or images of one view"
+            )
+        encoded = self.encode_images(pixels, visionzip)
+        flops = [self._vision_flops(count, encoded.shape[1], visionzip) for count in views]
+        features = torch.split(encoded, views)
+        if merge == "flat":
+            return [chunk.flatten(0, 1) for chunk in features], flops
         if image_sizes is None or len(image_sizes) != len(features):
             raise ValueError(f"{merge} images need image_sizes, each image's original (width, height), one per image")
         unpad = "unpad" in merge
-        return [self._spatial_features(chunk, size, unpad) for chunk, size in zip(features, image_sizes)]
+        return [self._spatial_features(chunk, size, unpad) for chunk, size in zip(features, image_sizes)], flops
+
+    def _vision_flops(self, views: int, tokens: int, visionzip: VisionZip | None) -> int:
+        """Theoretical FLOPs of an image of `views` views, each through the tower's layers up to its feature layer
+        (the stock module also runs the later ones, which nothing reads), VisionZip's merge, and the projector's
+        matmuls on the `tokens` each view gives it."""
+        config = self.get_vision_tower().config
+        tower = tower_flops(config, feature_layers(self.get_vision_tower()))
+        merge = merge_flops(config, visionzip.dominant, visionzip.contextual) if visionzip is not None else 0
+        linears = [m for m in self.get_model().mm_projector.modules() if isinstance(m, nn.Linear)]
+        projector = tokens * sum(2 * linear.in_features * linear.out_features for linear in linears)
+        return views * (tower + merge + projector)
 
     def _spatial_features(self, views: torch.Tensor, image_size: tuple[int, int], unpad: bool) -> torch.Tensor:
         """LLaVA-NeXT's token layout for one image's (1 + tiles, patches, hidden) features: the whole image's
@@ -109,6 +145,7 @@ class LlavaMetaForCausalLM:
         images=None,
         image_sizes=None,
         padding_side: str | None = None,
+        visionzip: VisionZip | None = None,
     ) -> MultimodalInputs:
         """Drop the incoming padding, splice image features in place of each `IMAGE_TOKEN_INDEX`, re-pad.
 
@@ -116,7 +153,8 @@ class LlavaMetaForCausalLM:
         (dummy, unused) image for each sample without a tag as well. Position ids restart at 0 for each
         sample's first real token. `padding_side` defaults to the config's `tokenizer_padding_side` ('right');
         generation passes 'left'. `image_sizes` holds each image's original (width, height), as LLaVA passes
-        them (PIL's `image.size`); only the `spatial*` merge (anyres) needs them.
+        them (PIL's `image.size`); only the `spatial*` merge (anyres) needs them. With a `visionzip` stage each
+        image view enters as its D + C VisionZip tokens.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -127,8 +165,10 @@ class LlavaMetaForCausalLM:
         sample_ids = [ids[mask] for ids, mask in zip(input_ids, attention_mask)]
         sample_labels = [None] * len(sample_ids) if labels is None else [lab[mask] for lab, mask in zip(labels, attention_mask)]
         tags_per_sample = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in sample_ids]
-        features = self._image_features(images, image_sizes) if images is not None and len(images) > 0 else []
+        has_images = images is not None and len(images) > 0
+        features, flops = self._image_features(images, image_sizes, visionzip) if has_images else ([], [])
         feature_queue = self._assign_images(features, tags_per_sample)
+        sample_flops = [sum(image_flops) for image_flops in self._assign_images(flops, tags_per_sample)]
 
         embed_tokens = self.get_model().embed_tokens
         embeds, sample_visual, new_labels = [], [], []
@@ -151,11 +191,14 @@ class LlavaMetaForCausalLM:
             sample_visual.append(torch.cat(visual)[:max_length])
             new_labels.append(torch.cat(piece_labels)[:max_length] if sample_label is not None else None)
 
-        return _pad_samples(embeds, sample_visual, new_labels if labels is not None else None, padding_side)
+        inputs = _pad_samples(embeds, sample_visual, new_labels if labels is not None else None, padding_side)
+        inputs.vision_flops = torch.tensor(sample_flops, dtype=torch.float64, device=inputs.inputs_embeds.device)
+        return inputs
 
     @staticmethod
-    def _assign_images(features: list[torch.Tensor], tags_per_sample: list[int]) -> list[list[torch.Tensor]]:
-        """Split the flat image list into the images each sample uses, checking the counts first."""
+    def _assign_images(features: list, tags_per_sample: list[int]) -> list[list]:
+        """Split the flat list of images (or of anything per image) into those each sample uses, checking the
+        counts first."""
         tags = sum(tags_per_sample)
         with_dummies = sum(max(count, 1) for count in tags_per_sample)
         if len(features) == tags:

@@ -68,8 +68,11 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         """LLaVA's forward. With `gate_training_layer` k it is a gate-training step instead: the loss of gate k
         against labels from the two continuations after layer k (see visual_exit.training)."""
         cache = take_cache(kwargs, cache)
+        mm = None
         if inputs_embeds is None and _needs_multimodal_inputs(input_ids, images):
-            mm = self.prepare_inputs_labels_for_multimodal(input_ids, attention_mask, labels, images, image_sizes)
+            mm = self.prepare_inputs_labels_for_multimodal(
+                input_ids, attention_mask, labels, images, image_sizes, visionzip=self.visionzip_stage(exit_config)
+            )
             input_ids, inputs_embeds, labels, visual_mask = None, mm.inputs_embeds, mm.labels, mm.visual_mask
             attention_mask, position_ids = mm.attention_mask, mm.position_ids
         if gate_training_layer is not None:
@@ -90,6 +93,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             **cache_argument(cache),
             **kwargs,
         )
+        if outputs.exit_stats is not None:  # ExitStats knows the decoder only; the vision side's cost rides along
+            outputs.exit_stats.vision_flops = mm.vision_flops if mm is not None else None
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
         loss = None
@@ -116,7 +121,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         """LLaVA's generate: prompts with `IMAGE_TOKEN_INDEX` placeholders in, only the new tokens out.
 
         The batch is re-padded on the left, whatever padding it came with, so batched decoding is right. With
-        `return_dict_in_generate=True` the output also carries the prefill's `exit_stats`.
+        `return_dict_in_generate=True` the output also carries the prefill's `exit_stats`, with the images'
+        `vision_flops` per returned sequence.
         """
         if "inputs_embeds" in kwargs:
             raise NotImplementedError("pass input_ids (with IMAGE_TOKEN_INDEX placeholders), not inputs_embeds")
@@ -126,7 +132,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         if kwargs.get("use_cache") is False:
             raise ValueError("generate decodes with a VisualExitCache; use_cache=False is not supported")
         mm = self.prepare_inputs_labels_for_multimodal(
-            inputs, kwargs.pop("attention_mask", None), None, images, image_sizes, padding_side="left"
+            inputs, kwargs.pop("attention_mask", None), None, images, image_sizes, padding_side="left",
+            visionzip=self.visionzip_stage(exit_config),
         )
         cache = take_cache(kwargs) or VisualExitCache(config=self.config)
         output = super().generate(
@@ -137,7 +144,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             **cache_argument(cache),
             **kwargs,
         )
-        return with_exit_stats(output, cache.exit_stats, len(inputs))
+        output = with_exit_stats(output, cache.exit_stats, len(inputs))
+        if not isinstance(output, torch.Tensor):  # returned sequences come grouped by prompt
+            output.exit_stats.vision_flops = mm.vision_flops.repeat_interleave(len(output.sequences) // len(inputs))
+        return output
 
 
 def _needs_multimodal_inputs(input_ids: torch.LongTensor | None, images) -> bool:
