@@ -30,15 +30,22 @@ def last_token_attention(
     slots = torch.arange(length, device=valid.device)
     last = torch.where(valid, slots, -1).amax(dim=1)
     rows = torch.arange(batch, device=valid.device)
-    normed = layer.input_layernorm(hidden)
-    query = attention.q_proj(normed[rows, last]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+    normed_last = layer.input_layernorm(hidden[rows, last])  # a per-token norm: the query row needs only its own
+    query = attention.q_proj(normed_last).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
     cos, sin = position_embeddings
     query, _ = apply_rotary_pos_emb(query, query, cos[rows, last][:, None], sin[rows, last][:, None])
     if keys is None:
-        keys = attention.k_proj(normed).view(batch, length, -1, attention.head_dim).transpose(1, 2)
-        keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+        keys = rotated_keys(layer, hidden, position_embeddings)
     key = repeat_kv(keys, attention.num_key_value_groups)
     scores = (query.float() @ key.float().transpose(-1, -2)).squeeze(2) * attention.scaling
     # The last token is the last valid slot, so the valid keys are exactly those its causal mask allows.
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     return scores.softmax(dim=-1).mean(dim=1)
+
+
+def rotated_keys(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """(B, kv heads, T, head dim): the keys `layer` (Llama interface) caches for its input `hidden`, after RoPE."""
+    attention = layer.self_attn
+    keys = attention.k_proj(layer.input_layernorm(hidden)).view(*hidden.shape[:2], -1, attention.head_dim)
+    cos, sin = position_embeddings
+    return apply_rotary_pos_emb(keys.transpose(1, 2), keys.transpose(1, 2), cos, sin)[0]

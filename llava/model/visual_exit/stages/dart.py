@@ -26,21 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from llava.model.visual_exit.scorers.fastv import rotated_keys
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number
 from llava.model.visual_exit.stages.prune import outside_top, record_pruning
 from llava.model.visual_exit.tokens import TokenLayout
 
 IMAGE_PIVOTS = TEXT_PIVOTS = 4
-
-
-def rotated_keys(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """(B, kv heads, T, head dim): the keys `layer` (Llama interface) caches for its input `hidden`, after RoPE."""
-    attention = layer.self_attn
-    keys = attention.k_proj(layer.input_layernorm(hidden)).view(*hidden.shape[:2], -1, attention.head_dim)
-    cos, sin = position_embeddings
-    return apply_rotary_pos_emb(keys.transpose(1, 2), keys.transpose(1, 2), cos, sin)[0]
 
 
 def highest(scores: torch.Tensor, eligible: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
