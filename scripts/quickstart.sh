@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DyVTE end to end on the tiny world, on a laptop CPU: set up .venv, generate the world, add gates to the world's
 # trained LLaVA (init_weight.py), train them (finetune_visual_gate.sh), evaluate GQA-style with no exit, dynamic
-# exit at several thresholds, fixed exit after every K, FastV at several ratios and dynamic+FastV, then print one
+# exit at several thresholds, fixed exit after every K, FastV at several ratios, dynamic+FastV and the reduction
+# methods at equal visual budgets, then print one
 # table and plot accuracy against cost.
 #
 # Every knob is an environment variable (defaults in brackets):
@@ -10,6 +11,7 @@
 #   GATE_STEPS [1500]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
 #   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
 #   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
+#   METHODS ["fastv pdrop random"] at BUDGETS ["48 96"] equivalent visual tokens (of 196 per image)
 #   EVAL_BATCH_SIZE [32]   RESULTS [./playground/quickstart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +35,8 @@ FASTV_LAYER=${FASTV_LAYER:-2}
 FASTV_RATIOS=${FASTV_RATIOS:-0.5 0.75 0.9}
 DYNAMIC_FASTV_THRESHOLDS=${DYNAMIC_FASTV_THRESHOLDS:-0.99}
 DYNAMIC_FASTV_RATIO=${DYNAMIC_FASTV_RATIO:-0.5}
+METHODS=${METHODS:-fastv pdrop random}   # reduction methods run at each visual budget (equivalent tokens)
+BUDGETS=${BUDGETS:-48 96}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-32}
 RESULTS=${RESULTS:-./playground/quickstart}
 export PYTHON
@@ -60,13 +64,14 @@ MODEL_PATH=$INIT_MODEL DATA_PATH=$WORLD/train_single_turn.json IMAGE_FOLDER=$WOR
     BATCH_SIZE=$GATE_BATCH_SIZE LEARNING_RATE=$GATE_LEARNING_RATE WORKERS=2 \
     bash scripts/v1_5/finetune_visual_gate.sh --max_steps "$GATE_STEPS" --disable_tqdm False --logging_steps 250
 
-echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS}, FastV K=$FASTV_LAYER R ∈ {$FASTV_RATIOS}, dynamic+FastV τ ∈ {$DYNAMIC_FASTV_THRESHOLDS} =="
+echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS}, FastV K=$FASTV_LAYER R ∈ {$FASTV_RATIOS}, dynamic+FastV τ ∈ {$DYNAMIC_FASTV_THRESHOLDS}, {$METHODS} at budgets {$BUDGETS} =="
 ANSWERS_ROOT=$WORLD/eval/gqa/answers/llava_gqa_testdev_balanced/quickstart
 rm -rf "$ANSWERS_ROOT"  # answers of an earlier gate model must not be resumed
-evaluate() {  # evaluate RUN_NAME EXIT_MODE [EXIT_LAYER] [EXIT_THRESHOLD] [FASTV_K] [FASTV_R]
+evaluate() {  # evaluate RUN_NAME EXIT_MODE [EXIT_LAYER] [EXIT_THRESHOLD] [FASTV_K] [FASTV_R] [METHOD BUDGET]
     echo "-- $1"
     MODEL_PATH=$GATED_MODEL EVAL_ROOT=$WORLD/eval CKPT=quickstart/$1 BATCH_SIZE=$EVAL_BATCH_SIZE \
-        EXIT_MODE=$2 EXIT_LAYER=${3:-} EXIT_THRESHOLD=${4:-} FASTV_K=${5:-} FASTV_R=${6:-} bash scripts/v1_5/eval/gqa.sh
+        EXIT_MODE=$2 EXIT_LAYER=${3:-} EXIT_THRESHOLD=${4:-} FASTV_K=${5:-} FASTV_R=${6:-} \
+        EXIT_METHOD=${7:-} VISUAL_BUDGET=${8:-} bash scripts/v1_5/eval/gqa.sh
 }
 evaluate none none
 for tau in $THRESHOLDS; do evaluate "dynamic-$tau" dynamic "" "$tau"; done
@@ -74,6 +79,10 @@ for k in $FIXED_LAYERS; do evaluate "fixed-$k" fixed "$k"; done
 for r in $FASTV_RATIOS; do evaluate "fastv-$FASTV_LAYER-$r" fastv "" "" "$FASTV_LAYER" "$r"; done
 for tau in $DYNAMIC_FASTV_THRESHOLDS; do
     evaluate "dynamic+fastv-$tau-$FASTV_LAYER-$DYNAMIC_FASTV_RATIO" dynamic+fastv "" "$tau" "$FASTV_LAYER" "$DYNAMIC_FASTV_RATIO"
+done
+
+for budget in $BUDGETS; do
+    for method in $METHODS; do evaluate "$method-budget$budget" "" "" "" "" "" "$method" "$budget"; done
 done
 
 echo "== results ($(( (SECONDS - started) / 60 )) min) =="

@@ -28,14 +28,17 @@ def test_quickstart_reduced(tmp_path):
         WORLD=str(world), TRAIN_IMAGES="64", TEST_IMAGES="48", BASE_MODEL=BASE_MODEL,
         INIT_MODEL=str(tmp_path / "init"), GATED_MODEL=str(tmp_path / "gated"), GATE_STEPS="3", GATE_BATCH_SIZE="4",
         THRESHOLDS="0.5", FIXED_LAYERS="0 2", FASTV_LAYER="2", FASTV_RATIOS="0 1", DYNAMIC_FASTV_THRESHOLDS="0.5",
-        EVAL_BATCH_SIZE="16", RESULTS=str(results),
+        METHODS="fastv pdrop", BUDGETS="48", EVAL_BATCH_SIZE="16", RESULTS=str(results),
     )
     run = subprocess.run(["bash", os.path.join(ROOT, "scripts/quickstart.sh")], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "gated" / "visual_gates.safetensors").is_file()
 
     rows = table_rows((results / "table.md").read_text())
-    assert list(rows) == ["none", "dynamic-0.5", "fixed-0", "fixed-2", "fastv-2-0", "fastv-2-1", "dynamic+fastv-0.5-2-0.5"]
+    assert list(rows) == [
+        "none", "dynamic-0.5", "fixed-0", "fixed-2", "fastv-2-0", "fastv-2-1", "dynamic+fastv-0.5-2-0.5",
+        "fastv-budget48", "pdrop-budget48",
+    ]
     truth = json.loads((world / TEST_TRUTH).read_text())
     answers_root = world / "eval/gqa/answers/llava_gqa_testdev_balanced/quickstart"
     for name, (accuracy, _, exit_layer, _, reduction) in rows.items():
@@ -51,6 +54,8 @@ def test_quickstart_reduced(tmp_path):
     assert rows["fastv-2-0"] == rows["none"]
     assert rows["fastv-2-1"] == rows["fixed-2"]
     assert 0.0 < reductions["dynamic+fastv-0.5-2-0.5"]
+    # One budget, one cost: 48 of 196 visual tokens on average, whichever layers each method prunes at.
+    assert abs(reductions["fastv-budget48"] - reductions["pdrop-budget48"]) < 2.0
     # The committed model reads the image: without its visual tokens (fixed-0) it falls back to text priors.
     assert float(rows["none"][0]) >= float(rows["fixed-0"][0]) + 10
 
