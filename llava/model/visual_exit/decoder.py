@@ -193,7 +193,8 @@ class VisualExitDecoderMixin:
             drop = None
             if policy is not None:
                 cached_keys = cache.layers[index].keys if cache is not None else None  # FastV reads them, not recomputes
-                drop = policy.drop_after(LayerStep(index, self.layers[index], layer_input, hidden, cached_keys, self), layout)
+                step = LayerStep(index, self.layers[index], layer_input, hidden, cached_keys, self)
+                drop, hidden = policy.drop_after(step, layout)  # hidden: with the states stages rewrote
             if drop is not None:
                 hidden, layout = layout.drop(hidden, drop)
         return hidden, layout

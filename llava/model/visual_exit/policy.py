@@ -7,6 +7,7 @@ from torch import nn
 
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.stages import ExitState, LayerStep, Stage
+from llava.model.visual_exit.stages.base import Rewrite
 from llava.model.visual_exit.stages.prune import Prune
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -29,11 +30,18 @@ class ExitPolicy:
     def drop_before_first_layer(self, layout: TokenLayout) -> torch.Tensor | None:
         return _union(stage.before_first_layer(self.state, layout) for stage in self.stages)
 
-    def drop_after(self, step: LayerStep, layout: TokenLayout) -> torch.Tensor | None:
-        """Slots to drop after the decoder layer `step` describes, or None."""
+    def drop_after(self, step: LayerStep, layout: TokenLayout) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Slots to drop after the decoder layer `step` describes (or None), and the states that go on: the
+        layer's output, with the slots stages rewrote (`Rewrite`) in their new states. Every stage decides on the
+        layer's own output."""
         if not self.state.any_active:
-            return None
-        return _union(stage.after_layer(step, self.state, layout) for stage in self.stages)
+            return None, step.output
+        decisions = [stage.after_layer(step, self.state, layout) for stage in self.stages]
+        hidden = step.output
+        for decision in decisions:
+            if isinstance(decision, Rewrite):
+                hidden = torch.where(decision.rewritten[..., None], decision.states, hidden)
+        return _union(d.drop if isinstance(d, Rewrite) else d for d in decisions), hidden
 
     @property
     def gate_evaluations(self) -> torch.Tensor:

@@ -38,12 +38,24 @@ class ExitState:
         self.exit_layer = torch.where(self.has_visual, num_layers, 0)
         self.pruned_visual = torch.zeros_like(self.num_visual)
         self.any_active = bool(self.has_visual.any())
+        self.memory: dict = {}  # what a stage keeps from one layer for a later one of this prefill, under its key
 
     def exit(self, exiting: torch.Tensor, layer: int, layout: TokenLayout) -> torch.Tensor:
         """Samples `exiting` (B,) lose their visual tokens after `layer` layers; their visual slots (B, T)."""
         self.exit_layer = torch.where(exiting, layer, self.exit_layer)
         self.active = self.active & ~exiting  # not in place: `exiting` may be `self.active` itself
         return layout.visual & exiting[:, None]
+
+
+@dataclass
+class Rewrite:
+    """A stage's decision that, besides the visual slots that leave (`drop`, (B, T)), gives some slots that stay
+    new hidden states from the next layer on: `rewritten` (B, T) and their `states` (B, T, H), read only there
+    (SparseVLM's recycled clusters). A bare drop mask is the decision that rewrites nothing."""
+
+    drop: torch.Tensor
+    rewritten: torch.Tensor
+    states: torch.Tensor
 
 
 def spec_number(text: str, kind: type, lowest: float, highest: float = float("inf")) -> int | float:
@@ -58,8 +70,9 @@ def spec_number(text: str, kind: type, lowest: float, highest: float = float("in
 
 
 class Stage:
-    """One decision source of an exit: before layer 0 and after each layer, the visual slots that leave (or None).
-    `usage` is its spec (`name:ARG:...`); `parse` builds it from the spec's arguments."""
+    """One decision source of an exit: before layer 0 and after each layer, the visual slots that leave (or None;
+    after a layer, a `Rewrite` when kept slots also get new states). `usage` is its spec (`name:ARG:...`);
+    `parse` builds it from the spec's arguments."""
 
     usage = ""
 
@@ -69,5 +82,5 @@ class Stage:
     def before_first_layer(self, state: ExitState, layout: TokenLayout) -> torch.Tensor | None:
         return None
 
-    def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout) -> torch.Tensor | None:
+    def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout) -> torch.Tensor | Rewrite | None:
         raise NotImplementedError
