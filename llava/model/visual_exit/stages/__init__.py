@@ -8,16 +8,18 @@ from llava.model.visual_exit.stages.dart import Dart
 from llava.model.visual_exit.stages.fixed import FixedExit
 from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.stages.prune import Prune
-from llava.model.visual_exit.stages.visionzip import VisionZip
 from llava.model.visual_exit.stages.pyramid import PyramidDrop
+from llava.model.visual_exit.stages.sparsevlm import SparseVLM
+from llava.model.visual_exit.stages.visionzip import VisionZip
 
 STAGES: dict[str, type[Stage]] = {
     "fixed": FixedExit,
     "gates": GateExit,
     "prune": Prune,
-    "visionzip": VisionZip,
     "pdrop": PyramidDrop,
     "dart": Dart,
+    "visionzip": VisionZip,
+    "sparsevlm": SparseVLM,
 }
 
 
