@@ -316,3 +316,10 @@ def test_stage_list_with_random_pruning_equals_seeded_oracle_and_each_alone(fami
         single = forward(model, alone, config)
         valid = inputs["attention_mask"][b].bool()
         assert (ours.logits[b, valid] - single.logits[0]).abs().max() <= TOLERANCE
+
+
+def test_visionzip_is_refused_outside_our_llava_class(family):
+    name, stock, model = family
+    inputs = batch(name, stock, samples_for(name)[:1])
+    with pytest.raises(ValueError, match="needs our LLaVA class"):
+        model(**inputs, exit_config=ExitConfig("stages", stages="visionzip:2:1"))

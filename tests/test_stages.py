@@ -113,7 +113,7 @@ def test_cached_decode_equals_recompute_with_two_random_prune_stages(loaded, ima
 
 def test_stage_specs_say_what_is_wrong():
     for spec, message in [
-        ("prune:nope:2:0.5", "unknown scorer 'nope'; known: fastv, random"),
+        ("prune:nope:2:0.5", "unknown scorer 'nope'; known: fastv, pdrop, random"),
         ("gates", "expected gates:τ"),
         ("prune:fastv:2:1.5", "1.5 lies outside [0, 1]"),
         ("skip:2", "unknown exit stage 'skip'"),

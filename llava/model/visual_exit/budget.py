@@ -9,7 +9,8 @@ Each method's free setting is solved for that average, with its paper's fixed se
 - `pdrop`: boundaries [2, 8, 16] (the authors' advice for budgets below its default's 270), λ solved;
 - `dart`: after K = 2 layers it keeps M + 4 tokens (its 8 pivots' greedy picks plus the 4 image pivots);
 - `visionzip`: every layer sees D + C = T tokens, split 54 : 10 as its 64-token setting;
-- `sparsevlm`: layers [2, 6, 15] with v1.5's keep counts for 128 tokens, scaled to the budget;
+- `sparsevlm`: layers [2, 6, 15] (0-based; each prunes its own output) with v1.5's keep counts for 128 tokens,
+  scaled to the budget (its recycled cluster means count as tokens, as SparseVLM counts them);
 - `fixed`: the exit layer k with k·n = L·T (the budget's compute as a whole-image exit).
 `dynamic` (DyVTE's gates) has no setting that fixes its average in advance: its threshold is calibrated on data
 (llava.analysis.compare).
@@ -71,8 +72,9 @@ def _pdrop_average(boundaries: list[int], ratio: float, n: int, layers: int) -> 
 
 
 def _sparsevlm_average(boundaries: list[int], scale: float, n: int, layers: int) -> float:
-    edges = boundaries + [layers]
-    total = boundaries[0] * n
+    """SparseVLM's layers are 0-based and prune their own output: layer ℓ still sees every token."""
+    edges = [layer + 1 for layer in boundaries] + [layers]
+    total = edges[0] * n
     for count, (start, end) in zip(_SPARSEVLM_COUNTS_128, zip(edges, edges[1:])):
         total += (end - start) * min(max(1, round(count * scale)), n - 1)
     return total / layers

@@ -37,6 +37,9 @@ class ExitStats:
     pruned_visual_tokens: torch.Tensor
     prune_layer: int
     layer_tokens: torch.Tensor
+    # Set by a model that encodes the images itself (our LLaVA): the vision side's theoretical FLOPs per sample,
+    # apart from the LM's (`prefill_flops`); VisionZip changes both.
+    vision_flops: torch.Tensor | None = None
 
     def select_rows(self, rows: torch.Tensor) -> ExitStats:
         """These statistics for the given batch rows (e.g. one per returned sequence after beam search)."""

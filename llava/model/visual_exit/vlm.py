@@ -26,6 +26,7 @@ from llava.model.visual_exit.cache import VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.decoder import ExitRequest, VisualExitDecoderMixin
 from llava.model.visual_exit.gate import build_visual_gates, init_gate_weights
+from llava.model.visual_exit.stages.visionzip import find_visionzip
 from llava.model.visual_exit.generation import with_exit_stats
 from llava.model.visual_exit.training import ExitLabelRule, gate_training_pass
 
@@ -183,6 +184,8 @@ class VisualExitVLMMixin:
         GateTrainingOutput with the loss of gate k."""
         if input_ids is None and kwargs.get("inputs_embeds") is not None:
             raise NotImplementedError("visual exit finds the visual tokens by their ids: pass input_ids, not inputs_embeds")
+        if exit_config is not None and find_visionzip(exit_config.stage_list) is not None:
+            raise ValueError("visionzip:D:C needs our LLaVA class: transformers' VLM classes encode images in their own forward")
         request = ExitRequest(None if input_ids is None else self.visual_mask(input_ids), exit_config)
         if gate_training_layer is not None:
             labels = kwargs.pop("labels")
