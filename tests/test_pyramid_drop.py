@@ -153,3 +153,11 @@ def test_pdrop_layer_beyond_the_model_is_refused(loaded, images):
     ids, mask = batch_inputs(tokenizer, PROMPTS[:1])
     with pytest.raises(ValueError, match="exceeds the model's 4 layers"):
         run(model, ids, mask, images[:1], pdrop((2, 8), 0.5))
+
+
+def test_prune_layer_is_the_first_boundary(loaded, images):
+    tokenizer, model, _, _ = loaded
+    ids, mask = batch_inputs(tokenizer, PROMPTS[:1])
+    assert run(model, ids, mask, images[:1], pdrop((2, 3), 0.5)).exit_stats.prune_layer == 2
+    dart = run(model, ids, mask, images[:1], ExitConfig("stages", stages="dart:1:8")).exit_stats
+    assert dart.prune_layer == 1

@@ -8,7 +8,6 @@ from torch import nn
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.stages import ExitState, LayerStep, Stage
 from llava.model.visual_exit.stages.base import Rewrite
-from llava.model.visual_exit.stages.prune import Prune
 from llava.model.visual_exit.tokens import TokenLayout
 
 
@@ -22,7 +21,7 @@ class ExitPolicy:
         self.stages: tuple[Stage, ...] = config.stage_list
         self.state = ExitState(layout, num_layers, gates)
         self.state.any_active &= bool(self.stages)
-        prune_layers = [s.layer for s in self.stages if isinstance(s, Prune) and s.layer < num_layers]
+        prune_layers = [layer for s in self.stages for layer in s.pruning_layers if layer < num_layers]
         self.prune_layer = min(prune_layers, default=num_layers)  # the first layer after which tokens are pruned
         self.gated = config.uses_gates
         self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)

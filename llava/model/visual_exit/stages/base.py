@@ -79,6 +79,11 @@ class Stage:
     def check(self, num_layers: int, has_gates: bool) -> None:
         """Raise ValueError when this stage cannot run on the model."""
 
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        """The layer counts after which this stage prunes some visual tokens (ExitStats.prune_layer: the first)."""
+        return ()
+
     def before_first_layer(self, state: ExitState, layout: TokenLayout) -> torch.Tensor | None:
         return None
 

@@ -63,6 +63,10 @@ class Dart(Stage):
         layer, budget = args
         return cls(spec_number(layer, int, 1), spec_number(budget, int, 0))
 
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
     def check(self, num_layers: int, has_gates: bool) -> None:
         if self.layer > num_layers:
             raise ValueError(f"dart layer {self.layer} exceeds the model's {num_layers} layers")

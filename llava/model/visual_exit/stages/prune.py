@@ -48,6 +48,10 @@ class Prune(Stage):
             raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
         return cls(scorer, spec_number(layer, int, 1), spec_number(ratio, float, 0.0, 1.0))
 
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
     def check(self, num_layers: int, has_gates: bool) -> None:
         if self.layer > num_layers:
             raise ValueError(f"prune layer {self.layer} exceeds the model's {num_layers} layers")

@@ -30,6 +30,10 @@ class PyramidDrop(Stage):
             raise ValueError(f"layers {layers_text} must increase")
         return cls(layers, spec_number(ratio, float, 0.0, 1.0))
 
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        return self.layers
+
     def check(self, num_layers: int, has_gates: bool) -> None:
         if self.layers[-1] > num_layers:
             raise ValueError(f"pdrop layer {self.layers[-1]} exceeds the model's {num_layers} layers")
