@@ -1,10 +1,10 @@
-"""SparseVLM (`sparsevlm:LAYERS:COUNTS:recycle|drop`) against its definition, recomputed here in plain torch and
-Python loops on the stock layers (docs/DESIGN.md §2): raters from the input embeddings; at each pruning layer ℓ the
-raters' rows of transformers' own eager attention map of layer ℓ, on the sequence with the earlier decisions in
-force, rank the visual tokens; the recycled ones are clustered by DPC-kNN written out pair by pair. The oracle runs
-the stock layers on the full sequence with the keys of the tokens that left masked after their layer and, after
-layer ℓ, each cluster center's state replaced by its members' mean (a forward hook). On our LLaVA class and on
-transformers' llava-hf and Qwen2-VL (M-RoPE) classes."""
+"""SparseVLM (`sparsevlm:LAYERS:COUNTS`, recycling; `sparsevlm-drop:LAYERS:COUNTS`, without) against its
+definition, recomputed here in plain torch and Python loops on the stock layers (docs/DESIGN.md §2): raters from
+the input embeddings; at each pruning layer ℓ the raters' rows of transformers' own eager attention map of layer ℓ,
+on the sequence with the earlier decisions in force, rank the visual tokens; the recycled ones are clustered by
+DPC-kNN written out pair by pair. The oracle runs the stock layers on the full sequence with the keys of the tokens
+that left masked after their layer and, after layer ℓ, each cluster center's state replaced by its members' mean
+(a forward hook). On our LLaVA class and on transformers' llava-hf and Qwen2-VL (M-RoPE) classes."""
 
 import math
 from contextlib import contextmanager
@@ -29,7 +29,8 @@ TOLERANCE = 1e-5
 
 
 def sparsevlm(layers, counts, mode):
-    return ExitConfig("stages", stages=f"sparsevlm:{'-'.join(map(str, layers))}:{'-'.join(map(str, counts))}:{mode}")
+    name = "sparsevlm" if mode == "recycle" else "sparsevlm-drop"
+    return ExitConfig("stages", stages=f"{name}:{'-'.join(map(str, layers))}:{'-'.join(map(str, counts))}")
 
 
 def reference_raters(embeddings, valid, visual):
@@ -207,8 +208,8 @@ def test_llava_equals_definition(loaded, images, kept_slots, mode, attn, padding
 
 
 def test_counts_beyond_the_visual_tokens_keep_all_but_one(loaded, images):
-    """min(count, n_v − 1): `drop` loses the lowest-scored token per pruning layer; with `recycle` that one is its
-    own cluster and stays as it was, so the model is mode none."""
+    """min(count, n_v − 1): `sparsevlm-drop` loses the lowest-scored token per pruning layer; recycled, that one is
+    its own cluster and stays as it was, so the model is mode none."""
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, LLAVA_PROMPTS, "left")
     pixels = images_for(images, LLAVA_PROMPTS)
@@ -315,20 +316,19 @@ def test_family_equals_definition_and_batch_equals_alone(kept_slots, name, mode)
 
 def test_specs_say_what_is_wrong(loaded, images):
     for spec, message in [
-        ("sparsevlm:2-6-15:300-200-110", "expected sparsevlm:LAYERS:COUNTS:recycle|drop"),
-        ("sparsevlm:2-6-15:300-200:recycle", "3 layers need 3 keep counts, got 300-200"),
-        ("sparsevlm:6-2:300-200:recycle", "layers 6-2 must increase"),
-        ("sparsevlm:2-2:300-200:drop", "layers 2-2 must increase"),
-        ("sparsevlm:2:-1:drop", "keep counts '-1': expected non-negative integers joined by '-'"),
-        ("sparsevlm:2-:1:drop", "layers '2-': expected"),
-        ("sparsevlm:two:1:drop", "'two' is not an integer"),
-        ("sparsevlm:2:1:merge", "'merge' is neither recycle"),
+        ("sparsevlm:2-6-15:300-200-110:drop", "expected sparsevlm:LAYERS:COUNTS"),
+        ("sparsevlm-drop:2-6-15", "expected sparsevlm-drop:LAYERS:COUNTS"),
+        ("sparsevlm:2-6-15:300-200", "3 layers need 3 keep counts, got 300-200"),
+        ("sparsevlm:6-2:300-200", "layers 6-2 must increase"),
+        ("sparsevlm-drop:2-2:300-200", "layers 2-2 must increase"),
+        ("sparsevlm:2:-1", "keep counts '-1': expected non-negative integers joined by '-'"),
+        ("sparsevlm:2-:1", "layers '2-': expected"),
+        ("sparsevlm-drop:two:1", "'two' is not an integer"),
     ]:
-        with pytest.raises(ValueError, match=message.replace("|", r"\|")):
+        with pytest.raises(ValueError, match=message):
             ExitConfig("stages", stages=spec)
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, PROMPTS[:1])
     with pytest.raises(ValueError, match=r"sparsevlm layer 4 is not one of the model's layers 0\.\.3"):
         run(model, ids, mask, images[:1], sparsevlm((1, 4), (8, 4), "drop"))
-    label = ExitConfig("stages", stages="sparsevlm:2-6-15:300-200-110:recycle").label
-    assert label == "sparsevlm-2-6-15-300-200-110-recycle"
+    assert ExitConfig("stages", stages="sparsevlm:2-6-15:300-200-110").label == "sparsevlm-2-6-15-300-200-110"

@@ -9,7 +9,7 @@ from llava.model.visual_exit.stages.fixed import FixedExit
 from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.stages.prune import Prune
 from llava.model.visual_exit.stages.pyramid import PyramidDrop
-from llava.model.visual_exit.stages.sparsevlm import SparseVLM
+from llava.model.visual_exit.stages.sparsevlm import SparseVLM, SparseVLMWithoutRecycling
 from llava.model.visual_exit.stages.visionzip import VisionZip
 
 STAGES: dict[str, type[Stage]] = {
@@ -20,6 +20,7 @@ STAGES: dict[str, type[Stage]] = {
     "dart": Dart,
     "visionzip": VisionZip,
     "sparsevlm": SparseVLM,
+    "sparsevlm-drop": SparseVLMWithoutRecycling,
 }
 
 

@@ -1,4 +1,5 @@
-"""`sparsevlm:LAYERS:COUNTS:recycle|drop` (SparseVLM v1.5, Zhang et al. 2025): text-guided pruning inside the LLM.
+"""`sparsevlm:LAYERS:COUNTS` (SparseVLM v1.5, Zhang et al. 2025): text-guided pruning inside the LLM, with recycling;
+`sparsevlm-drop:LAYERS:COUNTS` the same without it.
 
 1. Raters, chosen once from the LLM's input embeddings (layer 0's input) E: with V the sample's visual tokens and T
    the text after its last visual token, M = E_V·E_Tᵀ, softmax over the text, mean over the visual tokens; the
@@ -9,17 +10,18 @@
    its fast kernel and no (T x T) map is made. Layer ℓ and its cache see every token; its output keeps each
    sample's min(count, n_v − 1) best-scored visual tokens (COUNTS, one per layer; n_v its current visual count,
    recycled ones included), as SparseVLM does; in prune/pdrop terms, pruning after the first ℓ + 1 layers.
-3. `recycle` (v1.5): the ⌊0.3·n_drop⌋ + 1 best-scored of the n_drop pruned tokens are clustered by DPC-kNN
+3. Recycling (v1.5): the ⌊0.3·n_drop⌋ + 1 best-scored of the n_drop pruned tokens are clustered by DPC-kNN
    (`density_peak_centers`, on layer ℓ's output) into ⌊n/10⌋ + 1 clusters. Each cluster's center slot stays, at
    its own RoPE position (the exit keeps positions and only removes slots), with its state replaced by the uniform
-   mean of its members; the other members leave. `drop` (SparseVLM v2.0's choice): the pruned tokens just leave.
+   mean of its members; the other members leave. `sparsevlm-drop` (SparseVLM v2.0's choice, without v2.0's other
+   changes): the pruned tokens just leave.
 
-LLaVA-1.5's budgets (SparseVLM v1.5's `score.py`): 192 tokens `sparsevlm:2-6-15:300-200-110:recycle`, 128
-`...:303-110-36:recycle`, 64 `...:66-30-17:recycle`.
+LLaVA-1.5's budgets (SparseVLM v1.5's `score.py`): 192 tokens `sparsevlm:2-6-15:300-200-110`, 128
+`sparsevlm:2-6-15:303-110-36`, 64 `sparsevlm:2-6-15:66-30-17`.
 
-Edge cases: a count ≥ n_v keeps all but the lowest-scored one (SparseVLM's min(count, n_v − 1)); with `recycle`
+Edge cases: a count ≥ n_v − 1 keeps all but the lowest-scored token (SparseVLM's min(count, n_v − 1)); recycled,
 that one is its own cluster, so nothing changes. A sample with no text after its visual tokens has no raters and
-keeps them all. Without recycling a sample left with no visual token has exited after ℓ + 1 layers; `recycle` keeps
+keeps them all. Without recycling a sample left with no visual token has exited after ℓ + 1 layers; recycling keeps
 at least one center. Pruned counts the slots that left (merged members included). Layer ℓ = L − 1 changes nothing
 (nothing runs after it). Sliding-window layers: the rater rows see every earlier key, as FastV's row does.
 Deterministic: ties, wherever they occur, go to the earlier token. DPC-kNN's 1e-6 random density noise is dropped;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
@@ -43,27 +46,24 @@ from llava.model.visual_exit.stages.prune import outside_top, record_pruning
 from llava.model.visual_exit.tokens import TokenLayout
 
 RECYCLED_SHARE = 0.3  # of the pruned tokens, the best-scored share (+1) that is clustered
-MODES = {"recycle": True, "drop": False}
 
 
 @dataclass(frozen=True)
 class SparseVLM(Stage):
     layers: tuple[int, ...]
     counts: tuple[int, ...]
-    recycle: bool
-    usage = "sparsevlm:LAYERS:COUNTS:recycle|drop"
+    recycle: ClassVar[bool] = True
+    usage = "sparsevlm:LAYERS:COUNTS"
 
     @classmethod
     def parse(cls, args: list[str]) -> SparseVLM:
-        layers_text, counts_text, mode = args
+        layers_text, counts_text = args
         layers, counts = spec_integers(layers_text, "layers"), spec_integers(counts_text, "keep counts")
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers {layers_text} must increase")
         if len(counts) != len(layers):
             raise ValueError(f"{len(layers)} layers need {len(layers)} keep counts, got {counts_text}")
-        if mode not in MODES:
-            raise ValueError(f"{mode!r} is neither recycle (v1.5: pruned tokens merged into clusters) nor drop")
-        return cls(layers, counts, MODES[mode])
+        return cls(layers, counts)
 
     def check(self, num_layers: int, has_gates: bool) -> None:
         if self.layers[-1] >= num_layers:
@@ -90,6 +90,14 @@ class SparseVLM(Stage):
         centers, states = recycled_clusters(step.output, scores, pruned)
         record_pruning(state, pruned & ~centers, visual, step.index + 1, layout)
         return Rewrite(pruned & ~centers, centers, states)
+
+
+@dataclass(frozen=True)
+class SparseVLMWithoutRecycling(SparseVLM):
+    """The pruned tokens leave; nothing is merged."""
+
+    recycle = False
+    usage = "sparsevlm-drop:LAYERS:COUNTS"
 
 
 def spec_integers(text: str, what: str) -> tuple[int, ...]:
