@@ -205,6 +205,7 @@ def test_llava_equals_definition(loaded, images, kept_slots, mode, attn, padding
     if mode == "recycle" and prune_layers == (1, 3):
         assert len([r for r in rewrites[1] if r[0] == 2]) == 2
     check_outcome(out, valid, text_positions(mm), gone_from, expected_logits)
+    assert out.exit_stats.prune_layer == prune_layers[0] + 1  # layer ℓ's output: after its first ℓ + 1 layers
 
 
 def test_counts_beyond_the_visual_tokens_keep_all_but_one(loaded, images):

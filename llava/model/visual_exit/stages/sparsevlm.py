@@ -65,6 +65,10 @@ class SparseVLM(Stage):
             raise ValueError(f"{len(layers)} layers need {len(layers)} keep counts, got {counts_text}")
         return cls(layers, counts)
 
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        return tuple(layer + 1 for layer in self.layers)  # layer ℓ prunes its output: after ℓ + 1 layers
+
     def check(self, num_layers: int, has_gates: bool) -> None:
         if self.layers[-1] >= num_layers:
             raise ValueError(f"sparsevlm layer {self.layers[-1]} is not one of the model's layers 0..{num_layers - 1}")
