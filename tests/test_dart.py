@@ -16,7 +16,7 @@ from llava.compat import cache_argument
 from llava.model.visual_exit import ExitConfig
 
 from families import TEXT, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
-from test_fastv import run
+from test_fastv import assert_batch_equals_alone, run
 from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits_by_token, text_positions
 
 TOLERANCE = 1e-5
@@ -162,19 +162,7 @@ def test_dart_counts_and_flops_follow_the_kept_tokens(llava, images):
 
 def test_dart_batch_equals_alone(llava, images):
     tokenizer, model, _, _ = llava
-    config = dart(2, 8)
-    ids, mask = batch_inputs(tokenizer, PROMPTS, "left")
-    pixels = images_for(images, PROMPTS)
-    batched = run(model, ids, mask, pixels, config)
-    with torch.no_grad():
-        valid = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels).attention_mask.bool()
-    offset = 0
-    for b, (prompt, count) in enumerate(PROMPTS):
-        alone_ids, alone_mask = batch_inputs(tokenizer, [(prompt, count)])
-        alone = run(model, alone_ids, alone_mask, pixels[offset : offset + count] if count else None, config)
-        offset += count
-        assert (batched.logits[b, valid[b]] - alone.logits[0]).abs().max() <= TOLERANCE
-        assert batched.exit_stats.pruned_visual_tokens[b] == alone.exit_stats.pruned_visual_tokens[0]
+    assert_batch_equals_alone(model, tokenizer, images, dart(2, 8))
 
 
 def test_dart_cached_decode_equals_recompute(llava, images):

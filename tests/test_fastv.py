@@ -82,9 +82,9 @@ def test_fastv_ratio_zero_is_none_and_ratio_one_is_fixed(loaded, images):
         assert torch.equal(drop_all.exit_stats.prefill_flops, fixed.exit_stats.prefill_flops)
 
 
-def test_fastv_batch_equals_alone(loaded, images):
-    tokenizer, model, _, _ = loaded
-    config = ExitConfig("fastv", fastv_k=2, fastv_r=0.5)
+def assert_batch_equals_alone(model, tokenizer, images, config):
+    """A left-padded batch of PROMPTS under `config` equals each prompt run alone: logits at every position of the
+    sample, pruned ones included (zeros in both when the same tokens were pruned), and the pruned counts."""
     ids, mask = batch_inputs(tokenizer, PROMPTS, "left")
     pixels = images_for(images, PROMPTS)
     batched = run(model, ids, mask, pixels, config)
@@ -95,9 +95,13 @@ def test_fastv_batch_equals_alone(loaded, images):
         alone_ids, alone_mask = batch_inputs(tokenizer, [(prompt, count)])
         alone = run(model, alone_ids, alone_mask, pixels[offset : offset + count] if count else None, config)
         offset += count
-        # Every position of the sample, pruned ones included (zeros in both when the same tokens were pruned).
         assert (batched.logits[b, valid[b]] - alone.logits[0]).abs().max() <= 1e-5
         assert batched.exit_stats.pruned_visual_tokens[b] == alone.exit_stats.pruned_visual_tokens[0]
+
+
+def test_fastv_batch_equals_alone(loaded, images):
+    tokenizer, model, _, _ = loaded
+    assert_batch_equals_alone(model, tokenizer, images, ExitConfig("fastv", fastv_k=2, fastv_r=0.5))
 
 
 def test_fastv_flops_count_pruned_layers(loaded, images):

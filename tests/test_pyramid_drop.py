@@ -12,7 +12,7 @@ from llava.model.visual_exit import ExitConfig
 
 from batching import attention_implementation
 from families import Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
-from test_fastv import run
+from test_fastv import assert_batch_equals_alone, run
 from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits_by_token, text_positions
 
 
@@ -76,18 +76,7 @@ def test_pdrop_degenerate_ratios(loaded, images):
 
 def test_pdrop_batch_equals_alone(loaded, images):
     tokenizer, model, _, _ = loaded
-    config = pdrop((1, 2), 0.5)
-    ids, mask = batch_inputs(tokenizer, PROMPTS, "left")
-    pixels = images_for(images, PROMPTS)
-    batched = run(model, ids, mask, pixels, config)
-    with torch.no_grad():
-        valid = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels).attention_mask.bool()
-    offset = 0
-    for b, (prompt, count) in enumerate(PROMPTS):
-        alone_ids, alone_mask = batch_inputs(tokenizer, [(prompt, count)])
-        alone = run(model, alone_ids, alone_mask, pixels[offset : offset + count] if count else None, config)
-        offset += count
-        assert (batched.logits[b, valid[b]] - alone.logits[0]).abs().max() <= 1e-5
+    assert_batch_equals_alone(model, tokenizer, images, pdrop((1, 2), 0.5))
 
 
 def test_pdrop_cached_decode_equals_recompute_with_the_prompts_drops(loaded, images):
