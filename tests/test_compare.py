@@ -18,14 +18,19 @@ def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa
     compare([
         "--model-path", init_checkpoint, "--question-file", str(gqa / f"{SPLIT}.jsonl"),
         "--image-folder", str(gqa / "data" / "images"), "--truth", str(gqa / "data" / "testdev_balanced_questions.json"),
-        "--budgets", "6", "10", "--methods", "fastv", "pdrop", "random", "--calibration", "1",
+        "--budgets", "6", "10", "--methods", "fastv", "pdrop", "random", "sparsevlm", "--calibration", "1",
         "--thresholds", "0.0", "0.5", "1.0", "--out", str(out), "--batch-size", "2",
     ])
     with open(out / "comparison.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["method"], r["budget"]) for r in rows] == [("none", "")] + [
-        (m, b) for b in ("6", "10") for m in ("fastv", "pdrop", "random", "dynamic")
+        (m, b) for b in ("6", "10") for m in ("fastv", "pdrop", "random", "sparsevlm", "dynamic")
     ]
+    # SparseVLM's first pruning layer still sees all 16 tokens: 6 is out of its reach on 4 layers, and says so.
+    out_of_reach = [r for r in rows if r["questions"] == "0"]
+    assert [(r["method"], r["budget"]) for r in out_of_reach] == [("sparsevlm", "6")]
+    assert out_of_reach[0]["setting"].startswith("out of reach")
+    rows = [r for r in rows if r["questions"] != "0"]
     assert all(r["questions"] == "2" for r in rows)  # the calibration question is not scored
     for row in rows[1:]:
         if row["method"] != "dynamic":  # a prune keeps whole tokens: within one of the budget

@@ -30,7 +30,7 @@ from llava.eval.io import EvalInputError, read_jsonl  # noqa: E402
 from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions  # noqa: E402
 from llava.mm_utils import get_model_name_from_path  # noqa: E402
 from llava.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
-from llava.model.visual_exit.budget import METHODS  # noqa: E402
+from llava.model.visual_exit.budget import METHODS, OutOfReach  # noqa: E402
 
 logger = logging.getLogger("llava.analysis.compare")
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 0.9999)
@@ -94,8 +94,13 @@ def compare(args: argparse.Namespace) -> list[RunResult]:
     results = [result("none", None, "", run_setting(base, "none", evaluated, loaded, exit_mode="none"), truth)]
     for budget in args.budgets:
         for method in args.methods:
-            records = run_setting(base, f"{method}-budget{budget:g}", evaluated, loaded, exit_method=method,
-                                  visual_budget=budget)
+            try:
+                records = run_setting(base, f"{method}-budget{budget:g}", evaluated, loaded, exit_method=method,
+                                      visual_budget=budget)
+            except OutOfReach as error:  # e.g. a method whose first full layers alone cost more: a row says so
+                logger.warning("%s", error)
+                results.append(RunResult(method, budget, f"out of reach: {error}", *[float("nan")] * 4, 0))
+                continue
             results.append(result(method, budget, f"budget {budget:g}", records, truth))
         if args.dynamic:
             tau = calibrated_threshold(base, calibration, loaded, budget, args.thresholds)
@@ -109,7 +114,7 @@ def plot(results: list[RunResult], path: str) -> None:
     reference = results[0]
     scale, unit = (1e3, "GFLOPs") if reference.tflops < 0.1 else (1.0, "TFLOPs")
     for method in dict.fromkeys(r.method for r in results[1:]):
-        points = sorted((r.tflops * scale, r.accuracy, r.budget) for r in results if r.method == method)
+        points = sorted((r.tflops * scale, r.accuracy, r.budget) for r in results if r.method == method and r.questions)
         axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
         for x, y, budget in points:
             axes.annotate(f"{budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

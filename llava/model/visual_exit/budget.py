@@ -25,6 +25,10 @@ _REFERENCE_LAYERS = 32  # LLaVA-1.5-7B's depth, the one the papers' layer settin
 _SPARSEVLM_COUNTS_128 = (303, 110, 36)
 
 
+class OutOfReach(ValueError):
+    """A budget a method cannot meet on this model (its fixed layers alone cost more, or it exceeds the image)."""
+
+
 def _scaled(layer: int, num_layers: int) -> int:
     """A layer of a 32-layer setting at the same relative depth of a `num_layers` model (at least 1)."""
     return max(1, min(num_layers - 1, round(layer * num_layers / _REFERENCE_LAYERS)))
@@ -36,7 +40,7 @@ def method_stages(method: str, budget: float, num_layers: int, visual_tokens: in
     method's fixed layers already cost)."""
     n, layers = visual_tokens, num_layers
     if not 0 <= budget <= n:
-        raise ValueError(f"visual budget {budget:g} outside [0, {n}] (the model's visual tokens per image)")
+        raise OutOfReach(f"visual budget {budget:g} outside [0, {n}] (the model's visual tokens per image)")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} for a visual budget; known: {', '.join(METHODS)}")
     if method == "visionzip":
@@ -57,7 +61,7 @@ def method_stages(method: str, budget: float, num_layers: int, visual_tokens: in
     k = _scaled(2, layers)
     kept = (layers * budget - k * n) / (layers - k)
     if kept < 0:
-        raise ValueError(f"{method} at {budget:g} tokens: its first {k} layers alone average more")
+        raise OutOfReach(f"{method} at {budget:g} tokens: its first {k} layers alone average more")
     if method == "dart":
         return f"dart:{k}:{max(0, math.floor((kept - 4) / 8) * 8)}"
     return f"prune:{method}:{k}:{1 - kept / n:.4f}"
@@ -84,7 +88,7 @@ def _solve(average, budget: float, n: int, method: str, high: float = 1.0) -> fl
     """The setting in [0, high] whose layer average comes closest to `budget` (it grows with the setting)."""
     lowest = average(0.0)
     if budget < lowest:
-        raise ValueError(f"{method} at {budget:g} tokens: its first layers alone average {lowest:.1f}")
+        raise OutOfReach(f"{method} at {budget:g} tokens: its first layers alone average {lowest:.1f}")
     low = 0.0
     for _ in range(60):  # bisection: the average is monotone in the setting
         middle = (low + high) / 2
