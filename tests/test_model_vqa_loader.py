@@ -269,3 +269,16 @@ def test_merge_takes_empty_chunks_and_refuses_mixed_settings(tmp_path):
     write_settings(str(tmp_path / "2_1.jsonl"), {**settings, "exit": {"mode": "fixed", "layer": 2}})
     with pytest.raises(ValueError, match=r"2_1.jsonl: made with other settings .*exit.mode: 'none' -> 'fixed'"):
         merge_chunks([str(tmp_path / "2_0.jsonl"), str(tmp_path / "2_1.jsonl")], str(tmp_path / "merge.jsonl"))
+
+
+def test_records_report_the_vision_side_and_the_equivalent_tokens_apart(llava_checkpoint, gqa_like, tmp_path):
+    """VisionZip shortens the LM's input (fewer equivalent tokens and LM TFLOPs) while the vision side's cost, a
+    separate number, barely moves; a text-only question costs nothing there."""
+    folder, _ = gqa_like
+    plain = by_id(run(llava_checkpoint, folder, tmp_path / "none.jsonl", "--exit-mode", "none"))
+    zipped = by_id(run(llava_checkpoint, folder, tmp_path / "zip.jsonl", "--exit-stages", "visionzip:5:3"))
+    assert plain["q0"]["visual_tokens"] == plain["q0"]["visual_tokens_avg"] > zipped["q0"]["visual_tokens_avg"] == 8
+    assert zipped["q0"]["tflops"] < plain["q0"]["tflops"] and zipped["q0"]["vision_tflops"] > 0
+    # The tower runs as before; only the projector sees fewer tokens (and the merge adds a little).
+    assert 0.5 * plain["q0"]["vision_tflops"] < zipped["q0"]["vision_tflops"] < plain["q0"]["vision_tflops"]
+    assert plain["q-text"]["vision_tflops"] == 0 and plain["q-text"]["visual_tokens"] == 0

@@ -243,6 +243,8 @@ def answer_batch(
                 "pruned_visual_tokens": int(stats.pruned_visual_tokens[row]),
                 "tflops": float(stats.prefill_flops[row]) / 1e12,
                 "tflops_full": float(full[row]) / 1e12,
+                # The vision tower's and projector's share, apart (VisionZip changes it; None for family models).
+                "vision_tflops": None if stats.vision_flops is None else float(stats.vision_flops[row]) / 1e12,
                 "visual_tokens": int(stats.num_visual_tokens[row]),
                 "visual_tokens_avg": float(visual_average[row]),
                 # A batch is timed as a whole: each sample gets its share.
