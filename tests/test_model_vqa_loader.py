@@ -282,3 +282,5 @@ def test_records_report_the_vision_side_and_the_equivalent_tokens_apart(llava_ch
     # The tower runs as before; only the projector sees fewer tokens (and the merge adds a little).
     assert 0.5 * plain["q0"]["vision_tflops"] < zipped["q0"]["vision_tflops"] < plain["q0"]["vision_tflops"]
     assert plain["q-text"]["vision_tflops"] == 0 and plain["q-text"]["visual_tokens"] == 0
+    # Mode none is the model on the whole image: VisionZip's reduction counts against that.
+    assert zipped["q0"]["tflops_full"] == plain["q0"]["tflops"]

@@ -49,6 +49,7 @@ class MultimodalInputs:
     visual_mask: torch.Tensor
     labels: torch.LongTensor | None = None
     vision_flops: torch.Tensor | None = None
+    tokens_unreduced: torch.Tensor | None = None  # (B,) with VisionZip: each sample's tokens without it
 
 
 class LlavaMetaForCausalLM:
@@ -74,8 +75,8 @@ class LlavaMetaForCausalLM:
         features = visionzip_features(tower, images, visionzip.dominant, visionzip.contextual)
         return self.get_model().mm_projector(features)
 
-    def _image_features(self, images, image_sizes, visionzip: VisionZip | None = None) -> tuple[list, list[int]]:
-        """One (tokens, hidden) tensor per image, and its vision FLOPs. An image given as several views (anyres:
+    def _image_features(self, images, image_sizes, visionzip: VisionZip | None = None) -> tuple[list, list[int], list[int]]:
+        """One (tokens, hidden) tensor per image, its vision FLOPs, and the tokens VisionZip took from it. An image given as several views (anyres:
         the whole image, then its tiles) is merged by `mm_patch_merge_type`: `flat` concatenates the views,
         `spatial*` lays the tiles out as one feature map (LLaVA-NeXT). VisionZip reduces each view to D + C tokens,
         which the flat merge concatenates; the spatial merge, which needs every tile's whole patch grid, refuses it."""
@@ -94,13 +95,16 @@ class LlavaMetaForCausalLM:
             )
         encoded = self.encode_images(pixels, visionzip)
         flops = [self._vision_flops(count, encoded.shape[1], visionzip) for count in views]
+        tower = self.get_vision_tower()
+        per_view = tower.num_patches + (tower.select_feature == "cls_patch")
+        removed = [count * (per_view - encoded.shape[1]) for count in views]
         features = torch.split(encoded, views)
         if merge == "flat":
-            return [chunk.flatten(0, 1) for chunk in features], flops
+            return [chunk.flatten(0, 1) for chunk in features], flops, removed
         if image_sizes is None or len(image_sizes) != len(features):
             raise ValueError(f"{merge} images need image_sizes, each image's original (width, height), one per image")
         unpad = "unpad" in merge
-        return [self._spatial_features(chunk, size, unpad) for chunk, size in zip(features, image_sizes)], flops
+        return [self._spatial_features(chunk, size, unpad) for chunk, size in zip(features, image_sizes)], flops, removed
 
     def _vision_flops(self, views: int, tokens: int, visionzip: VisionZip | None) -> int:
         """Theoretical FLOPs of an image of `views` views, each through the tower's layers up to its feature layer
@@ -166,9 +170,10 @@ class LlavaMetaForCausalLM:
         sample_labels = [None] * len(sample_ids) if labels is None else [lab[mask] for lab, mask in zip(labels, attention_mask)]
         tags_per_sample = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in sample_ids]
         has_images = images is not None and len(images) > 0
-        features, flops = self._image_features(images, image_sizes, visionzip) if has_images else ([], [])
+        features, flops, removed = self._image_features(images, image_sizes, visionzip) if has_images else ([], [], [])
         feature_queue = self._assign_images(features, tags_per_sample)
         sample_flops = [sum(image_flops) for image_flops in self._assign_images(flops, tags_per_sample)]
+        sample_removed = [sum(image_removed) for image_removed in self._assign_images(removed, tags_per_sample)]
 
         embed_tokens = self.get_model().embed_tokens
         embeds, sample_visual, new_labels = [], [], []
@@ -193,6 +198,8 @@ class LlavaMetaForCausalLM:
 
         inputs = _pad_samples(embeds, sample_visual, new_labels if labels is not None else None, padding_side)
         inputs.vision_flops = torch.tensor(sample_flops, dtype=torch.float64, device=inputs.inputs_embeds.device)
+        removed = torch.tensor(sample_removed, device=inputs.inputs_embeds.device)
+        inputs.tokens_unreduced = inputs.attention_mask.sum(dim=1) + removed if visionzip is not None else None
         return inputs
 
     @staticmethod

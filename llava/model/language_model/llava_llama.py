@@ -95,6 +95,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         )
         if outputs.exit_stats is not None:  # ExitStats knows the decoder only; the vision side's cost rides along
             outputs.exit_stats.vision_flops = mm.vision_flops if mm is not None else None
+            outputs.exit_stats.tokens_unreduced = mm.tokens_unreduced if mm is not None else None
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
         loss = None
@@ -146,7 +147,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         )
         output = with_exit_stats(output, cache.exit_stats, len(inputs))
         if not isinstance(output, torch.Tensor):  # returned sequences come grouped by prompt
-            output.exit_stats.vision_flops = mm.vision_flops.repeat_interleave(len(output.sequences) // len(inputs))
+            per_prompt = len(output.sequences) // len(inputs)
+            output.exit_stats.vision_flops = mm.vision_flops.repeat_interleave(per_prompt)
+            if mm.tokens_unreduced is not None:
+                output.exit_stats.tokens_unreduced = mm.tokens_unreduced.repeat_interleave(per_prompt)
         return output
 
 

@@ -40,6 +40,9 @@ class ExitStats:
     # Set by a model that encodes the images itself (our LLaVA): the vision side's theoretical FLOPs per sample,
     # apart from the LM's (`prefill_flops`); VisionZip changes both.
     vision_flops: torch.Tensor | None = None
+    # Set when a reduction before the LLM (VisionZip) shortened the input: the tokens the prompt has without it,
+    # which `flops_none` then counts (mode none is the model on the whole image).
+    tokens_unreduced: torch.Tensor | None = None
 
     def select_rows(self, rows: torch.Tensor) -> ExitStats:
         """These statistics for the given batch rows (e.g. one per returned sequence after beam search)."""
@@ -57,7 +60,8 @@ class ExitStats:
     @property
     def flops_none(self) -> torch.Tensor:
         """Mode `none` on the same input: every layer at the full length, no gates."""
-        full = self.num_tokens[:, None].expand(-1, self.geometry.layers)
+        tokens = self.num_tokens if self.tokens_unreduced is None else self.tokens_unreduced
+        full = tokens[:, None].expand(-1, self.geometry.layers)
         return prefill_flops(self.geometry, full, torch.zeros_like(self.gate_evaluations))
 
 
