@@ -9,7 +9,8 @@ OLDEST_TRANSFORMERS=${OLDEST_TRANSFORMERS:-5.17.0}
 ORACLE_TESTS=(tests/test_compat.py tests/test_visual_exit.py tests/test_generation.py tests/test_decoding.py
     tests/test_stages.py tests/test_sliding_window.py tests/test_fastv.py tests/test_model.py tests/test_world_model.py
     tests/test_loader_variants.py tests/test_analysis_stages.py tests/test_families.py tests/test_anyres.py
-    tests/test_tiny_families.py tests/test_family_processing.py)
+    tests/test_tiny_families.py tests/test_family_processing.py tests/test_pyramid_drop.py tests/test_dart.py
+    tests/test_visionzip.py tests/test_sparsevlm.py tests/test_budget.py)
 
 source scripts/setup.sh
 if [ $# -gt 0 ]; then
