@@ -11,7 +11,7 @@
 #   GATE_STEPS [1500]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
 #   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
 #   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
-#   METHODS ["fastv pdrop random"] at BUDGETS ["48 96"] equivalent visual tokens (of 196 per image)
+#   METHODS ["fastv random pdrop dart visionzip sparsevlm"] at BUDGETS ["64 96"] equivalent visual tokens (of 196)
 #   EVAL_BATCH_SIZE [32]   RESULTS [./playground/quickstart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +35,8 @@ FASTV_LAYER=${FASTV_LAYER:-2}
 FASTV_RATIOS=${FASTV_RATIOS:-0.5 0.75 0.9}
 DYNAMIC_FASTV_THRESHOLDS=${DYNAMIC_FASTV_THRESHOLDS:-0.99}
 DYNAMIC_FASTV_RATIO=${DYNAMIC_FASTV_RATIO:-0.5}
-METHODS=${METHODS:-fastv pdrop random}   # reduction methods run at each visual budget (equivalent tokens)
-BUDGETS=${BUDGETS:-48 96}
+METHODS=${METHODS:-fastv random pdrop dart visionzip sparsevlm}   # reduction methods run at each visual budget
+BUDGETS=${BUDGETS:-64 96}   # equivalent visual tokens of 196 per image (SparseVLM reaches 50 at the least)
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-32}
 RESULTS=${RESULTS:-./playground/quickstart}
 export PYTHON
