@@ -15,12 +15,13 @@ def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa
     eval_root, _ = gqa_root
     gqa = eval_root / "gqa"
     out = tmp_path / "compare"
-    compare([
+    arguments = [
         "--model-path", init_checkpoint, "--question-file", str(gqa / f"{SPLIT}.jsonl"),
         "--image-folder", str(gqa / "data" / "images"), "--truth", str(gqa / "data" / "testdev_balanced_questions.json"),
         "--budgets", "6", "10", "--methods", "fastv", "pdrop", "random", "sparsevlm", "--calibration", "1",
         "--thresholds", "0.0", "0.5", "1.0", "--out", str(out), "--batch-size", "2",
-    ])
+    ]
+    compare(arguments)
     with open(out / "comparison.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["method"], r["budget"]) for r in rows] == [("none", "")] + [
@@ -47,3 +48,8 @@ def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa
         assert averages[tau] == averages[expected]
     assert (out / "accuracy_vs_tflops.png").stat().st_size > 0
     assert json.loads((out / "answers" / "pdrop-budget6.settings.json").read_text())["budget"]["method"] == "pdrop"
+
+    # A rerun holding out two questions scores the one left, though the resumed answer files hold two.
+    compare(arguments[: arguments.index("--calibration")] + ["--calibration", "2", "--no-dynamic", "--out", str(out)])
+    with open(out / "comparison.csv") as handle:
+        assert {r["questions"] for r in csv.DictReader(handle) if r["questions"] != "0"} == {"1"}

@@ -58,7 +58,9 @@ def run_setting(base: argparse.Namespace, name: str, questions: list[dict], load
     args = argparse.Namespace(**{**vars(base), **exit_flags})
     args.answers_file = os.path.join(base.out, "answers", f"{name}.jsonl")
     answer_questions(args, questions, loaded)
-    return [r for r in read_jsonl(args.answers_file, ("question_id",)) if "error" not in r]
+    # Only these questions' answers: the file may hold others from an earlier run with another calibration split.
+    asked = {q["question_id"] for q in questions}
+    return [r for r in read_jsonl(args.answers_file, ("question_id",)) if "error" not in r and r["question_id"] in asked]
 
 
 def result(method: str, budget, setting: str, records: list[dict], truth: dict) -> RunResult:
