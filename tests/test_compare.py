@@ -33,6 +33,14 @@ def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa
     assert out_of_reach[0]["setting"].startswith("out of reach")
     rows = [r for r in rows if r["questions"] != "0"]
     assert all(r["questions"] == "2" for r in rows)  # the calibration question is not scored
+    truth = json.loads((gqa / "data" / "testdev_balanced_questions.json").read_text())
+    for row in rows:  # exact match on the two scored questions, by hand (the calibration one is not "missing")
+        name = "none" if row["method"] == "none" else (
+            f"dynamic-{row['setting'].removeprefix('τ=')}" if row["method"] == "dynamic" else f"{row['method']}-budget{row['budget']}"
+        )
+        answers = read_jsonl(str(out / "answers" / f"{name}.jsonl"), ("question_id",))[-2:]
+        correct = sum(a["text"].rstrip(".").lower() == truth[a["question_id"]]["answer"] for a in answers)
+        assert float(row["accuracy"]) == round(100 * correct / 2, 2), row
     for row in rows[1:]:
         if row["method"] != "dynamic":  # a prune keeps whole tokens: within one of the budget
             assert abs(float(row["visual_tokens_avg"]) - float(row["budget"])) <= 1, row

@@ -86,9 +86,11 @@ def calibrated_threshold(base, questions, loaded, budget: float, thresholds) -> 
 
 
 def compare(args: argparse.Namespace) -> list[RunResult]:
-    truth = _load_questions(args.truth)
     questions = read_jsonl(args.question_file, ("question_id", "text"))
     calibration, evaluated = questions[: args.calibration], questions[args.calibration :] or questions
+    # Scored on the evaluated questions only: the calibration ones would count as unanswered, hence wrong.
+    all_truth = _load_questions(args.truth)
+    truth = {str(q["question_id"]): all_truth[str(q["question_id"])] for q in evaluated if str(q["question_id"]) in all_truth}
     loaded = load_pretrained_model(args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device)
     empty = dict(exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None, fastv_r=None, exit_stages=None,
                  exit_method=None, visual_budget=None)
