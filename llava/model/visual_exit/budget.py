@@ -67,21 +67,22 @@ def method_stages(method: str, budget: float, num_layers: int, visual_tokens: in
     return f"prune:{method}:{k}:{1 - kept / n:.4f}"
 
 
+def _schedule_average(edges: list[int], counts: list[int], n: int, layers: int) -> float:
+    """The layer average of a schedule: the first `edges[0]` layers see all n tokens, then `counts[s]` from
+    `edges[s]` up to the next edge (the last up to the model's depth)."""
+    bounds = edges + [layers]
+    return (edges[0] * n + sum((end - start) * count for count, start, end in zip(counts, bounds, bounds[1:]))) / layers
+
+
 def _pdrop_average(boundaries: list[int], ratio: float, n: int, layers: int) -> float:
-    edges = boundaries + [layers]
-    total = boundaries[0] * n
-    for stage, (start, end) in enumerate(zip(edges, edges[1:]), start=1):
-        total += (end - start) * math.floor(n * ratio**stage)
-    return total / layers
+    counts = [math.floor(n * ratio**stage) for stage in range(1, len(boundaries) + 1)]
+    return _schedule_average(boundaries, counts, n, layers)
 
 
 def _sparsevlm_average(boundaries: list[int], scale: float, n: int, layers: int) -> float:
     """SparseVLM's layers are 0-based and prune their own output: layer ℓ still sees every token."""
-    edges = [layer + 1 for layer in boundaries] + [layers]
-    total = edges[0] * n
-    for count, (start, end) in zip(_SPARSEVLM_COUNTS_128, zip(edges, edges[1:])):
-        total += (end - start) * min(max(1, round(count * scale)), n - 1)
-    return total / layers
+    counts = [min(max(1, round(count * scale)), n - 1) for count in _SPARSEVLM_COUNTS_128[: len(boundaries)]]
+    return _schedule_average([layer + 1 for layer in boundaries], counts, n, layers)
 
 
 def _solve(average, budget: float, n: int, method: str, high: float = 1.0) -> float:

@@ -167,8 +167,11 @@ class VisualExitVLMMixin:
         return model
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor(self.visual_exit_family.visual_token_ids(self.config), device=input_ids.device)
-        return torch.isin(input_ids, ids)
+        # Compared with Python ints: no id tensor is built and copied to the device at every decode step.
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in self.visual_exit_family.visual_token_ids(self.config):
+            mask |= input_ids == token
+        return mask
 
     def forward(
         self,
