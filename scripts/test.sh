@@ -12,6 +12,7 @@ ORACLE_TESTS=(tests/test_compat.py tests/test_visual_exit.py tests/test_generati
     tests/test_tiny_families.py tests/test_family_processing.py tests/test_pyramid_drop.py tests/test_dart.py
     tests/test_visionzip.py tests/test_sparsevlm.py tests/test_budget.py)
 
+export WITH_LMMS_EVAL=1
 source scripts/setup.sh
 if [ $# -gt 0 ]; then
     exec "$PY" -m pytest -q "$@"

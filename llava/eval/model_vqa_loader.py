@@ -89,14 +89,15 @@ def resume_answers(path: str) -> tuple[set, list[str], bool]:
 
 @dataclass
 class PreparedQuestion:
-    """A LLaVA prompt (`input_ids` with IMAGE_TOKEN_INDEX, `pixels`, `image_size`), or a family checkpoint's
-    processor inputs for it (`model_inputs`, a batch of one)."""
+    """A LLaVA prompt (`prompt`, its `input_ids` with IMAGE_TOKEN_INDEX, `pixels`, `image_size`), or a family
+    checkpoint's processor inputs for it (`model_inputs`, a batch of one)."""
 
     record: dict
     input_ids: torch.Tensor | None
     pixels: torch.Tensor | None
     image_size: tuple[int, int] | None
     model_inputs: dict | None = None
+    prompt: str | None = None
 
 
 class PrefillTimer:
@@ -122,6 +123,7 @@ def batches(items: list, size: int) -> Iterator[list]:
 
 
 def question_prompt(question: str, conv_mode: str, model_config, has_image: bool) -> str:
+    """The conversation's prompt for one question; with an image, its `<image>` tag goes first."""
     if has_image:
         marker = DEFAULT_IMAGE_TOKEN
         if getattr(model_config, "mm_use_im_start_end", False):
@@ -134,16 +136,18 @@ def question_prompt(question: str, conv_mode: str, model_config, has_image: bool
 
 
 def prepare(
-    record: dict, args, tokenizer, image_processor, model_config, limits: tuple[int, int] | None = None
+    record: dict, args, tokenizer, image_processor, model_config, limits: tuple[int, int] | None = None,
+    tagged: bool = False,
 ) -> PreparedQuestion:
     """`record["image"]`: a path under --image-folder, or an image already decoded (MMBench's base64).
-    `limits`: the model's context length and the visual tokens one image takes there (None: not checked)."""
+    `limits`: the model's context length and the visual tokens one image takes there (None: not checked).
+    `tagged`: the question's text places its image's `<image>` tag itself (lmms-eval's convention)."""
     pixels = size = None
     image = record.get("image")
     if image:
         image = load_image(os.path.join(args.image_folder, image)) if isinstance(image, str) else image.convert("RGB")
         pixels, size = process_images([image], image_processor, model_config)[0], image.size
-    prompt = question_prompt(record["text"], args.conv_mode, model_config, pixels is not None)
+    prompt = question_prompt(record["text"], args.conv_mode, model_config, pixels is not None and not tagged)
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")
     tags, images = int((input_ids == IMAGE_TOKEN_INDEX).sum()), int(pixels is not None)
     if tags != images:
@@ -152,7 +156,7 @@ def prepare(
     length = len(input_ids) + tags * (visual_tokens - 1)
     if context is not None and length > context:
         raise QuestionError(f"question {record['question_id']}: its prompt takes {length} tokens, the model's context {context}")
-    return PreparedQuestion(record, input_ids, pixels, size)
+    return PreparedQuestion(record, input_ids, pixels, size, prompt=prompt)
 
 
 def prepare_for_family(record: dict, args, processor, context: int) -> PreparedQuestion:
@@ -202,59 +206,83 @@ def generate_inputs(model, tokenizer, prepared: list[PreparedQuestion], processo
     }
 
 
+def timed_generate(model, inputs: dict, timer: PrefillTimer, **generate_kwargs) -> tuple:
+    """(`generate`'s dict output, its wall time in seconds); the timer holds the prefill's."""
+    timer.start()
+    output = model.generate(**inputs, use_cache=True, return_dict_in_generate=True, **generate_kwargs)
+    synchronize(model.device)
+    return output, time.perf_counter() - timer.started
+
+
+def exit_fields(stats, prefill_s: float, total_s: float) -> list[dict]:
+    """Per sample of a batch: its prefill's exit statistics and its share of the batch's wall times."""
+    full = stats.flops_none
+    # Equivalent visual tokens: the layer average of those entering each layer, the visual budgets' currency.
+    text_tokens = stats.num_tokens - stats.num_visual_tokens
+    visual_average = (stats.layer_tokens - text_tokens[:, None]).double().mean(dim=1)
+    batch = len(stats.exit_layer)
+    return [
+        {
+            "exit_layer": int(stats.exit_layer[row]),
+            "pruned_visual_tokens": int(stats.pruned_visual_tokens[row]),
+            "tflops": float(stats.prefill_flops[row]) / 1e12,
+            "tflops_full": float(full[row]) / 1e12,
+            # The vision tower's and projector's share, apart (VisionZip changes it; None for family models).
+            "vision_tflops": None if stats.vision_flops is None else float(stats.vision_flops[row]) / 1e12,
+            "visual_tokens": int(stats.num_visual_tokens[row]),
+            "visual_tokens_avg": float(visual_average[row]),
+            "prompt_tokens": int(stats.num_tokens[row]),
+            # A batch is timed as a whole: each sample gets its share.
+            "prefill_ms": prefill_s * 1e3 / batch,
+            "latency_ms": total_s * 1e3 / batch,
+            "batch_size": batch,
+        }
+        for row in range(batch)
+    ]
+
+
 def answer_batch(
     model, tokenizer, prepared: list[PreparedQuestion], args, exit_config, timer: PrefillTimer, processor=None
 ) -> list[dict]:
     inputs = generate_inputs(model, tokenizer, prepared, processor)
-    timer.start()
-    output = model.generate(
-        **inputs,
+    output, total = timed_generate(
+        model, inputs, timer,
         exit_config=exit_config,
         do_sample=args.temperature > 0,
         temperature=args.temperature if args.temperature > 0 else None,
         top_p=args.top_p,
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
-        use_cache=True,
-        return_dict_in_generate=True,
         pad_token_id=tokenizer.pad_token_id,
     )
-    synchronize(model.device)
-    total = time.perf_counter() - timer.started
-    stats = output.exit_stats
-    full = stats.flops_none
-    # Equivalent visual tokens: the layer average of those entering each layer, the visual budgets' currency.
-    text_tokens = stats.num_tokens - stats.num_visual_tokens
-    visual_average = (stats.layer_tokens - text_tokens[:, None]).double().mean(dim=1)
     # LLaVA's generate returns the new tokens only, transformers' own classes the prompt too.
     new_tokens = output.sequences if prepared[0].model_inputs is None else output.sequences[:, inputs["input_ids"].shape[1] :]
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    records = []
-    for row, question in enumerate(prepared):
-        records.append(
-            {
-                "question_id": question.record["question_id"],
-                "prompt": question.record.get("prompt", question.record["text"]),
-                "text": texts[row].strip(),
-                "answer_id": shortuuid.uuid(),
-                "model_id": args.model_name,
-                "metadata": {},
-                "exit_layer": int(stats.exit_layer[row]),
-                "pruned_visual_tokens": int(stats.pruned_visual_tokens[row]),
-                "tflops": float(stats.prefill_flops[row]) / 1e12,
-                "tflops_full": float(full[row]) / 1e12,
-                # The vision tower's and projector's share, apart (VisionZip changes it; None for family models).
-                "vision_tflops": None if stats.vision_flops is None else float(stats.vision_flops[row]) / 1e12,
-                "visual_tokens": int(stats.num_visual_tokens[row]),
-                "visual_tokens_avg": float(visual_average[row]),
-                # A batch is timed as a whole: each sample gets its share.
-                "prefill_ms": timer.prefill * 1e3 / len(prepared),
-                "latency_ms": total * 1e3 / len(prepared),
-                "batch_size": len(prepared),
-                **question.record.get("extra", {}),
-            }
-        )
-    return records
+    generated = generated_lengths(new_tokens, tokenizer.eos_token_id)
+    fields = exit_fields(output.exit_stats, timer.prefill, total)
+    return [
+        {
+            "question_id": question.record["question_id"],
+            "prompt": question.record.get("prompt", question.record["text"]),
+            "text": texts[row].strip(),
+            "answer_id": shortuuid.uuid(),
+            "model_id": args.model_name,
+            "metadata": {},
+            **fields[row],
+            "new_tokens": generated[row],
+            **question.record.get("extra", {}),
+        }
+        for row, question in enumerate(prepared)
+    ]
+
+
+def generated_lengths(new_tokens: torch.Tensor, eos_token_id: int | None) -> list[int]:
+    """Tokens each row generated: up to and with its first end token (the rest is padding)."""
+    if eos_token_id is None:
+        return [new_tokens.shape[1]] * len(new_tokens)
+    ended = (new_tokens == eos_token_id).int()
+    first = torch.where(ended.any(dim=1), ended.argmax(dim=1) + 1, new_tokens.shape[1])
+    return first.tolist()
 
 
 def error_record(record: dict, error: Exception, model_name: str) -> dict:

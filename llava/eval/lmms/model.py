@@ -1,0 +1,317 @@
+"""DyVTE as an lmms-eval model: `python -m lmms_eval --model dyvte --model_args pretrained=PATH,exit_mode=dynamic,...`.
+
+One class serves every checkpoint `load_pretrained_model` loads: our LLaVA-1.5 layout (prompted with LLaVA's
+conversation template) and transformers' own VLM families (their chat template). A question is asked as
+`llava.eval.model_vqa_loader` asks it — the same prompt, the same batched `generate` — so a task's answers equal
+the loader's for the same settings, alone or in a batch.
+
+`--model_args`: `pretrained` (required), `model_base`, `conv_mode`, `device`, `batch_size`, and every exit flag of
+our CLIs under its flag name with underscores: `exit_mode`, `exit_layer`, `exit_threshold`, `fastv_k`, `fastv_r`,
+`exit_stages` (quoted, for its commas: `exit_stages="prune:fastv:2:0.5,gates:0.9"`), `exit_method` with
+`visual_budget` (and `visual_tokens`). Left out, a setting comes from the checkpoint's config.
+
+Per request, the logged sample's `token_counts` holds, beside lmms-eval's token counts, the exit statistics of
+its prefill: `exit_layer`, `pruned_visual_tokens`, `visual_tokens`, `visual_tokens_avg`, `tflops` and
+`tflops_full` (LM prefill with the exit and in mode `none`), `vision_tflops`, and `prefill_ms` / `latency_ms` (a
+batch's times shared by its samples) — or the `error` that kept it from being asked (its answer is then empty).
+The results' `throughput` gains their means (`avg_exit_layer`, `avg_tflops`, ...).
+
+`loglikelihood` (multiple-choice tasks) scores a continuation by generating it, forced token by token, after the
+prompt: the exit decides on the prompt alone, as it would when answering. It returns the continuation's negative
+log-likelihood, summed over its tokens, since lmms-eval picks the choice with the smallest value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
+from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from PIL import Image
+from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from llava.constants import DEFAULT_IMAGE_TOKEN
+from llava.eval.model_vqa_loader import (
+    PrefillTimer, PreparedQuestion, QuestionError, answer_batch, exit_fields, generate_inputs, prepare,
+    prepare_for_family, resolve_run, timed_generate,
+)
+from llava.mm_utils import ImageLoadError, get_model_name_from_path, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.model.families.processing import FamilyProcessor
+
+logger = logging.getLogger("llava.eval.lmms")
+
+EXIT_ARGS = (
+    "exit_mode", "exit_layer", "exit_threshold", "fastv_k", "fastv_r", "exit_stages", "exit_method", "visual_budget",
+    "visual_tokens",
+)
+DECODING_KWARGS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
+DEFAULT_MAX_NEW_TOKENS = 128  # LLaVA's loader's; tasks set their own
+STATS = (
+    "exit_layer", "pruned_visual_tokens", "visual_tokens", "visual_tokens_avg", "tflops", "tflops_full",
+    "vision_tflops", "prefill_ms", "latency_ms",
+)
+
+
+@dataclass
+class ExitTokenCounts(TokenCounts):
+    """lmms-eval's per-request token counts, with the request's exit statistics (or its error) beside them."""
+
+    exit: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), **self.exit}
+
+
+class ForcedContinuation(LogitsProcessor):
+    """Makes `generate` emit each row's continuation, then its end-of-sequence token (the row then stops)."""
+
+    def __init__(self, continuations: list[torch.Tensor], eos_token_id: int):
+        self.continuations, self.eos_token_id, self.step = continuations, eos_token_id, 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        forced = [int(c[self.step]) if self.step < len(c) else self.eos_token_id for c in self.continuations]
+        rows = torch.arange(len(forced), device=scores.device)
+        scores = torch.full_like(scores, float("-inf"))
+        scores[rows, torch.tensor(forced, device=scores.device)] = 0.0
+        self.step += 1
+        return scores
+
+
+def unquoted(value):
+    """lmms-eval keeps the quotes that protect a value's commas (`exit_stages="a,b"`)."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
+class DyVTE(lmms):
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        model_base: str | None = None,
+        conv_mode: str | None = None,
+        device: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        **exit_args,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(exit_args) - set(EXIT_ARGS))
+        if unknown:
+            known = ", ".join(("pretrained", "model_base", "conv_mode", "device", "batch_size") + EXIT_ARGS)
+            raise ValueError(f"--model_args: dyvte has no {', '.join(unknown)} (it takes {known})")
+        if str(batch_size).startswith("auto"):
+            raise ValueError("--batch_size auto: dyvte takes a number (a batch answers as each sample alone)")
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+        self.args = argparse.Namespace(
+            model_path=str(pretrained), model_base=model_base, conv_mode=unquoted(conv_mode), device=device,
+            image_folder="", temperature=0.0, top_p=None, num_beams=1, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+            **{name: unquoted(exit_args.get(name)) for name in EXIT_ARGS},
+        )
+        self.exit_config, self.settings = resolve_run(self.args)
+        self.args.model_name = get_model_name_from_path(self.args.model_path)
+        self.tokenizer, self.model, self.processor, self.context_length = load_pretrained_model(
+            self.args.model_path, model_base, self.args.model_name, device=device
+        )
+        self.model.eval()
+        self.family = isinstance(self.processor, FamilyProcessor)
+        self.limits = None if self.family else (self.context_length, self.model.get_vision_tower().num_patches)
+        self.timer = PrefillTimer(self.model, self.model.device)
+        logger.info("dyvte: %s, exit %s", self.args.model_path, self.exit_config.label)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- requests ------------------------------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), desc=f"dyvte answering ({self.exit_config.label})", disable=self.rank != 0)
+        for gen_kwargs, rows in self._batches(requests):
+            decoding, until = self._decoding(gen_kwargs, requests[rows[0]])
+            prepared, indices = [], []
+            for index in rows:
+                try:
+                    prepared.append(self._prepare(requests[index]))
+                    indices.append(index)
+                except (ImageLoadError, QuestionError) as error:
+                    results[index] = GenerationResult("", ExitTokenCounts(exit={"error": str(error)}))
+            if prepared:
+                with torch.inference_mode():
+                    records = answer_batch(
+                        self.model, self.tokenizer, prepared, decoding, self.exit_config, self.timer, self.processor
+                    )
+                for index, record in zip(indices, records):
+                    text = cut_at(record["text"], until)
+                    counts = ExitTokenCounts(
+                        input_tokens=record["prompt_tokens"], output_tokens=record["new_tokens"],
+                        exit={key: record[key] for key in STATS},
+                    )
+                    results[index] = GenerationResult(text, counts)
+            progress.update(len(rows))
+        progress.close()
+        self._report(results, "generate_until")
+        return results
+
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Each result's `text` is the pair (negative log-likelihood, greedy) lmms-eval scores: a bare pair would
+        reach its scoring as a string (lmms-eval 0.7.3 stringifies what is not a GenerationResult)."""
+        results: list[GenerationResult | None] = [None] * len(requests)
+        progress = tqdm(total=len(requests), desc=f"dyvte scoring ({self.exit_config.label})", disable=self.rank != 0)
+        for start in range(0, len(requests), self.batch_size):
+            prepared, continuations, indices = [], [], []
+            for index in range(start, min(start + self.batch_size, len(requests))):
+                try:
+                    question = self._prepare(requests[index])
+                    continuations.append(self._continuation(requests[index], question))
+                    prepared.append(question)
+                    indices.append(index)
+                except (ImageLoadError, QuestionError) as error:
+                    # never chosen: a choice that could not be scored
+                    results[index] = GenerationResult((math.inf, False), ExitTokenCounts(exit={"error": str(error)}))
+            if prepared:
+                with torch.inference_mode():
+                    scored = self._score(prepared, continuations)
+                for index, result in zip(indices, scored):
+                    results[index] = result
+            progress.update(min(self.batch_size, len(requests) - start))
+        progress.close()
+        self._report(results, "loglikelihood")
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("dyvte answers single-turn questions; multi-round tasks are not supported")
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _batches(self, requests: list[Instance]):
+        """(gen_kwargs, request indices) per batch: requests in their order, grouped by their decoding settings."""
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(index)
+        for rows in groups.values():
+            for start in range(0, len(rows), self.batch_size):
+                yield requests[rows[0]].args[1], rows[start : start + self.batch_size]
+
+    def _decoding(self, gen_kwargs: dict, request: Instance) -> tuple[argparse.Namespace, list[str]]:
+        """The loader's decoding settings from a task's generation_kwargs, and its stop strings."""
+        unsupported = sorted(set(gen_kwargs) - set(DECODING_KWARGS))
+        if unsupported:
+            raise ValueError(f"task {request.task_name}: dyvte does not support generation_kwargs {', '.join(unsupported)}")
+        until = gen_kwargs.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = float(gen_kwargs.get("temperature") or 0.0)
+        sampling = bool(gen_kwargs.get("do_sample", temperature > 0)) and temperature > 0
+        decoding = argparse.Namespace(**vars(self.args))
+        decoding.temperature = temperature if sampling else 0.0
+        decoding.top_p = gen_kwargs.get("top_p") if sampling else None
+        decoding.num_beams = int(gen_kwargs.get("num_beams") or 1)
+        decoding.max_new_tokens = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        return decoding, until
+
+    def _prepare(self, request: Instance) -> PreparedQuestion:
+        """The request's question as the loader prepares it; the image where its context has the tag, else first."""
+        context, _, doc_to_visual, doc_id, task, split = request.args
+        visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
+        if len(visuals) > 1 or any(not isinstance(v, Image.Image) for v in visuals):
+            kinds = ", ".join(sorted({type(v).__name__ for v in visuals}))
+            raise ValueError(
+                f"task {task}, doc {doc_id}: {len(visuals)} visual(s) ({kinds}); dyvte takes one image per question "
+                "(multi-image and video inputs are not supported)"
+            )
+        record = {"question_id": f"{task}/{doc_id}", "text": context}
+        if visuals:
+            record["image"] = visuals[0]
+        if self.family:
+            return prepare_for_family(record, self.args, self.processor, self.context_length)
+        return prepare(
+            record, self.args, self.tokenizer, self.processor, self.model.config, self.limits,
+            tagged=DEFAULT_IMAGE_TOKEN in context,
+        )
+
+    def _continuation(self, request: Instance, prepared: PreparedQuestion) -> torch.Tensor:
+        """The continuation's token ids after the prompt: the prompt and continuation encoded together, less the
+        prompt's ids, where those start the whole (the usual tokenizer boundary); else encoded alone."""
+        context, continuation, _, doc_id, task, split = request.args
+        if not isinstance(continuation, str):
+            continuation = continuation(self.task_dict[task][split][doc_id])
+        alone = torch.tensor(self.tokenizer(continuation, add_special_tokens=False).input_ids, dtype=torch.long)
+        ids = alone
+        if prepared.prompt is not None:
+            prompt_ids = prepared.input_ids
+            whole = tokenizer_image_token(prepared.prompt + continuation, self.tokenizer, return_tensors="pt")
+            if len(whole) > len(prompt_ids) and torch.equal(whole[: len(prompt_ids)], prompt_ids):
+                ids = whole[len(prompt_ids) :]
+        eos = self.tokenizer.eos_token_id
+        if len(ids) == 0 or (eos is not None and bool((ids[:-1] == eos).any())):
+            raise ValueError(f"task {task}, doc {doc_id}: continuation {continuation!r} is empty or holds the end token")
+        return ids
+
+    def _score(self, prepared: list[PreparedQuestion], continuations: list[torch.Tensor]) -> list[GenerationResult]:
+        """(negative log-likelihood, whether greedy decoding gives it) per continuation, by forced generation."""
+        inputs = generate_inputs(self.model, self.tokenizer, prepared, self.processor)
+        forced = ForcedContinuation(continuations, self.tokenizer.eos_token_id)
+        output, total = timed_generate(
+            self.model, inputs, self.timer, exit_config=self.exit_config, do_sample=False, num_beams=1,
+            temperature=None, top_p=None, max_new_tokens=max(len(c) for c in continuations),
+            logits_processor=LogitsProcessorList([forced]), output_logits=True, pad_token_id=self.tokenizer.pad_token_id,
+        )
+        logits = torch.stack(output.logits, dim=1).float()  # (B, steps, V): the raw logits, before any processor
+        fields = exit_fields(output.exit_stats, self.timer.prefill, total)
+        results = []
+        for row, continuation in enumerate(continuations):
+            target = continuation.to(logits.device)
+            step_logits = logits[row, : len(target)]
+            nll = -step_logits.log_softmax(dim=-1).gather(-1, target[:, None]).sum()
+            greedy = bool((step_logits.argmax(dim=-1) == target).all())
+            counts = ExitTokenCounts(
+                input_tokens=fields[row]["prompt_tokens"], output_tokens=len(target),
+                exit={key: fields[row][key] for key in STATS},
+            )
+            results.append(GenerationResult((float(nll), greedy), counts))
+        return results
+
+    def _report(self, results: list[GenerationResult], request_type: str) -> None:
+        """lmms-eval's throughput log, with the exit statistics' means; a warning for questions not asked."""
+        answered = [r.token_counts.exit for r in results if "error" not in r.token_counts.exit]
+        errors = [r.token_counts.exit["error"] for r in results if "error" in r.token_counts.exit]
+        if errors:
+            logger.warning("%s: %d of %d questions could not be asked (empty answers), e.g. %s", request_type,
+                           len(errors), len(results), errors[0])
+        if not answered:
+            return
+        latency = sum(stats["latency_ms"] for stats in answered) / 1e3
+        new_tokens = sum(r.token_counts.output_tokens or 0 for r in results)
+        means = {
+            key: sum(stats[key] for stats in answered) / len(answered)
+            for key in STATS
+            if all(stats[key] is not None for stats in answered)
+        }
+        means["flops_reduction"] = 1 - means["tflops"] / means["tflops_full"]
+        log_metrics(latency, new_tokens, new_tokens / latency if latency > 0 else 0.0,
+                    {"total_requests": len(answered), **means})
+
+
+def cut_at(text: str, until: list[str]) -> str:
+    """The text before the first of the task's stop strings."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text

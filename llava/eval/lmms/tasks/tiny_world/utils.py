@@ -1,0 +1,43 @@
+"""The tiny world's GQA-format test split as lmms-eval tasks (read from the folder lmms-eval runs in, as the YAMLs'
+`data_files`): images and truth beside the question file that `scripts/v1_5/eval/gqa.sh` answers."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from llava.eval.io import read_json
+from llava.mm_utils import load_image
+
+GQA_DIR = os.path.join("playground", "data", "tiny_world", "eval", "gqa")
+IMAGES = os.path.join(GQA_DIR, "data", "images")
+TRUTH = os.path.join(GQA_DIR, "data", "testdev_balanced_questions.json")
+
+
+@functools.cache
+def truth() -> dict:
+    return read_json(TRUTH)
+
+
+def doc_to_visual(doc: dict) -> list:
+    return [load_image(os.path.join(IMAGES, doc["image"]))]
+
+
+def doc_to_text(doc: dict) -> str:
+    return doc["text"]  # the question with LLaVA's short-answer suffix, as gqa.sh asks it
+
+
+def doc_to_target(doc: dict) -> str:
+    return truth()[str(doc["question_id"])]["answer"]
+
+
+def doc_to_choice(doc: dict) -> list[str]:
+    """Every answer the test split has for this question's kind (colours for a colour question, ...)."""
+    kind = truth()[str(doc["question_id"])]["types"]["structural"]
+    return sorted({q["answer"] for q in truth().values() if q["types"]["structural"] == kind})
+
+
+def process_results(doc: dict, results: list[str]) -> dict:
+    """GQA's exact match after LLaVA's conversion (trailing periods dropped, lower case), in percent."""
+    prediction = results[0].rstrip(".").lower()
+    return {"accuracy": 100.0 * (prediction == doc_to_target(doc))}
