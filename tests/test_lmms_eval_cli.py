@@ -1,0 +1,101 @@
+"""lmms-eval's own CLI with `--model dyvte` on the tiny world, offline, against `scripts/v1_5/eval/gqa.sh`: the same
+answers and exit layers per question, the accuracy `eval_gqa` reports, batch 4 equal to batch 1, and the
+multiple-choice task scored from our (NLL, greedy) pairs."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lmms_eval", reason="scripts/test.sh installs lmms-eval (WITH_LMMS_EVAL=1)")
+
+from llava.eval.lmms import TASKS_DIR  # noqa: E402
+from llava.world.generate import generate  # noqa: E402
+
+from test_eval_scripts import SPLIT, gqa_script  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = {
+    "none": ({"EXIT_MODE": "none"}, "exit_mode=none"),
+    "dynamic": ({"EXIT_MODE": "dynamic", "EXIT_THRESHOLD": "0.9"}, "exit_mode=dynamic,exit_threshold=0.9"),
+    "fixed": ({"EXIT_MODE": "fixed", "EXIT_LAYER": "3"}, "exit_mode=fixed,exit_layer=3"),
+    "fastv": ({"EXIT_MODE": "fastv", "FASTV_K": "2", "FASTV_R": "0.5"}, "exit_mode=fastv,fastv_k=2,fastv_r=0.5"),
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder holding playground/data/tiny_world (where the tasks read it) and the world's LLaVA with fresh gates."""
+    work = tmp_path_factory.mktemp("lmms")
+    generate(str(work / "playground" / "data" / "tiny_world"), train=2, test=16, seed=2)
+    subprocess.run([sys.executable, os.path.join(ROOT, "init_weight.py"), "--model-path",
+                    os.path.join(ROOT, "checkpoints", "tiny-world-llava"), "--output-dir", str(work / "gated")],
+                   check=True, capture_output=True, cwd=ROOT)
+    return work
+
+
+def lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int) -> dict:
+    """Run `python -m lmms_eval`; its results and logged samples (by task, in doc order)."""
+    out = work / "lmms" / name
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(work / "datasets"))
+    command = [sys.executable, "-m", "lmms_eval", "--model", "dyvte", "--model_args",
+               f"pretrained={work / 'gated'},{model_args}", "--tasks", tasks, "--include_path", TASKS_DIR,
+               "--batch_size", str(batch_size), "--device", "cpu", "--output_path", str(out), "--log_samples"]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads(open(glob.glob(str(out / "*" / "*_results.json"))[0]).read())
+    samples = {}
+    for task in tasks.split(","):
+        path = glob.glob(str(out / "*" / f"*_samples_{task}.jsonl"))[0]
+        samples[task] = sorted((json.loads(line) for line in open(path)), key=lambda s: s["doc_id"])
+    return {"results": results, "samples": samples}
+
+
+def gqa_run(work, name: str, env: dict) -> tuple[list[dict], dict]:
+    gqa_script(ROOT, MODEL_PATH=str(work / "gated"), EVAL_ROOT=str(work / "playground" / "data" / "tiny_world" / "eval"),
+               CKPT=name, **env)
+    answers = work / "playground" / "data" / "tiny_world" / "eval" / "gqa" / "answers" / SPLIT / name
+    records = [json.loads(line) for line in (answers / "merge.jsonl").read_text().splitlines()]
+    return records, json.loads((answers / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_lmms_eval_answers_as_gqa_sh_does(workdir, setting):
+    env, model_args = SETTINGS[setting]
+    records, metrics = gqa_run(workdir, setting, env)
+    run = lmms_eval(workdir, setting, model_args, "tiny_world_gqa", batch_size=4)
+    samples = run["samples"]["tiny_world_gqa"]
+    assert [s["filtered_resps"] for s in samples] == [r["text"] for r in records]
+    exits = [s["token_counts"][0]["exit_layer"] for s in samples]
+    assert exits == [r["exit_layer"] for r in records]
+    assert [s["token_counts"][0]["tflops"] for s in samples] == pytest.approx([r["tflops"] for r in records], rel=1e-12)
+    assert run["results"]["results"]["tiny_world_gqa"]["accuracy,none"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+    throughput = run["results"]["throughput"]
+    assert throughput["avg_exit_layer"] == pytest.approx(sum(exits) / len(exits))
+    if setting == "dynamic":
+        assert len(set(exits)) > 2  # batches of 4 mixed samples that exit at different layers
+        alone = lmms_eval(workdir, "dynamic-batch1", model_args, "tiny_world_gqa", batch_size=1)["samples"]["tiny_world_gqa"]
+        assert [(s["filtered_resps"], s["token_counts"][0]["exit_layer"]) for s in alone] == \
+            [(s["filtered_resps"], s["token_counts"][0]["exit_layer"]) for s in samples]
+
+
+def test_multiple_choice_is_scored_from_our_pairs(workdir):
+    run = lmms_eval(workdir, "choice", SETTINGS["fixed"][1], "tiny_world_choice", batch_size=4)
+    gqa = workdir / "playground" / "data" / "tiny_world" / "eval" / "gqa"
+    truth = json.loads((gqa / "data" / "testdev_balanced_questions.json").read_text())
+    questions = [json.loads(line) for line in (gqa / f"{SPLIT}.jsonl").read_text().splitlines()]
+    correct = []
+    for sample, question in zip(run["samples"]["tiny_world_choice"], questions):
+        kind = truth[question["question_id"]]["types"]["structural"]
+        choices = sorted({q["answer"] for q in truth.values() if q["types"]["structural"] == kind})
+        pairs = sample["filtered_resps"]  # one (NLL, greedy) pair per choice, written as strings
+        pairs = [pairs] if len(choices) == 1 else pairs  # lmms-eval unwraps a single request's
+        assert len(pairs) == len(choices) and all(greedy in ("True", "False") for _, greedy in pairs)
+        chosen = min(range(len(pairs)), key=lambda i: float(pairs[i][0]))
+        correct.append(choices[chosen] == truth[question["question_id"]]["answer"])
+        assert [counts["exit_layer"] for counts in sample["token_counts"]] == [3] * len(choices)
+    assert run["results"]["results"]["tiny_world_choice"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+    assert 0 < sum(correct) < len(correct)
