@@ -1,0 +1,298 @@
+"""Generation benchmark of the exit on transformers' own LLaVA class:
+`python -m llava.bench.generate [--preset llava-1.5-7b --layers 4] [--batch 1 8] [--new-tokens 1 64 256]`.
+
+What a user runs instead of our exit is transformers' `LlavaForConditionalGeneration`; this times its whole
+`generate` (stock) against the same weights under our exit (`enable_visual_exit`) in modes `none`, `fixed` K = L/4
+and L/2, `dynamic` (gates rigged as in prefill.py to fire after L/2 layers) and FastV K = 2, R = 0.5, all in one run
+with interleaved repeats. The LM has the preset's geometry and random weights; the CLIP tower sees 336 px images in
+14 px patches (576 visual tokens) but is tiny in width and depth, so the LM's cost dominates as in LLaVA-1.5.
+
+The prompt is prefill.py's: the first min(35, N) of the N text tokens (BOS and the system prompt), the 576 image
+placeholders, then the rest of the text. The B samples of a batch draw their text apart, at one length (no padding).
+Every generate is greedy and makes exactly n new tokens. Per mode, batch and n it reports: time to first token
+(generate with n = 1), decode tokens/s B·(n−1) / (T(n) − T(1)), total latency T(n), peak memory and the generate's
+own share of it (CUDA only), and the KV cache's key/value bytes right after the prefill, each also as this mode's
+value / stock's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import torch
+from tqdm import tqdm
+from transformers import CLIPVisionConfig, DynamicCache, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from llava.bench.prefill import GATE_HIDDEN_SIZE, PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, dynamic_exit_layer
+from llava.bench.timing import synchronize, timed
+from llava.compat import output_cache
+from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
+
+# llava-hf/llava-1.5-7b-hf's vocabulary: LLaMA's 32000 pieces, then <image> and <pad>, padded to 32064.
+VOCAB_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 32064, 32000, 32001, 1, 2
+FIRST_TEXT_ID = 3  # after <unk>, <s>, </s>
+IMAGE_SIZE, PATCH_SIZE = 336, 14  # (336 / 14)^2 = 576 patches, the class token dropped ("default" strategy)
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+FASTV_K, FASTV_R = 2, 0.5
+FIGURES = ("ttft_ms", "decode_tokens_per_s", "total_ms", "peak_memory_bytes", "generate_memory_bytes", "kv_cache_bytes")
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    k: int | None  # the exit (fixed, dynamic) or FastV's pruning layer
+    exit_config: ExitConfig | None  # None: transformers' stock class
+
+
+@dataclass
+class Row:
+    """One mode at one batch size and new-token count. `exit_layer`: the prefill's mean exit layer as the model
+    reported it (L: the visual tokens never left; None for stock). `generate_memory_bytes`: the peak during the
+    generate less what was allocated before it (the weights, shared by every mode, and the inputs), i.e. the KV
+    cache and activations. CUDA-only figures are None on a CPU. `vs_stock[figure]`: this row's figure / stock's at
+    the same batch and n."""
+
+    mode: str
+    k: int | None
+    batch: int
+    new_tokens: int
+    exit_layer: float | None
+    ttft_ms: float
+    decode_tokens_per_s: float | None
+    total_ms: float
+    peak_memory_bytes: int | None
+    generate_memory_bytes: int | None
+    kv_cache_bytes: int
+    vs_stock: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass
+class Probe:
+    """What one untimed generate call shows besides its time (it also warms up its shapes' kernels)."""
+
+    peak_memory_bytes: int | None
+    generate_memory_bytes: int | None
+    kv_cache_bytes: int
+    exit_layer: float | None
+
+
+def build_models(preset: str, layers: int | None, dtype: torch.dtype, device: torch.device, attn: str):
+    """(stock, ours): a random-weight `LlavaForConditionalGeneration` and the same weight tensors under our exit,
+    with gates. Sharing the tensors keeps one copy in memory (the 13B preset fits beside itself), so memory figures
+    differ only by what each generate allocates."""
+    text = dict(PRESETS[preset], vocab_size=VOCAB_SIZE, pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID,
+                eos_token_id=EOS_TOKEN_ID)
+    if layers is not None:
+        text["num_hidden_layers"] = layers
+    config = LlavaConfig(
+        text_config={"model_type": "llama", **text},
+        vision_config=CLIPVisionConfig(**TINY_TOWER, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE).to_dict(),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=VISUAL_TOKENS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)  # the same random weights in every run
+    with torch.device(device):
+        stock = LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn).eval()
+    stock.generation_config = GenerationConfig(
+        bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID, do_sample=False
+    )
+    # deepcopy with every tensor already in its memo copies the modules and configs but shares the tensors.
+    shared = {id(tensor): tensor for tensor in [*stock.parameters(), *stock.buffers()]}
+    ours = enable_visual_exit(copy.deepcopy(stock, shared), gate_hidden_size=GATE_HIDDEN_SIZE)
+    rig_gates(exit_decoder_of(ours))
+    return stock, ours
+
+
+def rig_gates(decoder) -> None:
+    """prefill.py's rig on a VLM's decoder: P(exit) = 0.5 after every layer but layer L/2, where it is > 0.5, so
+    tau = 0.5 exits after L/2 layers."""
+    for gate in decoder.visual_gates_router:
+        torch.nn.init.zeros_(gate.w2.weight)
+    firing = decoder.visual_gates_router[dynamic_exit_layer(decoder.config) - 1]
+    with torch.no_grad():  # GELU(a) + GELU(-a) > 0 for any a != 0: the exit logit wins
+        firing.w1.weight[1] = -firing.w1.weight[0]
+        firing.w2.weight[1, :2] = 1.0
+
+
+def build_prompt(batch: int, text_tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """generate's inputs: prefill.py's layout (text prefix, 576 image placeholders, the rest of the text), random
+    text ids per sample and random pixels."""
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(FIRST_TEXT_ID, IMAGE_TOKEN_ID, (batch, text_tokens), generator=generator)
+    text[:, 0] = BOS_TOKEN_ID
+    prefix = min(SYSTEM_PROMPT_TOKENS, text_tokens)
+    image = torch.full((batch, VISUAL_TOKENS), IMAGE_TOKEN_ID)
+    input_ids = torch.cat([text[:, :prefix], image, text[:, prefix:]], dim=1)
+    pixel_values = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids, device=device),
+        "pixel_values": pixel_values.to(device=device, dtype=dtype),
+    }
+
+
+def generate(model, inputs: dict, mode: Mode, new_tokens: int):
+    """One greedy generate of exactly `new_tokens` tokens; its output carries the cache (with one new token, the
+    cache right after the prefill) and, under the exit, the prefill's `exit_stats`."""
+    exit_argument = {} if mode.exit_config is None else {"exit_config": mode.exit_config}
+    return model.generate(
+        **inputs, **exit_argument, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        return_dict_in_generate=True,
+    )
+
+
+def kv_cache_bytes(cache: DynamicCache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def bench_modes(text_config) -> list[Mode]:
+    layers = text_config.num_hidden_layers
+    fixed = sorted({max(1, layers // 4), max(1, layers // 2)})
+    fastv_k = min(FASTV_K, layers)
+    return [
+        Mode("stock", None, None),
+        Mode("none", None, ExitConfig("none")),
+        *[Mode("fixed", k, ExitConfig("fixed", k)) for k in fixed],
+        Mode("dynamic", dynamic_exit_layer(text_config), ExitConfig("dynamic")),
+        Mode("fastv", fastv_k, ExitConfig("fastv", fastv_k=fastv_k, fastv_r=FASTV_R)),
+    ]
+
+
+def probe(call: Callable[[], object], device: torch.device) -> Probe:
+    before = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    output = call()
+    synchronize(device)
+    peak = None if before is None else torch.cuda.max_memory_allocated(device)
+    stats = getattr(output, "exit_stats", None)
+    return Probe(
+        peak_memory_bytes=peak,
+        generate_memory_bytes=None if peak is None else peak - before,
+        kv_cache_bytes=kv_cache_bytes(output_cache(output)),
+        exit_layer=None if stats is None else stats.exit_layer.float().mean().item(),
+    )
+
+
+def measure(calls: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
+    """(probes, median seconds) of each call: one untimed probe each, then `repeats` interleaved rounds (timing.py's
+    scheme: slow drifts of the machine hit every call alike). The bar counts single calls: at 7B one round of
+    every mode, batch and n lasts minutes."""
+    bar = tqdm(total=len(calls) * (1 + repeats), desc="generate calls", unit="call")
+    probes = {}
+    for key, call in calls.items():
+        probes[key] = probe(call, device)
+        bar.update()
+    samples: dict = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            samples[key].append(timed(call, device))
+            bar.update()
+    bar.close()
+    return probes, {key: statistics.median(values) for key, values in samples.items()}
+
+
+def ratio(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or not reference else value / reference
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    stock, ours = build_models(args.preset, args.layers, dtype, device, args.attn)
+    modes = bench_modes(stock.config.text_config)
+    batches, counts = sorted(set(args.batch)), sorted(set(args.new_tokens))
+    prompts = {batch: build_prompt(batch, args.text_tokens, dtype, device) for batch in batches}
+    calls = {  # n = 1 always: T(1) is the time to first token and the base of the decode rate
+        (mode, batch, n): partial(generate, stock if mode.exit_config is None else ours, prompts[batch], mode, n)
+        for batch in batches for n in sorted({1, *counts}) for mode in modes
+    }
+    with torch.inference_mode():
+        generate(stock, prompts[batches[0]], modes[0], 1)  # first-call costs (kernels, workspaces) out of any probe
+        probes, seconds = measure(calls, device, args.repeats)
+    rows = [row_of(mode, batch, n, probes, seconds) for batch in batches for n in counts for mode in modes]
+    stock_rows = {(row.batch, row.new_tokens): row for row in rows if row.mode == "stock"}
+    for row in rows:
+        reference = stock_rows[row.batch, row.new_tokens]
+        row.vs_stock = {name: ratio(getattr(row, name), getattr(reference, name)) for name in FIGURES}
+    return rows
+
+
+def row_of(mode: Mode, batch: int, n: int, probes: dict, seconds: dict) -> Row:
+    """The figures of `mode` at `batch` and `n`; time to first token, exit layer and KV cache from its n = 1 calls."""
+    first, total = seconds[mode, batch, 1], seconds[mode, batch, n]
+    prefill, shown = probes[mode, batch, 1], probes[mode, batch, n]
+    return Row(
+        mode=mode.name, k=mode.k, batch=batch, new_tokens=n, exit_layer=prefill.exit_layer,
+        ttft_ms=first * 1e3,
+        decode_tokens_per_s=batch * (n - 1) / (total - first) if total > first else None,  # None: n = 1, or noise
+        total_ms=total * 1e3,
+        peak_memory_bytes=shown.peak_memory_bytes,
+        generate_memory_bytes=shown.generate_memory_bytes,
+        kv_cache_bytes=prefill.kv_cache_bytes,
+    )
+
+
+COLUMNS = (  # (figure, heading, scale, decimals)
+    ("ttft_ms", "TTFT ms", 1, 1),
+    ("decode_tokens_per_s", "decode tok/s", 1, 1),
+    ("total_ms", "total ms", 1, 1),
+    ("peak_memory_bytes", "peak MiB", 2**-20, 0),
+    ("generate_memory_bytes", "generate MiB", 2**-20, 0),
+    ("kv_cache_bytes", "KV MiB", 2**-20, 2),
+)
+CELL = 18
+
+
+def format_table(rows: list[Row]) -> str:
+    """Each figure with its ratio to stock beside it; '-' where a figure does not exist (CPU memory, n = 1)."""
+    header = f"{'mode':<8} {'K':>3} {'exit':>5} {'B':>3} {'n':>4} " + " ".join(f"{h:>{CELL}}" for _, h, _, _ in COLUMNS)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        k = "" if row.k is None else row.k
+        exit_layer = "" if row.exit_layer is None else f"{row.exit_layer:g}"
+        cells = []
+        for name, _, scale, decimals in COLUMNS:
+            value, relative = getattr(row, name), row.vs_stock[name]
+            text = "-" if value is None else f"{value * scale:.{decimals}f}"
+            text += "" if relative is None else f" ({relative:.2f}x)"
+            cells.append(f"{text:>{CELL}}")
+        lines.append(f"{row.mode:<8} {k:>3} {exit_layer:>5} {row.batch:>3} {row.new_tokens:>4} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count (e.g. 2 on a CPU)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--text-tokens", type=int, default=60, help="text tokens besides the 576 visual ones")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if min(args.new_tokens + args.batch + [args.text_tokens, args.repeats]) < 1:
+        parser.error("--new-tokens, --batch, --text-tokens and --repeats must be >= 1")
+    rows = run(args)
+    print(f"preset {args.preset}, layers {args.layers or PRESETS[args.preset]['num_hidden_layers']}, "
+          f"{VISUAL_TOKENS} visual + {args.text_tokens} text tokens, greedy, median of {args.repeats}")
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "rows": [asdict(row) for row in rows]}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
