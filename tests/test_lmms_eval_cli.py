@@ -37,11 +37,16 @@ def workdir(tmp_path_factory):
     return work
 
 
-def lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int) -> dict:
-    """Run `python -m lmms_eval`; its results and logged samples (by task, in doc order)."""
+def lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int, processes: int = 1) -> dict:
+    """Run `python -m lmms_eval` (under `accelerate launch` with several processes); its results and logged
+    samples (by task, in doc order)."""
     out = work / "lmms" / name
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(work / "datasets"))
-    command = [sys.executable, "-m", "lmms_eval", "--model", "dyvte", "--model_args",
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), "--num_machines",
+                     "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = launcher + ["-m", "lmms_eval", "--model", "dyvte", "--model_args",
                f"pretrained={work / 'gated'},{model_args}", "--tasks", tasks, "--include_path", TASKS_DIR,
                "--batch_size", str(batch_size), "--device", "cpu", "--output_path", str(out), "--log_samples"]
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
@@ -80,6 +85,11 @@ def test_lmms_eval_answers_as_gqa_sh_does(workdir, setting):
         alone = lmms_eval(workdir, "dynamic-batch1", model_args, "tiny_world_gqa", batch_size=1)["samples"]["tiny_world_gqa"]
         assert [(s["filtered_resps"], s["token_counts"][0]["exit_layer"]) for s in alone] == \
             [(s["filtered_resps"], s["token_counts"][0]["exit_layer"]) for s in samples]
+        # two processes share the documents out, as `accelerate launch` on GPUs does
+        shared = lmms_eval(workdir, "dynamic-2proc", model_args, "tiny_world_gqa", batch_size=4, processes=2)
+        assert [(s["filtered_resps"], s["token_counts"][0]["exit_layer"]) for s in shared["samples"]["tiny_world_gqa"]] \
+            == [(s["filtered_resps"], s["token_counts"][0]["exit_layer"]) for s in samples]
+        assert shared["results"]["results"]["tiny_world_gqa"]["accuracy,none"] == pytest.approx(metrics["accuracy"])
 
 
 def test_multiple_choice_is_scored_from_our_pairs(workdir):

@@ -8,7 +8,8 @@ the loader's for the same settings, alone or in a batch.
 `--model_args`: `pretrained` (required), `model_base`, `conv_mode`, `device`, `batch_size`, and every exit flag of
 our CLIs under its flag name with underscores: `exit_mode`, `exit_layer`, `exit_threshold`, `fastv_k`, `fastv_r`,
 `exit_stages` (quoted, for its commas: `exit_stages="prune:fastv:2:0.5,gates:0.9"`), `exit_method` with
-`visual_budget` (and `visual_tokens`). Left out, a setting comes from the checkpoint's config.
+`visual_budget` (and `visual_tokens`). Left out, a setting comes from the checkpoint's config. Under `accelerate
+launch` each process takes its rank's share of the documents on its own GPU.
 
 Per request, the logged sample's `token_counts` holds, beside lmms-eval's token counts, the exit statistics of
 its prefill: `exit_layer`, `pruned_visual_tokens`, `visual_tokens`, `visual_tokens_avg`, `tflops` and
@@ -27,6 +28,7 @@ import argparse
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -102,7 +104,7 @@ class DyVTE(lmms):
         conv_mode: str | None = None,
         device: str | None = None,
         batch_size: int | str = 1,
-        max_batch_size: int | None = None,
+        max_batch_size: int | None = None,  # lmms-eval passes it along; a fixed batch size needs none
         **exit_args,
     ) -> None:
         super().__init__()
@@ -120,7 +122,13 @@ class DyVTE(lmms):
             image_folder="", temperature=0.0, top_p=None, num_beams=1, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
             **{name: unquoted(exit_args.get(name)) for name in EXIT_ARGS},
         )
-        self.exit_config, self.settings = resolve_run(self.args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch`: lmms-eval shares the docs out by rank
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator()
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            self.args.device = device = str(self.accelerator.device) if device in (None, "cuda") else device
+        self.exit_config, _ = resolve_run(self.args)
         self.args.model_name = get_model_name_from_path(self.args.model_path)
         self.tokenizer, self.model, self.processor, self.context_length = load_pretrained_model(
             self.args.model_path, model_base, self.args.model_name, device=device
