@@ -8,7 +8,8 @@ layer by a hook (tests/families.py). FastV's ranking comes from the stock eager 
 import pytest
 import torch
 
-from llava.model.visual_exit import ExitConfig, enable_visual_exit, visual_exit_class
+from llava.compat import cache_argument
+from llava.model.visual_exit import ExitConfig, VisualExitCache, enable_visual_exit, visual_exit_class
 
 from batching import set_sign_gate
 from families import (
@@ -323,3 +324,14 @@ def test_visionzip_is_refused_outside_our_llava_class(family):
     inputs = batch(name, stock, samples_for(name)[:1])
     with pytest.raises(ValueError, match="needs our LLaVA class"):
         model(**inputs, exit_config=ExitConfig("stages", stages="visionzip:2:1"))
+
+
+def test_a_callers_empty_cache_is_the_one_filled(family):
+    name, stock, model = family
+    inputs = batch(name, stock, samples_for(name))
+    cache = VisualExitCache()
+    with torch.no_grad():
+        model.generate(**inputs, exit_config=ExitConfig("fixed", layer=1), max_new_tokens=2, min_new_tokens=2,
+                       do_sample=False, pad_token_id=TEXT["pad_token_id"], **cache_argument(cache))
+    assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 1  # the prompt and the first new token
+    assert cache.exit_stats.exit_layer.tolist() == [1 if visual else 0 for visual in visual_mask(inputs).any(dim=1)]

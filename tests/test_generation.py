@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from llava.compat import cache_argument
 from llava.mm_utils import tokenizer_image_token
+from llava.model.visual_exit import VisualExitCache
 
 from batching import padded_batch
 
@@ -88,3 +90,13 @@ def test_generations_differ_between_samples(loaded, images):
             ids = torch.tensor([tokenizer_image_token(prompt, tokenizer)])
             outputs.add(tuple(generate(model, ids, None, sample_images)[0].tolist()))
     assert len(outputs) == len(PROMPTS)
+
+
+def test_a_callers_empty_cache_is_the_one_filled(loaded, images):
+    tokenizer, model, _, _ = loaded
+    ids = torch.tensor([tokenizer_image_token(PROMPTS[0][0], tokenizer)])
+    cache = VisualExitCache(config=model.config)
+    with torch.no_grad():
+        model.generate(ids, images=images[:1], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+                       **cache_argument(cache))
+    assert cache.get_seq_length() > ids.shape[1] and cache.exit_stats is not None

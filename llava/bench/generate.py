@@ -29,7 +29,9 @@ import torch
 from tqdm import tqdm
 from transformers import CLIPVisionConfig, DynamicCache, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from llava.bench.prefill import GATE_HIDDEN_SIZE, PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, dynamic_exit_layer
+from llava.bench.prefill import (
+    GATE_HIDDEN_SIZE, PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, dynamic_exit_layer, rig_gates,
+)
 from llava.bench.timing import synchronize, timed
 from llava.compat import output_cache
 from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
@@ -109,17 +111,6 @@ def build_models(preset: str, layers: int | None, dtype: torch.dtype, device: to
     ours = enable_visual_exit(copy.deepcopy(stock, shared), gate_hidden_size=GATE_HIDDEN_SIZE)
     rig_gates(exit_decoder_of(ours))
     return stock, ours
-
-
-def rig_gates(decoder) -> None:
-    """prefill.py's rig on a VLM's decoder: P(exit) = 0.5 after every layer but layer L/2, where it is > 0.5, so
-    tau = 0.5 exits after L/2 layers."""
-    for gate in decoder.visual_gates_router:
-        torch.nn.init.zeros_(gate.w2.weight)
-    firing = decoder.visual_gates_router[dynamic_exit_layer(decoder.config) - 1]
-    with torch.no_grad():  # GELU(a) + GELU(-a) > 0 for any a != 0: the exit logit wins
-        firing.w1.weight[1] = -firing.w1.weight[0]
-        firing.w2.weight[1, :2] = 1.0
 
 
 def build_prompt(batch: int, text_tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

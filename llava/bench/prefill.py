@@ -57,13 +57,18 @@ def build_model(preset: str, layers: int | None, dtype: torch.dtype, device: tor
     config = LlamaConfig(**geometry, vocab_size=32, visual_gate_hidden_size=GATE_HIDDEN_SIZE, attn_implementation=attn)
     with torch.device(device):
         model = ExitLlamaModel(config).to(dtype).eval()
-    for gate in model.visual_gates_router:
+    rig_gates(model)
+    return model
+
+
+def rig_gates(decoder) -> None:
+    """P(exit) = 0.5 after every layer but layer L/2, where it is > 0.5: tau = 0.5 exits after L/2 layers."""
+    for gate in decoder.visual_gates_router:
         torch.nn.init.zeros_(gate.w2.weight)
-    firing = model.visual_gates_router[dynamic_exit_layer(config) - 1]
+    firing = decoder.visual_gates_router[dynamic_exit_layer(decoder.config) - 1]
     with torch.no_grad():  # GELU(a) + GELU(-a) > 0 for any a != 0: the exit logit wins
         firing.w1.weight[1] = -firing.w1.weight[0]
         firing.w2.weight[1, :2] = 1.0
-    return model
 
 
 def dynamic_exit_layer(config) -> int:

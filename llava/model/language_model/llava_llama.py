@@ -136,7 +136,8 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             inputs, kwargs.pop("attention_mask", None), None, images, image_sizes, padding_side="left",
             visionzip=self.visionzip_stage(exit_config),
         )
-        cache = take_cache(kwargs) or VisualExitCache(config=self.config)
+        cache = take_cache(kwargs)
+        cache = VisualExitCache(config=self.config) if cache is None else cache  # an empty cache is falsy
         output = super().generate(
             inputs_embeds=mm.inputs_embeds,
             attention_mask=mm.attention_mask,

@@ -212,7 +212,8 @@ class VisualExitVLMMixin:
             raise ValueError("generate needs the prompt input_ids (visual tokens are found by their ids)")
         if kwargs.get("use_cache") is False:
             raise ValueError("generate decodes with a VisualExitCache; use_cache=False is not supported")
-        cache = take_cache(kwargs) or VisualExitCache()
+        cache = take_cache(kwargs)
+        cache = VisualExitCache() if cache is None else cache  # an empty cache is falsy
         output = super().generate(inputs, exit_config=exit_config, **cache_argument(cache), **kwargs)
         return with_exit_stats(output, cache.exit_stats, len(inputs))
 
