@@ -1,27 +1,45 @@
-"""Accuracy against cost for a set of evaluation runs: one table, and PNGs of accuracy vs TFLOPs and exit layers.
+"""Accuracy against cost for a set of evaluation runs, with their uncertainty: a table, a JSON file and PNGs.
 
-    python -m llava.world.report --answers-root ANSWERS --out RESULTS
+    python -m llava.world.report --answers-root ANSWERS --out RESULTS [--questions testdev_balanced_questions.json]
 
 ANSWERS holds one folder per run, each with the `merge.jsonl` and `merge.summary.json` that
-`scripts/v1_5/eval/gqa.sh` writes. Which exit a run used (none, dynamic τ, fixed K, FastV K R, dynamic+FastV) is
-read from the settings its answers were made with, not from the folder's name; rows are named by those settings
-(`dynamic-0.9`, `fastv-2-0.5`, ...).
-Writes RESULTS/table.md, RESULTS/accuracy_vs_tflops.png and RESULTS/exit_layer_histogram.png.
+`scripts/v1_5/eval/gqa.sh` writes. Which exit a run used (none, dynamic τ, fixed K, FastV K R, dynamic+FastV, a
+reduction method at a visual budget T) is read from the settings its answers were made with, not from the folder's
+name; rows are named by those settings (`dynamic-0.9`, `fastv-2-0.5`, ...).
+
+Each run's answers are scored again question by question against the GQA truth file (`--questions`; by default
+gqa.sh's GQADIR/data/testdev_balanced_questions.json, GQADIR being the folder above ANSWERS' `answers/`: the tiny
+world's eval/gqa for the quickstart) with `llava.eval.eval_gqa`'s rule, which must give the summary's accuracy.
+That per-question correctness gives
+- a 95 % Wilson score interval for each accuracy (n questions; unlike the normal approximation it stays inside
+  [0, 100] and is not degenerate at 0 or 100 %), and
+- each run against mode `none` on the same questions: the exact McNemar test (two-sided binomial test of the
+  questions only one of the two runs got right), significant at p < 0.05. Each comparison is tested on its own: with
+  many runs, some differences will pass by chance.
+
+Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column), RESULTS/
+results.json (every run's figures, for other tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a
+zoom on the runs within 15 points of none) and RESULTS/exit_layer_histogram.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
+from llava.eval.eval_gqa import _load_questions, convert_gqa  # noqa: E402
 from llava.eval.io import read_jsonl  # noqa: E402
 from llava.model.visual_exit.budget import METHODS  # noqa: E402
 
@@ -44,6 +62,35 @@ STYLES = {  # mode: (line style, legend)
     "dynamic+fastv": ("D", "dynamic + FastV"),
     **{mode: (marker + "-.", f"{method} at budget T") for (method, mode), marker in zip(BUDGETED.items(), "v<>phx+")},
 }
+# More curves than the default cycle's 10 colours: tab20's dark shades first, then its light ones. Error bars are
+# drawn fainter than their points, which crowd between them.
+COLORS = [plt.get_cmap("tab20")(index) for index in (*range(0, 20, 2), *range(1, 20, 2))]
+CONFIDENCE = 0.95
+ALPHA = 0.05  # significance level of each run's test against none
+ZOOM_BAND = 15.0  # the zoomed panel holds the runs within this many points of none's accuracy
+DPI = 120
+# Where a point's label may go, nearest first: (dx, dy) in points from the point, on rings of growing radius; a label
+# beyond the first ring gets a leader line back to its point.
+DIRECTIONS = ((1, 0.5), (1, -1), (-1, 0.5), (-1, -1), (0, 1), (0, -1.4))
+LABEL_SPOTS = [(dx * radius, dy * radius) for radius in (6, 14, 24) for dx, dy in DIRECTIONS]
+
+
+def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion `correct / n` (as fractions)."""
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    share = correct / n
+    scale = 1 + z * z / n
+    centre = (share + z * z / (2 * n)) / scale
+    half = z / scale * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value: under no difference, each discordant question (right in one run only) is
+    equally likely either way, so the smaller count is Binomial(discordant, 1/2); the tail is doubled (capped at 1)."""
+    discordant = only_first + only_second
+    tail = sum(math.comb(discordant, k) for k in range(min(only_first, only_second) + 1))
+    return min(1.0, 2 * tail / 2**discordant)  # integer division by a power of two: exact up to the final rounding
 
 
 @dataclass
@@ -56,10 +103,24 @@ class Run:
     tflops: float
     flops_reduction: float
     exit_layers: list[int]
+    correct: tuple[bool, ...]  # per question, in the truth file's order: the same for every run, so runs pair up
 
     @property
     def setting(self) -> dict[str, float]:
         return dict(zip(SETTINGS[self.mode], self.settings))
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95 % Wilson interval of the accuracy, in percent."""
+        low, high = wilson_interval(sum(self.correct), len(self.correct))
+        return 100 * low, 100 * high
+
+    def against(self, reference: Run) -> tuple[float, float]:
+        """(accuracy difference in points, exact McNemar p-value) of this run against `reference`."""
+        pairs = list(zip(self.correct, reference.correct))
+        only_self = sum(mine and not theirs for mine, theirs in pairs)
+        only_reference = sum(theirs and not mine for mine, theirs in pairs)
+        return self.accuracy - reference.accuracy, mcnemar_exact(only_self, only_reference)
 
 
 def recorded_run(summary_path: str, summary: dict) -> tuple[str, str, tuple[float, ...]]:
@@ -77,7 +138,29 @@ def recorded_run(summary_path: str, summary: dict) -> tuple[str, str, tuple[floa
     return settings["exit_label"], mode, tuple(float(exit_settings[field]) for field in SETTINGS[mode].values())
 
 
-def load_runs(answers_root: str) -> list[Run]:
+def default_questions(answers_root: str) -> str:
+    """gqa.sh's truth file for answers under GQADIR/answers/SPLIT/...: GQADIR/data/testdev_balanced_questions.json."""
+    folder = os.path.abspath(answers_root)
+    while os.path.basename(folder) != "answers":
+        if os.path.dirname(folder) == folder:
+            raise ValueError(f"{answers_root}: not inside gqa.sh's answers/ folder; pass --questions")
+        folder = os.path.dirname(folder)
+    return os.path.join(os.path.dirname(folder), "data", "testdev_balanced_questions.json")
+
+
+def question_correctness(questions: dict, answers: list[dict], source: str) -> tuple[bool, ...]:
+    """Per balanced question of the truth file, whether the answers got it right by `eval_gqa`'s rule: LLaVA's
+    converter, exact match, a later answer replacing an earlier one, a question without an answer wrong."""
+    predicted = {str(entry["questionId"]): entry["prediction"] for entry in convert_gqa(answers, source)}
+    return tuple(
+        predicted.get(str(question_id)) == question["answer"]
+        for question_id, question in questions.items()
+        if question.get("isBalanced", True)
+    )
+
+
+def load_runs(answers_root: str, questions_path: str) -> list[Run]:
+    questions = _load_questions(questions_path)
     runs = []
     for name in sorted(os.listdir(answers_root)):
         folder = os.path.join(answers_root, name)
@@ -87,14 +170,44 @@ def load_runs(answers_root: str) -> list[Run]:
         with open(summary_path) as handle:
             summary = json.load(handle)
         run_name, mode, settings = recorded_run(summary_path, summary)
-        answers = read_jsonl(os.path.join(folder, "merge.jsonl"), ("question_id",))
+        answers_path = os.path.join(folder, "merge.jsonl")
+        answers = read_jsonl(answers_path, ("question_id",))
+        correct = question_correctness(questions, answers, answers_path)
+        rescored = sum(correct) / len(correct) * 100  # in eval_gqa's order of operations
+        if not math.isclose(rescored, summary["accuracy"], abs_tol=1e-9):
+            raise ValueError(
+                f"{answers_path}: scores {rescored:.4g} % against {questions_path}, its summary "
+                f"{summary['accuracy']:.4g} %: not the questions it was scored on; pass the right --questions"
+            )
         runs.append(Run(
             run_name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
-            summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a],
+            summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a], correct,
         ))
     if not any(run.mode == "none" for run in runs):
         raise ValueError(f"{answers_root}: no 'none' run to compare against")
     return sorted(runs, key=lambda run: (MODES.index(run.mode), run.settings))
+
+
+def reference_run(runs: list[Run]) -> Run:
+    return next(run for run in runs if run.mode == "none")
+
+
+def results(runs: list[Run]) -> dict:
+    """Every run's figures, as results.json holds them: settings by their recorded field names (`threshold`,
+    `fastv_k`, `visual_budget`, ...), accuracies and their interval in percent, the difference from none in points."""
+    reference = reference_run(runs)
+    rows = []
+    for run in runs:
+        difference, p_value = run.against(reference)
+        low, high = run.interval
+        rows.append({
+            "label": run.name, "mode": run.mode, "settings": dict(zip(SETTINGS[run.mode].values(), run.settings)),
+            "n": len(run.correct),
+            "correct": sum(run.correct), "accuracy": run.accuracy, "ci_low": low, "ci_high": high,
+            "tflops": run.tflops, "flops_reduction": run.flops_reduction, "exit_layer": run.exit_layer,
+            "difference_vs_none": difference, "p_value": p_value, "significant": p_value < ALPHA,
+        })
+    return {"confidence": CONFIDENCE, "alpha": ALPHA, "test": "exact McNemar against mode none", "runs": rows}
 
 
 def flops_unit(runs: list[Run]) -> tuple[str, float]:
@@ -103,46 +216,130 @@ def flops_unit(runs: list[Run]) -> tuple[str, float]:
 
 
 def table(runs: list[Run]) -> str:
-    reference = next(run for run in runs if run.mode == "none")
+    """One row per run; the CI and the difference from none share a column so the columns stay those that readers of
+    table.md (tests/test_quickstart.py) parse."""
+    reference = reference_run(runs)
     unit, scale = flops_unit(runs)
     lines = [
-        f"| run | accuracy (%) | Δ vs none (pt) | mean exit layer | prefill {unit} / sample | FLOPs reduction |",
+        f"| run | accuracy (%), n = {len(reference.correct)} | 95 % CI; Δ vs none (pt, * exact McNemar p < {ALPHA:g}) "
+        f"| mean exit layer | prefill {unit} / sample | FLOPs reduction |",
         "|---|---|---|---|---|---|",
     ]
     for run in runs:
+        difference, p_value = run.against(reference)
+        low, high = run.interval
+        star = "*" if p_value < ALPHA else ""
         lines.append(
-            f"| {run.name} | {run.accuracy:.1f} | {run.accuracy - reference.accuracy:+.1f} | {run.exit_layer:.2f} "
-            f"| {run.tflops * scale:.4g} | {100 * run.flops_reduction:.1f} % |"
+            f"| {run.name} | {run.accuracy:.1f} | [{low:.1f}, {high:.1f}]; {difference:+.1f}{star} "
+            f"| {run.exit_layer:.2f} | {run.tflops * scale:.4g} | {100 * run.flops_reduction:.1f} % |"
         )
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_tflops(runs: list[Run], path: str) -> None:
+def point_label(run: Run) -> str:
+    """A point's settings, less what its curve's legend already says (FastV's K)."""
+    shown = {key: value for key, value in run.setting.items() if not (run.mode == "fastv" and key == "K")}
+    return ", ".join(f"{key}={value:g}" for key, value in shown.items())
+
+
+def overlap(box: Bbox, other: Bbox) -> float:
+    inside = Bbox.intersection(box, other)
+    return inside.width * inside.height if inside is not None else 0.0
+
+
+def place_labels(axes, points: list[tuple[float, float, float, float, str, tuple]]) -> None:
+    """Annotate each (x, y, low, high, text, colour) at the first of LABEL_SPOTS that covers no other label, no
+    point or error bar and stays in the axes; where every spot is taken, at the least covered one. The figure's
+    layout must be final: the spots are measured in its pixels."""
+    renderer = axes.figure.canvas.get_renderer()
+    frame = axes.get_window_extent(renderer)
+    radius = 4 * axes.figure.dpi / 72  # a marker's half width, in pixels
+    obstacles = []
+    for x, y, low, high, _, _ in points:
+        (px, py), (_, bar_low), (_, bar_high) = axes.transData.transform([(x, y), (x, low), (x, high)])
+        obstacles.append(Bbox.from_extents(px - radius, py - radius, px + radius, py + radius))
+        obstacles.append(Bbox.from_extents(px - 1, bar_low, px + 1, bar_high))
+    for x, y, _, _, text, color in points:
+        best = None
+        for spot, (dx, dy) in enumerate(LABEL_SPOTS):
+            align = {"ha": "left" if dx > 0 else "right" if dx < 0 else "center", "va": "bottom" if dy > 0 else "top"}
+            label = axes.annotate(
+                text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, color=color, **align
+            )
+            box = label.get_window_extent(renderer)
+            label.remove()
+            outside = box.width * box.height - overlap(box, frame)
+            covered = outside + sum(overlap(box, other) for other in obstacles)
+            if best is None or covered < best[0]:
+                best = (covered, spot, align, box)
+            if covered == 0:
+                break
+        _, spot, align, box = best
+        leader = {"arrowstyle": "-", "color": color, "lw": 0.5, "alpha": 0.6} if spot >= len(DIRECTIONS) else None
+        axes.annotate(
+            text, (x, y), xytext=LABEL_SPOTS[spot], textcoords="offset points", fontsize=7, color=color,
+            arrowprops=leader, **align,
+        )
+        obstacles.append(box)
+
+
+def error_bars(runs: list[Run]) -> list[list[float]]:
+    """matplotlib's `yerr` for these runs: from each accuracy down to and up to its Wilson bounds."""
+    return [[run.accuracy - run.interval[0] for run in runs], [run.interval[1] - run.accuracy for run in runs]]
+
+
+def accuracy_figure(runs: list[Run]):
+    """Accuracy (with its 95 % interval) against prefill cost: all runs at left, at right a zoom on the runs within
+    ZOOM_BAND points of none, where the methods compete and their points crowd (the zoom frames their points; wide
+    error bars run out of it). The zoom labels the points inside it, the overview the others; the legend sits below
+    both, off the data."""
     unit, scale = flops_unit(runs)
-    figure, axes = plt.subplots(figsize=(7.2, 4.8))
+    reference = reference_run(runs)
+    figure, (overview, zoom) = plt.subplots(1, 2, figsize=(13, 6), dpi=DPI, layout="constrained")
     curves: dict[tuple[str, float | None], list[Run]] = {}
     for run in runs:
         if run.mode != "none":  # FastV: one curve over R per K; a budgeted method: one over T
-            key = (run.mode, run.setting.get("K") if run.mode == "fastv" else None)
-            curves.setdefault(key, []).append(run)
-    for (mode, k), members in curves.items():
-        style, legend = STYLES[mode]
-        points = sorted((run.tflops * scale, run.accuracy, run) for run in members)
-        axes.plot([p[0] for p in points], [p[1] for p in points], style, label=legend.format(K=k or 0))
-        for x, y, run in points:
-            shown = {key: value for key, value in run.setting.items() if not (mode == "fastv" and key == "K")}
-            text = ", ".join(f"{key}={value:g}" for key, value in shown.items())
-            axes.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10 if mode == "fixed" else 5), fontsize=7)
-    reference = next(run for run in runs if run.mode == "none")
-    axes.plot([reference.tflops * scale], [reference.accuracy], "k*", markersize=12, label="no exit")
-    axes.set_xlabel(f"LM prefill {unit} per sample")
-    axes.set_ylabel("accuracy (%)")
-    axes.set_title("Accuracy vs prefill cost: dynamic exit against fixed K, FastV and the reduction methods")
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+            curves.setdefault((run.mode, run.setting.get("K") if run.mode == "fastv" else None), []).append(run)
+    near = [run for run in runs if run.accuracy >= reference.accuracy - ZOOM_BAND]
+    xs, ys = [run.tflops * scale for run in near], [run.accuracy for run in near]
+    pad_x, pad_y = 0.06 * (max(xs) - min(xs)) or 0.05 * max(xs), 0.08 * (max(ys) - min(ys)) + 1
+    left, right, bottom, top = min(xs) - pad_x, max(xs) + pad_x, min(ys) - pad_y, max(ys) + pad_y
+
+    def in_zoom(run: Run) -> bool:  # labelled in the zoom; the overview labels the rest
+        return left <= run.tflops * scale <= right and bottom <= run.accuracy <= top
+
+    points = {overview: [], zoom: []}
+    for axes in (overview, zoom):
+        for ((mode, k), members), color in zip(curves.items(), COLORS):
+            style, legend = STYLES[mode]
+            members = sorted(members, key=lambda run: run.tflops)
+            axes.errorbar(
+                [run.tflops * scale for run in members], [run.accuracy for run in members], yerr=error_bars(members),
+                fmt=style, color=color, ecolor=(*color[:3], 0.45), capsize=2, elinewidth=0.8, label=legend.format(K=k or 0),
+            )
+            shown = [run for run in members if in_zoom(run) == (axes is zoom)]
+            points[axes] += [(run.tflops * scale, run.accuracy, *run.interval, point_label(run), color)
+                             for run in shown]
+        axes.errorbar(
+            [reference.tflops * scale], [reference.accuracy], yerr=error_bars([reference]), fmt="k*",
+            ecolor=(0, 0, 0, 0.45), markersize=12, capsize=2, label="no exit",
+        )
+        axes.set_xlabel(f"LM prefill {unit} per sample")
+        axes.set_ylabel("accuracy (%), 95 % Wilson interval")
+        axes.grid(alpha=0.3)
+    zoom.set_xlim(left, right)
+    zoom.set_ylim(bottom, top)
+    overview.add_patch(Rectangle((left, bottom), right - left, top - bottom, fill=False, ls="--", color="0.4"))
+    overview.set_title("all runs (dashed: the zoom at right)")
+    zoom.set_title(f"zoom: runs within {ZOOM_BAND:g} points of no exit")
+    figure.suptitle("Accuracy vs prefill cost: dynamic exit against fixed K, FastV and the reduction methods")
+    handles, names = overview.get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside lower center", ncols=4, fontsize=8)
+    figure.canvas.draw()  # lays the figure out: labels are placed in its final coordinates, which must not move
+    figure.set_layout_engine("none")
+    for axes, members in points.items():
+        place_labels(axes, members)
+    return figure
 
 
 def plot_exit_histogram(runs: list[Run], layers: int, path: str) -> None:
@@ -168,17 +365,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--answers-root", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--questions", default=None,
+        help="GQA truth file the runs were scored on (default: gqa.sh's, data/testdev_balanced_questions.json in the "
+        "folder above answers/)",
+    )
     args = parser.parse_args(argv)
-    runs = load_runs(args.answers_root)
-    layers = next(run for run in runs if run.mode == "none").exit_layers[0]
+    runs = load_runs(args.answers_root, args.questions or default_questions(args.answers_root))
+    layers = reference_run(runs).exit_layers[0]
     os.makedirs(args.out, exist_ok=True)
     text = table(runs)
     with open(os.path.join(args.out, "table.md"), "w") as handle:
         handle.write(text + "\n")
-    plot_accuracy_vs_tflops(runs, os.path.join(args.out, "accuracy_vs_tflops.png"))
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump(results(runs), handle, indent=1)
+    figure = accuracy_figure(runs)
+    figure.savefig(os.path.join(args.out, "accuracy_vs_tflops.png"), dpi=DPI)
+    plt.close(figure)
     plot_exit_histogram(runs, layers, os.path.join(args.out, "exit_layer_histogram.png"))
     print(text)
-    print(f"plots: {os.path.abspath(args.out)}/accuracy_vs_tflops.png, exit_layer_histogram.png")
+    print(f"{os.path.abspath(args.out)}: results.json, accuracy_vs_tflops.png, exit_layer_histogram.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,182 @@
+"""`python -m llava.world.report` on synthetic answer folders whose per-question correctness is known: Wilson
+intervals against published values, the exact McNemar p-value against a direct binomial sum, the significance
+flags, results.json, the table that the quickstart's test parses, and the plot's labels kept apart."""
+
+import json
+import math
+from itertools import combinations
+
+import matplotlib.pyplot as plt
+import pytest
+from matplotlib.text import Text
+from PIL import Image
+
+from llava.world import report
+from test_quickstart import table_rows
+
+QUESTIONS = 40
+RIGHT_BY_NONE = set(range(30))  # none gets questions 0-29 right, 30-39 wrong
+# run folder: (exit settings, budget settings, questions answered right, prefill TFLOPs, mean exit layer)
+RUNS = {
+    "none": ({"mode": "none"}, None, RIGHT_BY_NONE, 6.0e-4, 8),
+    "fixed-0": ({"mode": "fixed", "layer": 0}, None, set(range(10)), 3.0e-4, 0),
+    # one question lost, one gained: no difference
+    "dynamic-0.9": ({"mode": "dynamic", "threshold": 0.9}, None, RIGHT_BY_NONE - {0} | {30}, 5.0e-4, 5),
+    # 6 lost, 1 gained: -12.5 points, yet p = 2 * (1 + 7) / 2**7 = 0.125
+    "dynamic-0.5": ({"mode": "dynamic", "threshold": 0.5}, None, RIGHT_BY_NONE - set(range(6)) | {30}, 4.9e-4, 4),
+    # 7 lost, none gained: p = 2 / 2**7, significant though the two Wilson intervals overlap; 17.5 points below none
+    "fastv-2-0.5": ({"mode": "fastv", "fastv_k": 2, "fastv_r": 0.5}, None, RIGHT_BY_NONE - set(range(7)), 5.05e-4, 8),
+    "dynamic+fastv-0.9-2-0.5": (
+        {"mode": "dynamic+fastv", "threshold": 0.9, "fastv_k": 2, "fastv_r": 0.5}, None, RIGHT_BY_NONE - {0}, 4.9e-4, 5,
+    ),
+    "pdrop-budget20": (
+        {"mode": "stages"}, {"method": "pdrop", "visual_budget": 20}, RIGHT_BY_NONE - {29} | {31}, 4.95e-4, 8,
+    ),
+}
+SIGNIFICANT = {"none": False, "fixed-0": True, "dynamic-0.9": False, "dynamic-0.5": False, "fastv-2-0.5": True,
+               "dynamic+fastv-0.9-2-0.5": False, "pdrop-budget20": False}
+
+
+def truth() -> dict:
+    """GQA-layout truth: the 40 balanced questions, and one unbalanced that scoring skips."""
+    questions = {f"q{i}": {"answer": "red" if i % 2 else "yes", "types": {"structural": "query"}}
+                 for i in range(QUESTIONS)}
+    questions["unbalanced"] = {"answer": "no", "types": {"structural": "verify"}, "isBalanced": False}
+    return questions
+
+
+def write_answers(root, questions: dict, runs: dict = RUNS) -> None:
+    """One folder per run as gqa.sh leaves it: merge.jsonl and merge.summary.json."""
+    for folder, (exit_settings, budget, right, tflops, exit_layer) in runs.items():
+        (root / folder).mkdir(parents=True)
+        answers = [
+            {"question_id": question_id,
+             # LLaVA's converter drops trailing periods and lower-cases: "Red." is right
+             "text": question["answer"].capitalize() + "." if index in right else "blue",
+             "exit_layer": exit_layer, "tflops": tflops, "tflops_full": 6.0e-4}
+            for index, (question_id, question) in enumerate(questions.items())
+        ]
+        (root / folder / "merge.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+        settings = {"exit": exit_settings, "exit_label": folder}
+        if budget is not None:
+            settings["budget"] = budget
+        summary = {"accuracy": len(right) / QUESTIONS * 100, "exit_layer": exit_layer, "tflops": tflops,
+                   "flops_reduction": 1 - tflops / 6.0e-4, "settings": settings}
+        (root / folder / "merge.summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def gqa_layout(tmp_path):
+    """(answers root, truth file) laid out as quickstart.sh leaves them: GQADIR/answers/SPLIT/quickstart/RUN."""
+    answers_root = tmp_path / "gqa" / "answers" / "llava_gqa_testdev_balanced" / "quickstart"
+    questions_path = tmp_path / "gqa" / "data" / "testdev_balanced_questions.json"
+    questions_path.parent.mkdir(parents=True)
+    questions_path.write_text(json.dumps(truth()))
+    write_answers(answers_root, truth())
+    return answers_root, questions_path
+
+
+def binomial_two_sided(successes: int, trials: int) -> float:
+    """Exact two-sided binomial test at p = 1/2 by summing every outcome no likelier than the one observed."""
+    pmf = [math.comb(trials, k) * 0.5**trials for k in range(trials + 1)]
+    return min(1.0, sum(p for p in pmf if p <= pmf[successes] * (1 + 1e-12)))
+
+
+@pytest.mark.parametrize("correct, n, low, high", [  # Newcombe (1998), Stat. Med. 17:857, Table I, method 3
+    (81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_interval_matches_published_values(correct, n, low, high):
+    assert report.wilson_interval(correct, n) == pytest.approx((low, high), abs=5e-5)
+
+
+@pytest.mark.parametrize("only_first, only_second", [(1, 6), (6, 1), (0, 6), (0, 20), (3, 3), (0, 0), (12, 30)])
+def test_mcnemar_exact_is_the_binomial_test_on_discordant_pairs(only_first, only_second):
+    expected = binomial_two_sided(only_first, only_first + only_second)
+    assert report.mcnemar_exact(only_first, only_second) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mcnemar_exact_by_hand():
+    assert report.mcnemar_exact(1, 6) == 2 * (1 + 7) / 2**7 == 0.125  # 2 * (C(7, 0) + C(7, 1)) / 2**7
+    assert report.mcnemar_exact(0, 6) == 2 / 2**6
+    assert report.mcnemar_exact(4, 4) == report.mcnemar_exact(0, 0) == 1.0
+
+
+def test_results_json_table_and_plots(gqa_layout, tmp_path):
+    answers_root, _ = gqa_layout
+    out = tmp_path / "results"
+    report.main(["--answers-root", str(answers_root), "--out", str(out)])  # the truth file found from the layout
+
+    payload = json.loads((out / "results.json").read_text())
+    assert (payload["confidence"], payload["alpha"]) == (0.95, 0.05)
+    rows = {row["label"]: row for row in payload["runs"]}
+    assert list(rows) == [
+        "none", "dynamic-0.5", "dynamic-0.9", "fixed-0", "fastv-2-0.5", "dynamic+fastv-0.9-2-0.5", "pdrop-budget20",
+    ]
+    for label, row in rows.items():
+        _, _, right, tflops, exit_layer = RUNS[label]
+        lost, gained = len(RIGHT_BY_NONE - right), len(right - RIGHT_BY_NONE)
+        low, high = report.wilson_interval(len(right), QUESTIONS)
+        assert (row["n"], row["correct"]) == (QUESTIONS, len(right))
+        assert row["accuracy"] == pytest.approx(100 * len(right) / QUESTIONS)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((100 * low, 100 * high))
+        assert row["difference_vs_none"] == pytest.approx(100 * (gained - lost) / QUESTIONS)
+        assert row["p_value"] == pytest.approx(binomial_two_sided(lost, lost + gained), rel=1e-9)
+        assert row["significant"] is SIGNIFICANT[label]
+        assert (row["tflops"], row["exit_layer"]) == (tflops, exit_layer)
+    assert rows["dynamic-0.5"]["p_value"] == pytest.approx(0.125)
+    assert rows["fastv-2-0.5"]["ci_high"] > rows["none"]["ci_low"]  # overlapping intervals, a significant pair
+    assert rows["fastv-2-0.5"]["settings"] == {"fastv_k": 2.0, "fastv_r": 0.5}
+    assert (rows["pdrop-budget20"]["mode"], rows["pdrop-budget20"]["settings"]) == ("pdrop-budget", {"visual_budget": 20})
+
+    # Still the six cells tests/test_quickstart.py reads: accuracy, CI + difference, exit layer, FLOPs, reduction.
+    table = table_rows((out / "table.md").read_text())
+    assert list(table) == list(rows)
+    for label, (accuracy, versus, exit_layer, _, reduction) in table.items():
+        row = rows[label]
+        assert float(accuracy) == round(row["accuracy"], 1) and float(exit_layer) == row["exit_layer"]
+        assert reduction == f"{100 * row['flops_reduction']:.1f} %"
+        star = "*" if row["significant"] else ""
+        assert versus == f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]; {row['difference_vs_none']:+.1f}{star}"
+    assert table["fixed-0"][1] == "[14.2, 40.2]; -50.0*"  # 10 of 40: Wilson (0.1418, 0.4019)
+
+    for plot in ("accuracy_vs_tflops.png", "exit_layer_histogram.png"):
+        with Image.open(out / plot) as image:
+            assert image.format == "PNG" and image.size[0] > 500 and image.size[1] > 400
+
+
+def test_zoom_panel_and_labels_apart(gqa_layout):
+    answers_root, questions_path = gqa_layout
+    runs = report.load_runs(str(answers_root), str(questions_path))
+    figure = report.accuracy_figure(runs)
+    overview, zoom = figure.axes
+    figure.canvas.draw()  # as savefig does: places the annotations' text
+    renderer = figure.canvas.get_renderer()
+    # Runs more than 15 points below none (fixed-0, FastV) are labelled in the overview, the crowd in the zoom.
+    assert sorted(text.get_text() for text in overview.texts) == ["K=0", "R=0.5"]
+    assert sorted(text.get_text() for text in zoom.texts) == ["T=20", "τ=0.5", "τ=0.9", "τ=0.9, K=2, R=0.5"]
+    assert 57.5 < zoom.get_ylim()[0] < 62.5 - 1 and zoom.get_ylim()[1] > 75.0
+    for axes in (overview, zoom):  # every run, with its Wilson interval as error bar
+        bars = {(x, y): segment[:, 1].tolist() for bar in axes.containers
+                for x, y, segment in zip(*bar.lines[0].get_data(), bar.lines[2][0].get_segments())}
+        assert len(bars) == len(runs)
+        assert bars[0.6, 75.0] == pytest.approx([100 * bound for bound in report.wilson_interval(30, QUESTIONS)])
+    for axes in (overview, zoom):
+        frame = axes.get_window_extent(renderer)
+        boxes = [Text.get_window_extent(text, renderer) for text in axes.texts]  # the words, not their leaders
+        assert all(frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1) for box in boxes)
+        assert not any(a.overlaps(b) for a, b in combinations(boxes, 2))
+    assert figure.legends and not overview.get_legend()  # the legend below the panels, not over the data
+    plt.close(figure)
+
+
+def test_truth_file_must_reproduce_each_summary(gqa_layout, tmp_path):
+    answers_root, _ = gqa_layout
+    other = truth()
+    other["q0"]["answer"] = "no"  # none (and others) answered q0 right under the real truth
+    wrong_truth = tmp_path / "other.json"
+    wrong_truth.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="--questions"):
+        report.load_runs(str(answers_root), str(wrong_truth))
+    # Outside gqa.sh's layout there is no default truth file to find.
+    with pytest.raises(ValueError, match="pass --questions"):
+        report.default_questions(str(tmp_path))
