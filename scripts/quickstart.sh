@@ -8,7 +8,7 @@
 # Every knob is an environment variable (defaults in brackets):
 #   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [500]
 #   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~45 min]
-#   GATE_STEPS [1500]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
+#   GATE_STEPS [300]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
 #   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
 #   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
 #   METHODS ["fastv random pdrop dart visionzip sparsevlm"] at BUDGETS ["64 96"] equivalent visual tokens (of 196)
@@ -27,7 +27,7 @@ TEST_IMAGES=${TEST_IMAGES:-500}
 BASE_MODEL=${BASE_MODEL:-./checkpoints/tiny-world-llava}
 INIT_MODEL=${INIT_MODEL:-$BASE_MODEL-exit-init}
 GATED_MODEL=${GATED_MODEL:-$BASE_MODEL-visual-gate}
-GATE_STEPS=${GATE_STEPS:-1500}
+GATE_STEPS=${GATE_STEPS:-300}
 GATE_BATCH_SIZE=${GATE_BATCH_SIZE:-8}
 GATE_LEARNING_RATE=${GATE_LEARNING_RATE:-5e-5}
 THRESHOLDS=${THRESHOLDS:-0.5 0.9 0.99 0.999}
