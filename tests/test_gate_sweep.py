@@ -35,12 +35,13 @@ def write_run(root, width, exits, accuracy):
 
 def test_agreement_is_the_share_of_questions_exiting_where_the_widest_gates_exit(tmp_path):
     write_run(tmp_path / "answers", 2048, [1, 2, 3, 4], 70.0)
-    write_run(tmp_path / "answers", 16, [1, 2, 4, 4], 69.0)
+    write_run(tmp_path / "answers", 16, [1, 2, 4, 7], 69.0)
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 128, "num_hidden_layers": 8}))
     main(["--answers-root", str(tmp_path / "answers"), "--model-config", str(tmp_path / "config.json"),
           "--out", str(tmp_path / "out")])
     rows = {row["width"]: row for row in json.loads((tmp_path / "out" / "gate_widths.json").read_text())}
-    assert rows[16]["decision_agreement"] == 0.75 and rows[2048]["decision_agreement"] == 1.0
+    assert rows[16]["decision_agreement"] == 0.5 and rows[2048]["decision_agreement"] == 1.0
+    assert rows[16]["within_one_layer"] == 0.75
     assert rows[16]["share_of_llava-1.5-7b_lm"] == pytest.approx(32 * 16 * 8194 / 6_738_415_616)
     assert "| 16 |" in (tmp_path / "out" / "gate_widths.md").read_text()
 

@@ -5,7 +5,7 @@
 ANSWERS holds one folder per width, `width-<G>`, each with the `merge.jsonl` and `merge.summary.json` that
 `scripts/v1_5/eval/gqa.sh` writes (`scripts/gate_width_sweep.sh` makes them). For each width: the gates'
 parameters on this model and at the preset's size (with their share of that LM), the share of questions whose exit
-layer equals the widest gates' (decision agreement), accuracy, mean exit layer and FLOPs reduction. Writes
+layer equals the widest gates' (decision agreement) or lies within one layer of it, accuracy, mean exit layer and FLOPs reduction. Writes
 RESULTS/gate_widths.md and RESULTS/gate_widths.json.
 """
 
@@ -56,34 +56,36 @@ def sweep_rows(runs: dict[int, tuple[list[dict], dict]], model_config: dict, pre
                           geometry["num_attention_heads"], geometry["num_key_value_heads"])
     rows = []
     for width, (records, summary) in sorted(runs.items()):
-        same = [reference[r["question_id"]] == r["exit_layer"] for r in records if r["question_id"] in reference]
-        if len(same) != len(reference):
-            raise ValueError(f"width {width} answered {len(same)} of the widest run's {len(reference)} questions")
+        gaps = [abs(reference[r["question_id"]] - r["exit_layer"]) for r in records if r["question_id"] in reference]
+        if len(gaps) != len(reference):
+            raise ValueError(f"width {width} answered {len(gaps)} of the widest run's {len(reference)} questions")
         at_preset = gate_parameters(geometry["hidden_size"], width, geometry["num_hidden_layers"])
         rows.append({
             "width": width,
             "gate_parameters": gate_parameters(model_config["hidden_size"], width, model_config["num_hidden_layers"]),
             f"gate_parameters_{preset}": at_preset,
             f"share_of_{preset}_lm": at_preset / lm,
-            "decision_agreement": sum(same) / len(same),
+            "decision_agreement": sum(gap == 0 for gap in gaps) / len(gaps),
+            "within_one_layer": sum(gap <= 1 for gap in gaps) / len(gaps),
             "accuracy": summary["accuracy"],
             "mean_exit_layer": summary["exit_layer"],
             "flops_reduction": summary["flops_reduction"],
-            "questions": len(same),
+            "questions": len(gaps),
         })
     return rows
 
 
 def table(rows: list[dict], preset: str, widest: int) -> str:
     lines = [
-        f"| gate width | gate params | at {preset} (share of LM) | same exit as width {widest} | accuracy (%) "
-        "| mean exit layer | FLOPs reduction |",
-        "|---|---|---|---|---|---|---|",
+        f"| gate width | gate params | at {preset} (share of LM) | same exit as width {widest} | within one layer "
+        "| accuracy (%) | mean exit layer | FLOPs reduction |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['width']} | {row['gate_parameters']:,} | {row[f'gate_parameters_{preset}'] / 1e6:.1f} M "
             f"({100 * row[f'share_of_{preset}_lm']:.2f} %) | {100 * row['decision_agreement']:.1f} % "
+            f"| {100 * row['within_one_layer']:.1f} % "
             f"| {row['accuracy']:.1f} | {row['mean_exit_layer']:.2f} | {100 * row['flops_reduction']:.1f} % |"
         )
     return "\n".join(lines) + "\n"
