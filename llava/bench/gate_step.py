@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from llava.bench.prefill import PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, build_model
-from llava.bench.timing import interleaved_medians
+from llava.bench.timing import device_and_dtype, interleaved_medians
 from llava.model.visual_exit.training import IGNORE_INDEX, ExitLabelRule, gate_training_pass
 
 VOCAB = 32000
@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = device_and_dtype(args.device, args.dtype)
 
     model = build_model(args.preset, args.layers, dtype, device, "sdpa")
     model.requires_grad_(False)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -32,7 +31,7 @@ from transformers import CLIPVisionConfig, DynamicCache, GenerationConfig, Llava
 from llava.bench.prefill import (
     GATE_HIDDEN_SIZE, PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, dynamic_exit_layer, rig_gates,
 )
-from llava.bench.timing import synchronize, timed
+from llava.bench.timing import device_and_dtype, interleaved_medians, synchronize
 from llava.compat import output_cache
 from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
 
@@ -175,21 +174,10 @@ def probe(call: Callable[[], object], device: torch.device) -> Probe:
 
 
 def measure(calls: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
-    """(probes, median seconds) of each call: one untimed probe each, then `repeats` interleaved rounds (timing.py's
-    scheme: slow drifts of the machine hit every call alike). The bar counts single calls: at 7B one round of
-    every mode, batch and n lasts minutes."""
-    bar = tqdm(total=len(calls) * (1 + repeats), desc="generate calls", unit="call")
-    probes = {}
-    for key, call in calls.items():
-        probes[key] = probe(call, device)
-        bar.update()
-    samples: dict = {key: [] for key in calls}
-    for _ in range(repeats):
-        for key, call in calls.items():
-            samples[key].append(timed(call, device))
-            bar.update()
-    bar.close()
-    return probes, {key: statistics.median(values) for key, values in samples.items()}
+    """(probes, median seconds) of each call: one untimed probe each (its warm-up), then timing.py's interleaved
+    rounds."""
+    probes = {key: probe(call, device) for key, call in tqdm(calls.items(), desc="probing generate calls", unit="call")}
+    return probes, interleaved_medians(calls, device, repeats, warmup=0)
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:
@@ -197,8 +185,7 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = device_and_dtype(args.device, args.dtype)
     stock, ours = build_models(args.preset, args.layers, dtype, device, args.attn)
     modes = bench_modes(stock.config.text_config)
     batches, counts = sorted(set(args.batch)), sorted(set(args.new_tokens))

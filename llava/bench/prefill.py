@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LlamaConfig, LlamaModel
 
-from llava.bench.timing import interleaved_medians
+from llava.bench.timing import device_and_dtype, interleaved_medians
 from llava.model.visual_exit import DecoderGeometry, ExitConfig, VisualExitCache, VisualExitDecoderMixin, prefill_flops
 
 PRESETS = {
@@ -76,8 +76,7 @@ def dynamic_exit_layer(config) -> int:
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype = device_and_dtype(args.device, args.dtype)
     model = build_model(args.preset, args.layers, dtype, device, args.attn)
     layers = model.config.num_hidden_layers
     ks = args.k or sorted({max(1, layers // 4), max(1, layers // 2), max(1, 3 * layers // 4)})

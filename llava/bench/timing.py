@@ -10,6 +10,12 @@ import torch
 from tqdm import tqdm
 
 
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The benches' defaults: CUDA when there is one, bf16 there and fp32 on a CPU."""
+    resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolved, getattr(torch, dtype or ("bfloat16" if resolved.type == "cuda" else "float32"))
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
