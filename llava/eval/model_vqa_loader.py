@@ -216,22 +216,26 @@ def timed_generate(model, inputs: dict, timer: PrefillTimer, **generate_kwargs) 
 
 def exit_fields(stats, prefill_s: float, total_s: float) -> list[dict]:
     """Per sample of a batch: its prefill's exit statistics and its share of the batch's wall times."""
-    full = stats.flops_none
     # Equivalent visual tokens: the layer average of those entering each layer, the visual budgets' currency.
     text_tokens = stats.num_tokens - stats.num_visual_tokens
-    visual_average = (stats.layer_tokens - text_tokens[:, None]).double().mean(dim=1)
-    batch = len(stats.exit_layer)
+    visual_average = (stats.layer_tokens - text_tokens[:, None]).double().mean(dim=1).tolist()
+    tflops = (stats.prefill_flops.double() / 1e12).tolist()  # computed on access: once for the batch
+    tflops_full = (stats.flops_none.double() / 1e12).tolist()
+    # The vision tower's and projector's share, apart (VisionZip changes it; None for family models).
+    vision = None if stats.vision_flops is None else (stats.vision_flops.double() / 1e12).tolist()
+    exit_layers, pruned = stats.exit_layer.tolist(), stats.pruned_visual_tokens.tolist()
+    visual, prompt = stats.num_visual_tokens.tolist(), stats.num_tokens.tolist()
+    batch = len(exit_layers)
     return [
         {
-            "exit_layer": int(stats.exit_layer[row]),
-            "pruned_visual_tokens": int(stats.pruned_visual_tokens[row]),
-            "tflops": float(stats.prefill_flops[row]) / 1e12,
-            "tflops_full": float(full[row]) / 1e12,
-            # The vision tower's and projector's share, apart (VisionZip changes it; None for family models).
-            "vision_tflops": None if stats.vision_flops is None else float(stats.vision_flops[row]) / 1e12,
-            "visual_tokens": int(stats.num_visual_tokens[row]),
-            "visual_tokens_avg": float(visual_average[row]),
-            "prompt_tokens": int(stats.num_tokens[row]),
+            "exit_layer": exit_layers[row],
+            "pruned_visual_tokens": pruned[row],
+            "tflops": tflops[row],
+            "tflops_full": tflops_full[row],
+            "vision_tflops": None if vision is None else vision[row],
+            "visual_tokens": visual[row],
+            "visual_tokens_avg": visual_average[row],
+            "prompt_tokens": prompt[row],
             # A batch is timed as a whole: each sample gets its share.
             "prefill_ms": prefill_s * 1e3 / batch,
             "latency_ms": total_s * 1e3 / batch,
