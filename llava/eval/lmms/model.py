@@ -154,13 +154,7 @@ class DyVTE(lmms):
         progress = tqdm(total=len(requests), desc=f"dyvte answering ({self.exit_config.label})", disable=self.rank != 0)
         for gen_kwargs, rows in self._batches(requests):
             decoding, until = self._decoding(gen_kwargs, requests[rows[0]])
-            prepared, indices = [], []
-            for index in rows:
-                try:
-                    prepared.append(self._prepare(requests[index]))
-                    indices.append(index)
-                except (ImageLoadError, QuestionError) as error:
-                    results[index] = GenerationResult("", ExitTokenCounts(exit={"error": str(error)}))
+            indices, prepared = self._askable(requests, rows, results, "", self._prepare)
             if prepared:
                 with torch.inference_mode():
                     records = answer_batch(
@@ -184,22 +178,15 @@ class DyVTE(lmms):
         results: list[GenerationResult | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), desc=f"dyvte scoring ({self.exit_config.label})", disable=self.rank != 0)
         for start in range(0, len(requests), self.batch_size):
-            prepared, continuations, indices = [], [], []
-            for index in range(start, min(start + self.batch_size, len(requests))):
-                try:
-                    question = self._prepare(requests[index])
-                    continuations.append(self._continuation(requests[index], question))
-                    prepared.append(question)
-                    indices.append(index)
-                except (ImageLoadError, QuestionError) as error:
-                    # never chosen: a choice that could not be scored
-                    results[index] = GenerationResult((math.inf, False), ExitTokenCounts(exit={"error": str(error)}))
-            if prepared:
+            rows = range(start, min(start + self.batch_size, len(requests)))
+            # a choice that could not be scored is never chosen
+            indices, pairs = self._askable(requests, rows, results, (math.inf, False), self._prepare_with_continuation)
+            if pairs:
                 with torch.inference_mode():
-                    scored = self._score(prepared, continuations)
+                    scored = self._score([question for question, _ in pairs], [ids for _, ids in pairs])
                 for index, result in zip(indices, scored):
                     results[index] = result
-            progress.update(min(self.batch_size, len(requests) - start))
+            progress.update(len(rows))
         progress.close()
         self._report(results, "loglikelihood")
         return results
@@ -217,6 +204,22 @@ class DyVTE(lmms):
         for rows in groups.values():
             for start in range(0, len(rows), self.batch_size):
                 yield requests[rows[0]].args[1], rows[start : start + self.batch_size]
+
+    def _askable(self, requests: list[Instance], rows, results: list, unasked, prepare_one) -> tuple[list, list]:
+        """(indices, prepared) of the rows whose question can be asked; each other row's result becomes `unasked`
+        with the reason in its token counts."""
+        indices, prepared = [], []
+        for index in rows:
+            try:
+                prepared.append(prepare_one(requests[index]))
+                indices.append(index)
+            except (ImageLoadError, QuestionError) as error:
+                results[index] = GenerationResult(unasked, ExitTokenCounts(exit={"error": str(error)}))
+        return indices, prepared
+
+    def _prepare_with_continuation(self, request: Instance) -> tuple[PreparedQuestion, torch.Tensor]:
+        question = self._prepare(request)
+        return question, self._continuation(request, question)
 
     def _decoding(self, gen_kwargs: dict, request: Instance) -> tuple[argparse.Namespace, list[str]]:
         """The loader's decoding settings from a task's generation_kwargs, and its stop strings."""
