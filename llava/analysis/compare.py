@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from llava.eval.eval_gqa import _load_questions, convert_gqa, score_gqa  # noqa: E402
+from llava.eval.eval_gqa import load_questions, convert_gqa, score_gqa  # noqa: E402
 from llava.eval.io import EvalInputError, read_jsonl  # noqa: E402
 from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions  # noqa: E402
 from llava.mm_utils import get_model_name_from_path  # noqa: E402
@@ -89,7 +89,7 @@ def compare(args: argparse.Namespace) -> list[RunResult]:
     questions = read_jsonl(args.question_file, ("question_id", "text"))
     calibration, evaluated = questions[: args.calibration], questions[args.calibration :] or questions
     # Scored on the evaluated questions only: the calibration ones would count as unanswered, hence wrong.
-    all_truth = _load_questions(args.truth)
+    all_truth = load_questions(args.truth)
     truth = {str(q["question_id"]): all_truth[str(q["question_id"])] for q in evaluated if str(q["question_id"]) in all_truth}
     loaded = load_pretrained_model(args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device)
     empty = dict(exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None, fastv_r=None, exit_stages=None,

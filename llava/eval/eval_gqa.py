@@ -17,10 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from llava.eval.eval_vqa import _text, _where
 from llava.eval.io import EvalInputError, read_json, read_jsonl_lines, write_json
+
+
+def gqa_prediction(text: str) -> str:
+    """LLaVA's GQA conversion of one answer: trailing periods dropped, lower case."""
+    return text.rstrip(".").lower()
 
 
 def convert_gqa(results: Sequence[dict], source: str = "results", lines: Sequence[int] | None = None) -> list[dict]:
@@ -28,13 +33,23 @@ def convert_gqa(results: Sequence[dict], source: str = "results", lines: Sequenc
     predictions = []
     for index, record in enumerate(results):
         text = _text(record, _where(source, lines, index))
-        predictions.append({"questionId": record["question_id"], "prediction": text.rstrip(".").lower()})
+        predictions.append({"questionId": record["question_id"], "prediction": gqa_prediction(text)})
     return predictions
 
 
 def _percent(values: list[bool]) -> float:
     """eval.py's order: the mean first, then times 100 (`100 * s / n` can differ in the last bit)."""
     return sum(values) / len(values) * 100
+
+
+def balanced_answers(questions: dict, predictions: Sequence[dict]) -> Iterator[tuple[dict, str | None, bool]]:
+    """(question, its prediction or None, right?) per balanced question, in the questions dict's order; ids compared
+    as strings, a later prediction for an id replacing an earlier one."""
+    predicted = {str(entry["questionId"]): entry["prediction"] for entry in predictions}
+    for question_id, question in questions.items():
+        if question.get("isBalanced", True):
+            prediction = predicted.get(str(question_id))
+            yield question, prediction, prediction is not None and prediction == question["answer"]
 
 
 def score_gqa(questions: dict, predictions: Sequence[dict]) -> dict:
@@ -44,19 +59,13 @@ def score_gqa(questions: dict, predictions: Sequence[dict]) -> dict:
     `accuracy`, `binary`, `open` (None when a group is empty), `questions`, `correct`, `missing` (questions without
     a prediction, scored wrong) and dicts `structural` and `semantic` of per-type accuracy.
     """
-    predicted = {str(entry["questionId"]): entry["prediction"] for entry in predictions}
     overall: list[bool] = []
     groups: dict[str, list[bool]] = {"binary": [], "open": []}
     structural: dict[str, list[bool]] = defaultdict(list)
     semantic: dict[str, list[bool]] = defaultdict(list)
     missing = 0
-    for question_id, question in questions.items():
-        if not question.get("isBalanced", True):
-            continue
-        prediction = predicted.get(str(question_id))
-        if prediction is None:
-            missing += 1
-        correct = prediction is not None and prediction == question["answer"]
+    for question, prediction, correct in balanced_answers(questions, predictions):
+        missing += prediction is None
         kind = question["types"]["structural"]
         overall.append(correct)
         groups["open" if kind == "query" else "binary"].append(correct)
@@ -85,7 +94,7 @@ def run_convert(src: str, dst: str) -> int:
     return len(predictions)
 
 
-def _load_questions(path: str) -> dict:
+def load_questions(path: str) -> dict:
     questions = read_json(path)
     if not isinstance(questions, dict):
         raise EvalInputError(f"{path}: expected a JSON object {{questionId: question}}")
@@ -111,7 +120,7 @@ def _load_predictions(path: str) -> list[dict]:
 
 def run_score(questions_file: str, predictions_file: str) -> dict:
     """`score_gqa` on files."""
-    return score_gqa(_load_questions(questions_file), _load_predictions(predictions_file))
+    return score_gqa(load_questions(questions_file), _load_predictions(predictions_file))
 
 
 def _format(value: float | None) -> str:

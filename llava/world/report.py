@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
-from llava.eval.eval_gqa import _load_questions, convert_gqa  # noqa: E402
+from llava.eval.eval_gqa import balanced_answers, convert_gqa, load_questions  # noqa: E402
 from llava.eval.io import read_jsonl  # noqa: E402
 from llava.model.visual_exit.budget import METHODS  # noqa: E402
 
@@ -149,18 +149,12 @@ def default_questions(answers_root: str) -> str:
 
 
 def question_correctness(questions: dict, answers: list[dict], source: str) -> tuple[bool, ...]:
-    """Per balanced question of the truth file, whether the answers got it right by `eval_gqa`'s rule: LLaVA's
-    converter, exact match, a later answer replacing an earlier one, a question without an answer wrong."""
-    predicted = {str(entry["questionId"]): entry["prediction"] for entry in convert_gqa(answers, source)}
-    return tuple(
-        predicted.get(str(question_id)) == question["answer"]
-        for question_id, question in questions.items()
-        if question.get("isBalanced", True)
-    )
+    """Per balanced question of the truth file, whether the answers got it right by `eval_gqa`'s rule."""
+    return tuple(correct for _, _, correct in balanced_answers(questions, convert_gqa(answers, source)))
 
 
 def load_runs(answers_root: str, questions_path: str) -> list[Run]:
-    questions = _load_questions(questions_path)
+    questions = load_questions(questions_path)
     runs = []
     for name in sorted(os.listdir(answers_root)):
         folder = os.path.join(answers_root, name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 
+from llava.eval.eval_gqa import gqa_prediction
 from llava.eval.io import read_json
 from llava.mm_utils import load_image
 
@@ -38,6 +39,5 @@ def doc_to_choice(doc: dict) -> list[str]:
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
-    """GQA's exact match after LLaVA's conversion (trailing periods dropped, lower case), in percent."""
-    prediction = results[0].rstrip(".").lower()
-    return {"accuracy": 100.0 * (prediction == doc_to_target(doc))}
+    """GQA's exact match after LLaVA's conversion, in percent."""
+    return {"accuracy": 100.0 * (gqa_prediction(results[0]) == doc_to_target(doc))}
