@@ -4,7 +4,7 @@
 # width's exit decisions, accuracy and FLOPs with the widest one's.
 #
 # Environment (defaults in brackets): PYTHON [python]  WORLD [./playground/data/tiny_world]
-#   BASE_MODEL [./checkpoints/tiny-world-llava]  WIDTHS ["16 64 256 2048"]  GATE_STEPS [1500]  GATE_BATCH_SIZE [8]
+#   BASE_MODEL [./checkpoints/tiny-world-llava]  WIDTHS ["16 64 256 2048"]  GATE_STEPS [300]  GATE_BATCH_SIZE [8]
 #   GATE_LEARNING_RATE [5e-5]  THRESHOLD [0.9]  EVAL_BATCH_SIZE [32]  SWEEP [./playground/gate_widths] (models,
 #   answers and the report)
 set -euo pipefail
@@ -13,7 +13,7 @@ PYTHON=${PYTHON:-python}
 WORLD=${WORLD:-./playground/data/tiny_world}
 BASE_MODEL=${BASE_MODEL:-./checkpoints/tiny-world-llava}
 WIDTHS=${WIDTHS:-16 64 256 2048}
-GATE_STEPS=${GATE_STEPS:-1500}
+GATE_STEPS=${GATE_STEPS:-300}
 GATE_BATCH_SIZE=${GATE_BATCH_SIZE:-8}
 GATE_LEARNING_RATE=${GATE_LEARNING_RATE:-5e-5}
 THRESHOLD=${THRESHOLD:-0.9}
