@@ -58,6 +58,19 @@ def plugin(pretrained, docs, **model_args):
     return model
 
 
+def loader_answers(model_path, world_dir, docs, tmp_path, max_new_tokens, **exit_args) -> list[dict]:
+    """The oracle: our loader's answer records for `docs`, one question at a time."""
+    exit_names = ("exit_mode", "exit_layer", "exit_threshold", "fastv_k", "fastv_r", "exit_stages", "exit_method",
+                  "visual_budget", "visual_tokens")
+    args = Namespace(
+        model_path=model_path, model_base=None, conv_mode=None, device="cpu", temperature=0.0, top_p=None,
+        num_beams=1, max_new_tokens=max_new_tokens, batch_size=1, answers_file=str(tmp_path / "a.jsonl"),
+        overwrite=False, image_folder=str(world_dir / TEST_IMAGES), **{name: exit_args.get(name) for name in exit_names},
+    )
+    answer_questions(args, [{k: doc[k] for k in ("question_id", "image", "text")} for doc in docs])
+    return [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+
+
 def image_of(doc):
     return [load_image(doc["path"])]
 
@@ -88,15 +101,7 @@ def test_the_entry_point_serves_the_model():
                                                                                  "fastv_r": 0.5}])
 def test_answers_equal_the_loaders_alone_and_in_batches(gated_world_model, world, tmp_path, exit_args):
     out, docs = world
-    args = Namespace(
-        model_path=gated_world_model, model_base=None, conv_mode=None, device="cpu", temperature=0.0, top_p=None,
-        num_beams=1, max_new_tokens=16, batch_size=1, answers_file=str(tmp_path / "a.jsonl"), overwrite=False,
-        image_folder=str(out / TEST_IMAGES), exit_stages=None, exit_method=None, visual_budget=None,
-        visual_tokens=None, **{k: exit_args.get(k) for k in ("exit_mode", "exit_layer", "exit_threshold", "fastv_k",
-                                                             "fastv_r")},
-    )
-    answer_questions(args, [{k: doc[k] for k in ("question_id", "image", "text")} for doc in docs])
-    loader = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    loader = loader_answers(gated_world_model, out, docs, tmp_path, max_new_tokens=16, **exit_args)
     for batch_size in (1, 4):
         results = plugin(gated_world_model, docs, batch_size=batch_size, **exit_args).generate_until(generate_requests(docs))
         assert [r.text for r in results] == [record["text"] for record in loader]
@@ -158,14 +163,7 @@ def test_loglikelihood_in_batches_equals_alone_with_per_sample_exits(gated_world
 def test_family_checkpoint_answers_equal_the_loaders(world, tmp_path):
     out, docs = world
     checkpoint = write_tiny_family(str(tmp_path / "qwen"), "qwen2.5-vl", gate_hidden_size=16)
-    args = Namespace(
-        model_path=checkpoint, model_base=None, conv_mode=None, device="cpu", temperature=0.0, top_p=None,
-        num_beams=1, max_new_tokens=6, batch_size=1, answers_file=str(tmp_path / "a.jsonl"), overwrite=False,
-        image_folder=str(out / TEST_IMAGES), exit_mode="fixed", exit_layer=1, exit_threshold=None, fastv_k=None,
-        fastv_r=None, exit_stages=None, exit_method=None, visual_budget=None, visual_tokens=None,
-    )
-    answer_questions(args, [{k: doc[k] for k in ("question_id", "image", "text")} for doc in docs[:5]])
-    loader = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    loader = loader_answers(checkpoint, out, docs[:5], tmp_path, max_new_tokens=6, exit_mode="fixed", exit_layer=1)
     model = plugin(checkpoint, docs[:5], batch_size=3, exit_mode="fixed", exit_layer=1)
     results = model.generate_until(generate_requests(docs[:5], max_new_tokens=6))
     assert [r.text for r in results] == [record["text"] for record in loader]
