@@ -67,23 +67,22 @@ MODEL_PATH=$INIT_MODEL DATA_PATH=$WORLD/train_single_turn.json IMAGE_FOLDER=$WOR
 echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS}, FastV K=$FASTV_LAYER R ∈ {$FASTV_RATIOS}, dynamic+FastV τ ∈ {$DYNAMIC_FASTV_THRESHOLDS}, {$METHODS} at budgets {$BUDGETS} =="
 ANSWERS_ROOT=$WORLD/eval/gqa/answers/llava_gqa_testdev_balanced/quickstart
 rm -rf "$ANSWERS_ROOT"  # answers of an earlier gate model must not be resumed
-evaluate() {  # evaluate RUN_NAME EXIT_MODE [EXIT_LAYER] [EXIT_THRESHOLD] [FASTV_K] [FASTV_R] [METHOD BUDGET]
-    echo "-- $1"
-    MODEL_PATH=$GATED_MODEL EVAL_ROOT=$WORLD/eval CKPT=quickstart/$1 BATCH_SIZE=$EVAL_BATCH_SIZE \
-        EXIT_MODE=$2 EXIT_LAYER=${3:-} EXIT_THRESHOLD=${4:-} FASTV_K=${5:-} FASTV_R=${6:-} \
-        EXIT_METHOD=${7:-} VISUAL_BUDGET=${8:-} bash scripts/v1_5/eval/gqa.sh
-}
-evaluate none none
-for tau in $THRESHOLDS; do evaluate "dynamic-$tau" dynamic "" "$tau"; done
-for k in $FIXED_LAYERS; do evaluate "fixed-$k" fixed "$k"; done
-for r in $FASTV_RATIOS; do evaluate "fastv-$FASTV_LAYER-$r" fastv "" "" "$FASTV_LAYER" "$r"; done
+# One process for every setting (the model loaded once); each run writes what scripts/v1_5/eval/gqa.sh writes with
+# the same flags and CKPT=quickstart/NAME.
+RUNS=(--run "none=--exit-mode none")
+for tau in $THRESHOLDS; do RUNS+=(--run "dynamic-$tau=--exit-mode dynamic --exit-threshold $tau"); done
+for k in $FIXED_LAYERS; do RUNS+=(--run "fixed-$k=--exit-mode fixed --exit-layer $k"); done
+for r in $FASTV_RATIOS; do
+    RUNS+=(--run "fastv-$FASTV_LAYER-$r=--exit-mode fastv --fastv-k $FASTV_LAYER --fastv-r $r")
+done
 for tau in $DYNAMIC_FASTV_THRESHOLDS; do
-    evaluate "dynamic+fastv-$tau-$FASTV_LAYER-$DYNAMIC_FASTV_RATIO" dynamic+fastv "" "$tau" "$FASTV_LAYER" "$DYNAMIC_FASTV_RATIO"
+    RUNS+=(--run "dynamic+fastv-$tau-$FASTV_LAYER-$DYNAMIC_FASTV_RATIO=--exit-mode dynamic+fastv --exit-threshold $tau --fastv-k $FASTV_LAYER --fastv-r $DYNAMIC_FASTV_RATIO")
 done
-
 for budget in $BUDGETS; do
-    for method in $METHODS; do evaluate "$method-budget$budget" "" "" "" "" "" "$method" "$budget"; done
+    for method in $METHODS; do RUNS+=(--run "$method-budget$budget=--exit-method $method --visual-budget $budget"); done
 done
+"$PYTHON" -m llava.world.evaluate --model-path "$GATED_MODEL" --gqa-dir "$WORLD/eval/gqa" --answers-root "$ANSWERS_ROOT" \
+    --batch-size "$EVAL_BATCH_SIZE" "${RUNS[@]}"
 
 echo "== results ($(( (SECONDS - started) / 60 )) min) =="
 "$PYTHON" -m llava.world.report --answers-root "$ANSWERS_ROOT" --out "$RESULTS"

@@ -46,6 +46,15 @@ def summarize(answers: list[dict], benchmark: str, metrics: dict, settings: dict
     }
 
 
+def write_summary(answers_file: str, benchmark: str, metrics: dict) -> dict:
+    """Summarize an answers file with its scorer's metrics (their scalars) into `<answers>.summary.json`."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    summary = summarize(read_jsonl(answers_file, ("question_id",)), benchmark, scalars, read_settings(answers_file))
+    with open(os.path.splitext(answers_file)[0] + ".summary.json", "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
 def format_row(summary: dict, header: bool = True) -> str:
     metrics = [k for k in summary if k not in COLUMNS + LEADING + HIDDEN]
     keys = list(LEADING) + metrics + list(COLUMNS[1:])
@@ -75,13 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {}
     if args.metrics_json:
         with open(args.metrics_json) as handle:
-            metrics = {k: v for k, v in json.load(handle).items() if isinstance(v, (int, float, str))}
-    answers = read_jsonl(args.answers_file, ("question_id",))
-    summary = summarize(answers, args.benchmark, metrics, read_settings(args.answers_file))
-    path = os.path.splitext(args.answers_file)[0] + ".summary.json"
-    with open(path, "w") as handle:
-        json.dump(summary, handle, indent=2)
-    print(format_row(summary))
+            metrics = json.load(handle)
+    print(format_row(write_summary(args.answers_file, args.benchmark, metrics)))
 
 
 if __name__ == "__main__":

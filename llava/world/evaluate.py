@@ -1,0 +1,102 @@
+"""Many exit settings of one model on the world's GQA-format questions, in one process: the quickstart's evaluation.
+
+    python -m llava.world.evaluate --model-path CKPT --gqa-dir WORLD/eval/gqa --answers-root ROOT [--batch-size 32] \\
+        --run none="--exit-mode none" --run dynamic-0.9="--exit-mode dynamic --exit-threshold 0.9" ...
+
+Each `--run NAME=FLAGS` takes the loader's flags (`llava.eval.model_vqa_loader`: exit flags, `--conv-mode`,
+decoding) and writes what `scripts/v1_5/eval/gqa.sh` writes with the same flags and CKPT=.../NAME, into ROOT/NAME:
+the answers with their exit statistics and settings (`merge.jsonl`), eval_gqa's predictions and metrics
+(`predictions.json`, `metrics.json`) and the summary row (`merge.summary.json`). What it saves is the start-up:
+the model is loaded and the questions read once, not once per setting, which on 2 cores is a third of a small
+run's time. Every run's flags are checked against the checkpoint before any model work; a folder holding answers
+made with other settings stops the run, as the loader's resume does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+
+from tqdm import tqdm
+
+from llava.eval.eval_gqa import run_convert, run_score
+from llava.eval.io import EvalInputError, read_jsonl, write_json
+from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions, resolve_run
+from llava.eval.summary import format_row, write_summary
+from llava.model.builder import CheckpointError, load_pretrained_model, resolve_device
+from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
+
+SPLIT = "llava_gqa_testdev_balanced"
+OWN_FLAGS = ("model_path", "model_base", "question_file", "image_folder", "answers_file", "batch_size", "device")
+
+
+def named_run(text: str) -> tuple[str, list[str]]:
+    name, separator, flags = text.partition("=")
+    if not separator or not name or os.sep in name or name in (".", ".."):
+        raise argparse.ArgumentTypeError(f"expected NAME=FLAGS with a folder name, got {text!r}")
+    return name, shlex.split(flags)
+
+
+def run_arguments(args: argparse.Namespace, name: str, flags: list[str]) -> argparse.Namespace:
+    """The loader's arguments of one run: this command's model, questions and batch, the run's own flags."""
+    parser = argparse.ArgumentParser(prog=f"--run {name}", add_help=False)
+    add_loader_arguments(parser)
+    own = ["--model-path", args.model_path, "--question-file", args.question_file, "--image-folder", args.image_folder,
+           "--answers-file", os.path.join(args.answers_root, name, "merge.jsonl"), "--batch-size", str(args.batch_size),
+           "--device", args.device, "--temperature", "0"]
+    run = parser.parse_args(own + flags)
+    base = parser.parse_args(own)
+    taken = [flag for flag in OWN_FLAGS if getattr(run, flag) != getattr(base, flag)]
+    if taken:
+        raise EvalInputError(f"--run {name}: --{taken[0].replace('_', '-')} is this command's, not a run's")
+    return run
+
+
+def evaluate(args: argparse.Namespace) -> list[dict]:
+    """Answer, score and summarize every run in order; their summaries."""
+    runs = [(name, run_arguments(args, name, flags)) for name, flags in args.run]
+    names = [name for name, _ in runs]
+    if len(set(names)) < len(names):
+        raise EvalInputError(f"--run names must differ: {names}")
+    for _, run in runs:
+        resolve_run(run)  # an exit the checkpoint cannot take fails here, not after the runs before it
+    questions = read_jsonl(args.question_file, ("question_id", "text"))
+    loaded = load_pretrained_model(args.model_path, device=args.device)
+    summaries = []
+    for name, run in tqdm(runs, desc="settings", unit="run"):
+        answer_questions(run, questions, loaded)
+        predictions = os.path.join(args.answers_root, name, "predictions.json")
+        run_convert(run.answers_file, predictions)
+        metrics = run_score(args.truth_file, predictions)
+        write_json(os.path.join(args.answers_root, name, "metrics.json"), metrics)
+        summaries.append(write_summary(run.answers_file, "gqa", metrics))
+        tqdm.write(format_row(summaries[-1], header=len(summaries) == 1))
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--gqa-dir", default="playground/data/tiny_world/eval/gqa", help="the world's eval/gqa")
+    parser.add_argument("--answers-root", default=None, help=f"default: GQA_DIR/answers/{SPLIT}/quickstart")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--run", type=named_run, action="append", required=True, metavar="NAME=FLAGS")
+    args = parser.parse_args(argv)
+    args.question_file = os.path.join(args.gqa_dir, f"{SPLIT}.jsonl")
+    args.truth_file = os.path.join(args.gqa_dir, "data", "testdev_balanced_questions.json")
+    args.image_folder = os.path.join(args.gqa_dir, "data", "images")
+    args.answers_root = args.answers_root or os.path.join(args.gqa_dir, "answers", SPLIT, "quickstart")
+    args.device = resolve_device(args.device).type
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        evaluate(args)
+    except (EvalInputError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
+        sys.exit(f"llava.world.evaluate: error: {error}")
+
+
+if __name__ == "__main__":
+    main()
