@@ -114,7 +114,8 @@ def test_same_seed_same_world(tmp_path):
 
 def test_tower_patch_labels_match_the_pictures():
     """Per 8x8 patch: the colour drawn on most of it if that is at least a quarter of it (else "none"), and that
-    blob's shape and size (checked where one blob has the colour: two could share a patch's quarter)."""
+    blob's shape, size, name (colour and shape) and the 8-px column of its centre (checked where one blob has the
+    colour: two could share a patch's quarter)."""
     rng, patch, checked = random.Random(11), 8, 0
     for _ in range(40):
         shapes = random_scene(rng)
@@ -128,11 +129,14 @@ def test_tower_patch_labels_match_the_pictures():
         colours = {colour for colour, _, _, _ in scene}
         if all(sum(c == colour for c, _, _, _ in scene) == 1 for colour in colours):
             assert (labels[0] == expected).all()
-        assert ((labels[0] == 0) == (labels[1] == 0)).all() and ((labels[0] == 0) == (labels[2] == 0)).all()
-        for colour, shape, size, _ in scene:
+        assert all(((labels[0] == 0) == (row == 0)).all() for row in labels[1:])
+        for colour, shape, size, x_centre in scene:
             owned = labels[0] == ATTRIBUTES["colour"].index(colour)
             if sum(c == colour for c, _, _, _ in scene) == 1 and owned.any():
                 assert (labels[1][owned] == ATTRIBUTES["shape"].index(shape)).all()
                 assert (labels[2][owned] == ATTRIBUTES["size"].index(size)).all()
+                assert (labels[3][owned] == ATTRIBUTES["name"].index(f"{colour} {shape}")).all()
+                columns = {ATTRIBUTES["column"].index(str(int(x) // 8)) for x in (x_centre - 0.5, x_centre + 0.5)}
+                assert set(labels[4][owned].tolist()) <= columns and len(set(labels[4][owned].tolist())) == 1
                 checked += 1
     assert checked > 40

@@ -3,8 +3,10 @@
 LLaVA starts from a pretrained CLIP and keeps it frozen while the language model learns to read it. No pretrained
 tower exists offline, and a tower learned only through the answer loss learns the world poorly (the first world
 model answered shape questions at chance). So the tower first learns, for every patch of freshly drawn scenes,
-the colour, shape and size of the object covering it (or that it is background), from the features LLaVA feeds
-the projector (`mm_vision_select_layer`).
+the object covering it (or that it is background) from the features LLaVA feeds the projector
+(`mm_vision_select_layer`): its colour, shape and size, its name (colour and shape at once, so "is there a red
+circle" reads one feature instead of matching two), and the column of its centre (so "left of" compares two
+features instead of working out columns from the order of 196 tokens).
 """
 
 from __future__ import annotations
@@ -16,25 +18,37 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llava.world.generate import COLOURS, SHAPES, SIZES, Shape, object_map, random_scene, render
+from llava.world.generate import COLOURS, IMAGE_SIZE, SHAPES, SIZES, Shape, object_map, random_scene, render
 
+COLUMNS = 14  # bins of an object's centre x, 8 px each
 # Per patch, one label per attribute; class 0 is "no object covers this patch".
-ATTRIBUTES = {"colour": ("none", *COLOURS), "shape": ("none", *SHAPES), "size": ("none", *SIZES)}
+ATTRIBUTES = {
+    "colour": ("none", *COLOURS),
+    "shape": ("none", *SHAPES),
+    "size": ("none", *SIZES),
+    "name": ("none", *(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)),
+    "column": ("none", *(str(column) for column in range(COLUMNS))),
+}
 MIN_COVER = 0.25  # share of a patch's pixels an object needs to name the patch
 
 
-def attribute_values(shape: Shape) -> tuple[str, str, str]:
-    return shape.colour, shape.kind, shape.size
+def centre_column(shape: Shape) -> int:
+    return min(shape.x * COLUMNS // IMAGE_SIZE, COLUMNS - 1)
+
+
+def attribute_values(shape: Shape) -> tuple[str, ...]:
+    """The object's class name for each of ATTRIBUTES, in order."""
+    return shape.colour, shape.kind, shape.size, shape.name, str(centre_column(shape))
 
 
 def patch_labels(shapes: list[Shape], patch_size: int) -> torch.Tensor:
-    """(3, patches) long: the colour, shape and size class of the object covering most of each patch."""
+    """(len(ATTRIBUTES), patches) long: each attribute's class of the object covering most of each patch."""
     objects = np.asarray(object_map(shapes))
     grid = objects.shape[0] // patch_size
     patches = objects.reshape(grid, patch_size, grid, patch_size).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     cover = np.stack([(patches == i + 1).mean(axis=1) for i in range(len(shapes))])  # (objects, patches)
     owner = np.where(cover.max(axis=0) >= MIN_COVER, cover.argmax(axis=0), -1)
-    labels = torch.zeros(3, grid * grid, dtype=torch.long)
+    labels = torch.zeros(len(ATTRIBUTES), grid * grid, dtype=torch.long)
     for i, shape in enumerate(shapes):
         at = torch.from_numpy(owner == i)
         for row, (classes, value) in enumerate(zip(ATTRIBUTES.values(), attribute_values(shape))):

@@ -1,8 +1,8 @@
 """Train the tiny world's LLaVA from scratch on CPU: the model that quickstart adds gates to.
 
     python -m llava.world.train_model [--data-path playground/data/tiny_world/train.json]
-                                      [--out checkpoints/tiny-world-llava] [--steps 1200] [--init-from CKPT]
-                                      [--tower-steps 1000] [--exit-dropout 0.5]
+                                      [--out checkpoints/tiny-world-llava] [--steps 1800] [--init-from CKPT]
+                                      [--tower-steps 1200] [--exit-dropout 0.5]
 
 The model is built by `llava.model.tiny` (transformers' Llama decoder, CLIPVisionModel, LLaVA's mlp2x_gelu
 projector) with a tokenizer learned on the world's own texts. As LLaVA starts from a pretrained, frozen CLIP, the
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-path", default="playground/data/tiny_world/train.json")
     parser.add_argument("--image-folder", default=None, help="default: images/ next to the data file")
     parser.add_argument("--out", default="checkpoints/tiny-world-llava")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1800)
     parser.add_argument("--init-from", default=None, help="a checkpoint of this script to continue from")
-    parser.add_argument("--tower-steps", type=int, default=1000, help="dense pretraining of the tower; 0: train it with the rest")
+    parser.add_argument("--tower-steps", type=int, default=1200, help="dense pretraining of the tower; 0: train it with the rest")
     parser.add_argument("--exit-dropout", type=float, default=0.5, help="share of steps with the visual tokens leaving early")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
