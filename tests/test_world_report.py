@@ -4,6 +4,7 @@ flags, results.json, the table that the quickstart's test parses, and the plot's
 
 import json
 import math
+import statistics
 from itertools import combinations
 
 import matplotlib.pyplot as plt
@@ -180,3 +181,51 @@ def test_truth_file_must_reproduce_each_summary(gqa_layout, tmp_path):
     # Outside gqa.sh's layout there is no default truth file to find.
     with pytest.raises(ValueError, match="pass --questions"):
         report.default_questions(str(tmp_path))
+
+
+def test_equal_flops_against_interpolated_curves(tmp_path):
+    """Each dynamic run against the fixed curve (ending at none) and the FastV K=2 curve (from fixed 2 to none), read
+    off by hand: the brackets, the weights, the paired gap and its normal 95 % interval from the per-question
+    differences."""
+    runs = {**RUNS, "fixed-2": ({"mode": "fixed", "layer": 2}, None, set(range(20)), 4.0e-4, 2)}
+    answers_root = tmp_path / "gqa" / "answers" / "split" / "quickstart"
+    questions_path = tmp_path / "truth.json"
+    questions_path.write_text(json.dumps(truth()))
+    write_answers(answers_root, truth(), runs)
+    out = tmp_path / "results"
+    report.main(["--answers-root", str(answers_root), "--out", str(out), "--questions", str(questions_path)])
+    rows = {(row["label"], row["baseline"]): row for row in json.loads((out / "results.json").read_text())["equal_flops"]}
+    brackets = {  # (run, curve): (cheaper run, dearer run)
+        ("dynamic-0.9", "fixed K"): ("fixed-2", "none"), ("dynamic-0.9", "FastV K=2"): ("fixed-2", "fastv-2-0.5"),
+        ("dynamic-0.5", "fixed K"): ("fixed-2", "none"), ("dynamic-0.5", "FastV K=2"): ("fixed-2", "fastv-2-0.5"),
+        ("dynamic+fastv-0.9-2-0.5", "fixed K"): ("fixed-2", "none"),
+        ("dynamic+fastv-0.9-2-0.5", "FastV K=2"): ("fixed-2", "fastv-2-0.5"),
+    }
+    assert set(rows) == set(brackets)
+    for (label, curve), (below, above) in brackets.items():
+        row = rows[label, curve]
+        assert row["between"] == [below, above]
+        cost, low_cost, high_cost = runs[label][3], runs[below][3], runs[above][3]
+        weight = (cost - low_cost) / (high_cost - low_cost)
+        assert row["weight"] == pytest.approx(weight)
+        gaps = [(q in runs[label][2]) - (1 - weight) * (q in runs[below][2]) - weight * (q in runs[above][2])
+                for q in range(QUESTIONS)]
+        half = 1.959964 * statistics.stdev(gaps) / math.sqrt(QUESTIONS)
+        assert row["difference"] == pytest.approx(100 * statistics.mean(gaps))
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((100 * (statistics.mean(gaps) - half),
+                                                                 100 * (statistics.mean(gaps) + half)), abs=1e-4)
+        assert row["significant"] is (abs(statistics.mean(gaps)) > half)
+        interpolated = (1 - weight) * len(runs[below][2]) + weight * len(runs[above][2])
+        assert row["baseline_accuracy"] == pytest.approx(100 * interpolated / QUESTIONS)
+    # dynamic 0.9 (30 of 40) lies far above the fixed curve there (half way from fixed 2's 20 to none's 30: 25).
+    assert rows["dynamic-0.9", "fixed K"]["significant"] and rows["dynamic-0.9", "fixed K"]["difference"] > 0
+    assert "| dynamic-0.9 | 0.5 | fixed K | fixed-2 and none | 62.5 | 75.0 | +12.5*" in (out / "equal_flops.md").read_text()
+
+
+def test_a_run_outside_a_curve_is_not_compared_with_it(gqa_layout, tmp_path):
+    answers_root, _ = gqa_layout
+    report.main(["--answers-root", str(answers_root), "--out", str(tmp_path / "results")])
+    rows = json.loads((tmp_path / "results" / "results.json").read_text())["equal_flops"]
+    # Without fixed 2 the FastV curve spans 5.05e-4 to 6e-4 only: no dynamic run costs that much.
+    assert {row["baseline"] for row in rows} == {"fixed K"}
+    assert {row["label"] for row in rows} == {"dynamic-0.9", "dynamic-0.5", "dynamic+fastv-0.9-2-0.5"}

@@ -17,9 +17,16 @@ That per-question correctness gives
   questions only one of the two runs got right), significant at p < 0.05. Each comparison is tested on its own: with
   many runs, some differences will pass by chance.
 
+At equal cost, each dynamic run (and dynamic+FastV run) is compared with the fixed-exit curve and each FastV curve,
+interpolated linearly in FLOPs between the two runs that bracket its cost. The fixed curve ends at no exit (K = L);
+a FastV curve at K runs from R = 0 (no exit) to R = 1 (fixed K), both exactly those runs. Per question the run's
+correctness minus the curve's (the two bracketing runs' weighted) is a paired difference; its mean is the accuracy
+gap and mean ± 1.96 standard errors its 95 % interval (normal approximation; significant when it excludes 0).
+
 Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column), RESULTS/
-results.json (every run's figures, for other tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a
-zoom on the runs within 15 points of none) and RESULTS/exit_layer_histogram.png.
+equal_flops.md (the gaps at equal cost), RESULTS/results.json (every run's figures and the gaps, for other
+tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a zoom on the runs within 15 points of none) and
+RESULTS/exit_layer_histogram.png.
 """
 
 from __future__ import annotations
@@ -201,7 +208,63 @@ def results(runs: list[Run]) -> dict:
             "tflops": run.tflops, "flops_reduction": run.flops_reduction, "exit_layer": run.exit_layer,
             "difference_vs_none": difference, "p_value": p_value, "significant": p_value < ALPHA,
         })
-    return {"confidence": CONFIDENCE, "alpha": ALPHA, "test": "exact McNemar against mode none", "runs": rows}
+    return {"confidence": CONFIDENCE, "alpha": ALPHA, "test": "exact McNemar against mode none", "runs": rows,
+            "equal_flops": equal_flops(runs)}
+
+
+def baseline_curves(runs: list[Run]) -> dict[str, list[Run]]:
+    """{name: runs by cost} of the curves a dynamic run is compared with at equal FLOPs, each with its exact ends."""
+    reference = reference_run(runs)
+    fixed = {run.setting["K"]: run for run in runs if run.mode == "fixed"}
+    curves = {"fixed K": [*fixed.values(), reference]} if fixed else {}
+    for k in sorted({run.setting["K"] for run in runs if run.mode == "fastv"}):
+        members = [run for run in runs if run.mode == "fastv" and run.setting["K"] == k] + [reference]
+        curves[f"FastV K={k:g}"] = members + ([fixed[k]] if k in fixed else [])
+    return {name: sorted(members, key=lambda run: run.tflops) for name, members in curves.items()}
+
+
+def equal_flops(runs: list[Run]) -> list[dict]:
+    """Each dynamic run against each baseline curve at its own cost (see the module's docstring); a run outside a
+    curve's range of FLOPs is not compared with it."""
+    z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
+    rows = []
+    for run in (run for run in runs if run.mode in ("dynamic", "dynamic+fastv")):
+        for name, curve in baseline_curves(runs).items():
+            bracket = next(((a, b) for a, b in zip(curve, curve[1:]) if a.tflops <= run.tflops <= b.tflops), None)
+            if bracket is None:
+                continue
+            below, above = bracket
+            weight = (run.tflops - below.tflops) / (above.tflops - below.tflops) if above.tflops > below.tflops else 0.0
+            gaps = [mine - ((1 - weight) * low + weight * high)
+                    for mine, low, high in zip(run.correct, below.correct, above.correct)]
+            n = len(gaps)
+            mean = sum(gaps) / n
+            spread = math.sqrt(sum((gap - mean) ** 2 for gap in gaps) / (n - 1)) if n > 1 else 0.0
+            half = z * spread / math.sqrt(n)
+            rows.append({
+                "label": run.name, "tflops": run.tflops, "baseline": name, "between": [below.name, above.name],
+                "weight": weight, "baseline_accuracy": (1 - weight) * below.accuracy + weight * above.accuracy,
+                "accuracy": run.accuracy, "difference": 100 * mean, "ci_low": 100 * (mean - half),
+                "ci_high": 100 * (mean + half), "significant": half < abs(mean),
+            })
+    return rows
+
+
+def equal_flops_table(rows: list[dict], runs: list[Run]) -> str:
+    unit, scale = flops_unit(runs)
+    lines = [
+        f"| run | prefill {unit} / sample | against | interpolated between | its accuracy there (%) | run's accuracy (%) "
+        f"| Δ (pt), 95 % CI (* excludes 0) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        star = "*" if row["significant"] else ""
+        lines.append(
+            f"| {row['label']} | {row['tflops'] * scale:.4g} | {row['baseline']} | {' and '.join(row['between'])} "
+            f"| {row['baseline_accuracy']:.1f} | {row['accuracy']:.1f} "
+            f"| {row['difference']:+.1f}{star} [{row['ci_low']:+.1f}, {row['ci_high']:+.1f}] |"
+        )
+    return "\n".join(lines)
 
 
 def flops_unit(runs: list[Run]) -> tuple[str, float]:
@@ -371,14 +434,19 @@ def main(argv: list[str] | None = None) -> None:
     text = table(runs)
     with open(os.path.join(args.out, "table.md"), "w") as handle:
         handle.write(text + "\n")
+    figures = results(runs)
     with open(os.path.join(args.out, "results.json"), "w") as handle:
-        json.dump(results(runs), handle, indent=1)
+        json.dump(figures, handle, indent=1)
+    comparison = equal_flops_table(figures["equal_flops"], runs)
+    with open(os.path.join(args.out, "equal_flops.md"), "w") as handle:
+        handle.write(comparison + "\n")
     figure = accuracy_figure(runs)
     figure.savefig(os.path.join(args.out, "accuracy_vs_tflops.png"), dpi=DPI)
     plt.close(figure)
     plot_exit_histogram(runs, layers, os.path.join(args.out, "exit_layer_histogram.png"))
     print(text)
-    print(f"{os.path.abspath(args.out)}: results.json, accuracy_vs_tflops.png, exit_layer_histogram.png")
+    print(f"\nAt equal prefill FLOPs, against the interpolated baseline curves:\n{comparison}")
+    print(f"{os.path.abspath(args.out)}: results.json, equal_flops.md, accuracy_vs_tflops.png, exit_layer_histogram.png")
 
 
 if __name__ == "__main__":
