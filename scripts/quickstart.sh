@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # DyVTE end to end on the tiny world, on a laptop CPU: set up .venv, generate the world, add gates to the world's
-# trained LLaVA (init_weight.py), train them (finetune_visual_gate.sh), evaluate GQA-style with no exit, dynamic
-# exit at several thresholds, fixed exit after every K, FastV at several ratios, dynamic+FastV and the reduction
-# methods at equal visual budgets, then print one
-# table and plot accuracy against cost.
+# trained LLaVA (init_weight.py), train them (finetune_visual_gate.sh), evaluate GQA-style on 2000 held-out questions
+# (llava.world.evaluate: what gqa.sh writes, every setting in one process) with no exit, dynamic exit at several
+# thresholds, fixed exit after every K, FastV at several ratios, dynamic+FastV and the reduction methods at an equal
+# visual budget, then print the table with confidence intervals, the gaps at equal FLOPs, and plot accuracy
+# against cost.
 #
 # Every knob is an environment variable (defaults in brackets):
-#   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [500]
+#   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [2000]
 #   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~45 min]
 #   GATE_STEPS [300]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
 #   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
 #   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
-#   METHODS ["fastv random pdrop dart visionzip sparsevlm"] at BUDGETS ["64 96"] equivalent visual tokens (of 196)
+#   METHODS ["fastv random pdrop dart visionzip sparsevlm"] at BUDGETS ["64"] equivalent visual tokens (of 196)
 #   EVAL_BATCH_SIZE [32]   RESULTS [./playground/quickstart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 WORLD=${WORLD:-./playground/data/tiny_world}
 TRAIN_IMAGES=${TRAIN_IMAGES:-20000}
-TEST_IMAGES=${TEST_IMAGES:-500}
+TEST_IMAGES=${TEST_IMAGES:-2000}
 BASE_MODEL=${BASE_MODEL:-./checkpoints/tiny-world-llava}
 INIT_MODEL=${INIT_MODEL:-$BASE_MODEL-exit-init}
 GATED_MODEL=${GATED_MODEL:-$BASE_MODEL-visual-gate}
@@ -36,7 +37,7 @@ FASTV_RATIOS=${FASTV_RATIOS:-0.5 0.75 0.9}
 DYNAMIC_FASTV_THRESHOLDS=${DYNAMIC_FASTV_THRESHOLDS:-0.99}
 DYNAMIC_FASTV_RATIO=${DYNAMIC_FASTV_RATIO:-0.5}
 METHODS=${METHODS:-fastv random pdrop dart visionzip sparsevlm}   # reduction methods run at each visual budget
-BUDGETS=${BUDGETS:-64 96}   # equivalent visual tokens of 196 per image (SparseVLM reaches 50 at the least)
+BUDGETS=${BUDGETS:-64}   # equivalent visual tokens of 196 per image (SparseVLM reaches 50 at the least)
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-32}
 RESULTS=${RESULTS:-./playground/quickstart}
 export PYTHON

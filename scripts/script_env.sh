@@ -18,6 +18,6 @@ TINY_WORLD=./playground/data/tiny_world
 ensure_tiny_world() {
     if [ ! -f "$TINY_WORLD/train_single_turn.json" ] || [ ! -d "$TINY_WORLD/eval" ]; then
         echo "the tiny world is missing: generating it in $TINY_WORLD (python -m llava.world.generate, seconds)"
-        "$PYTHON" -m llava.world.generate --out "$TINY_WORLD" --train "${TRAIN_IMAGES:-20000}" --test "${TEST_IMAGES:-500}"
+        "$PYTHON" -m llava.world.generate --out "$TINY_WORLD" --train "${TRAIN_IMAGES:-20000}" --test "${TEST_IMAGES:-2000}"
     fi
 }

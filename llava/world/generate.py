@@ -1,6 +1,6 @@
 """The embedded tiny world: synthetic scenes of coloured shapes and questions about them, in LLaVA's formats.
 
-    python -m llava.world.generate --out playground/data/tiny_world [--train 20000] [--test 500] [--seed 0]
+    python -m llava.world.generate --out playground/data/tiny_world [--train 20000] [--test 2000] [--seed 0]
 
 Writes, under OUT, in the layout LLaVA's scripts expect (so `scripts/v1_5/eval/gqa.sh` runs on it with
 EVAL_ROOT=OUT/eval, its default):
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="playground/data/tiny_world")
     parser.add_argument("--train", type=int, default=20000)
-    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--questions-per-image", type=int, default=4, help="training conversations' turns")
     args = parser.parse_args(argv)
