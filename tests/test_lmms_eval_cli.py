@@ -97,7 +97,7 @@ def test_multiple_choice_is_scored_from_our_pairs(workdir):
     gqa = workdir / "playground" / "data" / "tiny_world" / "eval" / "gqa"
     truth = json.loads((gqa / "data" / "testdev_balanced_questions.json").read_text())
     questions = [json.loads(line) for line in (gqa / f"{SPLIT}.jsonl").read_text().splitlines()]
-    correct = []
+    correct, picked = [], set()
     for sample, question in zip(run["samples"]["tiny_world_choice"], questions):
         kind = truth[question["question_id"]]["types"]["structural"]
         choices = sorted({q["answer"] for q in truth.values() if q["types"]["structural"] == kind})
@@ -106,6 +106,8 @@ def test_multiple_choice_is_scored_from_our_pairs(workdir):
         assert len(pairs) == len(choices) and all(greedy in ("True", "False") for _, greedy in pairs)
         chosen = min(range(len(pairs)), key=lambda i: float(pairs[i][0]))
         correct.append(choices[chosen] == truth[question["question_id"]]["answer"])
+        picked.add(choices[chosen])
         assert [counts["exit_layer"] for counts in sample["token_counts"]] == [3] * len(choices)
     assert run["results"]["results"]["tiny_world_choice"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
-    assert 0 < sum(correct) < len(correct)
+    # Many different answers picked: a scorer reading other pairs than ours would not score the same.
+    assert len(picked) > 4
