@@ -8,7 +8,7 @@
 #
 # Every knob is an environment variable (defaults in brackets):
 #   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [2000]
-#   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~45 min]
+#   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~35 min]
 #   GATE_STEPS [300]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
 #   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
 #   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
@@ -50,7 +50,7 @@ fi
 
 echo "== [2/5] the world's LLaVA: $BASE_MODEL =="
 if [ ! -f "$BASE_MODEL/config.json" ]; then
-    echo "not found: training it from scratch (about 45 minutes on 2 cores)"
+    echo "not found: training it from scratch (about 35 minutes on 2 cores)"
     "$PYTHON" -m llava.world.train_model --data-path "$WORLD/train.json" --out "$BASE_MODEL"
 fi
 

@@ -22,8 +22,8 @@ import sys
 
 from tqdm import tqdm
 
-from llava.eval.eval_gqa import run_convert, run_score
-from llava.eval.io import EvalInputError, read_jsonl, write_json
+from llava.eval.eval_gqa import load_questions, run_convert, score_gqa
+from llava.eval.io import EvalInputError, read_json, read_jsonl, write_json
 from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions, resolve_run
 from llava.eval.summary import format_row, write_summary
 from llava.model.builder import CheckpointError, load_pretrained_model, resolve_device
@@ -64,13 +64,14 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     for _, run in runs:
         resolve_run(run)  # an exit the checkpoint cannot take fails here, not after the runs before it
     questions = read_jsonl(args.question_file, ("question_id", "text"))
+    truth = load_questions(args.truth_file)
     loaded = load_pretrained_model(args.model_path, device=args.device)
     summaries = []
     for name, run in tqdm(runs, desc="settings", unit="run"):
         answer_questions(run, questions, loaded)
         predictions = os.path.join(args.answers_root, name, "predictions.json")
         run_convert(run.answers_file, predictions)
-        metrics = run_score(args.truth_file, predictions)
+        metrics = score_gqa(truth, read_json(predictions))
         write_json(os.path.join(args.answers_root, name, "metrics.json"), metrics)
         summaries.append(write_summary(run.answers_file, "gqa", metrics))
         tqdm.write(format_row(summaries[-1], header=len(summaries) == 1))

@@ -82,9 +82,14 @@ DIRECTIONS = ((1, 0.5), (1, -1), (-1, 0.5), (-1, -1), (0, 1), (0, -1.4))
 LABEL_SPOTS = [(dx * radius, dy * radius) for radius in (6, 14, 24) for dx, dy in DIRECTIONS]
 
 
+def z_score(confidence: float) -> float:
+    """The two-sided normal quantile of `confidence` (1.96 at 95 %)."""
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
 def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Wilson score interval of a proportion `correct / n` (as fractions)."""
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    z = z_score(confidence)
     share = correct / n
     scale = 1 + z * z / n
     centre = (share + z * z / (2 * n)) / scale
@@ -226,10 +231,10 @@ def baseline_curves(runs: list[Run]) -> dict[str, list[Run]]:
 def equal_flops(runs: list[Run]) -> list[dict]:
     """Each dynamic run against each baseline curve at its own cost (see the module's docstring); a run outside a
     curve's range of FLOPs is not compared with it."""
-    z = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
+    z, curves = z_score(CONFIDENCE), baseline_curves(runs)
     rows = []
     for run in (run for run in runs if run.mode in ("dynamic", "dynamic+fastv")):
-        for name, curve in baseline_curves(runs).items():
+        for name, curve in curves.items():
             bracket = next(((a, b) for a, b in zip(curve, curve[1:]) if a.tflops <= run.tflops <= b.tflops), None)
             if bracket is None:
                 continue
