@@ -15,6 +15,8 @@ from llava.eval.io import read_jsonl
 from llava.world.generate import (
     COLOURS,
     GATE_TRAIN_DATA,
+    KINDS,
+    RELATIONAL,
     TEST_IMAGES,
     TEST_QUESTIONS,
     TEST_TRUTH,
@@ -78,6 +80,23 @@ def expected_answer(question, blobs):
     raise AssertionError(f"unknown question {question!r}")
 
 
+def check_training_conversations(world, counts, images, max_turns):
+    """Every training turn is a distinct question answered right by the pixels; the single-turn file is each first."""
+    train = json.loads((world / TRAIN_DATA).read_text())
+    assert len(train) == images and sum(counts["train"].values()) == sum(len(r["conversations"]) // 2 for r in train)
+    for record in train:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 1 <= len(turns) // 2 <= max_turns
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
+        blobs = read_scene(Image.open(world / "images" / record["image"]))
+        asked = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in turns[::2]]
+        assert len(set(asked)) == len(asked)
+        for question, answer in zip(asked, turns[1::2]):
+            assert answer["value"] == expected_answer(question, blobs)
+    single = json.loads((world / GATE_TRAIN_DATA).read_text())
+    assert single == [{**record, "conversations": record["conversations"][:2]} for record in train]
+
+
 def test_world_answers_match_the_pictures(tmp_path):
     counts = generate(str(tmp_path), train=60, test=60, seed=5)
     assert sum(counts["test"].values()) == 60 and all(n > 0 for n in counts["test"].values())
@@ -87,22 +106,24 @@ def test_world_answers_match_the_pictures(tmp_path):
         blobs = read_scene(Image.open(tmp_path / TEST_IMAGES / question["image"]))
         asked = question["text"].split("\n")[0]
         assert truth[question["question_id"]]["answer"] == expected_answer(asked, blobs), (question, blobs)
-    train = json.loads((tmp_path / TRAIN_DATA).read_text())
-    assert len(train) == 60 and sum(counts["train"].values()) == sum(len(r["conversations"]) // 2 for r in train)
-    for record in train:
-        turns = record["conversations"]
-        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 1 <= len(turns) // 2 <= 4
-        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
-        blobs = read_scene(Image.open(tmp_path / "images" / record["image"]))
-        asked = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in turns[::2]]
-        assert len(set(asked)) == len(asked)
-        for question, answer in zip(asked, turns[1::2]):
-            assert answer["value"] == expected_answer(question, blobs)
-    single = json.loads((tmp_path / GATE_TRAIN_DATA).read_text())
-    assert single == [{**record, "conversations": record["conversations"][:2]} for record in train]
+    check_training_conversations(tmp_path, counts, images=60, max_turns=4)
     # GQA's scorer reads the world as it is: the truth itself scores 100.
     predictions = [{"questionId": q, "prediction": t["answer"]} for q, t in truth.items()]
     assert score_gqa(truth, predictions)["accuracy"] == 100.0
+
+
+def test_relational_questions_add_right_answers_of_the_relational_kinds(tmp_path):
+    plain = generate(str(tmp_path / "plain"), train=60, test=20, seed=5, questions_per_image=6)
+    richer = generate(str(tmp_path / "richer"), train=60, test=20, seed=5, questions_per_image=6, relational=3)
+    check_training_conversations(tmp_path / "richer", richer, images=60, max_turns=9)
+    extra = {kind: richer["train"][kind] - plain["train"][kind] for kind in KINDS}
+    assert all(extra[kind] > 0 for kind in RELATIONAL) and all(extra[kind] == 0 for kind in KINDS if kind not in RELATIONAL)
+    # The extra turns only add: the same scenes, the same first turns, the same held-out split.
+    for name in (TEST_QUESTIONS, TEST_TRUTH, "images/00007.png", f"{TEST_IMAGES}/00072.png"):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "richer" / name).read_bytes()
+    plain_train, richer_train = (json.loads((tmp_path / world / TRAIN_DATA).read_text()) for world in ("plain", "richer"))
+    for before, after in zip(plain_train, richer_train, strict=True):
+        assert after["conversations"][: len(before["conversations"])] == before["conversations"]
 
 
 def test_same_seed_same_world(tmp_path):

@@ -6,7 +6,7 @@ Writes, under OUT, in the layout LLaVA's scripts expect (so `scripts/v1_5/eval/g
 EVAL_ROOT=OUT/eval, its default):
 - `images/NNNNN.png` (training) and `eval/gqa/data/images/NNNNN.png` (held out): 1 to 3 shapes (circle, square,
   triangle) of 5 colours and 2 sizes on a grey background;
-- `train.json`: LLaVA training conversations (up to 4 questions of different kinds per image, `<image>` first,
+- `train.json`: LLaVA training conversations (up to 4 questions of different kinds per image, and with `--relational-questions` more of the relational kinds; `<image>` first,
   short answers), and `train_single_turn.json`: the first question of each (gate training uses single turns, as
   the paper does);
 - `eval/gqa/llava_gqa_testdev_balanced.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's
@@ -141,6 +141,10 @@ def ask(kind: str, shapes: list[Shape], rng: random.Random) -> tuple[str, str] |
     return None
 
 
+RELATIONAL = ("position", "comparison", "existence")  # the kinds that bind a name to an object: the slowest to learn
+EXTRA_ATTEMPTS = 20  # draws per extra question before the scene is taken to have no new one of its kind
+
+
 def questions_about(shapes: list[Shape], rng: random.Random, limit: int) -> list[tuple[str, str, str]]:
     """Up to `limit` (kind, question, answer) of distinct kinds, in random order; at least one (counting always fits)."""
     kinds = rng.sample(KINDS, len(KINDS))
@@ -148,9 +152,25 @@ def questions_about(shapes: list[Shape], rng: random.Random, limit: int) -> list
     return asked[:limit]
 
 
-def generate(out: str, train: int, test: int, seed: int, questions_per_image: int = 4) -> dict:
+def relational_questions(shapes: list[Shape], asked: list, count: int, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Up to `count` more (kind, question, answer) of the RELATIONAL kinds, none already in `asked` (e.g. the same
+    pair the other way round): the hardest kinds get more of the answer loss at no extra image tokens."""
+    seen, extra = {question for _, question, _ in asked}, []
+    for _ in range(count):
+        for _ in range(EXTRA_ATTEMPTS):
+            kind = rng.choice(RELATIONAL)
+            qa = ask(kind, shapes, rng)
+            if qa is not None and qa[0] not in seen:
+                extra.append((kind, *qa))
+                seen.add(qa[0])
+                break
+    return extra
+
+
+def generate(out: str, train: int, test: int, seed: int, questions_per_image: int = 4, relational: int = 0) -> dict:
     """Write the world; returns counts of questions per split and kind."""
     rng = random.Random(seed)
+    relational_rng = random.Random(f"relational-{seed}")  # its own stream: the extra turns change nothing else
     for folder in (TRAIN_IMAGES, TEST_IMAGES):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
     multi_turn, single_turn, questions, truth = [], [], [], {}
@@ -158,6 +178,8 @@ def generate(out: str, train: int, test: int, seed: int, questions_per_image: in
     for index in tqdm(range(train + test), desc="generating the tiny world", unit="image"):
         shapes = random_scene(rng)
         asked = questions_about(shapes, rng, questions_per_image if index < train else 1)
+        if index < train:
+            asked += relational_questions(shapes, asked, relational, relational_rng)
         image = f"{index:05d}.png"
         render(shapes).save(os.path.join(out, TRAIN_IMAGES if index < train else TEST_IMAGES, image))
         if index < train:
@@ -193,9 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=20000)
     parser.add_argument("--test", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--questions-per-image", type=int, default=4, help="training conversations' turns")
+    parser.add_argument("--questions-per-image", type=int, default=4, help="training conversations' turns of distinct kinds")
+    parser.add_argument(
+        "--relational-questions", type=int, default=0,
+        help="extra training turns per image of the position, comparison and existence kinds",
+    )
     args = parser.parse_args(argv)
-    counts = generate(args.out, args.train, args.test, args.seed, args.questions_per_image)
+    counts = generate(args.out, args.train, args.test, args.seed, args.questions_per_image, args.relational_questions)
     for split, per_kind in counts.items():
         print(f"{split}: " + ", ".join(f"{kind} {n}" for kind, n in per_kind.items()))
 
