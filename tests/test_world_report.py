@@ -39,8 +39,9 @@ SIGNIFICANT = {"none": False, "fixed-0": True, "dynamic-0.9": False, "dynamic-0.
 
 
 def truth() -> dict:
-    """GQA-layout truth: the 40 balanced questions, and one unbalanced that scoring skips."""
-    questions = {f"q{i}": {"answer": "red" if i % 2 else "yes", "types": {"structural": "query"}}
+    """GQA-layout truth: the 40 balanced questions (odd ones of kind "query", even ones "verify"), and one unbalanced
+    that scoring skips."""
+    questions = {f"q{i}": {"answer": "red" if i % 2 else "yes", "types": {"structural": "query" if i % 2 else "verify"}}
                  for i in range(QUESTIONS)}
     questions["unbalanced"] = {"answer": "no", "types": {"structural": "verify"}, "isBalanced": False}
     return questions
@@ -139,6 +140,18 @@ def test_results_json_table_and_plots(gqa_layout, tmp_path):
         star = "*" if row["significant"] else ""
         assert versus == f"[{row['ci_low']:.1f}, {row['ci_high']:.1f}]; {row['difference_vs_none']:+.1f}{star}"
     assert table["fixed-0"][1] == "[14.2, 40.2]; -50.0*"  # 10 of 40: Wilson (0.1418, 0.4019)
+
+    # Per kind, by hand from each run's right questions: "query" the odd ones, "verify" the even ones (20 each).
+    for label, row in rows.items():
+        right = RUNS[label][2]
+        odd = sum(index % 2 for index in right)
+        assert row["per_kind"] == pytest.approx({"verify": 5 * (len(right) - odd), "query": 5 * odd})
+    assert rows["dynamic-0.5"]["per_kind"] == {"verify": 65.0, "query": 60.0}  # 6..30: 13 even, 12 odd
+    per_kind = (out / "per_kind.md").read_text().splitlines()
+    assert per_kind[0] == "| run | verify (n = 20) | query (n = 20) |"
+    assert per_kind[2:] == [
+        f"| {label} | {row['per_kind']['verify']:.1f} | {row['per_kind']['query']:.1f} |" for label, row in rows.items()
+    ]
 
     for plot in ("accuracy_vs_tflops.png", "exit_layer_histogram.png"):
         with Image.open(out / plot) as image:

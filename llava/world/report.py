@@ -24,7 +24,8 @@ correctness minus the curve's (the two bracketing runs' weighted) is a paired di
 gap and mean ± 1.96 standard errors its 95 % interval (normal approximation; significant when it excludes 0).
 
 Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column), RESULTS/
-equal_flops.md (the gaps at equal cost), RESULTS/results.json (every run's figures and the gaps, for other
+per_kind.md (each run's accuracy per question kind, GQA's structural type), RESULTS/equal_flops.md (the gaps at
+equal cost), RESULTS/results.json (every run's figures and the gaps, for other
 tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a zoom on the runs within 15 points of none) and
 RESULTS/exit_layer_histogram.png.
 """
@@ -116,6 +117,15 @@ class Run:
     flops_reduction: float
     exit_layers: list[int]
     correct: tuple[bool, ...]  # per question, in the truth file's order: the same for every run, so runs pair up
+    kinds: tuple[str, ...]  # per question in that order, its GQA structural type (the tiny world's question kind)
+
+    @property
+    def per_kind(self) -> dict[str, float]:
+        """Accuracy (%) on each kind of question, kinds in the order they first appear."""
+        right: dict[str, list[bool]] = {}
+        for kind, correct in zip(self.kinds, self.correct):
+            right.setdefault(kind, []).append(correct)
+        return {kind: 100 * sum(marks) / len(marks) for kind, marks in right.items()}
 
     @property
     def setting(self) -> dict[str, float]:
@@ -160,9 +170,10 @@ def default_questions(answers_root: str) -> str:
     return os.path.join(os.path.dirname(folder), "data", "testdev_balanced_questions.json")
 
 
-def question_correctness(questions: dict, answers: list[dict], source: str) -> tuple[bool, ...]:
-    """Per balanced question of the truth file, whether the answers got it right by `eval_gqa`'s rule."""
-    return tuple(correct for _, _, correct in balanced_answers(questions, convert_gqa(answers, source)))
+def question_correctness(questions: dict, answers: list[dict], source: str) -> tuple[tuple[bool, ...], tuple[str, ...]]:
+    """Per balanced question of the truth file, whether the answers got it right by `eval_gqa`'s rule, and its kind."""
+    scored = list(balanced_answers(questions, convert_gqa(answers, source)))
+    return tuple(correct for _, _, correct in scored), tuple(question["types"]["structural"] for question, _, _ in scored)
 
 
 def load_runs(answers_root: str, questions_path: str) -> list[Run]:
@@ -178,7 +189,7 @@ def load_runs(answers_root: str, questions_path: str) -> list[Run]:
         run_name, mode, settings = recorded_run(summary_path, summary)
         answers_path = os.path.join(folder, "merge.jsonl")
         answers = read_jsonl(answers_path, ("question_id",))
-        correct = question_correctness(questions, answers, answers_path)
+        correct, kinds = question_correctness(questions, answers, answers_path)
         rescored = sum(correct) / len(correct) * 100  # in eval_gqa's order of operations
         if not math.isclose(rescored, summary["accuracy"], abs_tol=1e-9):
             raise ValueError(
@@ -187,7 +198,7 @@ def load_runs(answers_root: str, questions_path: str) -> list[Run]:
             )
         runs.append(Run(
             run_name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
-            summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a], correct,
+            summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a], correct, kinds,
         ))
     if not any(run.mode == "none" for run in runs):
         raise ValueError(f"{answers_root}: no 'none' run to compare against")
@@ -212,6 +223,7 @@ def results(runs: list[Run]) -> dict:
             "correct": sum(run.correct), "accuracy": run.accuracy, "ci_low": low, "ci_high": high,
             "tflops": run.tflops, "flops_reduction": run.flops_reduction, "exit_layer": run.exit_layer,
             "difference_vs_none": difference, "p_value": p_value, "significant": p_value < ALPHA,
+            "per_kind": run.per_kind,
         })
     return {"confidence": CONFIDENCE, "alpha": ALPHA, "test": "exact McNemar against mode none", "runs": rows,
             "equal_flops": equal_flops(runs)}
@@ -295,6 +307,21 @@ def table(runs: list[Run]) -> str:
             f"| {run.name} | {run.accuracy:.1f} | [{low:.1f}, {high:.1f}]; {difference:+.1f}{star} "
             f"| {run.exit_layer:.2f} | {run.tflops * scale:.4g} | {100 * run.flops_reduction:.1f} % |"
         )
+    return "\n".join(lines)
+
+
+def per_kind_table(runs: list[Run]) -> str:
+    """Accuracy per question kind, one row per run: which kinds an exit costs, and which need the image late."""
+    reference = reference_run(runs)
+    counts = Counter(reference.kinds)
+    kinds = list(reference.per_kind)
+    lines = [
+        "| run | " + " | ".join(f"{kind} (n = {counts[kind]})" for kind in kinds) + " |",
+        "|---|" + "---|" * len(kinds),
+    ]
+    for run in runs:
+        accuracy = run.per_kind
+        lines.append(f"| {run.name} | " + " | ".join(f"{accuracy[kind]:.1f}" for kind in kinds) + " |")
     return "\n".join(lines)
 
 
@@ -445,13 +472,20 @@ def main(argv: list[str] | None = None) -> None:
     comparison = equal_flops_table(figures["equal_flops"], runs)
     with open(os.path.join(args.out, "equal_flops.md"), "w") as handle:
         handle.write(comparison + "\n")
+    kinds = per_kind_table(runs)
+    with open(os.path.join(args.out, "per_kind.md"), "w") as handle:
+        handle.write(kinds + "\n")
     figure = accuracy_figure(runs)
     figure.savefig(os.path.join(args.out, "accuracy_vs_tflops.png"), dpi=DPI)
     plt.close(figure)
     plot_exit_histogram(runs, layers, os.path.join(args.out, "exit_layer_histogram.png"))
     print(text)
+    print(f"\nAccuracy (%) per question kind:\n{kinds}")
     print(f"\nAt equal prefill FLOPs, against the interpolated baseline curves:\n{comparison}")
-    print(f"{os.path.abspath(args.out)}: results.json, equal_flops.md, accuracy_vs_tflops.png, exit_layer_histogram.png")
+    print(
+        f"{os.path.abspath(args.out)}: results.json, per_kind.md, equal_flops.md, accuracy_vs_tflops.png, "
+        "exit_layer_histogram.png"
+    )
 
 
 if __name__ == "__main__":
