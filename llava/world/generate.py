@@ -7,8 +7,8 @@ EVAL_ROOT=OUT/eval, its default):
 - `images/NNNNN.png` (training) and `eval/gqa/data/images/NNNNN.png` (held out): 1 to 3 shapes (circle, square,
   triangle) of 5 colours and 2 sizes on a grey background;
 - `train.json`: LLaVA training conversations (up to 4 questions of different kinds per image, with
-  `--relational-questions` more of the relational kinds; `<image>` first, short answers), and `train_single_turn.json`: the first question of each (gate training uses single turns, as
-  the paper does);
+  `--relational-questions` more of the relational kinds; `<image>` first, short answers), and
+  `train_single_turn.json`: the first question of each (gate training uses single turns, as the paper does);
 - `eval/gqa/llava_gqa_testdev_balanced.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's
   short-answer suffix, `category` = question kind);
 - `eval/gqa/data/testdev_balanced_questions.json`: GQA's ground-truth layout ({question_id: {"answer", "types":
