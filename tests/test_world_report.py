@@ -242,3 +242,39 @@ def test_a_run_outside_a_curve_is_not_compared_with_it(gqa_layout, tmp_path):
     # Without fixed 2 the FastV curve spans 5.05e-4 to 6e-4 only: no dynamic run costs that much.
     assert {row["baseline"] for row in rows} == {"fixed K"}
     assert {row["label"] for row in rows} == {"dynamic-0.9", "dynamic-0.5", "dynamic+fastv-0.9-2-0.5"}
+
+
+def test_oracle_exit_takes_each_question_out_where_every_later_exit_scores_as_none(tmp_path):
+    """Three layers; per question the oracle's K worked out by hand: 0-9 right from K = 1 on (K = 1); 10-24 right
+    from K = 2 (K = 2); 25-29 lost by K = 2 (K = 3, no exit); 30-34 and 36-39 wrong at every K, as in none (K = 1);
+    35 right at K = 2 only, unlike none (K = 3)."""
+    runs = {
+        "none": ({"mode": "none"}, None, RIGHT_BY_NONE, 6.0e-4, 3),
+        "fixed-1": ({"mode": "fixed", "layer": 1}, None, set(range(10)), 2.0e-4, 1),
+        "fixed-2": ({"mode": "fixed", "layer": 2}, None, set(range(25)) | {35}, 4.0e-4, 2),
+        "dynamic-0.9": RUNS["dynamic-0.9"],
+    }
+    answers_root = tmp_path / "gqa" / "answers" / "split" / "quickstart"
+    questions_path = tmp_path / "truth.json"
+    questions_path.write_text(json.dumps(truth()))
+    write_answers(answers_root, truth(), runs)
+    out = tmp_path / "results"
+    report.main(["--answers-root", str(answers_root), "--out", str(out), "--questions", str(questions_path)])
+    oracle = json.loads((out / "results.json").read_text())["oracle_exit"]
+    exits = {1: 10 + 5 + 4, 2: 15, 3: 5 + 1}
+    assert oracle["accuracy"] == 75.0
+    assert oracle["exit_layer"] == pytest.approx(sum(k * n for k, n in exits.items()) / QUESTIONS)
+    tflops = (exits[1] * 2.0e-4 + exits[2] * 4.0e-4 + exits[3] * 6.0e-4) / QUESTIONS
+    assert oracle["tflops"] == pytest.approx(tflops)
+    assert oracle["flops_reduction"] == pytest.approx(1 - tflops / 6.0e-4)
+    weight = (tflops - 2.0e-4) / (4.0e-4 - 2.0e-4)  # between fixed 1 (10 right) and fixed 2 (26 right)
+    assert oracle["fixed_between"] == ["fixed-1", "fixed-2"]
+    assert oracle["fixed_accuracy"] == pytest.approx(100 * ((1 - weight) * 10 + weight * 26) / QUESTIONS)
+    assert "Per-question oracle exit" in (out / "equal_flops.md").read_text()
+
+
+def test_no_oracle_without_every_fixed_exit(gqa_layout, tmp_path):
+    answers_root, _ = gqa_layout  # fixed K = 0 only, of L = 8
+    report.main(["--answers-root", str(answers_root), "--out", str(tmp_path / "results")])
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["oracle_exit"] is None
+    assert "oracle exit: not computed" in (tmp_path / "results" / "equal_flops.md").read_text()

@@ -22,6 +22,9 @@ interpolated linearly in FLOPs between the two runs that bracket its cost. The f
 a FastV curve at K runs from R = 0 (no exit) to R = 1 (fixed K), both exactly those runs. Per question the run's
 correctness minus the curve's (the two bracketing runs' weighted) is a paired difference; its mean is the accuracy
 gap and mean ± 1.96 standard errors its 95 % interval (normal approximation; significant when it excludes 0).
+With every fixed K run, the report also gives the per-question oracle exit: each question exits at the earliest
+K ≥ 1 from which every fixed K answers it as well as no exit does. It keeps no exit's accuracy; its cost, against
+fixed K's accuracy there, is the room per-input exits have over one layer for all on these questions.
 
 Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column), RESULTS/
 per_kind.md (each run's accuracy per question kind, GQA's structural type), RESULTS/equal_flops.md (the gaps at
@@ -118,6 +121,7 @@ class Run:
     exit_layers: list[int]
     correct: tuple[bool, ...]  # per question, in the truth file's order: the same for every run, so runs pair up
     kinds: tuple[str, ...]  # per question in that order, its GQA structural type (the tiny world's question kind)
+    costs: tuple[float | None, ...] = ()  # per question in that order, its prefill TFLOPs (None: no answer record)
 
     @property
     def per_kind(self) -> dict[str, float]:
@@ -170,10 +174,14 @@ def default_questions(answers_root: str) -> str:
     return os.path.join(os.path.dirname(folder), "data", "testdev_balanced_questions.json")
 
 
-def question_correctness(questions: dict, answers: list[dict], source: str) -> tuple[tuple[bool, ...], tuple[str, ...]]:
-    """Per balanced question of the truth file, whether the answers got it right by `eval_gqa`'s rule, and its kind."""
+def question_scores(questions: dict, answers: list[dict], source: str) -> tuple[tuple, tuple, tuple]:
+    """Per balanced question of the truth file: whether the answers got it right by `eval_gqa`'s rule, its kind, and
+    the prefill TFLOPs its answer record gives (None where it has none: a missing answer or an error record)."""
+    cost = {str(answer["question_id"]): answer.get("tflops") for answer in answers}  # the last record wins, as scoring
     scored = list(balanced_answers(questions, convert_gqa(answers, source)))
-    return tuple(correct for _, _, correct in scored), tuple(question["types"]["structural"] for question, _, _ in scored)
+    ids = [question_id for question_id, question in questions.items() if question.get("isBalanced", True)]
+    return (tuple(correct for _, _, correct in scored), tuple(question["types"]["structural"] for question, _, _ in scored),
+            tuple(cost.get(str(question_id)) for question_id in ids))
 
 
 def load_runs(answers_root: str, questions_path: str) -> list[Run]:
@@ -189,7 +197,7 @@ def load_runs(answers_root: str, questions_path: str) -> list[Run]:
         run_name, mode, settings = recorded_run(summary_path, summary)
         answers_path = os.path.join(folder, "merge.jsonl")
         answers = read_jsonl(answers_path, ("question_id",))
-        correct, kinds = question_correctness(questions, answers, answers_path)
+        correct, kinds, costs = question_scores(questions, answers, answers_path)
         rescored = sum(correct) / len(correct) * 100  # in eval_gqa's order of operations
         if not math.isclose(rescored, summary["accuracy"], abs_tol=1e-9):
             raise ValueError(
@@ -198,7 +206,7 @@ def load_runs(answers_root: str, questions_path: str) -> list[Run]:
             )
         runs.append(Run(
             run_name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
-            summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a], correct, kinds,
+            summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a], correct, kinds, costs,
         ))
     if not any(run.mode == "none" for run in runs):
         raise ValueError(f"{answers_root}: no 'none' run to compare against")
@@ -226,7 +234,7 @@ def results(runs: list[Run]) -> dict:
             "per_kind": run.per_kind,
         })
     return {"confidence": CONFIDENCE, "alpha": ALPHA, "test": "exact McNemar against mode none", "runs": rows,
-            "equal_flops": equal_flops(runs)}
+            "equal_flops": equal_flops(runs), "oracle_exit": oracle_exit(runs)}
 
 
 def baseline_curves(runs: list[Run]) -> dict[str, list[Run]]:
@@ -240,6 +248,53 @@ def baseline_curves(runs: list[Run]) -> dict[str, list[Run]]:
     return {name: sorted(members, key=lambda run: run.tflops) for name, members in curves.items()}
 
 
+def bracketing(curve: list[Run], tflops: float) -> tuple[Run, Run, float] | None:
+    """(cheaper run, dearer run, weight of the dearer) of a curve by cost at `tflops`; None outside its range."""
+    below, above = next(((a, b) for a, b in zip(curve, curve[1:]) if a.tflops <= tflops <= b.tflops), (None, None))
+    if below is None:
+        return None
+    return below, above, (tflops - below.tflops) / (above.tflops - below.tflops) if above.tflops > below.tflops else 0.0
+
+
+def oracle_exit(runs: list[Run]) -> dict | None:
+    """The exit a gate that foresaw every answer would take: per question, the earliest K ≥ 1 (the first gate decides
+    after layer 0) from which every fixed K, and no exit, score it as no exit does. It keeps no exit's accuracy
+    exactly, so its cost bounds what per-input exits can save on these questions, and fixed K's accuracy at that cost
+    is the room they have over one layer for all. None unless fixed K = 1 … L−1 ran, with a cost on every answer."""
+    reference = reference_run(runs)
+    layers = max(reference.exit_layers, default=0)
+    fixed = {int(run.setting["K"]): run for run in runs if run.mode == "fixed"}
+    ladder = [fixed.get(k) for k in range(1, layers)] + [reference]  # ladder[i]: the visual tokens leave after K = i+1
+    if layers < 2 or None in ladder or any(None in run.costs for run in ladder):
+        return None
+    exits, costs = [], []
+    for question, wanted in enumerate(reference.correct):
+        step = len(ladder) - 1
+        while step > 0 and ladder[step - 1].correct[question] == wanted:
+            step -= 1
+        exits.append(step + 1)
+        costs.append(ladder[step].costs[question])
+    tflops = sum(costs) / len(costs)
+    below, above, weight = bracketing(baseline_curves(runs)["fixed K"], tflops)
+    return {
+        "accuracy": reference.accuracy, "tflops": tflops, "flops_reduction": 1 - tflops / reference.tflops,
+        "exit_layer": sum(exits) / len(exits), "fixed_accuracy": (1 - weight) * below.accuracy + weight * above.accuracy,
+        "fixed_between": [below.name, above.name],
+    }
+
+
+def oracle_line(oracle: dict | None, runs: list[Run]) -> str:
+    if oracle is None:
+        return "Per-question oracle exit: not computed (it needs fixed K for every K from 1 to L-1)."
+    unit, scale = flops_unit(runs)
+    return (
+        f"Per-question oracle exit (the earliest K >= 1 after which every fixed K scores the question as no exit "
+        f"does): {oracle['accuracy']:.1f} % at {oracle['tflops'] * scale:.4g} {unit} / sample "
+        f"({100 * oracle['flops_reduction']:.1f} % reduction, mean exit layer {oracle['exit_layer']:.2f}); fixed K at "
+        f"that cost: {oracle['fixed_accuracy']:.1f} % ({' and '.join(oracle['fixed_between'])})."
+    )
+
+
 def equal_flops(runs: list[Run]) -> list[dict]:
     """Each dynamic run against each baseline curve at its own cost (see the module's docstring); a run outside a
     curve's range of FLOPs is not compared with it."""
@@ -247,11 +302,10 @@ def equal_flops(runs: list[Run]) -> list[dict]:
     rows = []
     for run in (run for run in runs if run.mode in ("dynamic", "dynamic+fastv")):
         for name, curve in curves.items():
-            bracket = next(((a, b) for a, b in zip(curve, curve[1:]) if a.tflops <= run.tflops <= b.tflops), None)
+            bracket = bracketing(curve, run.tflops)
             if bracket is None:
                 continue
-            below, above = bracket
-            weight = (run.tflops - below.tflops) / (above.tflops - below.tflops) if above.tflops > below.tflops else 0.0
+            below, above, weight = bracket
             gaps = [mine - ((1 - weight) * low + weight * high)
                     for mine, low, high in zip(run.correct, below.correct, above.correct)]
             n = len(gaps)
@@ -377,11 +431,11 @@ def error_bars(runs: list[Run]) -> list[list[float]]:
     return [[run.accuracy - run.interval[0] for run in runs], [run.interval[1] - run.accuracy for run in runs]]
 
 
-def accuracy_figure(runs: list[Run]):
+def accuracy_figure(runs: list[Run], oracle: dict | None = None):
     """Accuracy (with its 95 % interval) against prefill cost: all runs at left, at right a zoom on the runs within
     ZOOM_BAND points of none, where the methods compete and their points crowd (the zoom frames their points; wide
     error bars run out of it). The zoom labels the points inside it, the overview the others; the legend sits below
-    both, off the data."""
+    both, off the data. `oracle` (oracle_exit's figures) adds the per-question oracle's point."""
     unit, scale = flops_unit(runs)
     reference = reference_run(runs)
     figure, (overview, zoom) = plt.subplots(1, 2, figsize=(13, 6), dpi=DPI, layout="constrained")
@@ -413,6 +467,9 @@ def accuracy_figure(runs: list[Run]):
             [reference.tflops * scale], [reference.accuracy], yerr=error_bars([reference]), fmt="k*",
             ecolor=(0, 0, 0, 0.45), markersize=12, capsize=2, label="no exit",
         )
+        if oracle is not None:
+            axes.plot([oracle["tflops"] * scale], [oracle["accuracy"]], "kP", markerfacecolor="none", markersize=10,
+                      label="per-question oracle exit")
         axes.set_xlabel(f"LM prefill {unit} per sample")
         axes.set_ylabel("accuracy (%), 95 % Wilson interval")
         axes.grid(alpha=0.3)
@@ -469,13 +526,13 @@ def main(argv: list[str] | None = None) -> None:
     figures = results(runs)
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(figures, handle, indent=1)
-    comparison = equal_flops_table(figures["equal_flops"], runs)
+    comparison = equal_flops_table(figures["equal_flops"], runs) + "\n\n" + oracle_line(figures["oracle_exit"], runs)
     with open(os.path.join(args.out, "equal_flops.md"), "w") as handle:
         handle.write(comparison + "\n")
     kinds = per_kind_table(runs)
     with open(os.path.join(args.out, "per_kind.md"), "w") as handle:
         handle.write(kinds + "\n")
-    figure = accuracy_figure(runs)
+    figure = accuracy_figure(runs, figures["oracle_exit"])
     figure.savefig(os.path.join(args.out, "accuracy_vs_tflops.png"), dpi=DPI)
     plt.close(figure)
     plot_exit_histogram(runs, layers, os.path.join(args.out, "exit_layer_histogram.png"))
