@@ -34,10 +34,12 @@ class ExitLabels:
 @dataclass
 class GateTrainingOutput(ModelOutput):
     """`full_logits` / `exit_logits`: (N, V) logits of both continuations at the N answer positions
-    (`answer_positions` = (sample, position) of each, predicting the token after it)."""
+    (`answer_positions` = (sample, position) of each, predicting the token after it); `gate_features` the gate's
+    input (B, 2H), detached."""
 
     loss: torch.Tensor | None = None
     gate_logits: torch.Tensor | None = None
+    gate_features: torch.Tensor | None = None
     exit_labels: ExitLabels | None = None
     layer: int | None = None
     full_logits: torch.Tensor | None = None
@@ -110,6 +112,7 @@ def gate_training_pass(
     return GateTrainingOutput(
         loss=loss,
         gate_logits=gate_logits,
+        gate_features=features,
         exit_labels=judged,
         layer=layer,
         full_logits=full_logits,
