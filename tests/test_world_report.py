@@ -67,6 +67,17 @@ def write_answers(root, questions: dict, runs: dict = RUNS) -> None:
         (root / folder / "merge.summary.json").write_text(json.dumps(summary))
 
 
+def report_on(runs: dict, tmp_path):
+    """The report's output folder for these runs, written under tmp_path with an explicit truth file."""
+    answers_root = tmp_path / "gqa" / "answers" / "split" / "quickstart"
+    questions_path = tmp_path / "truth.json"
+    questions_path.write_text(json.dumps(truth()))
+    write_answers(answers_root, truth(), runs)
+    out = tmp_path / "results"
+    report.main(["--answers-root", str(answers_root), "--out", str(out), "--questions", str(questions_path)])
+    return out
+
+
 @pytest.fixture
 def gqa_layout(tmp_path):
     """(answers root, truth file) laid out as quickstart.sh leaves them: GQADIR/answers/SPLIT/quickstart/RUN."""
@@ -201,12 +212,7 @@ def test_equal_flops_against_interpolated_curves(tmp_path):
     off by hand: the brackets, the weights, the paired gap and its normal 95 % interval from the per-question
     differences."""
     runs = {**RUNS, "fixed-2": ({"mode": "fixed", "layer": 2}, None, set(range(20)), 4.0e-4, 2)}
-    answers_root = tmp_path / "gqa" / "answers" / "split" / "quickstart"
-    questions_path = tmp_path / "truth.json"
-    questions_path.write_text(json.dumps(truth()))
-    write_answers(answers_root, truth(), runs)
-    out = tmp_path / "results"
-    report.main(["--answers-root", str(answers_root), "--out", str(out), "--questions", str(questions_path)])
+    out = report_on(runs, tmp_path)
     rows = {(row["label"], row["baseline"]): row for row in json.loads((out / "results.json").read_text())["equal_flops"]}
     brackets = {  # (run, curve): (cheaper run, dearer run)
         ("dynamic-0.9", "fixed K"): ("fixed-2", "none"), ("dynamic-0.9", "FastV K=2"): ("fixed-2", "fastv-2-0.5"),
@@ -254,12 +260,7 @@ def test_oracle_exit_takes_each_question_out_where_every_later_exit_scores_as_no
         "fixed-2": ({"mode": "fixed", "layer": 2}, None, set(range(25)) | {35}, 4.0e-4, 2),
         "dynamic-0.9": RUNS["dynamic-0.9"],
     }
-    answers_root = tmp_path / "gqa" / "answers" / "split" / "quickstart"
-    questions_path = tmp_path / "truth.json"
-    questions_path.write_text(json.dumps(truth()))
-    write_answers(answers_root, truth(), runs)
-    out = tmp_path / "results"
-    report.main(["--answers-root", str(answers_root), "--out", str(out), "--questions", str(questions_path)])
+    out = report_on(runs, tmp_path)
     oracle = json.loads((out / "results.json").read_text())["oracle_exit"]
     exits = {1: 10 + 5 + 4, 2: 15, 3: 5 + 1}
     assert oracle["accuracy"] == 75.0
