@@ -8,6 +8,7 @@ import re
 from collections import deque
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from llava.eval.eval_gqa import score_gqa
@@ -22,6 +23,7 @@ from llava.world.generate import (
     TEST_TRUTH,
     TRAIN_DATA,
     generate,
+    main as generate_main,
     random_scene,
     render,
 )
@@ -124,6 +126,34 @@ def test_relational_questions_add_right_answers_of_the_relational_kinds(tmp_path
     plain_train, richer_train = (json.loads((tmp_path / world / TRAIN_DATA).read_text()) for world in ("plain", "richer"))
     for before, after in zip(plain_train, richer_train, strict=True):
         assert after["conversations"][: len(before["conversations"])] == before["conversations"]
+
+
+def test_only_kinds_keeps_those_turns_of_the_same_world(tmp_path):
+    full = generate(str(tmp_path / "full"), train=60, test=20, seed=5, questions_per_image=6, relational=3)
+    focused = generate(str(tmp_path / "focused"), train=60, test=20, seed=5, questions_per_image=6, relational=3,
+                       only_kinds=("position",))
+    assert focused["train"]["position"] == full["train"]["position"] > 0
+    assert all(n == 0 for kind, n in focused["train"].items() if kind != "position")
+    expected = []  # the full world's conversations, read by question wording, cut down to their left/right turns
+    for record in json.loads((tmp_path / "full" / TRAIN_DATA).read_text()):
+        turns = record["conversations"]
+        kept = [(q["value"].removeprefix("<image>\n"), a) for q, a in zip(turns[::2], turns[1::2])
+                if "to the left or to the right" in q["value"]]
+        if kept:
+            conversation = []
+            for turn, (question, answer) in enumerate(kept):
+                conversation += [{"from": "human", "value": ("<image>\n" if turn == 0 else "") + question}, answer]
+            expected.append({**record, "conversations": conversation})
+    assert json.loads((tmp_path / "focused" / TRAIN_DATA).read_text()) == expected
+    check_training_conversations(tmp_path / "focused", focused, images=len(expected), max_turns=9)
+    for name in (TEST_QUESTIONS, TEST_TRUTH, "images/00007.png", f"{TEST_IMAGES}/00072.png"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "focused" / name).read_bytes()
+
+
+def test_only_kinds_names_an_unknown_kind(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        generate_main(["--out", str(tmp_path), "--train", "2", "--test", "1", "--only-kinds", "position,size"])
+    assert "unknown kind(s) size" in capsys.readouterr().err
 
 
 def test_same_seed_same_world(tmp_path):

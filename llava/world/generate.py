@@ -7,7 +7,8 @@ EVAL_ROOT=OUT/eval, its default):
 - `images/NNNNN.png` (training) and `eval/gqa/data/images/NNNNN.png` (held out): 1 to 3 shapes (circle, square,
   triangle) of 5 colours and 2 sizes on a grey background;
 - `train.json`: LLaVA training conversations (up to 4 questions of different kinds per image, with
-  `--relational-questions` more of the relational kinds; `<image>` first, short answers), and
+  `--relational-questions` more of the relational kinds, `--only-kinds` to keep the turns of some kinds only;
+  `<image>` first, short answers), and
   `train_single_turn.json`: the first question of each (gate training uses single turns, as the paper does);
 - `eval/gqa/llava_gqa_testdev_balanced.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's
   short-answer suffix, `category` = question kind);
@@ -167,8 +168,13 @@ def relational_questions(shapes: list[Shape], asked: list, count: int, rng: rand
     return extra
 
 
-def generate(out: str, train: int, test: int, seed: int, questions_per_image: int = 4, relational: int = 0) -> dict:
-    """Write the world; returns counts of questions per split and kind."""
+def generate(
+    out: str, train: int, test: int, seed: int, questions_per_image: int = 4, relational: int = 0,
+    only_kinds: tuple[str, ...] | None = None,
+) -> dict:
+    """Write the world; returns counts of questions per split and kind. `only_kinds` keeps only the training turns
+    of those kinds (drawn as without it, so scenes and held-out split stay the same; an image left with no turn
+    drops out of the training files): a focused curriculum for a kind the model has not learned."""
     rng = random.Random(seed)
     relational_rng = random.Random(f"relational-{seed}")  # its own stream: the extra turns change nothing else
     for folder in (TRAIN_IMAGES, TEST_IMAGES):
@@ -180,9 +186,10 @@ def generate(out: str, train: int, test: int, seed: int, questions_per_image: in
         asked = questions_about(shapes, rng, questions_per_image if index < train else 1)
         if index < train:
             asked += relational_questions(shapes, asked, relational, relational_rng)
+            asked = [turn for turn in asked if only_kinds is None or turn[0] in only_kinds]
         image = f"{index:05d}.png"
         render(shapes).save(os.path.join(out, TRAIN_IMAGES if index < train else TEST_IMAGES, image))
-        if index < train:
+        if index < train and asked:
             turns = []
             for turn, (kind, question, answer) in enumerate(asked):
                 counts["train"][kind] += 1
@@ -192,7 +199,7 @@ def generate(out: str, train: int, test: int, seed: int, questions_per_image: in
                 ]
             multi_turn.append({"id": f"world-{index:05d}", "image": image, "conversations": turns})
             single_turn.append({**multi_turn[-1], "conversations": turns[:2]})
-        else:
+        elif index >= train:
             kind, question, answer = asked[0]
             counts["test"][kind] += 1
             question_id = f"world-{index:05d}"
@@ -220,8 +227,17 @@ def main(argv: list[str] | None = None) -> None:
         "--relational-questions", type=int, default=0,
         help="extra training turns per image of the position, comparison and existence kinds",
     )
+    parser.add_argument(
+        "--only-kinds", default=None, type=lambda text: tuple(text.split(",")),
+        help=f"comma-separated kinds ({', '.join(KINDS)}): training turns of these kinds only",
+    )
     args = parser.parse_args(argv)
-    counts = generate(args.out, args.train, args.test, args.seed, args.questions_per_image, args.relational_questions)
+    unknown = sorted(set(args.only_kinds or ()) - set(KINDS))
+    if unknown:
+        parser.error(f"--only-kinds: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
+    counts = generate(
+        args.out, args.train, args.test, args.seed, args.questions_per_image, args.relational_questions, args.only_kinds
+    )
     for split, per_kind in counts.items():
         print(f"{split}: " + ", ".join(f"{kind} {n}" for kind, n in per_kind.items()))
 
