@@ -96,7 +96,7 @@ def test_the_entry_point_serves_the_model():
     assert get_model("dyvte") is DyVTE
 
 
-@pytest.mark.parametrize("exit_args", [{"exit_mode": "none"}, {"exit_mode": "dynamic", "exit_threshold": 0.9},
+@pytest.mark.parametrize("exit_args", [{"exit_mode": "none"}, {"exit_mode": "dynamic", "exit_threshold": 0.999},
                                        {"exit_mode": "fixed", "exit_layer": 2}, {"exit_mode": "fastv", "fastv_k": 2,
                                                                                  "fastv_r": 0.5}])
 def test_answers_equal_the_loaders_alone_and_in_batches(gated_world_model, world, tmp_path, exit_args):
@@ -153,8 +153,8 @@ def test_loglikelihood_equals_the_masked_oracle(gated_world_model, world, exit_a
 def test_loglikelihood_in_batches_equals_alone_with_per_sample_exits(gated_world_model, world):
     _, docs = world
     requests = choice_requests(docs, lambda doc: " " + doc["answer"] + " and more words")  # continuations differ
-    alone = plugin(gated_world_model, docs, exit_mode="dynamic", exit_threshold=0.9).loglikelihood(requests)
-    batched = plugin(gated_world_model, docs, batch_size=5, exit_mode="dynamic", exit_threshold=0.9).loglikelihood(requests)
+    alone = plugin(gated_world_model, docs, exit_mode="dynamic", exit_threshold=0.999).loglikelihood(requests)
+    batched = plugin(gated_world_model, docs, batch_size=5, exit_mode="dynamic", exit_threshold=0.999).loglikelihood(requests)
     assert [r.text[0] for r in batched] == pytest.approx([r.text[0] for r in alone], abs=1e-4)
     exits = [r.token_counts.exit["exit_layer"] for r in alone]
     assert [r.token_counts.exit["exit_layer"] for r in batched] == exits and len(set(exits)) > 2

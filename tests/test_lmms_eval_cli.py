@@ -20,7 +20,7 @@ from test_eval_scripts import SPLIT, gqa_script  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
     "none": ({"EXIT_MODE": "none"}, "exit_mode=none"),
-    "dynamic": ({"EXIT_MODE": "dynamic", "EXIT_THRESHOLD": "0.9"}, "exit_mode=dynamic,exit_threshold=0.9"),
+    "dynamic": ({"EXIT_MODE": "dynamic", "EXIT_THRESHOLD": "0.999"}, "exit_mode=dynamic,exit_threshold=0.999"),
     "fixed": ({"EXIT_MODE": "fixed", "EXIT_LAYER": "3"}, "exit_mode=fixed,exit_layer=3"),
     "fastv": ({"EXIT_MODE": "fastv", "FASTV_K": "2", "FASTV_R": "0.5"}, "exit_mode=fastv,fastv_k=2,fastv_r=0.5"),
 }
