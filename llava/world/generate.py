@@ -189,7 +189,13 @@ def generate(
             asked = [turn for turn in asked if only_kinds is None or turn[0] in only_kinds]
         image = f"{index:05d}.png"
         render(shapes).save(os.path.join(out, TRAIN_IMAGES if index < train else TEST_IMAGES, image))
-        if index < train and asked:
+        if index >= train:
+            kind, question, answer = asked[0]
+            counts["test"][kind] += 1
+            question_id = f"world-{index:05d}"
+            questions.append({"question_id": question_id, "image": image, "text": question + SHORT_ANSWER, "category": kind})
+            truth[question_id] = {"answer": answer, "question": question, "types": {"structural": kind, "semantic": kind}}
+        elif asked:
             turns = []
             for turn, (kind, question, answer) in enumerate(asked):
                 counts["train"][kind] += 1
@@ -199,12 +205,6 @@ def generate(
                 ]
             multi_turn.append({"id": f"world-{index:05d}", "image": image, "conversations": turns})
             single_turn.append({**multi_turn[-1], "conversations": turns[:2]})
-        elif index >= train:
-            kind, question, answer = asked[0]
-            counts["test"][kind] += 1
-            question_id = f"world-{index:05d}"
-            questions.append({"question_id": question_id, "image": image, "text": question + SHORT_ANSWER, "category": kind})
-            truth[question_id] = {"answer": answer, "question": question, "types": {"structural": kind, "semantic": kind}}
     with open(os.path.join(out, TRAIN_DATA), "w") as handle:
         json.dump(multi_turn, handle)
     with open(os.path.join(out, GATE_TRAIN_DATA), "w") as handle:

@@ -121,7 +121,7 @@ class Run:
     exit_layers: list[int]
     correct: tuple[bool, ...]  # per question, in the truth file's order: the same for every run, so runs pair up
     kinds: tuple[str, ...]  # per question in that order, its GQA structural type (the tiny world's question kind)
-    costs: tuple[float | None, ...] = ()  # per question in that order, its prefill TFLOPs (None: no answer record)
+    costs: tuple[float | None, ...]  # per question in that order, its prefill TFLOPs (None: no answer record)
 
     @property
     def per_kind(self) -> dict[str, float]:
@@ -178,10 +178,10 @@ def question_scores(questions: dict, answers: list[dict], source: str) -> tuple[
     """Per balanced question of the truth file: whether the answers got it right by `eval_gqa`'s rule, its kind, and
     the prefill TFLOPs its answer record gives (None where it has none: a missing answer or an error record)."""
     cost = {str(answer["question_id"]): answer.get("tflops") for answer in answers}  # the last record wins, as scoring
+    question_ids = {id(question): str(question_id) for question_id, question in questions.items()}  # scoring yields these
     scored = list(balanced_answers(questions, convert_gqa(answers, source)))
-    ids = [question_id for question_id, question in questions.items() if question.get("isBalanced", True)]
     return (tuple(correct for _, _, correct in scored), tuple(question["types"]["structural"] for question, _, _ in scored),
-            tuple(cost.get(str(question_id)) for question_id in ids))
+            tuple(cost.get(question_ids[id(question)]) for question, _, _ in scored))
 
 
 def load_runs(answers_root: str, questions_path: str) -> list[Run]:
