@@ -128,6 +128,15 @@ def test_relational_questions_add_right_answers_of_the_relational_kinds(tmp_path
         assert after["conversations"][: len(before["conversations"])] == before["conversations"]
 
 
+def test_extra_kinds_add_turns_of_those_kinds_only(tmp_path):
+    plain = generate(str(tmp_path / "plain"), train=60, test=20, seed=5, questions_per_image=6)
+    weighted = generate(str(tmp_path / "weighted"), train=60, test=20, seed=5, questions_per_image=6, relational=3,
+                        extra_kinds=("position",))
+    check_training_conversations(tmp_path / "weighted", weighted, images=60, max_turns=9)
+    extra = {kind: weighted["train"][kind] - plain["train"][kind] for kind in KINDS}
+    assert extra["position"] > 0 and all(extra[kind] == 0 for kind in KINDS if kind != "position")
+
+
 def test_only_kinds_keeps_those_turns_of_the_same_world(tmp_path):
     full = generate(str(tmp_path / "full"), train=60, test=20, seed=5, questions_per_image=6, relational=3)
     focused = generate(str(tmp_path / "focused"), train=60, test=20, seed=5, questions_per_image=6, relational=3,
@@ -150,10 +159,11 @@ def test_only_kinds_keeps_those_turns_of_the_same_world(tmp_path):
         assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "focused" / name).read_bytes()
 
 
-def test_only_kinds_names_an_unknown_kind(tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--only-kinds", "--extra-kinds"])
+def test_kind_options_name_an_unknown_kind(tmp_path, capsys, option):
     with pytest.raises(SystemExit):
-        generate_main(["--out", str(tmp_path), "--train", "2", "--test", "1", "--only-kinds", "position,size"])
-    assert "unknown kind(s) size" in capsys.readouterr().err
+        generate_main(["--out", str(tmp_path), "--train", "2", "--test", "1", option, "position,size"])
+    assert f"{option}: unknown kind(s) size" in capsys.readouterr().err
 
 
 def test_same_seed_same_world(tmp_path):

@@ -7,7 +7,8 @@ EVAL_ROOT=OUT/eval, its default):
 - `images/NNNNN.png` (training) and `eval/gqa/data/images/NNNNN.png` (held out): 1 to 3 shapes (circle, square,
   triangle) of 5 colours and 2 sizes on a grey background;
 - `train.json`: LLaVA training conversations (up to 4 questions of different kinds per image, with
-  `--relational-questions` more of the relational kinds, `--only-kinds` to keep the turns of some kinds only;
+  `--relational-questions` more of the relational kinds or of `--extra-kinds`, `--only-kinds` to keep the turns of
+  some kinds only;
   `<image>` first, short answers), and
   `train_single_turn.json`: the first question of each (gate training uses single turns, as the paper does);
 - `eval/gqa/llava_gqa_testdev_balanced.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's
@@ -153,13 +154,15 @@ def questions_about(shapes: list[Shape], rng: random.Random, limit: int) -> list
     return asked[:limit]
 
 
-def relational_questions(shapes: list[Shape], asked: list, count: int, rng: random.Random) -> list[tuple[str, str, str]]:
-    """Up to `count` more (kind, question, answer) of the RELATIONAL kinds, none already in `asked` (e.g. the same
-    pair the other way round): the hardest kinds get more of the answer loss at no extra image tokens."""
+def relational_questions(
+    shapes: list[Shape], asked: list, count: int, rng: random.Random, kinds: tuple[str, ...] = RELATIONAL,
+) -> list[tuple[str, str, str]]:
+    """Up to `count` more (kind, question, answer) of `kinds`, none already in `asked` (e.g. the same pair the other
+    way round): the hardest kinds get more of the answer loss at no extra image tokens."""
     seen, extra = {question for _, question, _ in asked}, []
     for _ in range(count):
         for _ in range(EXTRA_ATTEMPTS):
-            kind = rng.choice(RELATIONAL)
+            kind = rng.choice(kinds)
             qa = ask(kind, shapes, rng)
             if qa is not None and qa[0] not in seen:
                 extra.append((kind, *qa))
@@ -170,11 +173,12 @@ def relational_questions(shapes: list[Shape], asked: list, count: int, rng: rand
 
 def generate(
     out: str, train: int, test: int, seed: int, questions_per_image: int = 4, relational: int = 0,
-    only_kinds: tuple[str, ...] | None = None,
+    only_kinds: tuple[str, ...] | None = None, extra_kinds: tuple[str, ...] = RELATIONAL,
 ) -> dict:
-    """Write the world; returns counts of questions per split and kind. `only_kinds` keeps only the training turns
-    of those kinds (drawn as without it, so scenes and held-out split stay the same; an image left with no turn
-    drops out of the training files): a focused curriculum for a kind the model has not learned."""
+    """Write the world; returns counts of questions per split and kind. The `relational` extra turns per training
+    image are of `extra_kinds`. `only_kinds` keeps only the training turns of those kinds (drawn as without it, so
+    scenes and held-out split stay the same; an image left with no turn drops out of the training files): a
+    focused curriculum for a kind the model has not learned; `extra_kinds` weights one within the whole world."""
     rng = random.Random(seed)
     relational_rng = random.Random(f"relational-{seed}")  # its own stream: the extra turns change nothing else
     for folder in (TRAIN_IMAGES, TEST_IMAGES):
@@ -185,7 +189,7 @@ def generate(
         shapes = random_scene(rng)
         asked = questions_about(shapes, rng, questions_per_image if index < train else 1)
         if index < train:
-            asked += relational_questions(shapes, asked, relational, relational_rng)
+            asked += relational_questions(shapes, asked, relational, relational_rng, extra_kinds)
             asked = [turn for turn in asked if only_kinds is None or turn[0] in only_kinds]
         image = f"{index:05d}.png"
         render(shapes).save(os.path.join(out, TRAIN_IMAGES if index < train else TEST_IMAGES, image))
@@ -225,18 +229,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--questions-per-image", type=int, default=4, help="training conversations' turns of distinct kinds")
     parser.add_argument(
         "--relational-questions", type=int, default=0,
-        help="extra training turns per image of the position, comparison and existence kinds",
+        help="extra training turns per image, of the --extra-kinds",
+    )
+    parser.add_argument(
+        "--extra-kinds", default=",".join(RELATIONAL), type=lambda text: tuple(text.split(",")),
+        help=f"comma-separated kinds the extra turns are drawn from [{','.join(RELATIONAL)}]",
     )
     parser.add_argument(
         "--only-kinds", default=None, type=lambda text: tuple(text.split(",")),
         help=f"comma-separated kinds ({', '.join(KINDS)}): training turns of these kinds only",
     )
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.only_kinds or ()) - set(KINDS))
-    if unknown:
-        parser.error(f"--only-kinds: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
+    for option, kinds in (("--only-kinds", args.only_kinds), ("--extra-kinds", args.extra_kinds)):
+        unknown = sorted(set(kinds or ()) - set(KINDS))
+        if unknown:
+            parser.error(f"{option}: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
     counts = generate(
-        args.out, args.train, args.test, args.seed, args.questions_per_image, args.relational_questions, args.only_kinds
+        args.out, args.train, args.test, args.seed, args.questions_per_image, args.relational_questions,
+        args.only_kinds, args.extra_kinds,
     )
     for split, per_kind in counts.items():
         print(f"{split}: " + ", ".join(f"{kind} {n}" for kind, n in per_kind.items()))
