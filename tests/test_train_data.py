@@ -34,12 +34,39 @@ def test_vicuna_labels_supervise_answers_and_their_closing_separator(loaded):
     assert [label for label in labels if label == eos] == [eos, eos]
 
 
+@pytest.mark.parametrize("answer", ["2", "Red", "A red square."])
+def test_vicuna_labels_equal_llavas_preprocess_v1(loaded, answer):
+    """LLaVA's own masking rule (LLAVA_FORMATS.md §preprocess_v1), re-computed: per round, the instruction is
+    the tokens of the text up to " ASSISTANT: " minus 2 (its BOS and the trailing lone "▁"), so a lone "▁" that
+    starts the answer ("2", "Red" here) is supervised, as the generation prompt ends before it."""
+    tokenizer = loaded[0]
+    prompt, spans = render_prompt([("<image>\nWhat is it?", answer)], "v1")
+    ids, labels = tokenize_with_labels(prompt, spans, tokenizer)
+    rounds = prompt.split("</s>")
+    expected = list(ids)
+    expected[0] = IGNORE_INDEX
+    cur = 1
+    for rou in rounds:
+        if not rou:
+            break
+        instruction, _ = rou.split(" ASSISTANT: ")
+        round_len = len(tokenizer_image_token(rou, tokenizer))
+        instruction_len = len(tokenizer_image_token(instruction + " ASSISTANT: ", tokenizer)) - 2
+        expected[cur : cur + instruction_len] = [IGNORE_INDEX] * instruction_len
+        cur += round_len
+    expected[cur:] = [IGNORE_INDEX] * (len(expected) - cur)
+    assert labels == expected
+    generation = tokenizer_image_token(prompt[: prompt.index(" " + answer)], tokenizer)
+    first = next(position for position, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert ids[:first] == generation
+
+
 @pytest.mark.parametrize("version, closing", [("llava_llama_2", "</s>"), ("chatml_direct", "<|im_end|>"), ("plain", "\n")])
 def test_other_templates_supervise_the_answer(loaded, version, closing):
     tokenizer = loaded[0]
     prompt, spans = render_prompt([("<image>\nDescribe.", "A cat")], version)
     (start, end), = spans
-    assert prompt[start:end].startswith("A cat") and prompt[start:end].endswith(closing)
+    assert prompt[start:end].lstrip(" ").startswith("A cat") and prompt[start:end].endswith(closing)
     ids, labels = tokenize_with_labels(prompt, spans, tokenizer)
     assert ids == tokenizer_image_token(prompt, tokenizer)
     assert "cat" in supervised_text(tokenizer, ids, labels) and "Describe" not in supervised_text(tokenizer, ids, labels)

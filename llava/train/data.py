@@ -117,7 +117,10 @@ def render_prompt(pairs: list[tuple[str, str]], conv_version: str) -> tuple[str,
         gap = len(prompt[end:]) - len(prompt[end:].lstrip(" "))
         if closing and prompt.startswith(closing, end + gap):
             end += gap + len(closing)
-        spans.append((start, end))
+        # The space after the role ("ASSISTANT: ") belongs to the answer, as LLaVA masks it: the generation
+        # prompt ends before it, so a lone "▁" token there (before digits, say) is the first token to predict.
+        lead = len(prompt[:start]) - len(prompt[:start].rstrip(" "))
+        spans.append((start - lead, end))
     return prompt, spans
 
 

@@ -162,15 +162,16 @@ class VisualExitDecoderMixin:
         )
         return self.finish_prefill(hidden, layout), stats
 
-    def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, with_gate_features: bool):
-        """The input's token layout (validity, positions, RoPE, visual slots) before layer 0."""
+    def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, with_gate_features: bool, prompt_end=None):
+        """The input's token layout (validity, positions, RoPE, visual slots) before layer 0; `prompt_end` as in
+        `TokenLayout.start`."""
         batch, length = hidden.shape[:2]
         if attention_mask is not None and attention_mask.shape != (batch, length):
             raise ValueError(f"prefill needs a 2D attention mask of shape {(batch, length)}, got {tuple(attention_mask.shape)}")
         valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
         positions, rope_position_ids = self.split_position_ids(position_ids, hidden, 0, attention_mask)
         position_embeddings = self.rotary_emb(hidden, rope_position_ids)
-        return hidden, TokenLayout.start(valid, positions, position_embeddings, visual_mask, with_gate_features)
+        return hidden, TokenLayout.start(valid, positions, position_embeddings, visual_mask, with_gate_features, prompt_end)
 
     def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
         """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""

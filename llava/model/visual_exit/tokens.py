@@ -20,7 +20,7 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class TokenLayout:
     """Per slot of the current sequence: validity, original position and index, and whether it is visual.
     `valid_keys`: the slots a layer run now caches as real keys. For the gates only (None otherwise): per slot, its
-    weight in the gate features (`feature_weights`, from `gate_feature_weights`)."""
+    weight in the gate features (`feature_weights`, from `gate_feature_weights`), read off the prompt alone."""
 
     valid_keys: ValidKeys
     position_ids: torch.Tensor
@@ -38,16 +38,19 @@ class TokenLayout:
     @classmethod
     def start(
         cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings, visual: torch.Tensor | None,
-        with_gate_features: bool,
+        with_gate_features: bool, prompt_end: torch.Tensor | None = None,
     ):
+        """`prompt_end` (B,): per sample, the slot after its prompt's last token, where the gates stop reading (a
+        training sequence goes on with its answer, which inference never has); None: the whole input is prompt."""
         batch, length = valid.shape
         slots = torch.arange(length, device=valid.device).expand(batch, length)
         visual = valid & visual if visual is not None else torch.zeros_like(valid)
         feature_weights = None
         if with_gate_features:
-            last_index = torch.where(valid, slots, -1).amax(dim=1)
-            last_visual = torch.where(visual, slots, -1).amax(dim=1, keepdim=True)
-            text_span = valid & (slots > last_visual) & (slots != last_index[:, None])
+            prompt = valid if prompt_end is None else valid & (slots < prompt_end[:, None])
+            last_index = torch.where(prompt, slots, -1).amax(dim=1)
+            last_visual = torch.where(visual & prompt, slots, -1).amax(dim=1, keepdim=True)
+            text_span = prompt & (slots > last_visual) & (slots != last_index[:, None])
             feature_weights = gate_feature_weights(text_span, last_index)
         return cls(
             valid_keys=ValidKeys(valid, padded=not bool(valid.all()), positions=position_ids.expand(batch, length)),

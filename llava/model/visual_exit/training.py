@@ -35,7 +35,7 @@ class ExitLabels:
 class GateTrainingOutput(ModelOutput):
     """`full_logits` / `exit_logits`: (N, V) logits of both continuations at the N answer positions
     (`answer_positions` = (sample, position) of each, predicting the token after it); `gate_features` the gate's
-    input (B, 2H), detached."""
+    input (B, 2H), detached: read off each sample's prompt as inference reads it (`prompt_ends`)."""
 
     loss: torch.Tensor | None = None
     gate_logits: torch.Tensor | None = None
@@ -76,6 +76,15 @@ def answer_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return sample, position, labels[sample, position + 1]
 
 
+def prompt_ends(sample: torch.Tensor, position: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(B,) per sample, the slot after its prompt: after the token that predicts its first answer token, so the
+    gates read what inference reads on that prompt, never the answer. With several turns that is the first turn's
+    prompt: the one exit must keep every answer. Without answer tokens: the whole row."""
+    batch, length = shape
+    ends = torch.full((batch,), length, dtype=torch.long, device=position.device)
+    return ends.scatter_reduce(0, sample, position + 1, reduce="amin")
+
+
 def gate_training_pass(
     decoder,
     lm_head: torch.nn.Module,
@@ -92,7 +101,11 @@ def gate_training_pass(
     if not 0 <= layer < num_layers - 1:
         raise ValueError(f"gate layer {layer} outside 0..{num_layers - 2}: an exit after the last layer changes nothing")
     with torch.no_grad():
-        hidden, layout = decoder.start_prefill(inputs_embeds, attention_mask, position_ids, visual_mask, with_gate_features=True)
+        sample, position, targets = answer_positions(labels)
+        hidden, layout = decoder.start_prefill(
+            inputs_embeds, attention_mask, position_ids, visual_mask, with_gate_features=True,
+            prompt_end=prompt_ends(sample, position, labels.shape),
+        )
         hidden, layout = decoder.run_layers(hidden, layout, range(layer + 1))
         features = gate_features(hidden, layout.feature_weights)
         rest = range(layer + 1, num_layers)
@@ -100,7 +113,6 @@ def gate_training_pass(
         exit_hidden, exit_layout = layout.drop(hidden, layout.visual)
         exited = decoder.finish_prefill(*decoder.run_layers(exit_hidden, exit_layout, rest))
         # Judge both continuations on the answer tokens only.
-        sample, position, targets = answer_positions(labels)
         full_logits, exit_logits = lm_head(full[sample, position]), lm_head(exited[sample, position])
         judged = exit_labels(full_logits, exit_logits, targets, sample, len(labels), rule)
         judged.usable &= layout.visual.any(dim=1)
