@@ -10,6 +10,7 @@
 #   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [2000]
 #   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~35 min]
 #   GATE_STEPS [300]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
+#   GATE_ARGS [none; more gate-training flags, e.g. "--gate_ratio_threshold 1.2"]
 #   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
 #   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
 #   METHODS ["fastv random pdrop dart visionzip sparsevlm"] at BUDGETS ["64"] equivalent visual tokens (of 196)
@@ -63,7 +64,8 @@ echo "== [3/5] init_weight.py: fresh gates → $INIT_MODEL =="
 echo "== [4/5] finetune_visual_gate.sh: $GATE_STEPS steps → $GATED_MODEL =="
 MODEL_PATH=$INIT_MODEL DATA_PATH=$WORLD/train_single_turn.json IMAGE_FOLDER=$WORLD/images OUTPUT_DIR=$GATED_MODEL \
     BATCH_SIZE=$GATE_BATCH_SIZE LEARNING_RATE=$GATE_LEARNING_RATE WORKERS=2 \
-    bash scripts/v1_5/finetune_visual_gate.sh --max_steps "$GATE_STEPS" --disable_tqdm False --logging_steps 250
+    bash scripts/v1_5/finetune_visual_gate.sh --max_steps "$GATE_STEPS" --disable_tqdm False --logging_steps 250 \
+    ${GATE_ARGS:-}
 
 echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS}, FastV K=$FASTV_LAYER R ∈ {$FASTV_RATIOS}, dynamic+FastV τ ∈ {$DYNAMIC_FASTV_THRESHOLDS}, {$METHODS} at budgets {$BUDGETS} =="
 ANSWERS_ROOT=$WORLD/eval/gqa/answers/llava_gqa_testdev_balanced/quickstart
