@@ -49,7 +49,7 @@ def test_gqa_script_end_to_end(llava_checkpoint, gqa_root):
                         EXIT_LAYER="1")
     merged, summary = read_run(eval_root, "tiny")
     assert [r["question_id"] for r in merged] == ["200", "201", "202"]
-    predictions = json.loads((eval_root / "gqa" / "data" / "testdev_balanced_predictions.json").read_text())
+    predictions = json.loads((eval_root / "gqa" / "answers" / SPLIT / "tiny" / "testdev_balanced_predictions.json").read_text())
     # Oracle for the converter and scorer: LLaVA's rule applied here by hand.
     expected = [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()} for r in merged]
     assert predictions == expected
@@ -79,3 +79,32 @@ def test_runs_are_named_by_their_settings_paths_are_the_callers_and_two_chunks_e
     assert [{k: r[k] for k in keep} for r in two_chunks] == [{k: r[k] for k in keep} for r in one_chunk]
     parts = sorted(p.name for p in (eval_root / "gqa" / "answers" / SPLIT / "ckpt_fixed-1").glob("2_*.jsonl"))
     assert parts == ["2_0.jsonl", "2_1.jsonl"]
+
+
+def test_two_gqa_runs_at_once_each_score_their_own_answers(tmp_path):
+    """A sweep's runs share the data folder: each keeps its predictions in its own answers folder (LLaVA's script
+    writes one file beside GQA's eval.py, which the other run would overwrite between convert and score)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llava.eval.eval_gqa import run_score
+    from llava.world.generate import generate
+
+    generate(str(tmp_path / "world"), train=1, test=24, seed=2)
+    eval_root = tmp_path / "world" / "eval"
+    model = os.path.join(ROOT, "checkpoints", "tiny-world-llava")
+    runs = {"none": {"EXIT_MODE": "none"}, "fixed-0": {"EXIT_MODE": "fixed", "EXIT_LAYER": "0"}}
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda name: gqa_script(ROOT, MODEL_PATH=model, CKPT=name, EVAL_ROOT=str(eval_root),
+                                              BATCH_SIZE="8", **runs[name]), runs))
+    gqa = eval_root / "gqa"
+    assert not (gqa / "data" / "testdev_balanced_predictions.json").exists()
+    accuracies = {}
+    for name in runs:
+        merged, summary = read_run(eval_root, name)
+        folder = gqa / "answers" / SPLIT / name
+        own = run_score(str(gqa / "data" / "testdev_balanced_questions.json"), str(folder / "testdev_balanced_predictions.json"))
+        expected = [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()} for r in merged]
+        assert json.loads((folder / "testdev_balanced_predictions.json").read_text()) == expected
+        assert summary["accuracy"] == own["accuracy"]
+        accuracies[name] = summary["accuracy"]
+    assert accuracies["none"] > accuracies["fixed-0"] + 20  # the world model needs its image: the runs do differ

@@ -37,19 +37,26 @@ def workdir(tmp_path_factory):
     return work
 
 
-def lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int, processes: int = 1) -> dict:
-    """Run `python -m lmms_eval` (under `accelerate launch` with several processes); its results and logged
-    samples (by task, in doc order)."""
-    out = work / "lmms" / name
+def run_lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int, processes: int = 1,
+                  pretrained: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m lmms_eval --model dyvte` (under `accelerate launch` with several processes), on the gated world
+    model unless `pretrained` names another."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(work / "datasets"))
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes), "--num_machines",
                      "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command = launcher + ["-m", "lmms_eval", "--model", "dyvte", "--model_args",
-               f"pretrained={work / 'gated'},{model_args}", "--tasks", tasks, "--include_path", TASKS_DIR,
-               "--batch_size", str(batch_size), "--device", "cpu", "--output_path", str(out), "--log_samples"]
-    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+               f"pretrained={pretrained or work / 'gated'},{model_args}", "--tasks", tasks, "--include_path", TASKS_DIR,
+               "--batch_size", str(batch_size), "--device", "cpu", "--output_path", str(work / "lmms" / name),
+               "--log_samples"]
+    return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+
+
+def lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int, processes: int = 1) -> dict:
+    """A run that must succeed: its results and logged samples (by task, in doc order)."""
+    out = work / "lmms" / name
+    result = run_lmms_eval(work, name, model_args, tasks, batch_size, processes)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(open(glob.glob(str(out / "*" / "*_results.json"))[0]).read())
     samples = {}
@@ -111,3 +118,14 @@ def test_multiple_choice_is_scored_from_our_pairs(workdir):
     assert run["results"]["results"]["tiny_world_choice"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
     # Many different answers picked: a scorer reading other pairs than ours would not score the same.
     assert len(picked) > 4
+
+
+@pytest.mark.parametrize("model_args, pretrained, message", [
+    ("exit_mode=fixed,exit_layer=2.5", None, "--exit-layer counts layers: a whole number, got 2.5"),
+    ("exit_mode=none", "no-such-checkpoint", "no-such-checkpoint: no config.json here"),
+    ("exit_mode=none,exit_treshold=0.5", None, "dyvte has no exit_treshold"),
+])
+def test_model_errors_reach_the_shell(workdir, model_args, pretrained, message):
+    """lmms-eval's CLI logs an evaluation error and exits 0; after one of ours the shell sees status 1."""
+    result = run_lmms_eval(workdir, "error", model_args, "tiny_world_gqa", batch_size=4, pretrained=pretrained)
+    assert result.returncode == 1 and message in result.stdout + result.stderr

@@ -25,10 +25,13 @@ log-likelihood, summed over its tokens, since lmms-eval picks the choice with th
 from __future__ import annotations
 
 import argparse
+import atexit
+import functools
 import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +63,44 @@ STATS = (
     "exit_layer", "pruned_visual_tokens", "visual_tokens", "visual_tokens_avg", "tflops", "tflops_full",
     "vision_tflops", "prefill_ms", "latency_ms",
 )
+
+
+_failed = False
+
+
+def _in_lmms_eval_cli() -> bool:
+    """Whether this process is lmms-eval's command line (`python -m lmms_eval`, its console script, or a worker
+    of `accelerate launch -m lmms_eval`), not a program importing the model."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return (spec is not None and spec.name.startswith("lmms_eval")) or os.path.basename(sys.argv[0]).startswith("lmms")
+
+
+@atexit.register  # registered first, so it runs after every other exit handler (lmms-eval's, accelerate's)
+def _exit_nonzero_after_a_failure() -> None:
+    """lmms-eval's command line catches every evaluation error, logs it and exits 0; after one of ours (or a run
+    in which no question could be asked) the shell gets status 1 instead."""
+    if _failed and _in_lmms_eval_cli():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _mark_failed() -> None:
+    global _failed
+    _failed = True
+
+
+def exits_nonzero_on_error(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except BaseException:
+            _mark_failed()
+            raise
+
+    return wrapper
 
 
 @dataclass
@@ -97,6 +138,7 @@ def unquoted(value):
 class DyVTE(lmms):
     is_simple = True
 
+    @exits_nonzero_on_error
     def __init__(
         self,
         pretrained: str,
@@ -149,6 +191,7 @@ class DyVTE(lmms):
 
     # -- requests ------------------------------------------------------------------------------------------------
 
+    @exits_nonzero_on_error
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(requests)
         progress = tqdm(total=len(requests), desc=f"dyvte answering ({self.exit_config.label})", disable=self.rank != 0)
@@ -172,6 +215,7 @@ class DyVTE(lmms):
         self._report(results, "generate_until")
         return results
 
+    @exits_nonzero_on_error
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """Each result's `text` is the pair (negative log-likelihood, greedy) lmms-eval scores: a bare pair would
         reach its scoring as a string (lmms-eval 0.7.3 stringifies what is not a GenerationResult)."""
@@ -191,6 +235,7 @@ class DyVTE(lmms):
         self._report(results, "loglikelihood")
         return results
 
+    @exits_nonzero_on_error
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("dyvte answers single-turn questions; multi-round tasks are not supported")
 
@@ -307,6 +352,9 @@ class DyVTE(lmms):
             logger.warning("%s: %d of %d questions could not be asked (empty answers), e.g. %s", request_type,
                            len(errors), len(results), errors[0])
         if not answered:
+            if errors:
+                logger.error("%s: not one of %d questions could be asked", request_type, len(results))
+                _mark_failed()
             return
         latency = sum(stats["latency_ms"] for stats in answered) / 1e3
         new_tokens = sum(r.token_counts.output_tokens or 0 for r in results)

@@ -38,6 +38,13 @@ class ExitConfig:
     stages: str | None = None
 
     def __post_init__(self):
+        for name in ("layer", "fastv_k"):  # layer counts: 3.0 is 3, 2.5 is no layer at all
+            value = getattr(self, name)
+            if value is not None:
+                whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+                if not whole:
+                    raise ValueError(f"--{FLAG_NAMES[name]} counts layers: a whole number, got {value!r}")
+                object.__setattr__(self, name, int(value))
         if self.mode not in EXIT_MODES:
             raise ValueError(f"unknown exit mode {self.mode!r}; known: {', '.join(EXIT_MODES)}")
         if self.mode == "fixed" and (self.layer is None or self.layer < 0):
