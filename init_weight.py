@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from llava.arguments import positive_int
 from llava.model.builder import (
     CheckpointError,
     gate_width_in_checkpoint,
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model-base", default=None)
     parser.add_argument("--output-dir", default=None, help="default: <model-path>-exit-init")
-    parser.add_argument("--gate-hidden-size", type=int, default=2048)
+    parser.add_argument("--gate-hidden-size", type=positive_int, default=2048, help="the gates' hidden width G")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reinit", action="store_true", help="replace gates the checkpoint already has")
     args = parser.parse_args(argv)

@@ -4,6 +4,8 @@ and one PNG; the budgets are met as measured, and the gates' threshold is calibr
 import csv
 import json
 
+import pytest
+
 from llava.analysis.compare import main as compare
 from llava.eval.io import read_jsonl
 
@@ -61,3 +63,44 @@ def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa
     compare(arguments[: arguments.index("--calibration")] + ["--calibration", "2", "--no-dynamic", "--out", str(out)])
     with open(out / "comparison.csv") as handle:
         assert {r["questions"] for r in csv.DictReader(handle) if r["questions"] != "0"} == {"1"}
+
+
+def compare_arguments(checkpoint, gqa, out, *extra):
+    return [
+        "--model-path", checkpoint, "--question-file", str(gqa / f"{SPLIT}.jsonl"), "--image-folder",
+        str(gqa / "data" / "images"), "--truth", str(gqa / "data" / "testdev_balanced_questions.json"),
+        "--budgets", "10", "--methods", "fastv", "--thresholds", "0.5", "--out", str(out), *extra,
+    ]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--calibration", "3"], "--calibration 3: the question file holds 3, none left to score"),
+    (["--calibration", "0"], "--calibration 0 leaves no question to calibrate"),
+])
+def test_calibration_never_overlaps_the_scored_questions(init_checkpoint, gqa_root, tmp_path, extra, message):  # noqa: F811
+    eval_root, _ = gqa_root
+    with pytest.raises(SystemExit) as stopped:
+        compare(compare_arguments(init_checkpoint, eval_root / "gqa", tmp_path / "out", *extra))
+    assert message in str(stopped.value.code)
+
+
+def test_gates_are_checked_before_any_run(llava_checkpoint, gqa_root, tmp_path):
+    eval_root, _ = gqa_root
+    with pytest.raises(SystemExit) as stopped:
+        compare(compare_arguments(llava_checkpoint, eval_root / "gqa", tmp_path / "out", "--calibration", "1"))
+    assert "has no gates to calibrate: train them first, or pass --no-dynamic" in str(stopped.value.code)
+    assert not list((tmp_path / "out" / "answers").iterdir())  # not one method ran first
+
+
+def test_questions_counts_the_scored_ones_and_loader_flags_are_refused(llava_checkpoint, gqa_root, tmp_path, capsys):
+    eval_root, truth = gqa_root
+    gqa = eval_root / "gqa"
+    del truth["202"]  # the truth file covers two of the three questions
+    (gqa / "data" / "testdev_balanced_questions.json").write_text(json.dumps(truth))
+    compare(compare_arguments(llava_checkpoint, gqa, tmp_path / "out", "--calibration", "0", "--no-dynamic"))
+    with open(tmp_path / "out" / "comparison.csv") as handle:
+        assert {r["questions"] for r in csv.DictReader(handle)} == {"2"}
+    for flag in (["--exit-mode", "none"], ["--temperature", "0.2"], ["--answers-file", "a.jsonl"]):
+        with pytest.raises(SystemExit):
+            compare(compare_arguments(llava_checkpoint, gqa, tmp_path / "out", "--no-dynamic", *flag))
+        assert f"unrecognized arguments: {flag[0]}" in capsys.readouterr().err

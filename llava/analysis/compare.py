@@ -6,9 +6,11 @@
 Runs mode `none`, each method of `--methods` at each budget (llava.model.visual_exit.budget: equivalent visual
 tokens, the layer average), and DyVTE's gates with their threshold calibrated per budget: on the first
 `--calibration` questions each τ of `--thresholds` is run and the one whose measured average comes closest to
-the budget without exceeding it is kept (the smallest average when none fits). Writes DIR/comparison.csv (one row
-per run: method, budget, setting, accuracy, measured equivalent tokens, prefill TFLOPs, FLOPs reduction) and
-DIR/accuracy_vs_tflops.png; the answers of every run stay in DIR/answers/ and a rerun resumes them.
+the budget without exceeding it is kept (the smallest average when none fits). Those questions are never scored:
+every run is scored on the others, and only on those the truth file holds (`questions` in the table counts them).
+Writes DIR/comparison.csv (one row per run: method, budget, setting, accuracy, measured equivalent tokens, prefill
+TFLOPs, FLOPs reduction, questions scored) and DIR/accuracy_vs_tflops.png; the answers of every run stay in
+DIR/answers/ and a rerun resumes them. Greedy decoding, one process: the loader's other flags mean nothing here.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from llava.eval.eval_gqa import load_questions, convert_gqa, score_gqa  # noqa: E402
 from llava.eval.io import EvalInputError, read_jsonl  # noqa: E402
-from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions  # noqa: E402
+from llava.arguments import positive_int  # noqa: E402
+from llava.eval.model_vqa_loader import LOADER_DEFAULTS, add_model_arguments, answer_questions  # noqa: E402
 from llava.mm_utils import get_model_name_from_path  # noqa: E402
 from llava.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
+from llava.model.visual_exit import exit_decoder_of  # noqa: E402
 from llava.model.visual_exit.budget import METHODS, OutOfReach  # noqa: E402
 
 logger = logging.getLogger("llava.analysis.compare")
@@ -64,12 +68,14 @@ def run_setting(base: argparse.Namespace, name: str, questions: list[dict], load
 
 
 def result(method: str, budget, setting: str, records: list[dict], truth: dict) -> RunResult:
+    """Scored on the questions of `truth` (an unanswered one counts as wrong); costs over the answered ones."""
     if not records:
         raise EvalInputError(f"{method} {setting}: no question was answered")
-    accuracy = score_gqa(truth, convert_gqa(records))["accuracy"]
+    metrics = score_gqa(truth, convert_gqa(records))
     mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
     reduction = 1 - sum(r["tflops"] for r in records) / sum(r["tflops_full"] for r in records)
-    return RunResult(method, budget, setting, accuracy, mean("visual_tokens_avg"), mean("tflops"), reduction, len(records))
+    return RunResult(method, budget, setting, metrics["accuracy"], mean("visual_tokens_avg"), mean("tflops"), reduction,
+                     metrics["questions"])
 
 
 def calibrated_threshold(base, questions, loaded, budget: float, thresholds) -> float:
@@ -85,16 +91,35 @@ def calibrated_threshold(base, questions, loaded, budget: float, thresholds) -> 
     return chosen
 
 
+def split_questions(questions: list[dict], calibration: int, dynamic: bool) -> tuple[list[dict], list[dict]]:
+    """(calibration, scored): the first `calibration` questions and the rest, never overlapping."""
+    if dynamic and calibration < 1:
+        raise ValueError("--calibration 0 leaves no question to calibrate the gates' τ on (or pass --no-dynamic)")
+    if calibration >= len(questions):
+        raise ValueError(f"--calibration {calibration}: the question file holds {len(questions)}, none left to score")
+    return questions[:calibration], questions[calibration:]
+
+
+def scored_truth(truth_file: str, evaluated: list[dict]) -> dict:
+    """The truth of the evaluated questions; those it lacks are left out, said once."""
+    all_truth = load_questions(truth_file)
+    truth = {str(q["question_id"]): all_truth[str(q["question_id"])] for q in evaluated if str(q["question_id"]) in all_truth}
+    if not truth:
+        raise EvalInputError(f"{truth_file}: holds none of the {len(evaluated)} questions to score")
+    if len(truth) < len(evaluated):
+        logger.warning("%s lacks %d of the %d questions to score: they are left out", truth_file,
+                       len(evaluated) - len(truth), len(evaluated))
+    return truth
+
+
 def compare(args: argparse.Namespace) -> list[RunResult]:
     questions = read_jsonl(args.question_file, ("question_id", "text"))
-    calibration, evaluated = questions[: args.calibration], questions[args.calibration :] or questions
-    # Scored on the evaluated questions only: the calibration ones would count as unanswered, hence wrong.
-    all_truth = load_questions(args.truth)
-    truth = {str(q["question_id"]): all_truth[str(q["question_id"])] for q in evaluated if str(q["question_id"]) in all_truth}
+    calibration, evaluated = split_questions(questions, args.calibration, args.dynamic)
+    truth = scored_truth(args.truth, evaluated)
     loaded = load_pretrained_model(args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device)
-    empty = dict(exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None, fastv_r=None, exit_stages=None,
-                 exit_method=None, visual_budget=None)
-    base = argparse.Namespace(**{**vars(args), **empty})
+    if args.dynamic and exit_decoder_of(loaded[1]).visual_gates_router is None:
+        raise ValueError(f"{args.model_path} has no gates to calibrate: train them first, or pass --no-dynamic")
+    base = argparse.Namespace(**{**LOADER_DEFAULTS, **vars(args)})
     results = [result("none", None, "", run_setting(base, "none", evaluated, loaded, exit_mode="none"), truth)]
     for budget in args.budgets:
         for method in args.methods:
@@ -141,7 +166,9 @@ def table(results: list[RunResult]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_loader_arguments(parser)
+    add_model_arguments(parser)
+    parser.add_argument("--visual-tokens", type=positive_int, default=None,
+                        help="visual tokens per image the budgets are shares of (default: the LLaVA tower's count)")
     parser.add_argument("--truth", required=True, help="GQA-format ground truth ({question_id: {answer, types}})")
     parser.add_argument("--budgets", type=float, nargs="+", required=True, help="equivalent visual tokens")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "fixed"])
@@ -150,7 +177,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration", type=int, default=50, help="first questions used to calibrate τ only")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    args.temperature = 0.0  # greedy: the methods differ by what they drop, not by sampling
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         os.makedirs(os.path.join(args.out, "answers"), exist_ok=True)

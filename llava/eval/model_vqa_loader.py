@@ -30,6 +30,7 @@ import shortuuid
 import torch
 from tqdm import tqdm
 
+from llava.arguments import positive_int
 from llava.bench.timing import synchronize
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.conversation import choose_conv_mode, get_conv_template
@@ -401,29 +402,35 @@ def report_errors(answers_file: str, errors: list[str], asked: int) -> None:
     logger.warning("%s", message)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+# What the loader's flags give when a command that answers questions takes fewer of them (llava.analysis.compare).
+LOADER_DEFAULTS = dict(
+    answers_file="answer.jsonl", num_chunks=1, chunk_idx=0, temperature=0.0, top_p=None, num_beams=1,
+    max_new_tokens=128, overwrite=False, exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None,
+    fastv_r=None, exit_stages=None, exit_method=None, visual_budget=None, visual_tokens=None,
+)
 
 
-def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
-    """LLaVA's loader arguments (with its defaults), ours and the exit flags; shared by every loader."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, its questions and how to batch them: what every command that answers questions takes."""
     parser.add_argument("--model-path", type=str, required=True)
     parser.add_argument("--model-base", type=str, default=None)
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--question-file", type=str, default="tables/question.jsonl")
-    parser.add_argument("--answers-file", type=str, default="answer.jsonl")
     parser.add_argument("--conv-mode", type=str, default=None, help="default: the checkpoint's saved template, else LLaVA's name rule")
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
+    """LLaVA's loader arguments (with its defaults), ours and the exit flags; shared by every loader."""
+    add_model_arguments(parser)
+    parser.add_argument("--answers-file", type=str, default="answer.jsonl")
     parser.add_argument("--num-chunks", type=positive_int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=positive_int, default=1)
     parser.add_argument("--max_new_tokens", type=positive_int, default=128)
-    parser.add_argument("--batch-size", type=positive_int, default=1)
-    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="discard the answers file's answers and start afresh")
     add_exit_arguments(parser)
 

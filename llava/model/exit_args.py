@@ -7,6 +7,7 @@ import os
 
 from transformers import CLIPVisionConfig
 
+from llava.arguments import positive_int
 from llava.model.visual_exit import EXIT_MODES, ExitConfig
 from llava.model.visual_exit.budget import METHODS, method_stages
 
@@ -30,7 +31,7 @@ def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--visual-budget", type=float, default=None, help="equivalent visual tokens (layer average)")
     group.add_argument(
-        "--visual-tokens", type=int, default=None,
+        "--visual-tokens", type=positive_int, default=None,
         help="visual tokens per image the budget is a share of (default: the LLaVA tower's patch count)",
     )
 
@@ -44,8 +45,7 @@ def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
     if any(value is not None for value in budgeted):
         if None in budgeted or mode is not None or stages is not None:
             raise ValueError("--exit-method and --visual-budget go together, without --exit-mode or --exit-stages")
-        tokens = args.visual_tokens or visual_tokens_per_image(model_config)
-        stages = method_stages(*budgeted, model_config.num_hidden_layers, tokens)
+        stages = method_stages(*budgeted, model_config.num_hidden_layers, budget_tokens(args.visual_tokens, model_config))
     given = {
         "layer": args.exit_layer, "threshold": args.exit_threshold, "fastv_k": args.fastv_k, "fastv_r": args.fastv_r,
         "stages": stages,
@@ -57,6 +57,22 @@ def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
     config = ExitConfig.from_model_config(model_config).with_overrides(mode, **given)
     config.check_overrides_used(**given)
     return config
+
+
+def budget_tokens(given: int | None, model_config) -> int:
+    """The visual tokens per image a budget is a share of: `given` (--visual-tokens), which must match a
+    checkpoint whose count is fixed, or that count."""
+    if given is not None and given < 1:
+        raise ValueError(f"--visual-tokens {given}: an image takes at least one visual token")
+    try:
+        known = visual_tokens_per_image(model_config)
+    except ValueError:
+        if given is None:
+            raise
+        return given
+    if given is not None and given != known:
+        raise ValueError(f"--visual-tokens {given}: this checkpoint's images take {known} visual tokens each; leave it out")
+    return known
 
 
 def visual_tokens_per_image(model_config) -> int:

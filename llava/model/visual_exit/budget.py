@@ -11,7 +11,8 @@ Each method's free setting is solved for that average, with its paper's fixed se
 - `visionzip`: every layer sees D + C = T tokens, split 54 : 10 as its 64-token setting;
 - `sparsevlm`: layers [2, 6, 15] (0-based; each prunes its own output) with v1.5's keep counts for 128 tokens,
   scaled to the budget (its recycled cluster means count as tokens, as SparseVLM counts them);
-- `fixed`: the exit layer k with k·n = L·T (the budget's compute as a whole-image exit).
+- `fixed`: the exit layer k with k·n = L·T (the budget's compute as a whole-image exit), refused when no whole k
+  comes within one token of it.
 `dynamic` (DyVTE's gates) has no setting that fixes its average in advance: its threshold is calibrated on data
 (llava.analysis.compare).
 """
@@ -48,7 +49,15 @@ def method_stages(method: str, budget: float, num_layers: int, visual_tokens: in
         dominant = max(1, round(kept * 54 / 64))
         return f"visionzip:{dominant}:{max(kept - dominant, 0)}"
     if method == "fixed":
-        return f"fixed:{round(budget * layers / n)}"
+        exit_layer = round(budget * layers / n)
+        if abs(exit_layer * n / layers - budget) > 1:  # a whole layer of the image per step: never another budget
+            step = n / layers
+            below, above = math.floor(budget / step), math.ceil(budget / step)
+            raise OutOfReach(
+                f"fixed at {budget:g} tokens: an exit after K layers averages K × {step:g}; the nearest are "
+                f"{below * step:g} (K = {below}) and {above * step:g} (K = {above}): ask for one, or --exit-layer K"
+            )
+        return f"fixed:{exit_layer}"
     if method == "pdrop":
         boundaries = sorted({_scaled(layer, layers) for layer in (2, 8, 16)})
         ratio = _solve(lambda r: _pdrop_average(boundaries, r, n, layers), budget, n, "pdrop")
