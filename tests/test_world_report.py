@@ -279,3 +279,63 @@ def test_no_oracle_without_every_fixed_exit(gqa_layout, tmp_path):
     report.main(["--answers-root", str(answers_root), "--out", str(tmp_path / "results")])
     assert json.loads((tmp_path / "results" / "results.json").read_text())["oracle_exit"] is None
     assert "oracle exit: not computed" in (tmp_path / "results" / "equal_flops.md").read_text()
+
+
+def test_runs_at_0_and_100_percent(tmp_path):
+    """The intervals' outer bounds are exactly 0 and 100 (computed, they landed a rounding error inside, and the
+    plot's error bars came out negative)."""
+    runs = {"none": ({"mode": "none"}, None, set(range(QUESTIONS)), 6.0e-4, 8),
+            "fixed-0": ({"mode": "fixed", "layer": 0}, None, set(), 3.0e-4, 0)}
+    assert report.wilson_interval(0, QUESTIONS)[0] == 0.0 and report.wilson_interval(QUESTIONS, QUESTIONS)[1] == 1.0
+    out = report_on(runs, tmp_path)
+    rows = {row["label"]: row for row in json.loads((out / "results.json").read_text())["runs"]}
+    assert rows["none"]["ci_high"] == 100.0 and rows["none"]["ci_low"] < 100.0
+    assert rows["fixed-0"]["ci_low"] == 0.0 and rows["fixed-0"]["ci_high"] > 0.0
+    assert (out / "accuracy_vs_tflops.png").stat().st_size > 0
+
+
+def test_each_model_is_compared_with_its_own_none(tmp_path):
+    """A folder with two models' runs is refused unless --model picks one; the baseline is then that model's."""
+    answers_root = tmp_path / "gqa" / "answers" / "split" / "mixed"
+    questions_path = tmp_path / "truth.json"
+    questions_path.write_text(json.dumps(truth()))
+    write_answers(answers_root, truth(), {"none": RUNS["none"], "dynamic-0.9": RUNS["dynamic-0.9"]})
+    write_answers(answers_root / "other", truth(), {"none": ({"mode": "none"}, None, set(range(5)), 6.0e-4, 8)})
+    (answers_root / "other" / "none").rename(answers_root / "other-none")
+    for folder, model in (("none", "/models/a"), ("dynamic-0.9", "/models/a"), ("other-none", "/models/b")):
+        path = answers_root / folder / "merge.summary.json"
+        summary = json.loads(path.read_text())
+        summary["settings"]["model_path"] = model
+        path.write_text(json.dumps(summary))
+    arguments = ["--answers-root", str(answers_root), "--out", str(tmp_path / "out"), "--questions", str(questions_path)]
+    with pytest.raises(SystemExit) as refused:
+        report.main(arguments)
+    assert "holds runs of 2 models or settings" in str(refused.value.code) and "pass --model PATH" in str(refused.value.code)
+    report.main(arguments + ["--model", "/models/a"])
+    rows = {row["label"]: row for row in json.loads((tmp_path / "out" / "results.json").read_text())["runs"]}
+    assert set(rows) == {"none", "dynamic-0.9"} and rows["none"]["correct"] == len(RIGHT_BY_NONE)
+    assert rows["dynamic-0.9"]["difference_vs_none"] == 0.0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no folder", "no such folder of runs"),
+    ("no runs", "no run in it"),
+    ("bad summary", "merge.summary.json:1: invalid JSON"),
+    ("not a summary", "not a run summary with accuracy"),
+    ("no truth", "truth.json: file not found"),
+])
+def test_bad_input_is_one_line(tmp_path, case, message):
+    answers_root = tmp_path / "runs"
+    truth_path = tmp_path / "truth.json"
+    if case != "no truth":
+        truth_path.write_text(json.dumps(truth()))
+    if case != "no folder":
+        answers_root.mkdir()
+    if case in ("bad summary", "not a summary", "no truth"):
+        write_answers(answers_root, truth(), {"none": RUNS["none"]})
+        summary = answers_root / "none" / "merge.summary.json"
+        summary.write_text({"bad summary": "{", "not a summary": "[]", "no truth": summary.read_text()}[case])
+    with pytest.raises(SystemExit) as stopped:
+        report.main(["--answers-root", str(answers_root), "--out", str(tmp_path / "out"), "--questions", str(truth_path)])
+    assert str(stopped.value.code).startswith("report: error: ") and message in str(stopped.value.code)
+    assert "\n" not in str(stopped.value.code)

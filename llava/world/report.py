@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -51,7 +52,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from llava.eval.eval_gqa import balanced_answers, convert_gqa, load_questions  # noqa: E402
-from llava.eval.io import read_jsonl  # noqa: E402
+from llava.eval.io import EvalInputError, read_json, read_jsonl  # noqa: E402
 from llava.model.visual_exit.budget import METHODS  # noqa: E402
 
 # Each mode's settings (symbol: the field of the run's recorded exit settings), in the order its label gives them.
@@ -98,7 +99,11 @@ def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> tup
     scale = 1 + z * z / n
     centre = (share + z * z / (2 * n)) / scale
     half = z / scale * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 or n correct one bound is the share itself; computed, it lands a rounding error beside it (1e-19, or just
+    # under 1), on the wrong side of the point.
+    low = 0.0 if correct == 0 else min(share, centre - half)
+    high = 1.0 if correct == n else max(share, centre + half)
+    return low, high
 
 
 def mcnemar_exact(only_first: int, only_second: int) -> float:
@@ -153,7 +158,7 @@ def recorded_run(summary_path: str, summary: dict) -> tuple[str, str, tuple[floa
     """(name, mode, settings) of a run, from the settings its answers were made with (never from its folder)."""
     settings = summary.get("settings") or {}
     exit_settings = settings.get("exit")
-    if exit_settings is None:
+    if exit_settings is None or "exit_label" not in settings:
         raise ValueError(f"{summary_path}: records no exit settings; rerun its evaluation")
     budget = settings.get("budget")
     if budget is not None:  # a method at a budget: named and plotted by the method, not by its stage list
@@ -184,19 +189,61 @@ def question_scores(questions: dict, answers: list[dict], source: str) -> tuple[
             tuple(cost.get(question_ids[id(question)]) for question, _, _ in scored))
 
 
-def load_runs(answers_root: str, questions_path: str) -> list[Run]:
+# The settings a run records that say which exit it ran; all the others (model, template, decoding, device) say
+# which model answered, and a report compares runs of one model only.
+EXIT_FIELDS = ("exit", "exit_label", "budget")
+SUMMARY_FIELDS = ("accuracy", "exit_layer", "tflops", "flops_reduction", "settings")
+
+
+def model_of(summary: dict) -> str:
+    """The model-side settings of a run, as a key runs of the same model share."""
+    settings = summary.get("settings") or {}
+    return json.dumps({k: v for k, v in settings.items() if k not in EXIT_FIELDS}, sort_keys=True)
+
+
+def one_model(summaries: dict[str, dict], answers_root: str, model: str | None) -> dict[str, dict]:
+    """The summaries of the runs of one model: `model` (a path) picks it, else there must be only one."""
+    if model is not None:
+        wanted = os.path.abspath(model)
+        summaries = {p: s for p, s in summaries.items() if (s.get("settings") or {}).get("model_path") == wanted}
+        if not summaries:
+            raise ValueError(f"{answers_root}: no run of --model {model}")
+    models = Counter(model_of(summary) for summary in summaries.values())
+    if len(models) > 1:
+        described = "; ".join(
+            f"{count} runs of {json.loads(key).get('model_path')} ({', '.join(f'{k}={v}' for k, v in json.loads(key).items() if k != 'model_path')})"
+            for key, count in models.items()
+        )
+        raise ValueError(
+            f"{answers_root} holds runs of {len(models)} models or settings: {described}. Each needs its own 'none' "
+            "run: pass --model PATH, or point --answers-root at one model's runs"
+        )
+    return summaries
+
+
+def load_runs(answers_root: str, questions_path: str, model: str | None = None) -> list[Run]:
+    if not os.path.isdir(answers_root):
+        raise ValueError(f"{answers_root}: no such folder of runs")
     questions = load_questions(questions_path)
-    runs = []
+    summaries = {}
     for name in sorted(os.listdir(answers_root)):
-        folder = os.path.join(answers_root, name)
-        summary_path = os.path.join(folder, "merge.summary.json")
-        if not os.path.isfile(summary_path):
-            continue
-        with open(summary_path) as handle:
-            summary = json.load(handle)
+        summary_path = os.path.join(answers_root, name, "merge.summary.json")
+        if os.path.isfile(summary_path):
+            summary = read_json(summary_path)
+            if not isinstance(summary, dict) or not all(key in summary for key in SUMMARY_FIELDS):
+                raise ValueError(f"{summary_path}: not a run summary with {', '.join(SUMMARY_FIELDS)} "
+                                 "(llava.eval.summary writes them)")
+            summaries[summary_path] = summary
+    if not summaries:
+        raise ValueError(f"{answers_root}: no run in it (folders holding merge.summary.json, as gqa.sh writes them)")
+    runs = []
+    for summary_path, summary in one_model(summaries, answers_root, model).items():
+        folder = os.path.dirname(summary_path)
         run_name, mode, settings = recorded_run(summary_path, summary)
         answers_path = os.path.join(folder, "merge.jsonl")
         answers = read_jsonl(answers_path, ("question_id",))
+        if any("error" not in answer and "exit_layer" not in answer for answer in answers):
+            raise ValueError(f"{answers_path}: answers without their exit_layer; rerun its evaluation")
         correct, kinds, costs = question_scores(questions, answers, answers_path)
         rescored = sum(correct) / len(correct) * 100  # in eval_gqa's order of operations
         if not math.isclose(rescored, summary["accuracy"], abs_tol=1e-9):
@@ -501,7 +548,8 @@ def plot_exit_histogram(runs: list[Run], layers: int, path: str) -> None:
     axes.set_xlabel("exit layer K (visual tokens leave after layer K)")
     axes.set_ylabel("samples (%)")
     axes.set_title("Where the gates send visual tokens out, per threshold")
-    axes.legend()
+    if dynamic:
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -516,8 +564,12 @@ def main(argv: list[str] | None = None) -> None:
         help="GQA truth file the runs were scored on (default: gqa.sh's, data/testdev_balanced_questions.json in the "
         "folder above answers/)",
     )
+    parser.add_argument("--model", default=None, help="report the runs of this model path only (a folder may hold several)")
     args = parser.parse_args(argv)
-    runs = load_runs(args.answers_root, args.questions or default_questions(args.answers_root))
+    try:
+        runs = load_runs(args.answers_root, args.questions or default_questions(args.answers_root), args.model)
+    except (EvalInputError, ValueError) as error:
+        sys.exit(f"report: error: {error}")
     layers = reference_run(runs).exit_layers[0]
     os.makedirs(args.out, exist_ok=True)
     text = table(runs)
