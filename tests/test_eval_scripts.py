@@ -108,3 +108,37 @@ def test_two_gqa_runs_at_once_each_score_their_own_answers(tmp_path):
         assert summary["accuracy"] == own["accuracy"]
         accuracies[name] = summary["accuracy"]
     assert accuracies["none"] > accuracies["fixed-0"] + 20  # the world model needs its image: the runs do differ
+
+
+def test_sigterm_stops_the_loader_keeps_the_answers_and_a_rerun_resumes(tmp_path):
+    import fcntl
+    import signal
+    import time
+
+    from llava.world.generate import generate
+
+    generate(str(tmp_path / "world"), train=1, test=300, seed=3)
+    eval_root = tmp_path / "world" / "eval"
+    model = os.path.join(ROOT, "checkpoints", "tiny-world-llava")
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, MODEL_PATH=model, CKPT="stopped",
+               EVAL_ROOT=str(eval_root), EXIT_MODE="none", BATCH_SIZE="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    answers = eval_root / "gqa" / "answers" / SPLIT / "stopped"
+    part = answers / "1_0.jsonl"
+    script = subprocess.Popen(["bash", os.path.join(ROOT, "scripts/v1_5/eval/gqa.sh")], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (part.exists() and part.read_text().count("\n") >= 5) and time.time() < deadline:
+        time.sleep(0.2)
+    script.send_signal(signal.SIGTERM)
+    _, stderr = script.communicate(timeout=120)
+    assert script.returncode == 143 and "rerun to resume" in stderr
+    with open(answers / "1_0.lock", "w") as lock:  # no loader left behind holding it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    kept = [json.loads(line) for line in part.read_text().splitlines()]
+    assert 5 <= len(kept) < 300 and not (answers / "merge.jsonl").exists()
+    gqa_script(ROOT, MODEL_PATH=model, CKPT="stopped", EVAL_ROOT=str(eval_root), EXIT_MODE="none", BATCH_SIZE="16")
+    merged, summary = read_run(eval_root, "stopped")
+    assert sorted(r["question_id"] for r in merged) == sorted({r["question_id"] for r in merged})  # each once
+    assert len(merged) == 300 and summary["samples"] == 300
+    assert merged[: len(kept)] == kept  # the answers written before the stop are the ones kept

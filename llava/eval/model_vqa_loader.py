@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -435,14 +436,22 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     add_exit_arguments(parser)
 
 
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_loader(args: argparse.Namespace, read_questions, name: str) -> None:
-    """Read (and check) the questions, take this chunk, answer; known input errors end with one line."""
+    """Read (and check) the questions, take this chunk, answer; known input errors end with one line. SIGTERM stops
+    it as Ctrl-C does: between answers, the file closed on whole lines and its lock released, so a rerun resumes."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _stop)
     try:
         questions = get_chunk(read_questions(args), args.num_chunks, args.chunk_idx)
         answer_questions(args, questions)
     except (EvalInputError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
         sys.exit(f"{name}: error: {error}")
+    except KeyboardInterrupt:
+        sys.exit(f"{name}: stopped; the answers written so far stay in {args.answers_file}, and a rerun resumes them")
 
 
 def main(argv: list[str] | None = None) -> None:

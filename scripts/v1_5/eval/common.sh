@@ -64,8 +64,12 @@ run_chunks() {
             --answers-file "$answers_dir/${CHUNKS}_${IDX}.jsonl" --num-chunks "$CHUNKS" --chunk-idx "$IDX" &
         pids+=($!)
     done
+    # Stopped (kill, Ctrl-C): the loaders stop too, keeping every answer written and releasing their locks, so a
+    # rerun resumes; nothing is merged or scored from a partial run.
+    trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait; echo "stopped: the answers so far stay in $answers_dir; rerun to resume" >&2; exit 143' TERM INT
     local failed=0
     for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    trap - TERM INT
     [ "$failed" = 0 ] || { echo "a chunk failed (its message is above); nothing merged" >&2; exit 1; }
     "$PYTHON" -m llava.eval.merge --out "$answers_dir/merge.jsonl" "${parts[@]}"
 }
