@@ -3,11 +3,14 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
 from llava.conversation import get_conv_template
 from llava.mm_utils import process_images, tokenizer_image_token
+
+from family_checkpoints import family_checkpoint  # noqa: F401 (a fixture)
 
 
 def run_cli(*args, stdin=""):
@@ -65,3 +68,36 @@ def test_cli_uses_the_saved_template_and_says_which(llava_checkpoint, tmp_path):
     named = run_cli("--model-path", str(foreign), *args, stdin="Hi?\n")
     assert "conversation template llava_v0 (the checkpoint saves none: LLaVA's rule for the folder name 'my-llava')" in named.stderr
     assert named.stdout.startswith("Human: Assistant:")  # llava_v0's roles
+
+
+def test_cli_on_every_family_checkpoint_answers_as_the_stock_class(family_checkpoint, tmp_path):  # noqa: F811
+    """Two turns with a family checkpoint: each answer is the stock class's greedy answer to the conversation so far,
+    rendered by the checkpoint's own chat template."""
+    from llava.model.families import FAMILY_MODULES
+    from llava.model.families.processing import load_processor
+
+    from family_checkpoints import WIDE, image
+
+    family, folder = family_checkpoint
+    from llava.model.builder import family_checkpoint as family_folder
+
+    if family_folder(folder) is None:
+        pytest.skip(f"the loader reads {family} into our LLaVA class, prompted by LLaVA's templates (tested above)")
+    picture = image(WIDE, seed=4)
+    picture.save(tmp_path / "picture.png")
+    result = run_cli("--model-path", folder, "--image-file", str(tmp_path / "picture.png"), "--temperature", "0",
+                     "--max-new-tokens", "4", "--device", "cpu", "--exit-mode", "none", stdin="What is it?\nAnd?\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    processor = load_processor(folder)
+    stock = FAMILY_MODULES[family].ADAPTER.model_class.from_pretrained(folder).eval()
+    conversation, expected = [], []
+    for question in ("<image>\nWhat is it?", "And?"):
+        conversation.append({"from": "human", "value": question})
+        inputs = processor.prompt_inputs(conversation, [Image.open(tmp_path / "picture.png").convert("RGB")])
+        with torch.no_grad():
+            ids = stock.generate(**inputs, do_sample=False, max_new_tokens=4, pad_token_id=processor.tokenizer.pad_token_id)
+        answer = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        conversation.append({"from": "gpt", "value": answer})
+        expected.append(answer)
+    turns = result.stdout.split("USER: ")[1:]
+    assert [turn.removeprefix("ASSISTANT: ").strip() for turn in turns[:2]] == expected

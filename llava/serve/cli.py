@@ -1,4 +1,5 @@
-"""Chat about an image in the terminal: `python -m llava.serve.cli --model-path DIR --image-file IMG`."""
+"""Chat about an image in the terminal: `python -m llava.serve.cli --model-path DIR --image-file IMG`, on our LLaVA
+checkpoints (LLaVA's template) and on every family checkpoint the loader reads (its own chat template)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import torch
 from transformers import TextStreamer
 
+from llava.arguments import positive_int
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from llava.conversation import choose_conv_mode, get_conv_template
 from llava.mm_utils import (
@@ -21,6 +23,8 @@ from llava.mm_utils import (
 )
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.exit_args import add_exit_arguments, exit_config_from_args
+from llava.model.families.processing import FamilyProcessor
+from llava.model.visual_exit import exit_decoder_of
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 
 logger = logging.getLogger("llava.serve.cli")
@@ -41,6 +45,55 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"llava.serve.cli: error: {error}")
 
 
+class LlavaSession:
+    """A chat with our LLaVA class: LLaVA's conversation template, the image as its `<image>` tag's pixels."""
+
+    def __init__(self, args, tokenizer, model, image_processor, image):
+        model_name = get_model_name_from_path(args.model_path)
+        conv_mode, reason = choose_conv_mode(args.conv_mode, model.config, model_name)
+        logger.info("conversation template %s (%s)", conv_mode, reason)
+        self.tokenizer, self.model, self.conv = tokenizer, model, get_conv_template(conv_mode)
+        self.roles, self.stop_str = self.conv.roles, self.conv.stop_str
+        self.pixels = process_images([image], image_processor, model.config).to(model.device, model.dtype)
+        self.image_sizes = [image.size]
+
+    def inputs(self, question: str) -> tuple[dict, str]:
+        """generate's inputs for the next answer, and the prompt they hold."""
+        first = not self.conv.messages
+        self.conv.append_message(self.roles[0], image_prompt(question, self.model.config) if first else question)
+        self.conv.append_message(self.roles[1], None)
+        prompt = self.conv.get_prompt()
+        ids = tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt").unsqueeze(0).to(self.model.device)
+        return {"input_ids": ids, "images": self.pixels, "image_sizes": self.image_sizes}, prompt
+
+    def answered(self, answer: str) -> None:
+        self.conv.messages[-1][-1] = answer
+
+
+class FamilySession:
+    """A chat with one of transformers' VLM classes: the checkpoint's own chat template, through its processor."""
+
+    roles = ("USER", "ASSISTANT")
+
+    def __init__(self, args, model, processor, image):
+        if args.conv_mode is not None:
+            raise ValueError(f"--conv-mode {args.conv_mode}: {args.model_path} prompts with its own chat template")
+        self.model, self.processor, self.image = model, processor, image
+        self.stop_str = processor.family.turn_end
+        self.conversation: list[dict] = []
+
+    def inputs(self, question: str) -> tuple[dict, str]:
+        first = not self.conversation
+        self.conversation.append({"from": "human", "value": f"{DEFAULT_IMAGE_TOKEN}\n{question}" if first else question})
+        inputs = self.processor.prompt_inputs(self.conversation, [self.image])
+        inputs = {k: v.to(self.model.device, self.model.dtype) if v.is_floating_point() else v.to(self.model.device)
+                  for k, v in inputs.items()}
+        return inputs, self.processor.tokenizer.decode(inputs["input_ids"][0])
+
+    def answered(self, answer: str) -> None:
+        self.conversation.append({"from": "gpt", "value": answer})
+
+
 def chat(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model-path", required=True)
@@ -49,55 +102,51 @@ def chat(argv: list[str] | None) -> None:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--conv-mode", default=None, help="default: the checkpoint's saved template, else LLaVA's name rule")
     parser.add_argument("--temperature", type=float, default=0.2)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--debug", action="store_true", help="print prompt, output and exit layer of each turn")
     add_exit_arguments(parser)
     args = parser.parse_args(argv)
 
-    model_name = get_model_name_from_path(args.model_path)
     image = load_image(args.image_file)
     tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=args.device
+        args.model_path, args.model_base, get_model_name_from_path(args.model_path), args.load_8bit, args.load_4bit,
+        device=args.device,
     )
-    conv_mode, reason = choose_conv_mode(args.conv_mode, model.config, model_name)
-    logger.info("conversation template %s (%s)", conv_mode, reason)
-    conv = get_conv_template(conv_mode)
-    exit_config = exit_config_from_args(args, model.config)
-    image_tensor = process_images([image], image_processor, model.config).to(model.device, model.dtype)
-    image_sizes = [image.size]
-    first_turn = True
+    if isinstance(image_processor, FamilyProcessor):
+        session = FamilySession(args, model, image_processor, image)
+    else:
+        session = LlavaSession(args, tokenizer, model, image_processor, image)
+    exit_config = exit_config_from_args(args, exit_decoder_of(model).config)
 
     while True:
         try:
-            question = input(f"{conv.roles[0]}: ")
+            question = input(f"{session.roles[0]}: ")
         except EOFError:
             question = ""
         if not question:
             print("exit...")
             break
-        print(f"{conv.roles[1]}: ", end="", flush=True)
-        conv.append_message(conv.roles[0], image_prompt(question, model.config) if first_turn else question)
-        conv.append_message(conv.roles[1], None)
-        first_turn = False
-        prompt = conv.get_prompt()
-        input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt").unsqueeze(0).to(model.device)
+        print(f"{session.roles[1]}: ", end="", flush=True)
+        inputs, prompt = session.inputs(question)
+        prompt_length = inputs["input_ids"].shape[1]
         output = model.generate(
-            input_ids,
-            images=image_tensor,
-            image_sizes=image_sizes,
+            **inputs,
             do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else None,
             max_new_tokens=args.max_new_tokens,
             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-            stopping_criteria=[KeywordsStoppingCriteria([conv.stop_str], tokenizer)] if conv.stop_str else None,
+            stopping_criteria=[KeywordsStoppingCriteria([session.stop_str], tokenizer)] if session.stop_str else None,
             pad_token_id=tokenizer.pad_token_id,
             exit_config=exit_config,
             return_dict_in_generate=True,
         )
-        answer = tokenizer.decode(output.sequences[0], skip_special_tokens=True).strip()
-        conv.messages[-1][-1] = answer
+        new_tokens = output.sequences[0]
+        if isinstance(session, FamilySession):  # transformers' generate returns the prompt too; ours the answer only
+            new_tokens = new_tokens[prompt_length:]
+        answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        session.answered(answer)
         if args.debug:
             exit_layer = output.exit_stats.exit_layer.item()
             print({"prompt": prompt, "outputs": answer, "exit_layer": exit_layer}, file=sys.stderr)
