@@ -72,3 +72,40 @@ def test_dummy_images_for_text_only_samples_are_accepted(loaded, images):
         with_dummy = model(input_ids=ids, attention_mask=mask, images=images[:2]).logits
         without = model(input_ids=ids, attention_mask=mask, images=images[:1]).logits
     assert torch.equal(with_dummy, without)
+
+
+@pytest.mark.parametrize("architecture, model_type", [
+    ("Qwen3VLForConditionalGeneration", "qwen3_vl"), ("Gemma3ForConditionalGeneration", "gemma3"),
+])
+def test_an_unknown_architecture_is_named_not_taken_for_llava_hf(tmp_path, architecture, model_type):
+    """A VLM config nesting a text config (as llava-hf's do) that no family of ours runs: the loader and
+    init_weight.py name it, instead of a traceback from reading it as llava-hf."""
+    import subprocess
+    import sys
+
+    config = {"architectures": [architecture], "model_type": model_type, "text_config": {"hidden_size": 8},
+              "vision_config": {}, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as caught:
+        load_pretrained_model(str(tmp_path), device="cpu")
+    assert one_line(caught.value).startswith(f"{tmp_path}: config.json names {architecture}: neither a LLaVA checkpoint")
+    result = subprocess.run([sys.executable, "init_weight.py", "--model-path", str(tmp_path), "--output-dir",
+                             str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"config.json names {architecture}" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
+def test_a_checkpoint_without_tokenizer_files_is_refused(tmp_path, kind):
+    """Without them transformers built an empty tokenizer for a family checkpoint (one token)."""
+    from llava.model.tiny import TinyGeometry, write_tiny_checkpoint
+    from llava.model.tiny_families import write_tiny_family
+
+    geometry = TinyGeometry(seed=3)
+    folder = write_tiny_checkpoint(str(tmp_path / kind), "llava", geometry) if kind == "llava" else \
+        write_tiny_family(str(tmp_path / kind), kind, geometry)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / kind / name).unlink()
+    with pytest.raises(CheckpointError) as caught:
+        load_pretrained_model(folder, device="cpu")
+    assert one_line(caught.value).startswith(f"{folder}: no tokenizer files")

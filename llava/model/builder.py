@@ -47,6 +47,13 @@ def llava_config_from_dict(config_dict: dict, model_path: str) -> LlavaConfig:
     type), so the dict is read with our class explicitly, never through AutoConfig."""
     if is_hf_layout(config_dict):
         return llava_config_from_hf(config_dict)
+    architectures = config_dict.get("architectures") or []
+    if architectures and not any(name.startswith("Llava") for name in architectures):
+        known = ", ".join(sorted(cls.__name__ for cls in FAMILIES))
+        raise CheckpointError(
+            f"{model_path}: config.json names {', '.join(architectures)}: neither a LLaVA checkpoint nor a VLM "
+            f"family the exit runs on ({known})"
+        )
     config = LlavaConfig.from_dict({k: v for k, v in config_dict.items() if k != "model_type"})
     tower = getattr(config, "mm_vision_tower", None)
     if tower is None and getattr(config, "mm_vision_config", None) is None:
@@ -116,6 +123,7 @@ def load_pretrained_model(
     if is_hf_layout(config_dict):
         load_kwargs["key_mapping"] = HF_CHECKPOINT_TO_LLAVA
     weights_path = model_base or model_path
+    require_tokenizer(weights_path)
     tokenizer = AutoTokenizer.from_pretrained(weights_path)
     model = LlavaLlamaForCausalLM.from_pretrained(weights_path, config=config, **load_kwargs)
     if model_base is not None:
@@ -132,6 +140,18 @@ def load_pretrained_model(
         model.config, "max_position_embeddings", DEFAULT_CONTEXT_LEN
     )
     return tokenizer, model, image_processor, context_len
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken", "spiece.model", "vocab.txt")
+
+
+def require_tokenizer(folder: str) -> None:
+    """A checkpoint's tokenizer must be in its folder: without its files transformers may build an empty one."""
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them from the model it "
+            "was trained from"
+        )
 
 
 def registered_family_class(config_dict: dict) -> type | None:
@@ -187,6 +207,7 @@ def load_family_model(model_path: str, **from_pretrained_kwargs):
     if model_class is None:
         known = ", ".join(sorted(cls.__name__ for cls in FAMILIES))
         raise CheckpointError(f"{model_path}: config.json names {config_dict.get('architectures')}, none of {known}")
+    require_tokenizer(model_path)
     processor = load_processor(model_path)
     model = visual_exit_class(model_class).from_pretrained(model_path, **from_pretrained_kwargs)
     text_config = model.config.get_text_config()

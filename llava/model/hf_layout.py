@@ -39,11 +39,13 @@ HF_ARCHITECTURES = {"LlavaForConditionalGeneration", "LlavaNextForConditionalGen
 
 
 def is_hf_layout(config_dict: dict) -> bool:
-    """llava-hf configs nest a text config and name transformers' class; original LLaVA ones do neither.
-
-    Both say model_type "llava", so it cannot tell them apart.
-    """
-    return "text_config" in config_dict or bool(HF_ARCHITECTURES & set(config_dict.get("architectures", [])))
+    """llava-hf configs name transformers' class (or, without architectures, nest a text config under a llava
+    model_type); original LLaVA ones do neither. Both say model_type "llava", so it cannot tell them apart; and
+    other VLMs nest a text config too (Qwen3-VL, Gemma 3), so a text config alone says nothing."""
+    architectures = config_dict.get("architectures") or []
+    if architectures:
+        return bool(HF_ARCHITECTURES & set(architectures))
+    return "text_config" in config_dict and config_dict.get("model_type") in ("llava", "llava_next")
 
 
 def _transposed(pinpoints: list) -> list[list[int]]:
