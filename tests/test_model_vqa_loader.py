@@ -156,14 +156,21 @@ def test_image_tags_and_overlong_prompts_are_per_question_records(llava_checkpoi
     good = [json.loads(l) for l in (folder / "questions.jsonl").read_text().splitlines()][:4]
     bad = [{"question_id": "two-tags", "image": "1.jpg", "text": "Compare <image> with this."},
            {"question_id": "tag-no-image", "text": "What is in <image>?"},
-           {"question_id": "too-long", "image": "2.jpg", "text": "why " * 2100}]
-    mixed = question_file(folder, [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3]], "mixed.jsonl")
+           {"question_id": "too-long", "image": "2.jpg", "text": "why " * 2100},
+           {"question_id": "image-list", "image": ["1.jpg", "2.jpg"], "text": "Which?"},
+           {"question_id": "image-number", "image": 7, "text": "Which?"},
+           {"question_id": "text-number", "image": "1.jpg", "text": 42}]
+    mixed = question_file(folder, [good[0], bad[0], good[1], bad[1], bad[3], good[2], bad[2], bad[4], bad[5], good[3]],
+                          "mixed.jsonl")
     records = by_id(run_plain(llava_checkpoint, mixed, folder / "images", folder / "mixed_answers.jsonl", "--batch-size", "4"))
     clean = by_id(run_plain(llava_checkpoint, question_file(folder, good, "good.jsonl"), folder / "images", folder / "good_answers.jsonl"))
     assert records["two-tags"]["error"] == "question two-tags: its prompt holds 2 <image> tag(s) for 1 image(s)"
     assert records["tag-no-image"]["error"] == "question tag-no-image: its prompt holds 1 <image> tag(s) for 0 image(s)"
     assert records["too-long"]["error"].startswith("question too-long: its prompt takes ")
     assert records["too-long"]["error"].endswith("tokens, the model's context 2048")
+    assert records["image-list"]["error"] == "question image-list: its 'image' is list ['1.jpg', '2.jpg'], not a file name"
+    assert records["image-number"]["error"] == "question image-number: its 'image' is int 7, not a file name"
+    assert records["text-number"]["error"] == "question text-number: its 'text' is int, not a string"
     for qid, answer in clean.items():  # the batches' other questions are answered as if alone
         assert records[qid]["text"] == answer["text"]
 

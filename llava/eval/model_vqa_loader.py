@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import shortuuid
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from llava.arguments import positive_int
@@ -137,6 +138,19 @@ def question_prompt(question: str, conv_mode: str, model_config, has_image: bool
     return conv.get_prompt()
 
 
+def question_image(record: dict):
+    """The record's image (a file name under --image-folder, or a decoded image), None without one; a question
+    whose text is no string or whose image is neither is a QuestionError."""
+    if not isinstance(record.get("text"), str):
+        raise QuestionError(f"question {record.get('question_id')}: its 'text' is {type(record.get('text')).__name__}, not a string")
+    image = record.get("image")
+    if image is not None and not isinstance(image, (str, Image.Image)):
+        raise QuestionError(
+            f"question {record.get('question_id')}: its 'image' is {type(image).__name__} {image!r:.40}, not a file name"
+        )
+    return image
+
+
 def prepare(
     record: dict, args, tokenizer, image_processor, model_config, limits: tuple[int, int] | None = None,
     tagged: bool = False,
@@ -145,7 +159,7 @@ def prepare(
     `limits`: the model's context length and the visual tokens one image takes there (None: not checked).
     `tagged`: the question's text places its image's `<image>` tag itself (lmms-eval's convention)."""
     pixels = size = None
-    image = record.get("image")
+    image = question_image(record)
     if image:
         image = load_image(os.path.join(args.image_folder, image)) if isinstance(image, str) else image.convert("RGB")
         pixels, size = process_images([image], image_processor, model_config)[0], image.size
@@ -163,7 +177,7 @@ def prepare(
 
 def prepare_for_family(record: dict, args, processor, context: int) -> PreparedQuestion:
     """The question as one human turn for a family checkpoint's processor (its own chat template)."""
-    image = record.get("image")
+    image = question_image(record)
     images = []
     if image:
         images = [load_image(os.path.join(args.image_folder, image)) if isinstance(image, str) else image.convert("RGB")]
