@@ -3,6 +3,7 @@ assertions: speed goals are read from the printed table)."""
 
 import json
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -29,3 +30,29 @@ def test_prefill_benchmark_tiny(tmp_path, capsys):
     for key in (("fixed", 1), ("fixed", 3), ("dynamic", 2), ("fastv", 2)):
         row = rows[key]
         assert abs(row["efficiency"] - row["composed_ideal_ms"] / row["median_ms"]) < 1e-9
+
+
+@pytest.mark.parametrize("bench, argv, message", [
+    ("prefill", ["--layers", "0"], "argument --layers: must be at least 1, got 0"),
+    ("prefill", ["--k", "9"], "--k 9: exit layers lie in 0..4"),
+    ("prefill", ["--batch", "0"], "argument --batch: must be at least 1"),
+    ("prefill", ["--fastv-r", "1.5"], "--fastv-r in [0, 1]"),
+    ("generate", ["--new-tokens", "0"], "argument --new-tokens: must be at least 1"),
+    ("generate", ["--repeats", "0"], "argument --repeats: must be at least 1"),
+    ("gate_step", ["--layers", "1"], "--layers 1: a gate trains for an exit before the last layer"),
+    ("gate_step", ["--answer-tokens", "80"], "--answer-tokens 80: the answer is part of the 60 text tokens"),
+    ("generate", ["--json", "/proc/nowhere/bench.json"], "--json /proc/nowhere/bench.json: cannot write it"),
+])
+def test_bad_arguments_stop_before_any_work(bench, argv, message, capsys):
+    import importlib
+
+    module = importlib.import_module(f"llava.bench.{bench}")
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--preset", "tiny", *argv])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_json_into_a_new_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "folder" / "bench.json"
+    main(["--preset", "tiny", "--text-tokens", "20", "--k", "1", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"]

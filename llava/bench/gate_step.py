@@ -8,11 +8,11 @@ gives each k and their mean.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from llava.bench.prefill import PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, build_model
+from llava.arguments import positive_int
+from llava.bench.arguments import bench_parser, parse_bench_args
 from llava.bench.timing import device_and_dtype, interleaved_medians
 from llava.model.visual_exit.training import IGNORE_INDEX, ExitLabelRule, gate_training_pass
 
@@ -20,16 +20,14 @@ VOCAB = 32000
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--text-tokens", type=int, default=60)
-    parser.add_argument("--answer-tokens", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+    parser = bench_parser(__doc__.splitlines()[0], PRESETS)
+    parser.add_argument("--answer-tokens", type=positive_int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=2)
+    args = parse_bench_args(parser, argv, PRESETS)
+    if args.layers < 2:
+        parser.error("--layers 1: a gate trains for an exit before the last layer, so at least 2")
+    if args.answer_tokens >= args.text_tokens:
+        parser.error(f"--answer-tokens {args.answer_tokens}: the answer is part of the {args.text_tokens} text tokens")
     device, dtype = device_and_dtype(args.device, args.dtype)
 
     model = build_model(args.preset, args.layers, dtype, device, "sdpa")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -31,6 +30,8 @@ from transformers import CLIPVisionConfig, DynamicCache, GenerationConfig, Llava
 from llava.bench.prefill import (
     GATE_HIDDEN_SIZE, PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, dynamic_exit_layer, rig_gates,
 )
+from llava.arguments import positive_int
+from llava.bench.arguments import bench_parser, parse_bench_args, write_rows
 from llava.bench.timing import device_and_dtype, interleaved_medians, synchronize
 from llava.compat import output_cache
 from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
@@ -249,27 +250,16 @@ def format_table(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b")
-    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count (e.g. 2 on a CPU)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, nargs="+", default=[1, 64, 256])
-    parser.add_argument("--text-tokens", type=int, default=60, help="text tokens besides the 576 visual ones")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    parser = bench_parser(__doc__.splitlines()[0], PRESETS)
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=positive_int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
-    if min(args.new_tokens + args.batch + [args.text_tokens, args.repeats]) < 1:
-        parser.error("--new-tokens, --batch, --text-tokens and --repeats must be >= 1")
+    args = parse_bench_args(parser, argv, PRESETS)
     rows = run(args)
-    print(f"preset {args.preset}, layers {args.layers or PRESETS[args.preset]['num_hidden_layers']}, "
-          f"{VISUAL_TOKENS} visual + {args.text_tokens} text tokens, greedy, median of {args.repeats}")
+    print(f"preset {args.preset}, layers {args.layers}, {VISUAL_TOKENS} visual + {args.text_tokens} text tokens, "
+          f"greedy, median of {args.repeats}")
     print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "rows": [asdict(row) for row in rows]}, handle, indent=2)
+    write_rows(args.json, args, [asdict(row) for row in rows])
 
 
 if __name__ == "__main__":

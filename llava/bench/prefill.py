@@ -13,12 +13,13 @@ the pruned length after.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaModel
 
+from llava.arguments import positive_int
+from llava.bench.arguments import bench_parser, parse_bench_args, write_rows
 from llava.bench.timing import device_and_dtype, interleaved_medians
 from llava.model.visual_exit import DecoderGeometry, ExitConfig, VisualExitCache, VisualExitDecoderMixin, prefill_flops
 
@@ -170,28 +171,23 @@ def format_table(rows: list[Row], args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="llava-1.5-7b")
-    parser.add_argument("--layers", type=int, default=None, help="override the preset's layer count (e.g. 4 on a CPU)")
-    parser.add_argument("--text-tokens", type=int, default=60, help="text tokens besides the 576 visual ones")
-    parser.add_argument("--batch", type=int, default=1)
+    parser = bench_parser(__doc__.splitlines()[0], PRESETS, dtypes=("float32", "bfloat16", "float16"))
+    parser.add_argument("--batch", type=positive_int, default=1)
     parser.add_argument("--k", type=int, nargs="*", default=None, help="fixed exit layers (default: L/4, L/2, 3L/4)")
-    parser.add_argument("--fastv-k", type=int, default=2, help="FastV: layers that see every visual token (FastV's K)")
+    parser.add_argument("--fastv-k", type=positive_int, default=2, help="FastV: layers that see every visual token (FastV's K)")
     parser.add_argument("--fastv-r", type=float, default=0.5, help="FastV: share of visual tokens pruned after K")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa, eager, flash_attention_2)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"), help="attention implementation")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
+    args = parse_bench_args(parser, argv, PRESETS)
+    if any(not 0 <= k <= args.layers for k in args.k or ()):
+        parser.error(f"--k {' '.join(map(str, args.k))}: exit layers lie in 0..{args.layers}")
+    if args.fastv_k > args.layers or not 0 <= args.fastv_r <= 1 or args.warmup < 0:
+        parser.error(f"--fastv-k in 1..{args.layers}, --fastv-r in [0, 1] and --warmup >= 0")
     rows = run(args)
-    print(f"preset {args.preset}, layers {args.layers or PRESETS[args.preset]['num_hidden_layers']}, "
-          f"batch {args.batch}, {VISUAL_TOKENS} visual + {args.text_tokens} text tokens")
+    print(f"preset {args.preset}, layers {args.layers}, batch {args.batch}, {VISUAL_TOKENS} visual + "
+          f"{args.text_tokens} text tokens")
     print(format_table(rows, args))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "rows": [asdict(row) for row in rows]}, handle, indent=2)
+    write_rows(args.json, args, [asdict(row) for row in rows])
 
 
 if __name__ == "__main__":
