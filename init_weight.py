@@ -30,7 +30,9 @@ from llava.model.builder import (
 )
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.visual_exit import enable_visual_exit
+from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
+
+DEFAULT_EXIT = ExitConfig("dynamic", threshold=0.5)  # the reference's argmax
 
 
 def existing_gates(model_path: str) -> str | None:
@@ -80,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
         enable_visual_exit(model, args.gate_hidden_size)
     else:
         attach_gates(model, args.gate_hidden_size, args.seed)
+    # A gated checkpoint exits as the reference's model does, by its gates' argmax; --exit-mode none runs it whole.
+    DEFAULT_EXIT.save_to(exit_decoder_of(model).config)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     done = "replaced in" if found is not None else "added to"
     print(f"fresh gates of width {args.gate_hidden_size} {done} {args.model_path}: {os.path.abspath(output_dir)}")
+    print(f"its default exit: {DEFAULT_EXIT.label} (the gates decide; --exit-mode none / EXIT_MODE=none runs without)")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,19 @@ def test_pope_per_category_and_mean(pope_files, tmp_path, capsys):
     assert json.loads(metrics.read_text())["f1_popular"] == pytest.approx(2 / 3)
 
 
+def test_pope_on_the_asked_questions_of_a_limited_run(pope_files, tmp_path):
+    """LIMIT=7 asks the first 7 questions: all 5 adversarial and the first 2 popular ones; labels still pair with
+    the whole question file, and the random category, not asked, is left out of the mean."""
+    coco, question_file, result_file = pope_files
+    asked = tmp_path / "asked.jsonl"
+    asked.write_text("".join(open(question_file).readlines()[:7]))
+    result = eval_pope.evaluate_pope(coco, question_file, result_file, str(asked))
+    assert set(result["categories"]) == {"adversarial", "popular"}
+    pop = result["categories"]["popular"]
+    assert (pop["TP"], pop["FP"], pop["TN"], pop["FN"], pop["samples"]) == (0, 0, 2, 0, 2)  # no/no, "not"/no
+    assert result["accuracy"] == pytest.approx((0.4 + 1.0) / 2)
+
+
 def test_pope_malformed_answers_name_file_and_line(pope_files, tmp_path):
     bad = tmp_path / "answers.jsonl"
     lines = bad.read_text().splitlines()

@@ -142,3 +142,14 @@ def test_sigterm_stops_the_loader_keeps_the_answers_and_a_rerun_resumes(tmp_path
     assert sorted(r["question_id"] for r in merged) == sorted({r["question_id"] for r in merged})  # each once
     assert len(merged) == 300 and summary["samples"] == 300
     assert merged[: len(kept)] == kept  # the answers written before the stop are the ones kept
+
+
+@pytest.mark.parametrize("script", ["textvqa", "mme", "sqa"])
+def test_limit_is_refused_where_the_scorer_needs_every_question(llava_checkpoint, tmp_path, script):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=ROOT, MODEL_PATH=llava_checkpoint, LIMIT="5",
+               EVAL_ROOT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    result = subprocess.run(["bash", os.path.join(ROOT, f"scripts/v1_5/eval/{script}.sh")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{script}.sh: error: LIMIT: this benchmark's scorer needs every question; " \
+        "LIMIT works with gqa.sh and pope.sh (or run llava.eval.model_vqa_loader with --limit and score it yourself)"

@@ -31,6 +31,10 @@ def test_llava_commands_in_order_on_a_fresh_clone(tmp_path):
         assert result.returncode == 0, f"{command}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         return result
 
+    early = subprocess.run(["bash", "scripts/v1_5/eval/gqa.sh"], cwd=clone, env=env, capture_output=True, text=True)
+    assert early.returncode == 1 and "Traceback" not in early.stderr
+    assert "no trained gates yet in ./checkpoints/tiny-world-llava-visual-gate: run `python init_weight.py`" in early.stderr
+
     init = run(sys.executable, "init_weight.py")
     assert (clone / "checkpoints/tiny-world-llava-exit-init/config.json").is_file()
     assert "fresh gates of width 2048 added to checkpoints/tiny-world-llava" in init.stdout
@@ -49,3 +53,14 @@ def test_llava_commands_in_order_on_a_fresh_clone(tmp_path):
     assert len(answers) == len(questions) > 0 and not [a for a in answers if "error" in a]
     summary = json.loads((run_folder / "merge.summary.json").read_text())
     assert summary["samples"] == len(questions) and summary["accuracy"] is not None
+    # The trained gates decide by default, as the reference's model does (init_weight.py saved dynamic, τ = 0.5).
+    assert run_folder.name == "tiny-world-llava-visual-gate_dynamic-0.5"
+    assert summary["settings"]["exit"] == {"mode": "dynamic", "threshold": 0.5}
+
+    limited = subprocess.run(["bash", "scripts/v1_5/eval/gqa.sh"], cwd=clone, env={**env, "LIMIT": "5"},
+                             capture_output=True, text=True, timeout=900)
+    assert limited.returncode == 0, limited.stderr[-3000:]
+    limited_folder = answers_root / "tiny-world-llava-visual-gate_dynamic-0.5_limit5"
+    assert len((limited_folder / "merge.jsonl").read_text().splitlines()) == 5
+    metrics = json.loads((limited_folder / "metrics.json").read_text())
+    assert metrics["questions"] == 5 and metrics["missing"] == 0  # scored on the five it asked

@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 from llava.eval.eval_vqa import _text, _where
-from llava.eval.io import EvalInputError, read_json, read_jsonl_lines, write_json
+from llava.eval.io import EvalInputError, read_json, read_jsonl, read_jsonl_lines, write_json
 
 
 def gqa_prediction(text: str) -> str:
@@ -118,9 +118,14 @@ def _load_predictions(path: str) -> list[dict]:
     return predictions
 
 
-def run_score(questions_file: str, predictions_file: str) -> dict:
-    """`score_gqa` on files."""
-    return score_gqa(load_questions(questions_file), _load_predictions(predictions_file))
+def run_score(questions_file: str, predictions_file: str, asked_file: str | None = None) -> dict:
+    """`score_gqa` on files; with `asked_file` (the question file a run was given, e.g. the first LIMIT questions)
+    only on the questions it holds."""
+    questions = load_questions(questions_file)
+    if asked_file is not None:
+        asked = {str(record["question_id"]) for record in read_jsonl(asked_file, ("question_id",))}
+        questions = {question_id: q for question_id, q in questions.items() if str(question_id) in asked}
+    return score_gqa(questions, _load_predictions(predictions_file))
 
 
 def _format(value: float | None) -> str:
@@ -137,13 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     score.add_argument("--questions", required=True)
     score.add_argument("--predictions", required=True)
     score.add_argument("--metrics-out", default=None, help="also write the metrics as a JSON object")
+    score.add_argument("--asked", default=None, help="score only the questions of this question file (a LIMIT run's)")
     args = parser.parse_args(argv)
     try:
         if args.command == "convert":
             count = run_convert(args.src, args.dst)
             print(f"wrote {count} predictions to {args.dst}")
             return
-        metrics = run_score(args.questions, args.predictions)
+        metrics = run_score(args.questions, args.predictions, args.asked)
     except ValueError as error:
         sys.exit(f"eval_gqa: error: {error}")
     print(f"Questions: {metrics['questions']}  (without a prediction, scored wrong: {metrics['missing']})")

@@ -84,9 +84,12 @@ def read_labels(path: str) -> list[str]:
     return labels
 
 
-def evaluate_pope(annotation_dir: str, question_file: str, result_file: str) -> dict:
-    """Per-category metrics (`categories`), mean F1/accuracy over categories and unanswered-question counts."""
+def evaluate_pope(annotation_dir: str, question_file: str, result_file: str, asked_file: str | None = None) -> dict:
+    """Per-category metrics (`categories`), mean F1/accuracy over categories and unanswered-question counts. With
+    `asked_file` (the questions a run was given, e.g. the first LIMIT) only those are scored, and only their
+    categories count; labels still pair with the whole question file."""
     questions = read_jsonl(question_file, ("question_id", "category"))
+    asked = None if asked_file is None else {q["question_id"] for q in read_jsonl(asked_file, ("question_id",))}
     answers = read_jsonl(result_file, ("question_id", "text"), ("text",))
     known = {question["question_id"] for question in questions}
     by_id: dict = {}
@@ -107,9 +110,12 @@ def evaluate_pope(annotation_dir: str, question_file: str, result_file: str) -> 
             raise EvalInputError(
                 f"{path}: {len(labels)} labels but {question_file} has {len(ids)} questions of category {category}"
             )
-        kept = [(label, by_id[qid]) for label, qid in zip(labels, ids) if qid in by_id]
+        scored = [(label, qid) for label, qid in zip(labels, ids) if asked is None or qid in asked]
+        if not scored:
+            continue
+        kept = [(label, by_id[qid]) for label, qid in scored if qid in by_id]
         metrics = score_pope([label for label, _ in kept], [text for _, text in kept])
-        metrics["unanswered"] = len(ids) - len(kept)
+        metrics["unanswered"] = len(scored) - len(kept)
         categories[category] = metrics
     if not categories:
         raise EvalInputError(f"{question_file}: no question has a category with an annotation file in {annotation_dir}")
@@ -135,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--question-file", required=True)
     parser.add_argument("--result-file", required=True)
     parser.add_argument("--metrics-out", default=None, help="also write the headline metrics here (JSON object)")
+    parser.add_argument("--asked", default=None, help="score only the questions of this question file (a LIMIT run's)")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_pope(args.annotation_dir, args.question_file, args.result_file)
+        result = evaluate_pope(args.annotation_dir, args.question_file, args.result_file, args.asked)
     except (EvalInputError, ValueError, OSError) as error:
         sys.exit(f"eval_pope: error: {error}")
     for category, m in result["categories"].items():

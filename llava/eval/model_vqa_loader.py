@@ -420,7 +420,7 @@ def report_errors(answers_file: str, errors: list[str], asked: int) -> None:
 # What the loader's flags give when a command that answers questions takes fewer of them (llava.analysis.compare).
 LOADER_DEFAULTS = dict(
     answers_file="answer.jsonl", num_chunks=1, chunk_idx=0, temperature=0.0, top_p=None, num_beams=1,
-    max_new_tokens=128, overwrite=False, exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None,
+    max_new_tokens=128, overwrite=False, limit=None, exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None,
     fastv_r=None, exit_stages=None, exit_method=None, visual_budget=None, visual_tokens=None,
 )
 
@@ -447,6 +447,7 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_beams", type=positive_int, default=1)
     parser.add_argument("--max_new_tokens", type=positive_int, default=128)
     parser.add_argument("--overwrite", action="store_true", help="discard the answers file's answers and start afresh")
+    parser.add_argument("--limit", type=positive_int, default=None, help="the first N questions of the file only")
     add_exit_arguments(parser)
 
 
@@ -460,7 +461,7 @@ def run_loader(args: argparse.Namespace, read_questions, name: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _stop)
     try:
-        questions = get_chunk(read_questions(args), args.num_chunks, args.chunk_idx)
+        questions = get_chunk(read_questions(args)[: args.limit], args.num_chunks, args.chunk_idx)
         answer_questions(args, questions)
     except (EvalInputError, CheckpointError, VisionTowerNotFoundError, ValueError) as error:
         sys.exit(f"{name}: error: {error}")

@@ -6,7 +6,8 @@
 #   or EXIT_METHOD + VISUAL_BUDGET (e.g. pdrop 64: a method at equivalent visual tokens; VISUAL_TOKENS per image
 #   for checkpoints whose count depends on the image); default: the checkpoint's config, BATCH_SIZE,
 #   CONV_MODE (default: the template the checkpoint saved, else LLaVA's rule for its folder name),
-#   CUDA_VISIBLE_DEVICES (one chunk per listed GPU; without a GPU one chunk on the CPU), PYTHON.
+#   CUDA_VISIBLE_DEVICES (one chunk per listed GPU; without a GPU one chunk on the CPU), PYTHON,
+#   LIMIT (the first N questions only, scored on those: a quick look; gqa.sh and pope.sh).
 # The defaults evaluate the tiny world's gated model on its GQA-format questions (generated here if missing, with
 # TRAIN_IMAGES / TEST_IMAGES images); for real benchmarks set MODEL_PATH and EVAL_ROOT=./playground/data/eval
 # (LLaVA's layout).
@@ -22,6 +23,15 @@ MODEL_PATH=${MODEL_PATH:-./checkpoints/tiny-world-llava-visual-gate}
 EVAL_ROOT=${EVAL_ROOT:-$TINY_WORLD/eval}
 BATCH_SIZE=${BATCH_SIZE:-1}
 PYTHON=${PYTHON:-python}
+if [ ! -f "$MODEL_PATH/config.json" ] && [ ! -f "$MODEL_PATH/visual_gates.json" ]; then
+    if [ "$MODEL_PATH" = ./checkpoints/tiny-world-llava-visual-gate ]; then
+        echo "$(basename "$0"): error: no trained gates yet in $MODEL_PATH: run \`python init_weight.py\` and" \
+            "\`bash scripts/v1_5/finetune_visual_gate.sh\` first, or set MODEL_PATH (e.g. ./checkpoints/tiny-world-llava)" >&2
+    else
+        echo "$(basename "$0"): error: MODEL_PATH=$MODEL_PATH: no checkpoint there (no config.json)" >&2
+    fi
+    exit 1
+fi
 if [ "$EVAL_ROOT" = "$TINY_WORLD/eval" ]; then ensure_tiny_world; fi
 
 LOADER_ARGS=(--model-path "$MODEL_PATH" --temperature 0 --batch-size "$BATCH_SIZE")
@@ -39,7 +49,30 @@ EXIT_ARGS=()
 [ -n "${VISUAL_TOKENS:-}" ] && EXIT_ARGS+=(--visual-tokens "$VISUAL_TOKENS")
 LOADER_ARGS+=(${EXIT_ARGS[@]+"${EXIT_ARGS[@]}"})
 # Named after the model and the exit settings, so a run with other settings never resumes another's answers.
-CKPT=${CKPT:-$("$PYTHON" -m llava.eval.run_settings --model-path "$MODEL_PATH" ${EXIT_ARGS[@]+"${EXIT_ARGS[@]}"})}
+CKPT=${CKPT:-$("$PYTHON" -m llava.eval.run_settings --model-path "$MODEL_PATH" ${EXIT_ARGS[@]+"${EXIT_ARGS[@]}"})${LIMIT:+_limit$LIMIT}}
+if [ -n "${LIMIT:-}" ] && ! [ "$LIMIT" -ge 1 ] 2>/dev/null; then
+    echo "$(basename "$0"): error: LIMIT=$LIMIT: a number of questions, at least 1" >&2
+    exit 1
+fi
+
+# asked_questions FILE DIR: FILE, or with LIMIT=N a copy of its first N questions in DIR (JSON lines): what the run
+# asks and is scored on.
+asked_questions() {
+    local file=$1 dir=$2
+    if [ -z "${LIMIT:-}" ]; then echo "$file"; return; fi
+    mkdir -p "$dir"
+    head -n "$LIMIT" "$file" > "$dir/questions.limit$LIMIT.jsonl"
+    echo "$dir/questions.limit$LIMIT.jsonl"
+}
+
+# whole_benchmark: for scripts whose scorer needs an answer to every question of its annotations.
+whole_benchmark() {
+    if [ -n "${LIMIT:-}" ]; then
+        echo "$(basename "$0"): error: LIMIT: this benchmark's scorer needs every question; LIMIT works with gqa.sh" \
+            "and pope.sh (or run llava.eval.model_vqa_loader with --limit and score it yourself)" >&2
+        exit 1
+    fi
+}
 
 if "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     IFS=',' read -ra GPULIST <<< "${CUDA_VISIBLE_DEVICES:-0}"

@@ -2,6 +2,7 @@
 # MMBench (dev by default): circular evaluation over all option rotations, the submission file, local accuracy
 # when the TSV has answers, a summary row.
 source "$(dirname "$0")/common.sh"
+whole_benchmark
 DIR=${MMBENCH_DIR:-$EVAL_ROOT/mmbench}
 SPLIT=${SPLIT:-mmbench_dev_20230712}
 ANSWERS=$DIR/answers/$SPLIT/$CKPT

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # MME: per-category acc and acc+, perception and cognition scores, a summary row.
 source "$(dirname "$0")/common.sh"
+whole_benchmark
 DIR=${MME_DIR:-$EVAL_ROOT/MME}
 ANSWERS=$DIR/answers/$CKPT
 

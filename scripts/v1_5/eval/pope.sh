@@ -4,7 +4,8 @@ source "$(dirname "$0")/common.sh"
 DIR=${POPE_DIR:-$EVAL_ROOT/pope}
 ANSWERS=$DIR/answers/$CKPT
 
-run_chunks llava.eval.model_vqa_loader "$ANSWERS" --question-file "$DIR/llava_pope_test.jsonl" --image-folder "$DIR/val2014"
+QUESTIONS=$(asked_questions "$DIR/llava_pope_test.jsonl" "$ANSWERS")
+run_chunks llava.eval.model_vqa_loader "$ANSWERS" --question-file "$QUESTIONS" --image-folder "$DIR/val2014"
 "$PYTHON" -m llava.eval.eval_pope --annotation-dir "$DIR/coco" --question-file "$DIR/llava_pope_test.jsonl" \
-    --result-file "$ANSWERS/merge.jsonl" --metrics-out "$ANSWERS/metrics.json"
+    --asked "$QUESTIONS" --result-file "$ANSWERS/merge.jsonl" --metrics-out "$ANSWERS/metrics.json"
 summarize pope "$ANSWERS/merge.jsonl" "$ANSWERS/metrics.json"

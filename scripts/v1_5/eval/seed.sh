@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SEED-Bench: per-type, image and video accuracy, the upload file, a summary row.
 source "$(dirname "$0")/common.sh"
+whole_benchmark
 DIR=${SEED_DIR:-$EVAL_ROOT/seed_bench}
 ANSWERS=$DIR/answers/$CKPT
 

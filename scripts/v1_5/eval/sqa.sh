@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ScienceQA (test, CQM-A): letter answers, accuracy and IMG-Accuracy (the reported number), a summary row.
 source "$(dirname "$0")/common.sh"
+whole_benchmark
 DIR=${SQA_DIR:-$EVAL_ROOT/scienceqa}
 ANSWERS=$DIR/answers/$CKPT
 

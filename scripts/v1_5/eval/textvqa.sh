@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # TextVQA val with OCR tokens: VQA accuracy (EvalAI normalisation), a summary row.
 source "$(dirname "$0")/common.sh"
+whole_benchmark
 DIR=${TEXTVQA_DIR:-$EVAL_ROOT/textvqa}
 ANSWERS=$DIR/answers/$CKPT
 

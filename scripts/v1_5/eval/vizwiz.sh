@@ -3,6 +3,7 @@
 # unless VIZWIZ_ANNOTATIONS (VizWiz val.json) exists: then the questions are scored offline with VizWiz's evaluator
 # rules. For val, point VIZWIZ_QUESTIONS and VIZWIZ_IMAGES at the val questions (question_id, image) and images.
 source "$(dirname "$0")/common.sh"
+whole_benchmark
 DIR=${VIZWIZ_DIR:-$EVAL_ROOT/vizwiz}
 VIZWIZ_QUESTIONS=${VIZWIZ_QUESTIONS:-$DIR/llava_test.jsonl}
 VIZWIZ_IMAGES=${VIZWIZ_IMAGES:-$DIR/test}

@@ -3,6 +3,7 @@
 # {} unless VQAV2_ANNOTATIONS (official val annotations) exists: then the split is scored offline with vqaEval's
 # rules. For val, point SPLIT, VQAV2_TEST_FILE and VQAV2_IMAGES at the val questions and images.
 source "$(dirname "$0")/common.sh"
+whole_benchmark
 DIR=${VQAV2_DIR:-$EVAL_ROOT/vqav2}
 SPLIT=${SPLIT:-llava_vqav2_mscoco_test-dev2015}
 VQAV2_TEST_FILE=${VQAV2_TEST_FILE:-$DIR/llava_vqav2_mscoco_test2015.jsonl}
