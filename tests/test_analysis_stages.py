@@ -54,7 +54,7 @@ def forced(world, world_model):
     questions = read_jsonl(str(world / TEST_QUESTIONS), ("question_id",))[:6]
     with torch.no_grad():
         prepared = [prepare(q, args, tokenizer, image_processor, model.config) for q in questions]
-        batch = teacher_forced_batch(model, tokenizer, prepared, max_new_tokens=6)
+        batch = teacher_forced_batch(model, tokenizer, image_processor, prepared, max_new_tokens=6)
         return batch, analyse_batch(model, batch, ExitLabelRule())
 
 
@@ -62,7 +62,9 @@ def test_attention_masses_match_the_eager_attention_map(world_model, forced):
     _, model, _, _ = world_model
     batch, analysis = forced
     with torch.no_grad():
-        mm = model.prepare_inputs_labels_for_multimodal(batch.input_ids, batch.attention_mask, batch.labels, batch.pixels)
+        forced_inputs = batch.teacher_forced
+        mm = model.prepare_inputs_labels_for_multimodal(forced_inputs["input_ids"], forced_inputs["attention_mask"],
+                                                         forced_inputs["labels"], forced_inputs["images"])
         sample, position, _ = answer_positions(mm.labels)
         valid, visual = mm.attention_mask.bool(), mm.visual_mask
         never = torch.full(visual.shape, model.config.num_hidden_layers)
@@ -103,8 +105,8 @@ def test_oracle_exit_layers_equal_gate_training_labels(world_model, forced):
     try:
         with torch.no_grad():
             training = [
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                      images=batch.pixels, gate_training_layer=k).exit_labels
+                model(**{key: batch.teacher_forced[key] for key in ("input_ids", "attention_mask", "labels", "images")},
+                      gate_training_layer=k).exit_labels
                 for k in range(layers - 1)
             ]
     finally:
@@ -148,3 +150,38 @@ def test_stages_cli_writes_tables_and_plots(world, tmp_path, capsys):
     for plot in ("attention_by_layer.png", "forced_exit.png", "oracle_exit_histogram.png"):
         with Image.open(out / plot) as image:
             assert image.size[0] > 500 and image.size[1] > 350
+
+
+def test_stages_and_gate_probe_on_a_family_checkpoint(world, tmp_path):
+    """A Qwen2.5-VL checkpoint (3-D positions) through both analysis commands: its own chat template, forced exits
+    that change nothing at K = L, and labels equal to gate training's own pass on the same teacher-forced batch."""
+    import csv
+
+    from llava.analysis.gate_probe import main as gate_probe
+    from llava.analysis.stages import main as stages
+    from llava.model.tiny_families import write_tiny_family
+
+    checkpoint = write_tiny_family(str(tmp_path / "qwen"), "qwen2.5-vl", gate_hidden_size=16)
+    stages(["--model-path", checkpoint, "--question-file", str(world / TEST_QUESTIONS), "--image-folder",
+            str(world / TEST_IMAGES), "--output-dir", str(tmp_path / "stages"), "--limit", "6", "--batch-size", "3"])
+    with open(tmp_path / "stages" / "forced_exit.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[-1]["agreement"]) == 1.0 and float(rows[-1]["loss_ratio_median"]) == pytest.approx(1.0)
+    assert any(float(row["agreement"]) < 1.0 for row in rows[:-1])  # the exits do change answers
+    tokenizer, model, processor, context = load_pretrained_model(checkpoint, device="cpu")
+    args = Namespace(image_folder=str(world / TEST_IMAGES))
+    questions = read_jsonl(str(world / TEST_QUESTIONS), ("question_id",))[:3]
+    with torch.no_grad():
+        from llava.eval.model_vqa_loader import prepare_for_family
+
+        prepared = [prepare_for_family(q, args, processor, context) for q in questions]
+        batch = teacher_forced_batch(model, tokenizer, processor, prepared, max_new_tokens=6)
+        analysis = analyse_batch(model, batch, ExitLabelRule())
+        for k in range(model.config.get_text_config().num_hidden_layers - 1):
+            trained = model(**batch.teacher_forced, gate_training_layer=k).exit_labels
+            assert torch.equal(trained.label, analysis.label[:, k + 1])
+    training = tmp_path / "training-world"
+    generate(str(training), train=10, test=1, seed=12)
+    gate_probe(["--model-path", checkpoint, "--data-path", str(training / "train_single_turn.json"), "--image-folder",
+                str(training / "images"), "--output-dir", str(tmp_path / "probe"), "--samples", "0", "--layers", "1"])
+    assert (tmp_path / "probe" / "gate_probe.csv").read_text().startswith("layer,")

@@ -28,7 +28,8 @@ from tqdm import tqdm
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.visual_exit import exit_decoder_of
 from llava.model.visual_exit.training import ExitLabelRule
-from llava.train.data import DataCollator, DataError, SupervisedDataset
+from llava.train.data import DataError
+from llava.train.train import training_data
 
 COLUMNS = ("layer", "samples", "safe_share", "majority_accuracy", "heldout_accuracy", "auc")
 FIT_STEPS = 500
@@ -136,15 +137,13 @@ def main(argv: list[str] | None = None) -> None:
         layers = parse_layers(args.layers, exit_decoder_of(model).config.num_hidden_layers)
         if getattr(exit_decoder_of(model), "visual_gates_router", None) is None:
             raise CheckpointError(f"{args.model_path}: holds no gates; add them with init_weight.py")
-        dataset = SupervisedDataset(args.data_path, tokenizer, image_processor, model.config,
-                                    image_folder=args.image_folder, conv_version=args.version)
+        dataset, collator = training_data(args.data_path, args.image_folder, tokenizer, image_processor, model.config,
+                                          args.version)
     except (CheckpointError, DataError, ValueError, OSError) as error:
         sys.exit(f"gate_probe: error: {error}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()
     chosen = Subset(dataset, order[: args.samples] if args.samples else order)
-    crop = image_processor.crop_size
-    loader = DataLoader(chosen, batch_size=args.batch_size, collate_fn=DataCollator(tokenizer.pad_token_id,
-                                                                                    (3, crop["height"], crop["width"])))
+    loader = DataLoader(chosen, batch_size=args.batch_size, collate_fn=collator)
     model.eval()
     rows = probe_rows(collect(model, loader, layers, ExitLabelRule(args.agree_threshold, args.ratio_threshold)),
                       args.held_out)

@@ -34,11 +34,14 @@ from tqdm import tqdm
 
 from llava.conversation import choose_conv_mode
 from llava.eval.io import EvalInputError, read_jsonl
-from llava.eval.model_vqa_loader import PreparedQuestion, QuestionError, batches, left_padded, prepare
+from llava.eval.model_vqa_loader import (
+    PreparedQuestion, QuestionError, batches, generate_inputs, left_padded, prepare, prepare_for_family,
+)
 from llava.mm_utils import ImageLoadError, get_model_name_from_path
 from llava.model.builder import CheckpointError, load_pretrained_model
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.visual_exit import ExitConfig
+from llava.model.families.processing import FamilyProcessor
+from llava.model.visual_exit import ExitConfig, exit_decoder_of
 from llava.model.visual_exit.training import IGNORE_INDEX, ExitLabelRule, answer_positions, exit_labels
 
 import matplotlib
@@ -55,13 +58,17 @@ ATTENTION_COLUMNS = (
 
 @dataclass
 class TeacherForcedBatch:
-    """Prompts + greedy answers, left-padded; `labels` supervise the answer tokens only (LLaVA's convention)."""
+    """Prompts + greedy answers, left-padded: `teacher_forced` as the model's forward takes them with `labels` (ids,
+    mask, labels and pixel inputs), `inputs` as the analysis runs them (our LLaVA class's spliced embeddings, a
+    family's ids and pixel inputs); per slot of `inputs`, `valid`, `visual` and `labels` (the answer tokens only,
+    LLaVA's convention)."""
 
     records: list[dict]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    teacher_forced: dict
+    inputs: dict
+    valid: torch.Tensor
+    visual: torch.Tensor
     labels: torch.Tensor
-    pixels: torch.Tensor
     answers: list[str]
 
 
@@ -127,24 +134,46 @@ class AttentionRecorder:
         return torch.stack(self.per_layer, dim=1)
 
 
-def teacher_forced_batch(model, tokenizer, prepared: list[PreparedQuestion], max_new_tokens: int) -> TeacherForcedBatch:
+def teacher_forced_batch(model, tokenizer, processor, prepared: list[PreparedQuestion], max_new_tokens: int) -> TeacherForcedBatch:
     """Answer greedily with no exit, then build prompt + answer (through the first end of sequence) with labels."""
-    prompts, prompt_mask = left_padded([p.input_ids for p in prepared], tokenizer.pad_token_id)
-    pixels = torch.stack([p.pixels for p in prepared]).to(model.device, model.dtype)
+    prompts = generate_inputs(model, tokenizer, prepared, processor)
     generated = model.generate(
-        prompts.to(model.device), attention_mask=prompt_mask.to(model.device), images=pixels,
-        exit_config=ExitConfig("none"), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-    ).cpu()
-    sequences, targets, answers = [], [], []
-    for question, tokens in zip(prepared, generated):
+        **prompts, exit_config=ExitConfig("none"), do_sample=False, max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    family = prepared[0].model_inputs is not None
+    if family:  # transformers' generate returns the prompt too; ours the new tokens only
+        generated = generated[:, prompts["input_ids"].shape[1] :]
+    rows, valid = prompts["input_ids"].cpu(), prompts["attention_mask"].bool().cpu()
+    sequences, targets, types, answers = [], [], [], []
+    for row, tokens in enumerate(generated.cpu()):
         ends = (tokens == tokenizer.eos_token_id).nonzero()
         answer = tokens[: int(ends[0]) + 1] if len(ends) else tokens
-        sequences.append(torch.cat([question.input_ids, answer]))
-        targets.append(torch.cat([torch.full_like(question.input_ids, IGNORE_INDEX), answer]))
+        prompt = rows[row, valid[row]]
+        sequences.append(torch.cat([prompt, answer]))
+        targets.append(torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer]))
+        if "mm_token_type_ids" in prompts:  # the answer is text
+            types.append(torch.cat([prompts["mm_token_type_ids"][row, valid[row]].cpu(), torch.zeros_like(answer)]))
         answers.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
     input_ids, attention_mask = left_padded(sequences, tokenizer.pad_token_id)
     labels, _ = left_padded(targets, IGNORE_INDEX)
-    return TeacherForcedBatch([p.record for p in prepared], input_ids, attention_mask, labels, pixels, answers)
+    device = model.device
+    teacher_forced = {**prompts, "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                      "labels": labels.to(device)}
+    if types:
+        teacher_forced["mm_token_type_ids"] = left_padded(types, 0)[0].to(device)
+    if family:
+        inputs = {key: value for key, value in teacher_forced.items() if key != "labels"}
+        visual = model.visual_mask(inputs["input_ids"])
+    else:
+        mm = model.prepare_inputs_labels_for_multimodal(
+            input_ids.to(device), attention_mask.to(device), labels.to(device), prompts["images"], prompts["image_sizes"]
+        )
+        inputs = dict(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, position_ids=mm.position_ids,
+                      visual_mask=mm.visual_mask)
+        labels, visual = mm.labels, mm.visual_mask
+    return TeacherForcedBatch([p.record for p in prepared], teacher_forced, inputs, inputs["attention_mask"].bool(),
+                              visual, labels.to(device), answers)
 
 
 @dataclass
@@ -157,20 +186,15 @@ class BatchAnalysis:
 
 
 def analyse_batch(model, batch: TeacherForcedBatch, rule: ExitLabelRule) -> BatchAnalysis:
-    device = model.device
-    mm = model.prepare_inputs_labels_for_multimodal(
-        batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device), batch.pixels
-    )
-    inputs = dict(inputs_embeds=mm.inputs_embeds, attention_mask=mm.attention_mask, position_ids=mm.position_ids,
-                  visual_mask=mm.visual_mask)
-    sample, position, targets = answer_positions(mm.labels)
-    prompt_end = torch.zeros(len(batch.records), dtype=torch.long, device=device).scatter_reduce(
+    inputs = batch.inputs
+    sample, position, targets = answer_positions(batch.labels)
+    prompt_end = torch.zeros(len(batch.records), dtype=torch.long, device=model.device).scatter_reduce(
         0, sample, position, reduce="amin", include_self=False
     )  # the last prompt token predicts the first answer token
-    layers = model.get_model().layers
+    layers = exit_decoder_of(model).layers
     implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")
-    recorder = AttentionRecorder(layers, mm.visual_mask, mm.attention_mask.bool(), prompt_end)
+    recorder = AttentionRecorder(layers, batch.visual, batch.valid, prompt_end)
     try:
         full = model(**inputs, exit_config=ExitConfig("none"))
     finally:
@@ -271,9 +295,14 @@ def analyse(args: argparse.Namespace) -> dict:
         args.model_path, args.model_base, device=args.device
     )
     model.eval()
-    args.conv_mode, reason = choose_conv_mode(args.conv_mode, model.config, get_model_name_from_path(args.model_path))
-    logger.info("conversation template %s (%s)", args.conv_mode, reason)
-    limits = (context_len, model.get_vision_tower().num_patches)
+    if isinstance(image_processor, FamilyProcessor):
+        if args.conv_mode is not None:
+            raise ValueError(f"--conv-mode {args.conv_mode}: {args.model_path} prompts with its own chat template")
+    else:
+        args.conv_mode, reason = choose_conv_mode(args.conv_mode, model.config, get_model_name_from_path(args.model_path))
+        logger.info("conversation template %s (%s)", args.conv_mode, reason)
+    family = isinstance(image_processor, FamilyProcessor)
+    limits = None if family else (context_len, model.get_vision_tower().num_patches)
     rule = ExitLabelRule(args.agree_threshold, args.ratio_threshold)
     os.makedirs(args.output_dir, exist_ok=True)
     results: list[BatchAnalysis] = []
@@ -287,11 +316,14 @@ def analyse(args: argparse.Namespace) -> dict:
                     skipped.append({"question_id": record["question_id"], "reason": "no image"})
                     continue
                 try:
-                    prepared.append(prepare(record, args, tokenizer, image_processor, model.config, limits))
+                    if family:
+                        prepared.append(prepare_for_family(record, args, image_processor, context_len))
+                    else:
+                        prepared.append(prepare(record, args, tokenizer, image_processor, model.config, limits))
                 except (ImageLoadError, QuestionError) as error:
                     skipped.append({"question_id": record["question_id"], "reason": str(error)})
             if prepared:
-                batch = teacher_forced_batch(model, tokenizer, prepared, args.max_new_tokens)
+                batch = teacher_forced_batch(model, tokenizer, image_processor, prepared, args.max_new_tokens)
                 results.append(analyse_batch(model, batch, rule))
                 analysed += list(zip(batch.records, batch.answers))
     if not results:

@@ -94,24 +94,19 @@ def build_model(model_args: ModelArguments, gate_args: GateArguments, training_a
     return tokenizer, model, image_processor
 
 
-def training_data(data_args, model_args, training_args, tokenizer, image_processor, model_config):
-    """(dataset, collator): LLaVA's prompts for our LLaVA class; a family checkpoint's own chat template and
-    processor for transformers' VLM classes (where --version means nothing)."""
+def training_data(
+    data_path: str, image_folder: str | None, tokenizer, image_processor, model_config, conv_version: str = "v1",
+    model_max_length: int = 2048, image_aspect_ratio: str | None = None,
+):
+    """(dataset, collator): LLaVA's prompts (`conv_version`) for our LLaVA class; a family checkpoint's own chat
+    template and processor for transformers' VLM classes (where the version means nothing)."""
     if isinstance(image_processor, FamilyProcessor):
-        dataset = FamilySupervisedDataset(
-            data_args.data_path, image_processor, data_args.image_folder, training_args.model_max_length
-        )
-        return dataset, FamilyCollator(image_processor)
-    if data_args.image_aspect_ratio:
-        model_config.image_aspect_ratio = data_args.image_aspect_ratio
+        return FamilySupervisedDataset(data_path, image_processor, image_folder, model_max_length), FamilyCollator(image_processor)
+    if image_aspect_ratio:
+        model_config.image_aspect_ratio = image_aspect_ratio
     dataset = SupervisedDataset(
-        data_args.data_path,
-        tokenizer,
-        image_processor,
-        model_config,
-        image_folder=data_args.image_folder,
-        conv_version=model_args.version,
-        model_max_length=training_args.model_max_length,
+        data_path, tokenizer, image_processor, model_config, image_folder=image_folder, conv_version=conv_version,
+        model_max_length=model_max_length,
     )
     crop = image_processor.crop_size
     return dataset, DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"]))
@@ -144,7 +139,10 @@ def train(argv: list[str] | None = None) -> GateTrainer:
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
     layer_sampler = ExitLayerSampler(exit_decoder_of(model).config.num_hidden_layers, gate_args.exit_layer_sampler)
-    dataset, collator = training_data(data_args, model_args, training_args, tokenizer, image_processor, model.config)
+    dataset, collator = training_data(
+        data_args.data_path, data_args.image_folder, tokenizer, image_processor, model.config, model_args.version,
+        training_args.model_max_length, data_args.image_aspect_ratio,
+    )
     artifact = read_gates_config(model_args.model_name_or_path)  # training on from a gates artifact: keep its base
     trainer = GateTrainer(
         model=model,
