@@ -53,12 +53,33 @@ def test_measured_average_meets_the_budget_on_the_tiny_model(loaded, images, met
     prompts = PROMPTS[:1]
     ids, mask = batch_inputs(tokenizer, prompts)
     # SparseVLM's first pruning layer still sees every token, so its reach on 4 layers starts higher.
-    for budget in ((n * 3 / 4, n * 5 / 8) if method == "sparsevlm" else (n / 2, n / 4 + 2)):
+    budgets = {"sparsevlm": (n * 3 / 4, n * 5 / 8), "fixed": (n / 2, n / 4)}.get(method, (n / 2, n / 4 + 2))
+    for budget in budgets:
         stats = run(model, ids, mask, images_for(images, prompts), ExitConfig("stages", stages=method_stages(method, budget, layers, n))).exit_stats
         # The finest step of each setting: a layer for an exit, 8 tokens per pivot round for DART (over the layers
         # after K), a token for the others; the average lands within one step of the budget.
-        step = {"fixed": n / layers, "dart": 8 * (layers - 1) / layers}.get(method, 1.0)
+        step = {"fixed": 0.0, "dart": 8 * (layers - 1) / layers}.get(method, 1.0)
         assert abs(float(visual_average(stats)[0]) - budget) <= step, (method, budget)
+
+
+def test_fixed_meets_a_budget_exactly_or_names_the_nearest():
+    """An exit after K of 32 layers averages K × 18 of 576 tokens: 64 is none of them (it ran 72 as "64")."""
+    assert method_stages("fixed", 72, 32, 576) == "fixed:4"
+    with pytest.raises(ValueError) as refused:
+        method_stages("fixed", 64, 32, 576)
+    assert str(refused.value) == ("fixed at 64 tokens: an exit after K layers averages K × 18; the nearest are 54 (K = 3)"
+                                  " and 72 (K = 4): ask for one, or --exit-layer K")
+
+
+def test_visual_tokens_must_be_the_checkpoints(loaded):
+    _, model, _, _ = loaded
+    n = visual_tokens_per_image(model.config)
+    flags = dict(exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None, fastv_r=None, exit_stages=None,
+                 exit_method="fastv", visual_budget=8.0)
+    for given, message in ((n + 4, f"this checkpoint's images take {n} visual tokens each"), (0, "at least one")):
+        with pytest.raises(ValueError, match=message):
+            exit_config_from_args(argparse.Namespace(**flags, visual_tokens=given), model.config)
+    assert exit_config_from_args(argparse.Namespace(**flags, visual_tokens=n), model.config).mode == "stages"
 
 
 def test_cli_flags_map_a_budget_and_refuse_mixtures(loaded):
