@@ -17,7 +17,7 @@ from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference
 
 
 def pdrop(layers, ratio):
-    return ExitConfig("stages", stages=f"pdrop:{'-'.join(map(str, layers))}:{ratio}")
+    return ExitConfig("stages", stages=f"pdrop:{'-'.join(map(str, layers))}:{ratio}:keep")
 
 
 def pdrop_gone_from(attention_at, visual, last, layers, ratio, num_layers):
@@ -129,7 +129,8 @@ def test_pdrop_on_transformers_families(name):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("pdrop:8-16:0.5:1", "expected pdrop"), ("pdrop:16-8:0.5", "must increase"), ("pdrop:8-16:1.5", "outside"),
+    ("pdrop:8-16:0.5:1", "positions '1': expected renumber or keep"), ("pdrop:8-16:0.5:keep:1", "expected pdrop"),
+    ("pdrop:16-8:0.5", "must increase"), ("pdrop:8-16:1.5", "outside"),
     ("pdrop:x:0.5", "not an integer"),
 ])
 def test_pdrop_spec_errors(spec, message):

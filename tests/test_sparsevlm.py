@@ -30,7 +30,7 @@ TOLERANCE = 1e-5
 
 def sparsevlm(layers, counts, mode):
     name = "sparsevlm" if mode == "recycle" else "sparsevlm-drop"
-    return ExitConfig("stages", stages=f"{name}:{'-'.join(map(str, layers))}:{'-'.join(map(str, counts))}")
+    return ExitConfig("stages", stages=f"{name}:{'-'.join(map(str, layers))}:{'-'.join(map(str, counts))}:keep")
 
 
 def reference_raters(embeddings, valid, visual):
@@ -137,8 +137,8 @@ def kept_slots(monkeypatch):
     kept = []
     drop = TokenLayout.drop
 
-    def recording(self, hidden, mask):
-        hidden, layout = drop(self, hidden, mask)
+    def recording(self, hidden, mask, order=None):
+        hidden, layout = drop(self, hidden, mask, order)
         kept.append([layout.origin[b][layout.valid_keys.valid[b]].tolist() for b in range(len(mask))])
         return hidden, layout
 
@@ -317,8 +317,9 @@ def test_family_equals_definition_and_batch_equals_alone(kept_slots, name, mode)
 
 def test_specs_say_what_is_wrong(loaded, images):
     for spec, message in [
-        ("sparsevlm:2-6-15:300-200-110:drop", "expected sparsevlm:LAYERS:COUNTS"),
-        ("sparsevlm-drop:2-6-15", "expected sparsevlm-drop:LAYERS:COUNTS"),
+        ("sparsevlm:2-6-15:300-200-110:drop", "positions 'drop': expected renumber or keep"),
+        ("sparsevlm:2-6-15:300-200-110:keep:1", r"expected sparsevlm:LAYERS:COUNTS\[:renumber\|keep\]"),
+        ("sparsevlm-drop:2-6-15", r"expected sparsevlm-drop:LAYERS:COUNTS\[:renumber\|keep\]"),
         ("sparsevlm:2-6-15:300-200", "3 layers need 3 keep counts, got 300-200"),
         ("sparsevlm:6-2:300-200", "layers 6-2 must increase"),
         ("sparsevlm-drop:2-2:300-200", "layers 2-2 must increase"),

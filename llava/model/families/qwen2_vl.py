@@ -14,7 +14,10 @@ class MultimodalRopeDecoderMixin(VisualExitDecoderMixin):
     """Positions as the M-RoPE text models take them: `[4, B, T]` (generate: a text row, then the three rotary
     rows), `[3, B, T]` (the rotary rows alone), `[B, T]` or None (text, the same on all three rows). Masks, windows
     and the random scorer read the text row; with the rotary rows alone, each token's count of real tokens before
-    it, so a left-padded sample numbers its tokens as it does alone."""
+    it, so a left-padded sample numbers its tokens as it does alone. Three rotary rows have no renumbering after a
+    drop (PyramidDrop's and SparseVLM's rule for 1-D positions): those methods run here with `:keep`."""
+
+    renumbers_positions = False
 
     def split_position_ids(self, position_ids, hidden: torch.Tensor, past_length: int, attention_mask=None):
         if position_ids is not None and position_ids.dim() == 3:

@@ -53,15 +53,18 @@ class VisualExitCache(DynamicCache):
         self.valid_keys: list[ValidKeys] = []
         self.seen_tokens = 0
         self.exit_stats = None
+        self.renumbered = False  # a stage renumbered positions at prefill: each layer numbers new tokens on its own
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
-    def extend_valid_keys(self, new_positions: torch.Tensor) -> list[ValidKeys]:
+    def extend_valid_keys(self, new_positions) -> list[ValidKeys]:
         """Each layer's valid keys after appending real tokens at `new_positions` (B, new) to it (done by the
-        caller's forward)."""
-        self.valid_keys = _map_shared(self.valid_keys, lambda keys: keys.extended(new_positions))
-        self.seen_tokens += new_positions.shape[1]
+        caller's forward); a function of the layer's ValidKeys gives each its own."""
+        positions_of = new_positions if callable(new_positions) else lambda keys: new_positions
+        extended = _map_shared(self.valid_keys, lambda keys: keys.extended(positions_of(keys)))
+        self.seen_tokens += extended[0].valid.shape[1] - self.valid_keys[0].valid.shape[1]
+        self.valid_keys = extended
         return self.valid_keys
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

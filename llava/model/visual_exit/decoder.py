@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -94,6 +95,8 @@ class VisualExitDecoderMixin:
     settings for this call. Decode steps (non-empty cache) take no decisions: each layer attends to what it cached.
     """
 
+    renumbers_positions = True  # 1-D positions, which a method may number again after a drop (M-RoPE: False)
+
     def __init__(self, config):
         super().__init__(config)
         self.visual_gates_router = build_visual_gates(config)
@@ -143,6 +146,15 @@ class VisualExitDecoderMixin:
             hidden, attention_mask, position_ids, visual_mask, with_gate_features=exit_config.uses_gates
         )
         policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router)
+        if policy.renumbers:
+            if not self.renumbers_positions:
+                raise ValueError(
+                    f"{exit_config.label}: this model's multi-row (M-RoPE) positions have no renumbering as PyramidDrop's "
+                    "and SparseVLM's LLaVA code renumbers 1-D ones; add :keep to the stage (original positions)"
+                )
+            layout = replace(layout, renumber=partial(self.rotary_emb, hidden))
+            if cache is not None:
+                cache.renumbered = True
         drop = policy.drop_before_first_layer(layout)
         if drop is not None:
             hidden, layout = layout.drop(hidden, drop)
@@ -198,13 +210,13 @@ class VisualExitDecoderMixin:
             )
             if cache is not None:
                 cache.valid_keys.append(valid_keys)
-            drop = None
+            drop = order = None
             if policy is not None:
                 cached_keys = cache.layers[index].keys if cache is not None else None  # FastV reads them, not recomputes
                 step = LayerStep(index, self.layers[index], layer_input, hidden, cached_keys, self)
-                drop, hidden = policy.drop_after(step, layout)  # hidden: with the states stages rewrote
+                drop, hidden, order = policy.drop_after(step, layout)  # hidden: with the states stages rewrote
             if drop is not None:
-                hidden, layout = layout.drop(hidden, drop)
+                hidden, layout = layout.drop(hidden, drop, order)
         return hidden, layout
 
     def finish_prefill(self, hidden, layout) -> torch.Tensor:
@@ -218,17 +230,28 @@ class VisualExitDecoderMixin:
             position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, -new_tokens:]
         position_ids, rope_position_ids = self.split_position_ids(position_ids, hidden, cache.get_seq_length(), attention_mask)
         position_embeddings = self.rotary_emb(hidden, rope_position_ids)
-        per_layer = cache.extend_valid_keys(position_ids.expand(hidden.shape[0], new_tokens))
+        positions = position_ids.expand(hidden.shape[0], new_tokens)
+        if cache.renumbered:  # each layer numbers its new tokens after its own cached ones (the renumbering methods')
+            steps = torch.arange(new_tokens, device=hidden.device)
+            per_layer = cache.extend_valid_keys(lambda keys: keys.positions[:, -1:] + 1 + steps)
+        else:
+            per_layer = cache.extend_valid_keys(positions)
         masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
+        rotations: dict[int, tuple] = {}
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             valid_keys, window = per_layer[index], self._window(index)
             if (id(valid_keys), window) not in masks:
                 masks[id(valid_keys), window] = self._mask(valid_keys, new_tokens, hidden.dtype, window)
+            if cache.renumbered:
+                positions = valid_keys.positions[:, -new_tokens:]
+                if id(valid_keys) not in rotations:
+                    rotations[id(valid_keys)] = self.rotary_emb(hidden, positions)
+                position_embeddings = rotations[id(valid_keys)]
             hidden = decoder_layer(
                 hidden,
                 attention_mask=masks[id(valid_keys), window],
                 position_embeddings=position_embeddings,
-                position_ids=position_ids,
+                position_ids=positions if cache.renumbered else position_ids,
                 use_cache=True,
                 **cache_argument(cache),
                 **kwargs,

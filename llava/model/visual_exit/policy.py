@@ -24,23 +24,25 @@ class ExitPolicy:
         prune_layers = [layer for s in self.stages for layer in s.pruning_layers if layer < num_layers]
         self.prune_layer = min(prune_layers, default=num_layers)  # the first layer after which tokens are pruned
         self.gated = config.uses_gates
+        self.renumbers = any(stage.renumbers for stage in self.stages)  # then every drop of this prefill renumbers
         self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)
 
     def drop_before_first_layer(self, layout: TokenLayout) -> torch.Tensor | None:
         return _union(stage.before_first_layer(self.state, layout) for stage in self.stages)
 
-    def drop_after(self, step: LayerStep, layout: TokenLayout) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Slots to drop after the decoder layer `step` describes (or None), and the states that go on: the
-        layer's output, with the slots stages rewrote (`Rewrite`) in their new states. Every stage decides on the
-        layer's own output."""
+    def drop_after(self, step: LayerStep, layout: TokenLayout):
+        """(slots to drop after the decoder layer `step` describes or None, the states that go on, the order the
+        remaining slots take or None): the layer's output, with the slots stages rewrote (`Rewrite`) in their new
+        states. Every stage decides on the layer's own output."""
         if not self.state.any_active:
-            return None, step.output
+            return None, step.output, None
         decisions = [stage.after_layer(step, self.state, layout) for stage in self.stages]
-        hidden = step.output
+        hidden, order = step.output, None
         for decision in decisions:
             if isinstance(decision, Rewrite):
                 hidden = torch.where(decision.rewritten[..., None], decision.states, hidden)
-        return _union(d.drop if isinstance(d, Rewrite) else d for d in decisions), hidden
+                order = decision.order if decision.order is not None else order
+        return _union(d.drop if isinstance(d, Rewrite) else d for d in decisions), hidden, order
 
     @property
     def gate_evaluations(self) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,9 +19,12 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TokenLayout:
-    """Per slot of the current sequence: validity, original position and index, and whether it is visual.
+    """Per slot of the current sequence: validity, RoPE position, original index, and whether it is visual.
     `valid_keys`: the slots a layer run now caches as real keys. For the gates only (None otherwise): per slot, its
-    weight in the gate features (`feature_weights`, from `gate_feature_weights`), read off the prompt alone."""
+    weight in the gate features (`feature_weights`, from `gate_feature_weights`), read off the prompt alone.
+    `renumber`: None keeps every token's original position through drops (the exit's rule); otherwise the rotary
+    function (position ids -> (cos, sin)) that numbers each sample's remaining tokens 0, 1, ... again after each
+    drop, as PyramidDrop's and SparseVLM's code do."""
 
     valid_keys: ValidKeys
     position_ids: torch.Tensor
@@ -30,6 +34,7 @@ class TokenLayout:
     feature_weights: torch.Tensor | None
     input_valid: torch.Tensor
     compacted: bool = False
+    renumber: Callable | None = None
 
     @property
     def input_length(self) -> int:
@@ -62,27 +67,40 @@ class TokenLayout:
             input_valid=valid,
         )
 
-    def drop(self, hidden: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, TokenLayout]:
-        """Remove the slots where `drop` is true and re-pack each sample to the right (left padding), in order.
+    def drop(self, hidden: torch.Tensor, drop: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenLayout]:
+        """Remove the slots where `drop` is true and re-pack each sample to the right (left padding), in slot order
+        or, given `order` (B, T), by it (stable; SparseVLM moves its merged tokens behind the kept visual ones).
 
-        Positions keep their original RoPE values; the new layout starts new ValidKeys for the layers after.
+        Positions keep their RoPE values, or are numbered again under `renumber`; the new layout starts new
+        ValidKeys for the layers after.
         """
         keep = self.valid_keys.valid & ~drop
         counts = keep.sum(dim=1)
         longest, shortest = torch.stack([counts.max(), counts.min()]).tolist()  # the one host sync of a drop
         batch, length = keep.shape
         pad = longest - counts
-        destination = torch.where(keep, pad[:, None] + keep.long().cumsum(dim=1) - 1, longest)
+        slots = torch.arange(length, device=keep.device).expand(batch, length)
+        if order is None:
+            rank = keep.long().cumsum(dim=1) - 1
+        else:  # each kept slot's place among its sample's kept slots, by `order`
+            by_order = order.masked_fill(~keep, float("inf")).argsort(dim=1, stable=True)
+            rank = torch.empty_like(by_order).scatter_(1, by_order, slots)
+        destination = torch.where(keep, pad[:, None] + rank, longest)
         index = torch.zeros(batch, longest + 1, dtype=torch.long, device=keep.device)
-        index.scatter_(1, destination, torch.arange(length, device=keep.device).expand(batch, length))
+        index.scatter_(1, destination, slots)
         index = index[:, :longest]
         valid = torch.arange(longest, device=keep.device)[None, :] >= pad[:, None]
-        position_ids = self.position_ids.gather(1, index)
+        if self.renumber is None:
+            position_ids = self.position_ids.gather(1, index)
+            position_embeddings = tuple(_gather(e, index) for e in self.position_embeddings)
+        else:
+            position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            position_embeddings = self.renumber(position_ids)
         layout = replace(
             self,
             valid_keys=ValidKeys(valid, padded=shortest < longest, positions=position_ids),
             position_ids=position_ids,
-            position_embeddings=tuple(_gather(e, index) for e in self.position_embeddings),
+            position_embeddings=position_embeddings,
             origin=self.origin.gather(1, index),
             visual=self.visual.gather(1, index) & valid,
             feature_weights=None if self.feature_weights is None else _gather(self.feature_weights, index) * valid[..., None],

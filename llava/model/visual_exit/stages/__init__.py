@@ -33,7 +33,8 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
             known = ", ".join(stage.usage for stage in STAGES.values())
             raise ValueError(f"unknown exit stage {name!r} in {spec!r}; known: {known}")
         stage = STAGES[name]
-        if len(args) != stage.usage.count(":"):
+        fields = stage.usage.count(":")
+        if not fields - stage.optional_fields <= len(args) <= fields:
             raise ValueError(f"exit stage {part!r}: expected {stage.usage}")
         try:
             stages.append(stage.parse(args))

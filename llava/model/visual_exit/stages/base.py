@@ -51,11 +51,26 @@ class ExitState:
 class Rewrite:
     """A stage's decision that, besides the visual slots that leave (`drop`, (B, T)), gives some slots that stay
     new hidden states from the next layer on: `rewritten` (B, T) and their `states` (B, T, H), read only there
-    (SparseVLM's recycled clusters). A bare drop mask is the decision that rewrites nothing."""
+    (SparseVLM's recycled clusters); `order` (B, T), when given, is the order the remaining slots take (SparseVLM's
+    code puts its merged tokens behind the kept visual ones). A bare drop mask is the decision that rewrites nothing."""
 
     drop: torch.Tensor
     rewritten: torch.Tensor
     states: torch.Tensor
+    order: torch.Tensor | None = None
+
+
+POSITION_RULES = ("renumber", "keep")
+
+
+def spec_positions(args: list[str], required: int) -> bool:
+    """Whether a stage renumbers positions after its drops: its optional last spec field, `renumber` (its official
+    code's rule, the default) or `keep` (every token keeps its original position, as the exit does)."""
+    if len(args) == required:
+        return True
+    if args[required] not in POSITION_RULES:
+        raise ValueError(f"positions {args[required]!r}: expected {' or '.join(POSITION_RULES)}")
+    return args[required] == "renumber"
 
 
 def spec_number(text: str, kind: type, lowest: float, highest: float = float("inf")) -> int | float:
@@ -75,6 +90,8 @@ class Stage:
     `parse` builds it from the spec's arguments."""
 
     usage = ""
+    optional_fields = 0  # trailing spec fields that may be left out (shown in brackets in `usage`)
+    renumbers = False  # numbers the remaining tokens' positions 0, 1, ... again after its drops
 
     def check(self, num_layers: int, has_gates: bool) -> None:
         """Raise ValueError when this stage cannot run on the model."""

@@ -1,7 +1,13 @@
-"""`pdrop:L1-L2-...:λ` (PyramidDrop, Xing et al. 2024): after the first L_s layers (s = 1, 2, ...) each sample keeps
-⌊n·λ^s⌋ of its n original visual tokens, those the `pdrop` scorer ranks highest (the last instruction token's
-attention in the next layer); the rest leave the sequence and the later layers' caches. LLaVA-1.5's default is
-`pdrop:8-16-24:0.5` (576 → 288 → 144 → 72). A sample left with none has exited there."""
+"""`pdrop:L1-L2-...:λ[:positions]` (PyramidDrop, Xing et al. 2024): after the first L_s layers (s = 1, 2, ...) each
+sample keeps ⌊n·λ^s⌋ of its n original visual tokens, those the `pdrop` scorer ranks highest (the last instruction
+token's attention in the next layer); the rest leave the sequence and the later layers' caches. LLaVA-1.5's default
+is `pdrop:8-16-24:0.5` (576 → 288 → 144 → 72). A sample left with none has exited there.
+
+Positions, as PyramidDrop's code has them (`renumber`, the default): after each drop the remaining tokens are
+numbered 0, 1, ... again, so the next boundary's ranking and every later layer see the renumbered positions, and
+each decode token takes, in each layer, the position after that layer's own cached tokens (its code lowers the
+incoming position by the tokens dropped at each boundary). `keep`: every token keeps its original position, as the
+exit and FastV do."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from llava.model.visual_exit.scorers.pdrop import pdrop_scores
-from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number
+from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number, spec_positions
 from llava.model.visual_exit.stages.prune import outside_top, record_pruning
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -20,15 +26,17 @@ from llava.model.visual_exit.tokens import TokenLayout
 class PyramidDrop(Stage):
     layers: tuple[int, ...]
     ratio: float
-    usage = "pdrop:L1-L2-...:λ"
+    renumbers: bool = True
+    usage = "pdrop:L1-L2-...:λ[:renumber|keep]"
+    optional_fields = 1
 
     @classmethod
     def parse(cls, args: list[str]) -> PyramidDrop:
-        layers_text, ratio = args
+        layers_text, ratio = args[:2]
         layers = tuple(spec_number(text, int, 1) for text in layers_text.split("-"))
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers {layers_text} must increase")
-        return cls(layers, spec_number(ratio, float, 0.0, 1.0))
+        return cls(layers, spec_number(ratio, float, 0.0, 1.0), spec_positions(args, 2))
 
     @property
     def pruning_layers(self) -> tuple[int, ...]:

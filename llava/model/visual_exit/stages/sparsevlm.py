@@ -11,10 +11,14 @@
    sample's min(count, n_v − 1) best-scored visual tokens (COUNTS, one per layer; n_v its current visual count,
    recycled ones included), as SparseVLM does; in prune/pdrop terms, pruning after the first ℓ + 1 layers.
 3. Recycling (v1.5): the ⌊0.3·n_drop⌋ + 1 best-scored of the n_drop pruned tokens are clustered by DPC-kNN
-   (`density_peak_centers`, on layer ℓ's output) into ⌊n/10⌋ + 1 clusters. Each cluster's center slot stays, at
-   its own RoPE position (the exit keeps positions and only removes slots), with its state replaced by the uniform
-   mean of its members; the other members leave. `sparsevlm-drop` (SparseVLM v2.0's choice, without v2.0's other
+   (`density_peak_centers`, on layer ℓ's output) into ⌊n/10⌋ + 1 clusters, each merged into the uniform mean of
+   its members; the other members leave. `sparsevlm-drop` (SparseVLM v2.0's choice, without v2.0's other
    changes): the pruned tokens just leave.
+4. Positions, as SparseVLM v1.5's code has them (`renumber`, the default): the merged tokens follow the sample's
+   kept visual tokens, in the order of their centers' rank (its `cluster_and_merge` output), and after each pruning
+   layer the remaining tokens are numbered 0, 1, ... again; each decode token takes, in each layer, the position
+   after that layer's own cached tokens (its attention reads it from the layer's cache length). `keep`: every token
+   keeps its original position and each merged token sits at its cluster center's slot, as the exit keeps them.
 
 LLaVA-1.5's budgets (SparseVLM v1.5's `score.py`): 192 tokens `sparsevlm:2-6-15:300-200-110`, 128
 `sparsevlm:2-6-15:303-110-36`, 64 `sparsevlm:2-6-15:66-30-17`.
@@ -41,7 +45,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from llava.model.visual_exit.scorers.fastv import rotated_keys
-from llava.model.visual_exit.stages.base import ExitState, LayerStep, Rewrite, Stage, spec_number
+from llava.model.visual_exit.stages.base import ExitState, LayerStep, Rewrite, Stage, spec_number, spec_positions
 from llava.model.visual_exit.stages.prune import outside_top, record_pruning
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -52,18 +56,20 @@ RECYCLED_SHARE = 0.3  # of the pruned tokens, the best-scored share (+1) that is
 class SparseVLM(Stage):
     layers: tuple[int, ...]
     counts: tuple[int, ...]
+    renumbers: bool = True
     recycle: ClassVar[bool] = True
-    usage = "sparsevlm:LAYERS:COUNTS"
+    usage = "sparsevlm:LAYERS:COUNTS[:renumber|keep]"
+    optional_fields = 1
 
     @classmethod
     def parse(cls, args: list[str]) -> SparseVLM:
-        layers_text, counts_text = args
+        layers_text, counts_text = args[:2]
         layers, counts = spec_integers(layers_text, "layers"), spec_integers(counts_text, "keep counts")
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers {layers_text} must increase")
         if len(counts) != len(layers):
             raise ValueError(f"{len(layers)} layers need {len(layers)} keep counts, got {counts_text}")
-        return cls(layers, counts)
+        return cls(layers, counts, spec_positions(args, 2))
 
     @property
     def pruning_layers(self) -> tuple[int, ...]:
@@ -91,9 +97,10 @@ class SparseVLM(Stage):
         if not self.recycle:
             record_pruning(state, pruned, visual, step.index + 1, layout)
             return pruned
-        centers, states = recycled_clusters(step.output, scores, pruned)
+        centers, states, rank = recycled_clusters(step.output, scores, pruned)
         record_pruning(state, pruned & ~centers, visual, step.index + 1, layout)
-        return Rewrite(pruned & ~centers, centers, states)
+        order = behind_kept_visual(visual & ~pruned, visual, centers, rank) if self.renumbers else None
+        return Rewrite(pruned & ~centers, centers, states, order)
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ class SparseVLMWithoutRecycling(SparseVLM):
     """The pruned tokens leave; nothing is merged."""
 
     recycle = False
-    usage = "sparsevlm-drop:LAYERS:COUNTS"
+    usage = "sparsevlm-drop:LAYERS:COUNTS[:renumber|keep]"
 
 
 def spec_integers(text: str, what: str) -> tuple[int, ...]:
@@ -160,30 +167,46 @@ def rater_attention(step: LayerStep, layout: TokenLayout, raters: torch.Tensor, 
     return (probabilities * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
 
 
+def behind_kept_visual(kept: torch.Tensor, visual: torch.Tensor, centers: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """(B, T) order of the remaining slots with each sample's merged tokens (`centers`, by their `rank`) right behind
+    its last kept visual token (behind the text before its visual tokens when none is kept), as SparseVLM's code
+    concatenates kept visual tokens, merged tokens and the text after them."""
+    slots = torch.arange(kept.shape[1], device=kept.device).expand_as(kept)
+    anchor = torch.where(kept.any(dim=1), torch.where(kept, slots, -1).amax(dim=1),
+                         torch.where(visual, slots, kept.shape[1]).amin(dim=1) - 1)
+    behind = anchor[:, None] + (rank + 1).double() / (rank.shape[1] + 2)
+    return torch.where(centers, behind, slots.double())
+
+
 def recycled_clusters(hidden: torch.Tensor, scores: torch.Tensor, pruned: torch.Tensor):
-    """(centers (B, T) bool, states (B, T, H)): of each sample's pruned slots, the ⌊0.3·n_drop⌋ + 1 best-scored are
-    clustered; each cluster's center slot gets the mean of its members' states (`states` is read only there)."""
+    """(centers (B, T) bool, states (B, T, H), rank (B, T)): of each sample's pruned slots, the ⌊0.3·n_drop⌋ + 1
+    best-scored are clustered; each cluster's center slot gets the mean of its members' states (`states` is read only
+    there) and its center's rank among the sample's centers (`rank`, read only at centers)."""
     dropped = pruned.sum(dim=1)
     chosen = torch.where(dropped > 0, (dropped.double() * RECYCLED_SHARE).floor().long() + 1, 0)
     candidates = pruned & ~outside_top(scores, pruned, chosen)
     width = int(chosen.max())
     centers = torch.zeros_like(pruned)
+    rank = torch.zeros_like(pruned, dtype=torch.long)
     if width == 0:
-        return centers, hidden
+        return centers, hidden, rank
     slots = (~candidates).long().argsort(dim=1, stable=True)[:, :width]  # (B, W): candidate slots, in order
     members = torch.arange(width, device=slots.device) < chosen[:, None]
     states = hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1])).float()  # (B, W, H)
-    center_of = density_peak_centers(states, members, chosen // 10 + 1)
+    center_of, center_rank = density_peak_centers(states, members, chosen // 10 + 1)
     assigned = (center_of[:, :, None] == torch.arange(width, device=slots.device)) & members[:, :, None]  # [b, i, c]
     sizes = assigned.sum(dim=1)  # (B, W): members per center (0: not a center)
     means = (assigned.transpose(1, 2).float() @ states) / sizes.clamp(min=1)[..., None]
     centers.scatter_(1, slots, sizes > 0)
-    return centers, torch.zeros_like(hidden).scatter_(1, slots[..., None].expand_as(means), means.to(hidden.dtype))
+    rank.scatter_(1, slots, center_rank)
+    states = torch.zeros_like(hidden).scatter_(1, slots[..., None].expand_as(means), means.to(hidden.dtype))
+    return centers, states, rank
 
 
-def density_peak_centers(x: torch.Tensor, members: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+def density_peak_centers(x: torch.Tensor, members: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """DPC-kNN as SparseVLM clusters (its `cluster_and_merge`): for the members (B, W) of x (B, W, C), each one's
-    center (an index into W) among `clusters` (B,) centers. Distance: L2 / √C. Density: exp(−mean squared distance
+    center (an index into W) among `clusters` (B,) centers, and each member's rank by score (a center's rank orders
+    SparseVLM's merged tokens). Distance: L2 / √C. Density: exp(−mean squared distance
     to the `clusters` nearest members, itself included). A member's parent distance: to the nearest denser member
     (equal densities: the earlier is denser; the densest: the largest distance of the sample). Centers: the highest
     parent distance × density. Each member joins its nearest center (ties: the better-ranked one), a center itself."""
@@ -207,4 +230,5 @@ def density_peak_centers(x: torch.Tensor, members: torch.Tensor, clusters: torch
     to_ranked = to_ranked.masked_fill(~is_center_rank[:, None], float("inf"))
     center_of = ranked.gather(1, to_ranked.argmin(dim=-1))  # argmin: the first minimum, the better-ranked center
     is_center = torch.zeros_like(members).scatter_(1, ranked, is_center_rank)
-    return torch.where(is_center, index, center_of)
+    rank_of = torch.empty_like(ranked).scatter_(1, ranked, index.expand_as(ranked))
+    return torch.where(is_center, index, center_of), rank_of
