@@ -20,7 +20,8 @@ def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa
     arguments = [
         "--model-path", init_checkpoint, "--question-file", str(gqa / f"{SPLIT}.jsonl"),
         "--image-folder", str(gqa / "data" / "images"), "--truth", str(gqa / "data" / "testdev_balanced_questions.json"),
-        "--budgets", "6", "10", "--methods", "fastv", "pdrop", "random", "sparsevlm", "--calibration", "1",
+        "--budgets", "6", "10", "--budget-rules", "equal", "--methods", "fastv", "pdrop", "random", "sparsevlm",
+        "--calibration", "1", "--time-questions", "2", "--time-repeats", "1",
         "--thresholds", "0.0", "0.5", "1.0", "--out", str(out), "--batch-size", "2",
     ]
     compare(arguments)
@@ -38,7 +39,7 @@ def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa
     truth = json.loads((gqa / "data" / "testdev_balanced_questions.json").read_text())
     for row in rows:  # exact match on the two scored questions, by hand (the calibration one is not "missing")
         name = "none" if row["method"] == "none" else (
-            f"dynamic-{row['setting'].removeprefix('τ=')}" if row["method"] == "dynamic" else f"{row['method']}-budget{row['budget']}"
+            f"dynamic-{row['setting'].removeprefix('τ=')}" if row["method"] == "dynamic" else f"{row['method']}-equal{row['budget']}"
         )
         answers = read_jsonl(str(out / "answers" / f"{name}.jsonl"), ("question_id",))[-2:]
         correct = sum(a["text"].rstrip(".").lower() == truth[a["question_id"]]["answer"] for a in answers)
@@ -57,7 +58,11 @@ def test_compare_meets_the_budgets_and_calibrates_the_gates(init_checkpoint, gqa
         expected = max(fitting, key=fitting.get) if fitting else min(averages, key=averages.get)
         assert averages[tau] == averages[expected]
     assert (out / "accuracy_vs_tflops.png").stat().st_size > 0
-    assert json.loads((out / "answers" / "pdrop-budget6.settings.json").read_text())["budget"]["method"] == "pdrop"
+    assert json.loads((out / "answers" / "pdrop-equal6.settings.json").read_text())["budget"] == {
+        "method": "pdrop", "visual_budget": 6.0, "rule": "equal"}
+    # the three units side by side: tokens, LM and vision FLOPs, prefill time against none's (1 for none itself)
+    assert float(rows[0]["prefill_time_vs_none"]) == 1.0 and all(float(r["prefill_time_vs_none"]) > 0 for r in rows)
+    assert all(float(r["vision_tflops"]) > 0 for r in rows)
 
     # A rerun holding out two questions scores the one left, though the resumed answer files hold two.
     compare(arguments[: arguments.index("--calibration")] + ["--calibration", "2", "--no-dynamic", "--out", str(out)])
@@ -69,7 +74,7 @@ def compare_arguments(checkpoint, gqa, out, *extra):
     return [
         "--model-path", checkpoint, "--question-file", str(gqa / f"{SPLIT}.jsonl"), "--image-folder",
         str(gqa / "data" / "images"), "--truth", str(gqa / "data" / "testdev_balanced_questions.json"),
-        "--budgets", "10", "--methods", "fastv", "--thresholds", "0.5", "--out", str(out), *extra,
+        "--budgets", "10", "--budget-rules", "equal", "--methods", "fastv", "--thresholds", "0.5", "--time-questions", "0", "--out", str(out), *extra,
     ]
 
 

@@ -61,7 +61,7 @@ def plugin(pretrained, docs, **model_args):
 def loader_answers(model_path, world_dir, docs, tmp_path, max_new_tokens, **exit_args) -> list[dict]:
     """The oracle: our loader's answer records for `docs`, one question at a time."""
     exit_names = ("exit_mode", "exit_layer", "exit_threshold", "fastv_k", "fastv_r", "exit_stages", "exit_method",
-                  "visual_budget", "visual_tokens")
+                  "visual_budget", "budget_rule", "visual_tokens")
     args = Namespace(
         model_path=model_path, model_base=None, conv_mode=None, device="cpu", temperature=0.0, top_p=None,
         num_beams=1, max_new_tokens=max_new_tokens, batch_size=1, answers_file=str(tmp_path / "a.jsonl"),

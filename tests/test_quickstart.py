@@ -37,7 +37,7 @@ def test_quickstart_reduced(tmp_path):
     rows = table_rows((results / "table.md").read_text())
     assert list(rows) == [
         "none", "dynamic-0.5", "fixed-0", "fixed-2", "fastv-2-0", "fastv-2-1", "dynamic+fastv-0.5-2-0.5",
-        "fastv-budget48", "pdrop-budget48",
+        "fastv-equal48", "pdrop-equal48",
     ]
     truth = json.loads((world / TEST_TRUTH).read_text())
     answers_root = world / "eval/gqa/answers/llava_gqa_testdev_balanced/quickstart"
@@ -55,7 +55,10 @@ def test_quickstart_reduced(tmp_path):
     assert rows["fastv-2-1"] == rows["fixed-2"]
     assert 0.0 < reductions["dynamic+fastv-0.5-2-0.5"]
     # One budget, one cost: 48 of 196 visual tokens on average, whichever layers each method prunes at.
-    assert abs(reductions["fastv-budget48"] - reductions["pdrop-budget48"]) < 2.0
+    assert abs(reductions["fastv-equal48"] - reductions["pdrop-equal48"]) < 2.0
+    costs = table_rows((results / "costs.md").read_text())  # three units: tokens, LM / vision FLOPs, prefill time
+    assert float(costs["none"][3]) == 1.0 and all(float(row[3]) > 0 for row in costs.values())
+    assert abs(float(costs["fastv-equal48"][0]) - 48) <= 1 and abs(float(costs["pdrop-equal48"][0]) - 48) <= 1
     # The committed model reads the image: without its visual tokens (fixed-0) it falls back to text priors.
     assert float(rows["none"][0]) >= float(rows["fixed-0"][0]) + 10
 

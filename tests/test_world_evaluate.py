@@ -20,7 +20,8 @@ RUNS = {
     "dynamic-0.9": ({"EXIT_MODE": "dynamic", "EXIT_THRESHOLD": "0.9"}, "--exit-mode dynamic --exit-threshold 0.9"),
     "fixed-3": ({"EXIT_MODE": "fixed", "EXIT_LAYER": "3"}, "--exit-mode fixed --exit-layer 3"),
     "fastv-2-0.5": ({"EXIT_MODE": "fastv", "FASTV_K": "2", "FASTV_R": "0.5"}, "--exit-mode fastv --fastv-k 2 --fastv-r 0.5"),
-    "pdrop-budget64": ({"EXIT_METHOD": "pdrop", "VISUAL_BUDGET": "64"}, "--exit-method pdrop --visual-budget 64"),
+    "pdrop-equal64": ({"EXIT_METHOD": "pdrop", "VISUAL_BUDGET": "64", "BUDGET_RULE": "equal"},
+                      "--exit-method pdrop --visual-budget 64 --budget-rule equal"),
 }
 TIMINGS = ("latency_ms", "prefill_ms", "answer_id")  # measured, or drawn afresh per run
 

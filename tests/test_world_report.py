@@ -30,12 +30,12 @@ RUNS = {
     "dynamic+fastv-0.9-2-0.5": (
         {"mode": "dynamic+fastv", "threshold": 0.9, "fastv_k": 2, "fastv_r": 0.5}, None, RIGHT_BY_NONE - {0}, 4.9e-4, 5,
     ),
-    "pdrop-budget20": (
-        {"mode": "stages"}, {"method": "pdrop", "visual_budget": 20}, RIGHT_BY_NONE - {29} | {31}, 4.95e-4, 8,
+    "pdrop-equal20": (
+        {"mode": "stages"}, {"method": "pdrop", "visual_budget": 20, "rule": "equal"}, RIGHT_BY_NONE - {29} | {31}, 4.95e-4, 8,
     ),
 }
 SIGNIFICANT = {"none": False, "fixed-0": True, "dynamic-0.9": False, "dynamic-0.5": False, "fastv-2-0.5": True,
-               "dynamic+fastv-0.9-2-0.5": False, "pdrop-budget20": False}
+               "dynamic+fastv-0.9-2-0.5": False, "pdrop-equal20": False}
 
 
 def truth() -> dict:
@@ -123,7 +123,7 @@ def test_results_json_table_and_plots(gqa_layout, tmp_path):
     assert (payload["confidence"], payload["alpha"]) == (0.95, 0.05)
     rows = {row["label"]: row for row in payload["runs"]}
     assert list(rows) == [
-        "none", "dynamic-0.5", "dynamic-0.9", "fixed-0", "fastv-2-0.5", "dynamic+fastv-0.9-2-0.5", "pdrop-budget20",
+        "none", "dynamic-0.5", "dynamic-0.9", "fixed-0", "fastv-2-0.5", "dynamic+fastv-0.9-2-0.5", "pdrop-equal20",
     ]
     for label, row in rows.items():
         _, _, right, tflops, exit_layer = RUNS[label]
@@ -139,7 +139,7 @@ def test_results_json_table_and_plots(gqa_layout, tmp_path):
     assert rows["dynamic-0.5"]["p_value"] == pytest.approx(0.125)
     assert rows["fastv-2-0.5"]["ci_high"] > rows["none"]["ci_low"]  # overlapping intervals, a significant pair
     assert rows["fastv-2-0.5"]["settings"] == {"fastv_k": 2.0, "fastv_r": 0.5}
-    assert (rows["pdrop-budget20"]["mode"], rows["pdrop-budget20"]["settings"]) == ("pdrop-budget", {"visual_budget": 20})
+    assert (rows["pdrop-equal20"]["mode"], rows["pdrop-equal20"]["settings"]) == ("pdrop-equal", {"visual_budget": 20})
 
     # Still the six cells tests/test_quickstart.py reads: accuracy, CI + difference, exit layer, FLOPs, reduction.
     table = table_rows((out / "table.md").read_text())

@@ -1,16 +1,22 @@
 """Every reduction method at the same visual budgets, on one model and one GQA-format question file:
 
     python -m llava.analysis.compare --model-path CKPT --question-file Q.jsonl --image-folder IMAGES \\
-        --truth testdev_balanced_questions.json --budgets 64 128 192 --out DIR
+        --truth testdev_balanced_questions.json --budgets 64 128 192 [--budget-rules paper equal] --out DIR
 
-Runs mode `none`, each method of `--methods` at each budget (llava.model.visual_exit.budget: equivalent visual
-tokens, the layer average), and DyVTE's gates with their threshold calibrated per budget: on the first
-`--calibration` questions each τ of `--thresholds` is run and the one whose measured average comes closest to
-the budget without exceeding it is kept (the smallest average when none fits). Those questions are never scored:
-every run is scored on the others, and only on those the truth file holds (`questions` in the table counts them).
-Writes DIR/comparison.csv (one row per run: method, budget, setting, accuracy, measured equivalent tokens, prefill
-TFLOPs, FLOPs reduction, questions scored) and DIR/accuracy_vs_tflops.png; the answers of every run stay in
-DIR/answers/ and a rerun resumes them. Greedy decoding, one process: the loader's other flags mean nothing here.
+Runs mode `none`, each method of `--methods` at each budget by each rule of `--budget-rules`
+(llava.model.visual_exit.budget: `paper`, each method's published setting for that budget on LLaVA-1.5-7B carried
+to this model, the default; `equal`, the same layer average of visual tokens for every method), and DyVTE's gates
+with their threshold calibrated per budget: on the first `--calibration` questions each τ of `--thresholds` is run
+and the one whose measured average comes closest to the budget's average on this model without exceeding it is
+kept (the smallest average when none fits). Those questions are never scored: every run is scored on the others,
+and only on those the truth file holds (`questions` counts them). Then every run's prefill is timed on the first
+`--time-questions` of them, in interleaved rounds, against none's.
+
+DIR/comparison.csv has one row per run, its cost in three units side by side: measured visual tokens per layer,
+theoretical prefill TFLOPs of the LM (`tflops`) and of the vision side (`vision_tflops`), and measured prefill time
+as a ratio to none (`prefill_time_vs_none`); DIR/accuracy_vs_tflops.png plots accuracy against LM TFLOPs. The answers
+of every run stay in DIR/answers/ and a rerun resumes them. Greedy decoding, one process: the loader's other flags
+mean nothing here.
 """
 
 from __future__ import annotations
@@ -30,60 +36,81 @@ import matplotlib.pyplot as plt  # noqa: E402
 from llava.eval.eval_gqa import load_questions, convert_gqa, score_gqa  # noqa: E402
 from llava.eval.io import EvalInputError, read_jsonl  # noqa: E402
 from llava.arguments import positive_int  # noqa: E402
-from llava.eval.model_vqa_loader import LOADER_DEFAULTS, add_model_arguments, answer_questions  # noqa: E402
+from llava.eval.model_vqa_loader import (  # noqa: E402
+    LOADER_DEFAULTS, add_model_arguments, answer_questions, batches, prepare_question, resolve_run,
+)
+from llava.eval.prefill_time import prefill_seconds  # noqa: E402
+from llava.model.exit_args import budget_tokens  # noqa: E402
 from llava.mm_utils import get_model_name_from_path  # noqa: E402
 from llava.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
-from llava.model.visual_exit import exit_decoder_of  # noqa: E402
-from llava.model.visual_exit.budget import METHODS, OutOfReach  # noqa: E402
+from llava.model.visual_exit import ExitConfig, exit_decoder_of  # noqa: E402
+from llava.model.visual_exit.budget import METHODS, RULES, OutOfReach  # noqa: E402
 
 logger = logging.getLogger("llava.analysis.compare")
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 0.9999)
-CSV_HEADER = ["method", "budget", "setting", "accuracy", "visual_tokens_avg", "tflops", "flops_reduction", "questions"]
+CSV_HEADER = ["method", "rule", "budget", "setting", "accuracy", "visual_tokens_avg", "tflops", "vision_tflops",
+              "prefill_time_vs_none", "flops_reduction", "questions"]
+_REFERENCE_TOKENS = 576  # LLaVA-1.5's visual tokens per image: what a paper budget counts
 
 
 @dataclass
 class RunResult:
     method: str
+    rule: str | None
     budget: float | None
     setting: str
     accuracy: float
     visual_tokens_avg: float
     tflops: float
+    vision_tflops: float | None
     flops_reduction: float
     questions: int
+    name: str = ""
+    config: ExitConfig | None = None
+    prefill_ratio: float | None = None
 
     def row(self) -> list:
-        return [self.method, "" if self.budget is None else f"{self.budget:g}", self.setting, f"{self.accuracy:.2f}",
-                f"{self.visual_tokens_avg:.2f}", f"{self.tflops:.6g}", f"{self.flops_reduction:.4f}", self.questions]
+        optional = lambda value, form: "" if value is None else format(value, form)  # noqa: E731
+        return [self.method, self.rule or "", optional(self.budget, "g"), self.setting, f"{self.accuracy:.2f}",
+                f"{self.visual_tokens_avg:.2f}", f"{self.tflops:.6g}", optional(self.vision_tflops, ".6g"),
+                optional(self.prefill_ratio, ".3f"), f"{self.flops_reduction:.4f}", self.questions]
 
 
-def run_setting(base: argparse.Namespace, name: str, questions: list[dict], loaded, **exit_flags) -> list[dict]:
-    """The answer records of one setting (resumed from DIR/answers/NAME.jsonl when made with the same settings)."""
+def unreached(method: str, rule: str, budget: float, error: Exception) -> RunResult:
+    return RunResult(method, rule, budget, f"out of reach: {error}", *[float("nan")] * 3, None, float("nan"), 0)
+
+
+def run_setting(base: argparse.Namespace, name: str, questions: list[dict], loaded, **exit_flags):
+    """(answer records, exit config) of one setting (resumed from DIR/answers/NAME.jsonl when made with the same
+    settings)."""
     args = argparse.Namespace(**{**vars(base), **exit_flags})
     args.answers_file = os.path.join(base.out, "answers", f"{name}.jsonl")
     answer_questions(args, questions, loaded)
     # Only these questions' answers: the file may hold others from an earlier run with another calibration split.
     asked = {q["question_id"] for q in questions}
-    return [r for r in read_jsonl(args.answers_file, ("question_id",)) if "error" not in r and r["question_id"] in asked]
+    records = [r for r in read_jsonl(args.answers_file, ("question_id",)) if "error" not in r and r["question_id"] in asked]
+    return records, resolve_run(args)[0]
 
 
-def result(method: str, budget, setting: str, records: list[dict], truth: dict) -> RunResult:
+def result(method: str, rule, budget, setting: str, answered: tuple, truth: dict, name: str) -> RunResult:
     """Scored on the questions of `truth` (an unanswered one counts as wrong); costs over the answered ones."""
+    records, config = answered
     if not records:
         raise EvalInputError(f"{method} {setting}: no question was answered")
     metrics = score_gqa(truth, convert_gqa(records))
     mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
     reduction = 1 - sum(r["tflops"] for r in records) / sum(r["tflops_full"] for r in records)
-    return RunResult(method, budget, setting, metrics["accuracy"], mean("visual_tokens_avg"), mean("tflops"), reduction,
-                     metrics["questions"])
+    vision = None if any(r.get("vision_tflops") is None for r in records) else mean("vision_tflops")
+    return RunResult(method, rule, budget, setting, metrics["accuracy"], mean("visual_tokens_avg"), mean("tflops"),
+                     vision, reduction, metrics["questions"], name, config)
 
 
 def calibrated_threshold(base, questions, loaded, budget: float, thresholds) -> float:
     """The τ whose measured average on the calibration questions comes closest to `budget` from below."""
     measured = {}
     for tau in thresholds:
-        records = run_setting(base, f"calibration-dynamic-{tau:g}", questions, loaded, exit_mode="dynamic",
-                              exit_threshold=tau)
+        records, _ = run_setting(base, f"calibration-dynamic-{tau:g}", questions, loaded, exit_mode="dynamic",
+                                 exit_threshold=tau)
         measured[tau] = sum(r["visual_tokens_avg"] for r in records) / max(1, len(records))
     fitting = [tau for tau, average in measured.items() if average <= budget]
     chosen = max(fitting, key=measured.get) if fitting else min(measured, key=measured.get)
@@ -120,37 +147,58 @@ def compare(args: argparse.Namespace) -> list[RunResult]:
     if args.dynamic and exit_decoder_of(loaded[1]).visual_gates_router is None:
         raise ValueError(f"{args.model_path} has no gates to calibrate: train them first, or pass --no-dynamic")
     base = argparse.Namespace(**{**LOADER_DEFAULTS, **vars(args)})
-    results = [result("none", None, "", run_setting(base, "none", evaluated, loaded, exit_mode="none"), truth)]
+    none = run_setting(base, "none", evaluated, loaded, exit_mode="none")
+    results = [result("none", None, None, "", none, truth, "none")]
+    tokens = budget_tokens(args.visual_tokens, exit_decoder_of(loaded[1]).config)
     for budget in args.budgets:
-        for method in args.methods:
-            try:
-                records = run_setting(base, f"{method}-budget{budget:g}", evaluated, loaded, exit_method=method,
-                                      visual_budget=budget)
-            except OutOfReach as error:  # e.g. a method whose first full layers alone cost more: a row says so
-                logger.warning("%s", error)
-                results.append(RunResult(method, budget, f"out of reach: {error}", *[float("nan")] * 4, 0))
-                continue
-            results.append(result(method, budget, f"budget {budget:g}", records, truth))
-        if args.dynamic:
-            tau = calibrated_threshold(base, calibration, loaded, budget, args.thresholds)
-            records = run_setting(base, f"dynamic-{tau:g}", evaluated, loaded, exit_mode="dynamic", exit_threshold=tau)
-            results.append(result("dynamic", budget, f"τ={tau:g}", records, truth))
+        targets = {}  # the budget's layer average on this model, per rule: what the gates are calibrated to
+        for rule in args.budget_rules:
+            targets.setdefault(budget * tokens / _REFERENCE_TOKENS if rule == "paper" else budget, rule)
+            for method in args.methods:
+                name = f"{method}-{rule}{budget:g}"
+                try:
+                    answered = run_setting(base, name, evaluated, loaded, exit_method=method, visual_budget=budget,
+                                           budget_rule=rule)
+                except OutOfReach as error:  # e.g. a method whose first full layers alone cost more: a row says so
+                    logger.warning("%s", error)
+                    results.append(unreached(method, rule, budget, error))
+                    continue
+                results.append(result(method, rule, budget, answered[1].stages, answered, truth, name))
+        for target, rule in targets.items() if args.dynamic else ():
+            tau = calibrated_threshold(base, calibration, loaded, target, args.thresholds)
+            answered = run_setting(base, f"dynamic-{tau:g}", evaluated, loaded, exit_mode="dynamic", exit_threshold=tau)
+            results.append(result("dynamic", rule, budget, f"τ={tau:g}", answered, truth, f"dynamic-{tau:g}"))
+    if args.time_questions:
+        time_prefills(args, base, evaluated, loaded, results)
     return results
+
+
+def time_prefills(args, base, evaluated: list[dict], loaded, results: list[RunResult]) -> None:
+    """Each run's prefill time on the first --time-questions scored questions, as a ratio to none's."""
+    configs = {r.name: r.config for r in results if r.questions}
+    prompt = argparse.Namespace(**vars(base))
+    resolve_run(prompt)  # the template the runs prompted with
+    timed = [prepare_question(q, prompt, loaded) for q in evaluated[: args.time_questions]]
+    seconds = prefill_seconds(loaded[1], loaded[0], loaded[2], list(batches(timed, args.batch_size)), configs, args.time_repeats)
+    for r in results:
+        if r.name in seconds:
+            r.prefill_ratio = seconds[r.name] / seconds["none"]
 
 
 def plot(results: list[RunResult], path: str) -> None:
     figure, axes = plt.subplots(figsize=(7.2, 4.8))
     reference = results[0]
     scale, unit = (1e3, "GFLOPs") if reference.tflops < 0.1 else (1.0, "TFLOPs")
-    for method in dict.fromkeys(r.method for r in results[1:]):
-        points = sorted((r.tflops * scale, r.accuracy, r.budget) for r in results if r.method == method and r.questions)
-        axes.plot([p[0] for p in points], [p[1] for p in points], "o-", label=method)
+    for method, rule in dict.fromkeys((r.method, r.rule) for r in results[1:]):
+        points = sorted((r.tflops * scale, r.accuracy, r.budget) for r in results
+                        if (r.method, r.rule) == (method, rule) and r.questions)
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-" if rule == "paper" else "o:", label=f"{method} ({rule})")
         for x, y, budget in points:
             axes.annotate(f"{budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.plot([reference.tflops * scale], [reference.accuracy], "k*", markersize=12, label="none")
     axes.set_xlabel(f"LM prefill {unit} per sample")
     axes.set_ylabel("accuracy (%)")
-    axes.set_title("Reduction methods at equal visual budgets (labels: equivalent tokens)")
+    axes.set_title("Reduction methods at visual budgets (labels: rule and budget)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
@@ -170,12 +218,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--visual-tokens", type=positive_int, default=None,
                         help="visual tokens per image the budgets are shares of (default: the LLaVA tower's count)")
     parser.add_argument("--truth", required=True, help="GQA-format ground truth ({question_id: {answer, types}})")
-    parser.add_argument("--budgets", type=float, nargs="+", required=True, help="equivalent visual tokens")
+    parser.add_argument("--budgets", type=float, nargs="+", required=True, help="retained visual tokens")
+    parser.add_argument("--budget-rules", nargs="+", choices=RULES, default=["paper"],
+                        help="paper: each method's published setting; equal: the same layer average (both: compare)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "fixed"])
     parser.add_argument("--no-dynamic", dest="dynamic", action="store_false", help="leave out DyVTE's gates")
     parser.add_argument("--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS)
     parser.add_argument("--calibration", type=int, default=50, help="first questions used to calibrate τ only")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--time-questions", type=int, default=64, help="questions every run's prefill is timed on (0: not)")
+    parser.add_argument("--time-repeats", type=positive_int, default=3, help="interleaved timing rounds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:

@@ -108,7 +108,10 @@ class PrefillTimer:
 
     def __init__(self, model, device: torch.device):
         self.device, self.started, self.prefill = device, 0.0, None
-        model.register_forward_hook(self._after_forward)
+        self.hook = model.register_forward_hook(self._after_forward)
+
+    def remove(self) -> None:
+        self.hook.remove()
 
     def start(self) -> None:
         synchronize(self.device)
@@ -376,9 +379,24 @@ def answer_into(args: argparse.Namespace, todo: list[dict], exit_config, loaded:
         args.model_path, args.model_base, args.model_name, device=args.device
     )
     model.eval()
-    family = isinstance(image_processor, FamilyProcessor)
-    limits = None if family else (context_len, model.get_vision_tower().num_patches)
     timer = PrefillTimer(model, model.device)
+    try:
+        return answer_batches(args, todo, exit_config, (tokenizer, model, image_processor, context_len), timer)
+    finally:
+        timer.remove()  # a caller running many settings on one model must not gather one hook per run
+
+
+def prepare_question(record: dict, args: argparse.Namespace, loaded: tuple) -> PreparedQuestion:
+    """One question as the loaded model takes it: LLaVA's template and image processing, or a family's processor."""
+    tokenizer, model, processor, context_len = loaded
+    if isinstance(processor, FamilyProcessor):
+        return prepare_for_family(record, args, processor, context_len)
+    return prepare(record, args, tokenizer, processor, model.config, (context_len, model.get_vision_tower().num_patches))
+
+
+def answer_batches(args: argparse.Namespace, todo: list[dict], exit_config, loaded: tuple, timer: PrefillTimer) -> list[str]:
+    """Answer `todo` batch by batch into --answers-file; the error records' reasons."""
+    tokenizer, model, image_processor, _ = loaded
     errors = []
     with open(args.answers_file, "a") as out, torch.inference_mode():
         progress = tqdm(total=len(todo), desc=f"answering ({exit_config.label})", unit="q")
@@ -386,10 +404,7 @@ def answer_into(args: argparse.Namespace, todo: list[dict], exit_config, loaded:
             prepared, records = [], []
             for record in batch:
                 try:
-                    if family:
-                        prepared.append(prepare_for_family(record, args, image_processor, context_len))
-                    else:
-                        prepared.append(prepare(record, args, tokenizer, image_processor, model.config, limits))
+                    prepared.append(prepare_question(record, args, loaded))
                 except (ImageLoadError, QuestionError) as error:
                     records.append(error_record(record, error, args.model_name))
                     errors.append(str(error))
@@ -421,7 +436,7 @@ def report_errors(answers_file: str, errors: list[str], asked: int) -> None:
 LOADER_DEFAULTS = dict(
     answers_file="answer.jsonl", num_chunks=1, chunk_idx=0, temperature=0.0, top_p=None, num_beams=1,
     max_new_tokens=128, overwrite=False, limit=None, exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None,
-    fastv_r=None, exit_stages=None, exit_method=None, visual_budget=None, visual_tokens=None,
+    fastv_r=None, exit_stages=None, exit_method=None, visual_budget=None, budget_rule=None, visual_tokens=None,
 )
 
 

@@ -28,10 +28,15 @@ def settings_path(answers_file: str) -> str:
 
 
 def run_label(args: argparse.Namespace, exit_config) -> str:
-    """The run's name in folders and tables: the exit's label, or `METHOD-budgetT` for a method at a budget."""
+    """The run's name in folders and tables: the exit's label, or `METHOD-RULE+T` for a method at a budget by a
+    rule (`pdrop-paper64`, `sparsevlm-equal64`)."""
     if getattr(args, "exit_method", None) is not None:
-        return f"{args.exit_method}-budget{args.visual_budget:g}"
+        return f"{args.exit_method}-{budget_rule(args)}{args.visual_budget:g}"
     return exit_config.label
+
+
+def budget_rule(args: argparse.Namespace) -> str:
+    return getattr(args, "budget_rule", None) or "paper"
 
 
 def run_settings(args: argparse.Namespace, exit_config, conv_mode: str) -> dict:
@@ -53,7 +58,7 @@ def run_settings(args: argparse.Namespace, exit_config, conv_mode: str) -> dict:
         **{flag: getattr(args, flag) for flag in PROMPT_FLAGS if hasattr(args, flag)},
     }
     if getattr(args, "exit_method", None) is not None:
-        settings["budget"] = {"method": args.exit_method, "visual_budget": args.visual_budget}
+        settings["budget"] = {"method": args.exit_method, "visual_budget": args.visual_budget, "rule": budget_rule(args)}
     return settings
 
 

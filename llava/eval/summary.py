@@ -3,7 +3,8 @@
 
 Fields: benchmark, the model folder and exit settings that made the answers (from `<answers>.settings.json`; the
 JSON keeps all the settings), the scorer's metrics, samples, errors (error records of the loader), mean exit
-layer, mean LM-prefill TFLOPs, their reduction against mode none on the same inputs, mean latency and prefill time.
+layer, mean LM-prefill TFLOPs, their reduction against mode none on the same inputs, mean latency and prefill time,
+and (in the JSON) the mean visual tokens per decoder layer and the vision side's TFLOPs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from llava.eval.run_settings import read_settings
 
 COLUMNS = ("benchmark", "samples", "errors", "exit_layer", "tflops", "flops_reduction", "latency_ms")
 LEADING = ("model", "exit")  # which run a row is, right after the benchmark
-HIDDEN = ("prefill_ms", "settings")  # in the JSON, not in the row
+HIDDEN = ("prefill_ms", "visual_tokens_avg", "vision_tflops", "settings")  # in the JSON, not in the row
 
 
 def summarize(answers: list[dict], benchmark: str, metrics: dict, settings: dict | None = None) -> dict:
@@ -42,6 +43,8 @@ def summarize(answers: list[dict], benchmark: str, metrics: dict, settings: dict
         "flops_reduction": 1 - used / full if full else None,
         "latency_ms": mean("latency_ms"),
         "prefill_ms": mean("prefill_ms"),
+        "visual_tokens_avg": mean("visual_tokens_avg"),  # visual tokens entering a decoder layer, on average
+        "vision_tflops": mean("vision_tflops"),  # the vision tower and projector (None: a family model)
         "settings": settings,
     }
 

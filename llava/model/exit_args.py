@@ -9,7 +9,7 @@ from transformers import CLIPVisionConfig
 
 from llava.arguments import positive_int
 from llava.model.visual_exit import EXIT_MODES, ExitConfig
-from llava.model.visual_exit.budget import METHODS, method_stages
+from llava.model.visual_exit.budget import METHODS, RULES, method_stages
 
 
 def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,12 @@ def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
         "--exit-method", choices=METHODS, default=None,
         help="a reduction method run at --visual-budget (llava.model.visual_exit.budget); implies --exit-mode stages",
     )
-    group.add_argument("--visual-budget", type=float, default=None, help="equivalent visual tokens (layer average)")
+    group.add_argument("--visual-budget", type=float, default=None, help="retained visual tokens, by --budget-rule")
+    group.add_argument(
+        "--budget-rule", choices=RULES, default=None,
+        help="paper (default): each method's published setting for that budget on LLaVA-1.5-7B, carried to this "
+        "model; equal: every method at the same layer average of visual tokens on this model",
+    )
     group.add_argument(
         "--visual-tokens", type=positive_int, default=None,
         help="visual tokens per image the budget is a share of (default: the LLaVA tower's patch count)",
@@ -42,10 +47,13 @@ def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
     visual budget becomes its stage list."""
     stages, mode = args.exit_stages, args.exit_mode
     budgeted = getattr(args, "exit_method", None), getattr(args, "visual_budget", None)
-    if any(value is not None for value in budgeted):
+    rule = getattr(args, "budget_rule", None)
+    if any(value is not None for value in budgeted) or rule is not None:
         if None in budgeted or mode is not None or stages is not None:
-            raise ValueError("--exit-method and --visual-budget go together, without --exit-mode or --exit-stages")
-        stages = method_stages(*budgeted, model_config.num_hidden_layers, budget_tokens(args.visual_tokens, model_config))
+            raise ValueError("--exit-method and --visual-budget go together (with --budget-rule, if any), without "
+                             "--exit-mode or --exit-stages")
+        stages = method_stages(*budgeted, model_config.num_hidden_layers, budget_tokens(args.visual_tokens, model_config),
+                               rule or "paper", keep_positions=has_multirow_positions(model_config))
     given = {
         "layer": args.exit_layer, "threshold": args.exit_threshold, "fastv_k": args.fastv_k, "fastv_r": args.fastv_r,
         "stages": stages,
@@ -57,6 +65,12 @@ def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
     config = ExitConfig.from_model_config(model_config).with_overrides(mode, **given)
     config.check_overrides_used(**given)
     return config
+
+
+def has_multirow_positions(model_config) -> bool:
+    """M-RoPE (Qwen2-VL and the families on it): positions with three rows, which no method renumbers."""
+    rope = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
+    return isinstance(rope, dict) and "mrope_section" in rope
 
 
 def budget_tokens(given: int | None, model_config) -> int:

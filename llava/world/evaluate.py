@@ -6,7 +6,8 @@
 Each `--run NAME=FLAGS` takes the loader's flags (`llava.eval.model_vqa_loader`: exit flags, `--conv-mode`,
 decoding) and writes what `scripts/v1_5/eval/gqa.sh` writes with the same flags and CKPT=.../NAME, into ROOT/NAME:
 the answers with their exit statistics and settings (`merge.jsonl`), eval_gqa's predictions and metrics
-(`predictions.json`, `metrics.json`) and the summary row (`merge.summary.json`). What it saves is the start-up:
+(`predictions.json`, `metrics.json`) and the summary row (`merge.summary.json`); then, in ROOT/prefill_time.json,
+every run's measured prefill time on the first --time-questions questions as a ratio to mode none's. What it saves is the start-up:
 the model is loaded and the questions read once, not once per setting, which on 2 cores is a third of a small
 run's time. Every run's flags are checked against the checkpoint before any model work; a folder holding answers
 made with other settings stops the run, as the loader's resume does.
@@ -24,10 +25,13 @@ from tqdm import tqdm
 
 from llava.eval.eval_gqa import load_questions, run_convert, score_gqa
 from llava.eval.io import EvalInputError, read_json, read_jsonl, write_json
-from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions, resolve_run
+from llava.arguments import positive_int
+from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions, batches, prepare_question, resolve_run
+from llava.eval.prefill_time import PREFILL_TIME, prefill_seconds, ratios_to_none
 from llava.eval.summary import format_row, write_summary
 from llava.model.builder import CheckpointError, load_pretrained_model, resolve_device
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
+from llava.model.visual_exit import ExitConfig
 
 SPLIT = "llava_gqa_testdev_balanced"
 OWN_FLAGS = ("model_path", "model_base", "question_file", "image_folder", "answers_file", "batch_size", "device")
@@ -75,7 +79,21 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
         write_json(os.path.join(args.answers_root, name, "metrics.json"), metrics)
         summaries.append(write_summary(run.answers_file, "gqa", metrics))
         tqdm.write(format_row(summaries[-1], header=len(summaries) == 1))
+    if args.time_questions:
+        time_prefills(args, runs, questions, loaded)
     return summaries
+
+
+def time_prefills(args: argparse.Namespace, runs: list, questions: list[dict], loaded: tuple) -> None:
+    """ROOT/prefill_time.json: each run's measured prefill time on the first --time-questions questions, and its
+    ratio to mode none's, in --time-repeats interleaved rounds (llava.eval.prefill_time)."""
+    configs = {"none": ExitConfig("none")}
+    configs.update({name: resolve_run(run)[0] for name, run in runs})
+    timed = [prepare_question(record, runs[0][1], loaded) for record in questions[: args.time_questions]]
+    seconds = prefill_seconds(loaded[1], loaded[0], loaded[2], list(batches(timed, args.batch_size)), configs, args.time_repeats)
+    write_json(os.path.join(args.answers_root, PREFILL_TIME), {
+        "questions": len(timed), "repeats": args.time_repeats, "runs": ratios_to_none(seconds),
+    })
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--run", type=named_run, action="append", required=True, metavar="NAME=FLAGS")
+    parser.add_argument("--time-questions", type=int, default=64,
+                        help="time every run's prefill on this many questions (0: not), ratios to none")
+    parser.add_argument("--time-repeats", type=positive_int, default=3, help="interleaved timing rounds")
     args = parser.parse_args(argv)
     args.question_file = os.path.join(args.gqa_dir, f"{SPLIT}.jsonl")
     args.truth_file = os.path.join(args.gqa_dir, "data", "testdev_balanced_questions.json")

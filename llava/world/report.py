@@ -27,7 +27,8 @@ K ≥ 1 from which every fixed K answers it as well as no exit does. It keeps no
 fixed K's accuracy there, is the room per-input exits have over one layer for all on these questions.
 
 Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column), RESULTS/
-per_kind.md (each run's accuracy per question kind, GQA's structural type), RESULTS/equal_flops.md (the gaps at
+costs.md (each run's cost in three units: visual tokens per layer, LM and vision FLOPs, measured prefill time
+against none's where the evaluation timed it), RESULTS/per_kind.md (each run's accuracy per question kind, GQA's structural type), RESULTS/equal_flops.md (the gaps at
 equal cost), RESULTS/results.json (every run's figures and the gaps, for other
 tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a zoom on the runs within 15 points of none) and
 RESULTS/exit_layer_histogram.png.
@@ -53,7 +54,8 @@ from matplotlib.transforms import Bbox  # noqa: E402
 
 from llava.eval.eval_gqa import balanced_answers, convert_gqa, load_questions  # noqa: E402
 from llava.eval.io import EvalInputError, read_json, read_jsonl  # noqa: E402
-from llava.model.visual_exit.budget import METHODS  # noqa: E402
+from llava.eval.prefill_time import PREFILL_TIME  # noqa: E402
+from llava.model.visual_exit.budget import METHODS, RULES  # noqa: E402
 
 # Each mode's settings (symbol: the field of the run's recorded exit settings), in the order its label gives them.
 SETTINGS = {
@@ -63,8 +65,9 @@ SETTINGS = {
     "fastv": {"K": "fastv_k", "R": "fastv_r"},
     "dynamic+fastv": {"τ": "threshold", "K": "fastv_k", "R": "fastv_r"},
 }
-# Reduction methods run at a visual budget (llava.model.visual_exit.budget): one setting, the budget T.
-BUDGETED = {method: f"{method}-budget" for method in METHODS}  # their modes here, apart from modes fastv / fixed
+# Reduction methods run at a visual budget T by a rule (llava.model.visual_exit.budget): one setting, T. Their modes
+# here, apart from modes fastv / fixed: one per method and rule.
+BUDGETED = {(method, rule): f"{method}-{rule}" for method in METHODS for rule in RULES}
 SETTINGS.update({mode: {"T": "visual_budget"} for mode in BUDGETED.values()})
 MODES = tuple(SETTINGS)
 STYLES = {  # mode: (line style, legend)
@@ -72,7 +75,8 @@ STYLES = {  # mode: (line style, legend)
     "dynamic": ("o-", "dynamic exit (τ)"),
     "fastv": ("^:", "FastV, K={K:g} (R)"),
     "dynamic+fastv": ("D", "dynamic + FastV"),
-    **{mode: (marker + "-.", f"{method} at budget T") for (method, mode), marker in zip(BUDGETED.items(), "v<>phx+")},
+    **{mode: (marker + ("-." if rule == "paper" else ":"), f"{method}, {rule} budget T")
+       for ((method, rule), mode), marker in zip(BUDGETED.items(), "vv<<>>pphhxx++")},
 }
 # More curves than the default cycle's 10 colours: tab20's dark shades first, then its light ones. Error bars are
 # drawn fainter than their points, which crowd between them.
@@ -127,6 +131,11 @@ class Run:
     correct: tuple[bool, ...]  # per question, in the truth file's order: the same for every run, so runs pair up
     kinds: tuple[str, ...]  # per question in that order, its GQA structural type (the tiny world's question kind)
     costs: tuple[float | None, ...]  # per question in that order, its prefill TFLOPs (None: no answer record)
+    # The other two units of cost: visual tokens entering a layer on average, the vision side's TFLOPs (None for a
+    # family model), and the measured prefill time as a ratio to none's (None where the runs were not timed).
+    visual_tokens_avg: float | None = None
+    vision_tflops: float | None = None
+    prefill_ratio: float | None = None
 
     @property
     def per_kind(self) -> dict[str, float]:
@@ -162,7 +171,8 @@ def recorded_run(summary_path: str, summary: dict) -> tuple[str, str, tuple[floa
         raise ValueError(f"{summary_path}: records no exit settings; rerun its evaluation")
     budget = settings.get("budget")
     if budget is not None:  # a method at a budget: named and plotted by the method, not by its stage list
-        return settings["exit_label"], BUDGETED[budget["method"]], (float(budget["visual_budget"]),)
+        # before the rules were named, every budget was the equal-average one
+        return settings["exit_label"], BUDGETED[budget["method"], budget.get("rule", "equal")], (float(budget["visual_budget"]),)
     mode = exit_settings["mode"]
     if mode not in SETTINGS:
         raise ValueError(f"{summary_path}: exit mode {mode!r} is not one this report plots ({', '.join(MODES)})")
@@ -236,6 +246,8 @@ def load_runs(answers_root: str, questions_path: str, model: str | None = None) 
             summaries[summary_path] = summary
     if not summaries:
         raise ValueError(f"{answers_root}: no run in it (folders holding merge.summary.json, as gqa.sh writes them)")
+    timing_path = os.path.join(answers_root, PREFILL_TIME)
+    timing = read_json(timing_path)["runs"] if os.path.isfile(timing_path) else {}
     runs = []
     for summary_path, summary in one_model(summaries, answers_root, model).items():
         folder = os.path.dirname(summary_path)
@@ -254,6 +266,8 @@ def load_runs(answers_root: str, questions_path: str, model: str | None = None) 
         runs.append(Run(
             run_name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
             summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a], correct, kinds, costs,
+            summary.get("visual_tokens_avg"), summary.get("vision_tflops"),
+            timing.get(os.path.basename(folder), {}).get("ratio"),
         ))
     if not any(run.mode == "none" for run in runs):
         raise ValueError(f"{answers_root}: no 'none' run to compare against")
@@ -278,7 +292,8 @@ def results(runs: list[Run]) -> dict:
             "correct": sum(run.correct), "accuracy": run.accuracy, "ci_low": low, "ci_high": high,
             "tflops": run.tflops, "flops_reduction": run.flops_reduction, "exit_layer": run.exit_layer,
             "difference_vs_none": difference, "p_value": p_value, "significant": p_value < ALPHA,
-            "per_kind": run.per_kind,
+            "per_kind": run.per_kind, "visual_tokens_avg": run.visual_tokens_avg, "vision_tflops": run.vision_tflops,
+            "prefill_time_vs_none": run.prefill_ratio,
         })
     return {"confidence": CONFIDENCE, "alpha": ALPHA, "test": "exact McNemar against mode none", "runs": rows,
             "equal_flops": equal_flops(runs), "oracle_exit": oracle_exit(runs)}
@@ -408,6 +423,21 @@ def table(runs: list[Run]) -> str:
             f"| {run.name} | {run.accuracy:.1f} | [{low:.1f}, {high:.1f}]; {difference:+.1f}{star} "
             f"| {run.exit_layer:.2f} | {run.tflops * scale:.4g} | {100 * run.flops_reduction:.1f} % |"
         )
+    return "\n".join(lines)
+
+
+def costs_table(runs: list[Run]) -> str:
+    """Each run's cost in the three units methods are compared in: visual tokens entering a decoder layer on average
+    (SparseVLM's equivalent tokens), theoretical prefill FLOPs (LM and vision side apart), and measured prefill time
+    as a ratio to none's (interleaved rounds on the same questions, from the evaluation's prefill_time.json)."""
+    unit, scale = flops_unit(runs)
+    lines = [f"| run | visual tokens / layer | LM prefill {unit} | vision {unit} | prefill time × none |",
+             "|---|---|---|---|---|"]
+    cell = lambda value, form: "-" if value is None else format(value, form)  # noqa: E731
+    for run in runs:
+        vision = None if run.vision_tflops is None else run.vision_tflops * scale
+        lines.append(f"| {run.name} | {cell(run.visual_tokens_avg, '.1f')} | {run.tflops * scale:.4g} | "
+                     f"{cell(vision, '.4g')} | {cell(run.prefill_ratio, '.3f')} |")
     return "\n".join(lines)
 
 
@@ -584,15 +614,19 @@ def main(argv: list[str] | None = None) -> None:
     kinds = per_kind_table(runs)
     with open(os.path.join(args.out, "per_kind.md"), "w") as handle:
         handle.write(kinds + "\n")
+    costs = costs_table(runs)
+    with open(os.path.join(args.out, "costs.md"), "w") as handle:
+        handle.write(costs + "\n")
     figure = accuracy_figure(runs, figures["oracle_exit"])
     figure.savefig(os.path.join(args.out, "accuracy_vs_tflops.png"), dpi=DPI)
     plt.close(figure)
     plot_exit_histogram(runs, layers, os.path.join(args.out, "exit_layer_histogram.png"))
     print(text)
+    print(f"\nCost in three units:\n{costs}")
     print(f"\nAccuracy (%) per question kind:\n{kinds}")
     print(f"\nAt equal prefill FLOPs, against the interpolated baseline curves:\n{comparison}")
     print(
-        f"{os.path.abspath(args.out)}: results.json, per_kind.md, equal_flops.md, accuracy_vs_tflops.png, "
+        f"{os.path.abspath(args.out)}: results.json, costs.md, per_kind.md, equal_flops.md, accuracy_vs_tflops.png, "
         "exit_layer_histogram.png"
     )
 

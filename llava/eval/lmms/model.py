@@ -8,7 +8,7 @@ the loader's for the same settings, alone or in a batch.
 `--model_args`: `pretrained` (required), `model_base`, `conv_mode`, `device`, `batch_size`, and every exit flag of
 our CLIs under its flag name with underscores: `exit_mode`, `exit_layer`, `exit_threshold`, `fastv_k`, `fastv_r`,
 `exit_stages` (quoted, for its commas: `exit_stages="prune:fastv:2:0.5,gates:0.9"`), `exit_method` with
-`visual_budget` (and `visual_tokens`). Left out, a setting comes from the checkpoint's config. Under `accelerate
+`visual_budget` (and `budget_rule`, `visual_tokens`). Left out, a setting comes from the checkpoint's config. Under `accelerate
 launch` each process takes its rank's share of the documents on its own GPU.
 
 Per request, the logged sample's `token_counts` holds, beside lmms-eval's token counts, the exit statistics of
@@ -55,7 +55,7 @@ logger = logging.getLogger("llava.eval.lmms")
 
 EXIT_ARGS = (
     "exit_mode", "exit_layer", "exit_threshold", "fastv_k", "fastv_r", "exit_stages", "exit_method", "visual_budget",
-    "visual_tokens",
+    "budget_rule", "visual_tokens",
 )
 DECODING_KWARGS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
 DEFAULT_MAX_NEW_TOKENS = 128  # LLaVA's loader's; tasks set their own

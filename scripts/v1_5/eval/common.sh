@@ -3,8 +3,9 @@
 #   MODEL_PATH, MODEL_BASE, EVAL_ROOT (and each script's own *_DIR), relative to where you call the script from;
 #   CKPT (answers subfolder, default: <model folder>_<exit settings>, e.g. llava-v1.5-7b_dynamic-0.5);
 #   EXIT_MODE / EXIT_LAYER / EXIT_THRESHOLD / FASTV_K / FASTV_R, or EXIT_STAGES (e.g. prune:random:2:0.5,gates:0.9),
-#   or EXIT_METHOD + VISUAL_BUDGET (e.g. pdrop 64: a method at equivalent visual tokens; VISUAL_TOKENS per image
-#   for checkpoints whose count depends on the image); default: the checkpoint's config, BATCH_SIZE,
+#   or EXIT_METHOD + VISUAL_BUDGET (e.g. pdrop 64: a method at retained visual tokens, by BUDGET_RULE paper (its
+#   published setting) or equal (the same layer average); VISUAL_TOKENS per image for checkpoints whose count
+#   depends on the image); default: the checkpoint's config, BATCH_SIZE,
 #   CONV_MODE (default: the template the checkpoint saved, else LLaVA's rule for its folder name),
 #   CUDA_VISIBLE_DEVICES (one chunk per listed GPU; without a GPU one chunk on the CPU), PYTHON,
 #   LIMIT (the first N questions only, scored on those: a quick look; gqa.sh and pope.sh).
@@ -46,6 +47,7 @@ EXIT_ARGS=()
 [ -n "${EXIT_STAGES:-}" ] && EXIT_ARGS+=(--exit-stages "$EXIT_STAGES")
 [ -n "${EXIT_METHOD:-}" ] && EXIT_ARGS+=(--exit-method "$EXIT_METHOD")
 [ -n "${VISUAL_BUDGET:-}" ] && EXIT_ARGS+=(--visual-budget "$VISUAL_BUDGET")
+[ -n "${BUDGET_RULE:-}" ] && EXIT_ARGS+=(--budget-rule "$BUDGET_RULE")
 [ -n "${VISUAL_TOKENS:-}" ] && EXIT_ARGS+=(--visual-tokens "$VISUAL_TOKENS")
 LOADER_ARGS+=(${EXIT_ARGS[@]+"${EXIT_ARGS[@]}"})
 # Named after the model and the exit settings, so a run with other settings never resumes another's answers.
