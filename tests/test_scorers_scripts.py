@@ -45,7 +45,10 @@ def run_script(name: str, tmp_path: Path, answers: dict, **env: str) -> None:
         f'exec "{sys.executable}" "$@"\n'
     )
     wrapper.chmod(0o755)
+    (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text("{}")  # a checkpoint folder the stand-in never reads
     full_env = dict(os.environ, EVAL_ROOT=str(tmp_path), CKPT="tiny", PYTHON=str(wrapper), PYTHONPATH=str(ROOT),
+                    MODEL_PATH=str(tmp_path / "model"),
                     FAKE_ANSWERS=str(tmp_path / "answers.json"), CUDA_VISIBLE_DEVICES="", **env)
     result = subprocess.run(["bash", str(ROOT / "scripts/v1_5/eval" / name)], env=full_env, capture_output=True,
                             text=True, timeout=300)
