@@ -19,6 +19,10 @@ class MultimodalRopeDecoderMixin(VisualExitDecoderMixin):
 
     renumbers_positions = False
 
+    def packing_positions(self, position_ids):
+        """Packed sequences only with a text row in front (`[4, B, T]`), as the stock text model reads them."""
+        return position_ids[0] if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4 else None
+
     def split_position_ids(self, position_ids, hidden: torch.Tensor, past_length: int, attention_mask=None):
         if position_ids is not None and position_ids.dim() == 3:
             if position_ids.shape[0] == 4:

@@ -133,7 +133,12 @@ class VisualExitDecoderMixin:
         if request is not None and request.gate_training is not None:
             request.gate_output = request.gate_training(self, inputs_embeds, attention_mask, position_ids, visual_mask)
             return VisualExitModelOutput(last_hidden_state=inputs_embeds)  # the wrapper returns gate_output instead
-        hidden, stats = self._prefill(inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs)
+        packing = self.packing_positions(position_ids) if attention_mask is None and cache is None else None
+        segments = None if packing is None else packed_segments(packing, kwargs)
+        if segments is not None:
+            hidden, stats = self._packed_prefill(inputs_embeds, position_ids, segments, visual_mask, exit_config, kwargs)
+        else:
+            hidden, stats = self._prefill(inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs)
         if cache is not None:
             cache.exit_stats = stats
         if request is not None:  # a wrapper's stock forward rebuilds its own output from this one's fields
@@ -173,6 +178,30 @@ class VisualExitDecoderMixin:
             torch.stack(policy.layer_tokens, dim=1),
         )
         return self.finish_prefill(hidden, layout), stats
+
+    def _packed_prefill(self, hidden, position_ids, segments, visual_mask, exit_config, kwargs):
+        """Several sequences packed in a row (positions restarting, no mask and no cache, as transformers reads
+        them): each becomes a row of a left-padded batch, so its exit is its own and it sees only itself; the states
+        go back to their packed slots. `exit_stats` then has one row per packed sequence, in order."""
+        batch, length = segments.shape
+        ids = segments + torch.arange(batch, device=segments.device)[:, None] * length  # unique over the batch
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        row, first = starts.nonzero(as_tuple=True)  # (S,): one per sequence, in order
+        sizes = torch.bincount(ids.flatten(), minlength=batch * length)[ids[row, first]]
+        width = int(sizes.max())
+        offsets = torch.arange(width, device=hidden.device) - (width - sizes)[:, None]  # left padding
+        valid = offsets >= 0
+        slots = (first[:, None] + offsets).clamp(min=0)  # (S, width): each one's packed slot
+        rows = row[:, None].expand_as(slots)
+        position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
+        out, stats = self._prefill(
+            hidden[rows, slots] * valid[..., None], valid.long(), position_ids[..., rows, slots], None,
+            None if visual_mask is None else visual_mask[rows, slots] & valid, exit_config, kwargs,
+        )
+        packed = hidden.new_zeros(batch, length, out.shape[-1])
+        packed[rows[valid], slots[valid]] = out[valid]
+        return packed, stats
 
     def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, with_gate_features: bool, prompt_end=None):
         """The input's token layout (validity, positions, RoPE, visual slots) before layer 0; `prompt_end` as in
@@ -258,6 +287,11 @@ class VisualExitDecoderMixin:
             )
         return self.norm(hidden)
 
+    def packing_positions(self, position_ids):
+        """The (B, T) positions whose restarts mark packed sequences, as the stock decoder reads them (with no mask
+        and no cache), or None when it reads none."""
+        return position_ids
+
     def split_position_ids(self, position_ids, hidden: torch.Tensor, past_length: int, attention_mask=None):
         """(positions, rope input): `positions` (B or 1, T), one per token, are what masks, sliding windows and the
         layers read; the rope input is what `rotary_emb` takes. Both are `position_ids`, or the tokens' indices
@@ -278,6 +312,25 @@ class VisualExitDecoderMixin:
         if window is None or (layer_types is not None and layer_types[index] != "sliding_attention"):
             return None
         return window
+
+
+FLASH_PACKING = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def packed_segments(positions: torch.Tensor, kwargs: dict) -> torch.Tensor | None:
+    """(B, T) sequence index of each slot when several sequences are packed in a row, else None: from flash
+    attention's `cu_seq_lens_q` where given (taken out of `kwargs` with its companions), else where `positions`
+    restart, as transformers finds them (`find_packed_sequence_indices`)."""
+    boundaries = kwargs.pop("cu_seq_lens_q", None)
+    for name in FLASH_PACKING:
+        kwargs.pop(name, None)
+    positions = positions if positions.dim() == 2 else positions[None]
+    if boundaries is not None:
+        slots = torch.arange(positions.shape[-1], device=positions.device)
+        return torch.bucketize(slots, boundaries[1:-1].to(slots.device), right=True)[None]
+    step = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+    segments = (step != 1).cumsum(dim=-1)
+    return segments if bool((segments[:, -1] > 0).any()) else None
 
 
 def exit_decoder_of(model) -> VisualExitDecoderMixin:
