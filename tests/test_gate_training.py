@@ -306,3 +306,29 @@ def test_finetune_script_input_errors_are_one_line(init_checkpoint, gate_data, t
         assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
         # once, though both processes met the malformed file
         assert [text for text in result.stderr.splitlines() if "error:" in text] == [line]
+
+
+def test_two_cpu_processes_through_the_trainers_ddp(init_checkpoint, gate_data, tmp_path):
+    """torchrun without DeepSpeed (the Trainer's own DDP, under gradient checkpointing, where it would not look for
+    unused parameters): each step trains the sampled layer's gate only, so the others have no gradient that step;
+    the run sets find_unused_parameters itself and trains as one process does."""
+    args = train_args(init_checkpoint, gate_data, tmp_path / "ddp", "--max_steps", "3", "--per_device_train_batch_size",
+                      "2", "--dataloader_num_workers", "0", "--ddp_backend", "gloo", "--gradient_checkpointing", "True")
+    with socket.socket() as free:
+        free.bind(("", 0))
+        port = str(free.getsockname()[1])
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environment.update(PYTHONPATH=ROOT, MASTER_PORT=port)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+         os.path.join(ROOT, "llava/train/train.py"), *args], env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = load_file(tmp_path / "ddp" / "visual_gates.safetensors")
+    initial = load_pretrained_model(init_checkpoint, device="cpu")[1].state_dict()
+    assert any(not torch.equal(tensor, initial[name]) for name, tensor in trained.items())
+    single = train(train_args(init_checkpoint, gate_data, tmp_path / "one", "--max_steps", "3",
+                              "--per_device_train_batch_size", "4", "--dataloader_num_workers", "0"))
+    assert single.state.global_step == 3
+    alone = load_file(tmp_path / "one" / "visual_gates.safetensors")
+    assert all(torch.allclose(alone[name], trained[name], atol=1e-5) for name in alone)

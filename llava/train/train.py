@@ -137,6 +137,9 @@ def train(argv: list[str] | None = None) -> GateTrainer:
         # A replica's progress bars (weight loading) would run into the main process's lines on the shared stderr.
         transformers.utils.logging.disable_progress_bar()
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    if training_args.ddp_find_unused_parameters is None:
+        # A step trains one gate (its sampled layer's): under DDP the others have no gradient that step.
+        training_args.ddp_find_unused_parameters = True
     tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
     layer_sampler = ExitLayerSampler(exit_decoder_of(model).config.num_hidden_layers, gate_args.exit_layer_sampler)
     dataset, collator = training_data(

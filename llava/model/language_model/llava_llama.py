@@ -14,6 +14,7 @@ from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava.model.visual_exit import ExitConfig, ExitStats, VisualExitCache, VisualExitDecoderMixin
 from llava.model.visual_exit.generation import with_exit_stats
 from llava.model.visual_exit.training import ExitLabelRule, GateTrainingOutput, gate_training_pass
+from llava.model.visual_exit.vlm import refuse_cache_implementation
 
 
 class LlavaConfig(LlamaConfig):
@@ -68,6 +69,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         """LLaVA's forward. With `gate_training_layer` k it is a gate-training step instead: the loss of gate k
         against labels from the two continuations after layer k (see visual_exit.training)."""
         cache = take_cache(kwargs, cache)
+        return_dict = kwargs.pop("return_dict", None)
         mm = None
         if inputs_embeds is None and _needs_multimodal_inputs(input_ids, images):
             mm = self.prepare_inputs_labels_for_multimodal(
@@ -101,7 +103,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return LlavaCausalLMOutput(
+        output = LlavaCausalLMOutput(
             loss=loss,
             logits=logits,
             **cache_argument(output_cache(outputs)),
@@ -109,6 +111,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             attentions=outputs.attentions,
             exit_stats=outputs.exit_stats,
         )
+        if return_dict is False or (return_dict is None and not self.config.return_dict):
+            return output.to_tuple()  # the stock tuple, the exit statistics last
+        return output
 
     @torch.no_grad()
     def generate(
@@ -130,6 +135,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         inputs = kwargs.pop("input_ids", inputs)
         if inputs is None:
             raise ValueError("generate needs the prompt input_ids")
+        refuse_cache_implementation(self, kwargs)
         if kwargs.get("use_cache") is False:
             raise ValueError("generate decodes with a VisualExitCache; use_cache=False is not supported")
         mm = self.prepare_inputs_labels_for_multimodal(

@@ -15,7 +15,7 @@ from llava.compat import cache_argument, take_cache
 from llava.model.visual_exit.cache import ValidKeys, VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
-from llava.model.visual_exit.gate import build_visual_gates
+from llava.model.visual_exit.gate import build_visual_gates, init_if_gate
 from llava.model.visual_exit.masks import attention_mask_for
 from llava.model.visual_exit.policy import ExitPolicy
 from llava.model.visual_exit.stages import LayerStep
@@ -100,6 +100,11 @@ class VisualExitDecoderMixin:
     def __init__(self, config):
         super().__init__(config)
         self.visual_gates_router = build_visual_gates(config)
+
+    def _init_weights(self, module):
+        """Gates a checkpoint lacks are initialised as the reference initialises them, not as the stock linears."""
+        if not init_if_gate(module):
+            super()._init_weights(module)
 
     @merge_with_config_defaults
     @capture_outputs
@@ -208,7 +213,10 @@ class VisualExitDecoderMixin:
         `TokenLayout.start`."""
         batch, length = hidden.shape[:2]
         if attention_mask is not None and attention_mask.shape != (batch, length):
-            raise ValueError(f"prefill needs a 2D attention mask of shape {(batch, length)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask of shape {tuple(attention_mask.shape)}: the exit builds each layer's mask from a 2-D "
+                f"padding mask {(batch, length)}; pass that (custom 4-D masks work with the stock class)"
+            )
         valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
         positions, rope_position_ids = self.split_position_ids(position_ids, hidden, 0, attention_mask)
         position_embeddings = self.rotary_emb(hidden, rope_position_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 
 class VisualGate(nn.Module):
@@ -14,6 +15,8 @@ class VisualGate(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(2 * hidden_size, gate_hidden_size, bias=False)
         self.w2 = nn.Linear(gate_hidden_size, 2, bias=False)
+        for linear in (self.w1, self.w2):
+            linear.is_visual_gate = True  # initialised as the reference does, whoever initialises (see init_if_gate)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """fp32 logits. The matrix products run in the weights' dtype (fp32 accumulation), so a bf16 model
@@ -43,6 +46,15 @@ def gate_feature_weights(text_span: torch.Tensor, last_index: torch.Tensor) -> t
 def gate_features(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(B, 2H) fp32 features [span mean, last token] with `weights` from `gate_feature_weights`."""
     return torch.bmm(weights.transpose(1, 2).to(hidden.dtype), hidden).flatten(1).float()
+
+
+def init_if_gate(module: nn.Module) -> bool:
+    """For a model's `_init_weights`: a gate's linear gets the reference's Xavier initialisation (through
+    transformers' guarded init, so weights a checkpoint loaded stay); True when `module` was one."""
+    if not getattr(module, "is_visual_gate", False):
+        return False
+    init.xavier_uniform_(module.weight)
+    return True
 
 
 def init_gate_weights(gates: nn.ModuleList) -> None:

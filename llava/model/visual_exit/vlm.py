@@ -91,6 +91,7 @@ def visual_exit_class(model_class: type) -> type:
     stock = inspect.signature(model_class.forward)
     exit_parameters = inspect.signature(VisualExitVLMMixin.forward).parameters
     extra = [exit_parameters[name] for name in ("exit_config", "gate_training_layer", "exit_label_rule")]
+    extra.append(inspect.Parameter("visual_mask", inspect.Parameter.KEYWORD_ONLY, default=None))
     parameters = list(stock.parameters.values())
     forward.__signature__ = stock.replace(parameters=parameters[:-1] + extra + parameters[-1:])
     forward.__doc__ = VisualExitVLMMixin.forward.__doc__
@@ -160,17 +161,26 @@ class VisualExitVLMMixin:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) on output_loading_info
         decoder = model.visual_exit_family.decoder(model)
         if decoder.visual_gates_router is not None:
             _load_saved_gates(model, decoder)
-        return model
+        return loaded
 
-    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # Compared with Python ints: no id tensor is built and copied to the device at every decode step.
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token in self.visual_exit_family.visual_token_ids(self.config):
-            mask |= input_ids == token
+    def visual_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) the positions the model fills with vision features: by their ids or, from embeddings alone, where
+        they equal a visual token's embedding (as the stock forward finds its placeholders)."""
+        tokens = self.visual_exit_family.visual_token_ids(self.config)
+        if input_ids is not None:  # compared with Python ints: no id tensor is built and copied at every decode step
+            mask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for token in tokens:
+                mask |= input_ids == token
+            return mask
+        table = self.get_input_embeddings()
+        mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        for token in tokens:
+            mask |= (inputs_embeds == table(torch.tensor(token, device=inputs_embeds.device))).all(dim=-1)
         return mask
 
     def forward(
@@ -184,12 +194,14 @@ class VisualExitVLMMixin:
     ):
         """The stock forward; its output also carries `exit_stats` (None on decode steps). With
         `gate_training_layer` k it is a gate-training step instead (visual_exit.training), which returns a
-        GateTrainingOutput with the loss of gate k."""
-        if input_ids is None and kwargs.get("inputs_embeds") is not None:
-            raise NotImplementedError("visual exit finds the visual tokens by their ids: pass input_ids, not inputs_embeds")
+        GateTrainingOutput with the loss of gate k. The visual tokens are found by their ids, or in `inputs_embeds`
+        by their embeddings, or given as `visual_mask` (B, T)."""
         if exit_config is not None and find_visionzip(exit_config.stage_list) is not None:
             raise ValueError("visionzip:D:C needs our LLaVA class: transformers' VLM classes encode images in their own forward")
-        request = ExitRequest(None if input_ids is None else self.visual_mask(input_ids), exit_config)
+        visual_mask = kwargs.pop("visual_mask", None)
+        if visual_mask is None and (input_ids is not None or kwargs.get("inputs_embeds") is not None):
+            visual_mask = self.visual_mask(input_ids, kwargs.get("inputs_embeds"))
+        request = ExitRequest(visual_mask, exit_config)
         if gate_training_layer is not None:
             labels = kwargs.pop("labels")
             request.gate_training = partial(
@@ -197,10 +209,13 @@ class VisualExitVLMMixin:
                 rule=exit_label_rule or ExitLabelRule(),
             )
             kwargs["logits_to_keep"] = 1
-        output = super().forward(input_ids, *args, exit_request=request, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        output = super().forward(input_ids, *args, exit_request=request, return_dict=True, **kwargs)
         if request.gate_output is not None:
             return request.gate_output
-        output.exit_stats = request.stats
+        output.exit_stats = request.stats  # an attribute: the stock output class has no field for it
+        if return_dict is False or (return_dict is None and not self.config.return_dict):
+            return output.to_tuple()  # the stock tuple
         return output
 
     @torch.no_grad()
@@ -208,14 +223,27 @@ class VisualExitVLMMixin:
         """The stock generate with a VisualExitCache; with `return_dict_in_generate=True` the output also carries
         the prefill's `exit_stats`, one row per returned sequence."""
         inputs = kwargs.pop("input_ids", inputs)
-        if inputs is None:
-            raise ValueError("generate needs the prompt input_ids (visual tokens are found by their ids)")
+        refuse_cache_implementation(self, kwargs)
         if kwargs.get("use_cache") is False:
             raise ValueError("generate decodes with a VisualExitCache; use_cache=False is not supported")
         cache = take_cache(kwargs)
         cache = VisualExitCache() if cache is None else cache  # an empty cache is falsy
         output = super().generate(inputs, exit_config=exit_config, **cache_argument(cache), **kwargs)
-        return with_exit_stats(output, cache.exit_stats, len(inputs))
+        batch = len(inputs) if inputs is not None else len(kwargs["inputs_embeds"])
+        return with_exit_stats(output, cache.exit_stats, batch)
+
+
+def refuse_cache_implementation(model, kwargs: dict) -> None:
+    """generate's `cache_implementation` (static, offloaded, ..., from the call or the checkpoint's generation
+    config) builds a cache whose layers all hold the same tokens: refused before any work."""
+    config = kwargs.get("generation_config") or model.generation_config
+    chosen = kwargs.get("cache_implementation") or getattr(config, "cache_implementation", None)
+    if chosen:
+        raise ValueError(
+            f"cache_implementation={chosen!r}: the exit's layers cache different tokens, which only its own "
+            "VisualExitCache holds; generate without it (for a checkpoint whose generation_config names one, "
+            "pass generation_config with cache_implementation=None)"
+        )
 
 
 def _gate_training(decoder, inputs_embeds, attention_mask, position_ids, visual_mask, *, lm_head, labels, layer, rule):
