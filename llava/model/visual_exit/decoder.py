@@ -215,7 +215,7 @@ class VisualExitDecoderMixin:
         if attention_mask is not None and attention_mask.shape != (batch, length):
             raise ValueError(
                 f"attention_mask of shape {tuple(attention_mask.shape)}: the exit builds each layer's mask from a 2-D "
-                f"padding mask {(batch, length)}; pass that (custom 4-D masks work with the stock class)"
+                f"padding mask (B, T) = {(batch, length)}; pass that (custom 4-D masks work with the stock class)"
             )
         valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
         positions, rope_position_ids = self.split_position_ids(position_ids, hidden, 0, attention_mask)

@@ -198,6 +198,7 @@ class VisualExitVLMMixin:
         by their embeddings, or given as `visual_mask` (B, T)."""
         if exit_config is not None and find_visionzip(exit_config.stage_list) is not None:
             raise ValueError("visionzip:D:C needs our LLaVA class: transformers' VLM classes encode images in their own forward")
+        refuse_custom_masks(kwargs.get("attention_mask"))
         visual_mask = kwargs.pop("visual_mask", None)
         if visual_mask is None and (input_ids is not None or kwargs.get("inputs_embeds") is not None):
             visual_mask = self.visual_mask(input_ids, kwargs.get("inputs_embeds"))
@@ -231,6 +232,15 @@ class VisualExitVLMMixin:
         output = super().generate(inputs, exit_config=exit_config, **cache_argument(cache), **kwargs)
         batch = len(inputs) if inputs is not None else len(kwargs["inputs_embeds"])
         return with_exit_stats(output, cache.exit_stats, batch)
+
+
+def refuse_custom_masks(attention_mask) -> None:
+    """A 4-D (custom) attention mask, refused before the stock code reads it."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)}: the exit builds each layer's mask from a 2-D "
+            "padding mask (B, T); pass that (custom 4-D masks work with the stock class)"
+        )
 
 
 def refuse_cache_implementation(model, kwargs: dict) -> None:

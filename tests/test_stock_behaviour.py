@@ -1,0 +1,161 @@
+"""The exit classes keep what the stock classes do, on every family, against the stock class with the same weights
+(fp32, 1e-5): packed inputs (several sequences in one row, positions restarting, no mask), `return_dict=False`,
+`from_pretrained(..., output_loading_info=True)`, `inputs_embeds`, gates missing from a checkpoint; and refuse in
+one line what they cannot do (4-D masks, `cache_implementation`)."""
+
+import math
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from llava.model.visual_exit import ExitConfig, visual_exit_class
+
+from families import ANYRES, FAMILIES, TEXT, Sample, batch, exit_model, stock_model
+from test_families import SIZES, sample_dependent_gates, zero_gates
+
+TOLERANCE = 1e-5
+M_ROPE = ("qwen2-vl", "qwen2.5-vl")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    stock = stock_model(request.param)
+    model = exit_model(stock)
+    zero_gates(model)
+    return request.param, stock, model
+
+
+def packing_samples(name):
+    """Three sequences: two images, none, one image (anyres families: one image at most)."""
+    small, large = SIZES[name]
+    two = [small] if name in ANYRES else [small, large]
+    return [Sample(3, two, 4), Sample(5, [], 3), Sample(2, [large], 6)]
+
+
+def rope_rows(stock, inputs):
+    """The (3, 1, T) M-RoPE positions the stock model builds for one unpadded sequence."""
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured["positions"] = kwargs["position_ids"]
+
+    hook = stock.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            stock(**inputs, use_cache=False)
+    finally:
+        hook.remove()
+    positions = captured["positions"]
+    if positions is None:  # no image: the text model numbers the tokens itself
+        positions = torch.arange(inputs["input_ids"].shape[1])[None]
+    return positions[-3:] if positions.dim() == 3 else positions[None].expand(3, -1, -1)
+
+
+def packed(name, stock, samples):
+    """(one row holding every sample, each sample alone): the row's positions restart for each sequence (M-RoPE:
+    a text row in front of each sequence's own three rows, as the stock text model reads packed input)."""
+    alone = [batch(name, stock, [sample]) for sample in samples]
+    row = {"input_ids": torch.cat([a["input_ids"] for a in alone], dim=1)}
+    text = torch.cat([torch.arange(a["input_ids"].shape[1]) for a in alone])[None]
+    if name in M_ROPE:
+        row["position_ids"] = torch.cat([text[None], torch.cat([rope_rows(stock, a) for a in alone], dim=-1)])
+        row["mm_token_type_ids"] = torch.cat([a["mm_token_type_ids"] for a in alone], dim=1)
+    else:
+        row["position_ids"] = text
+    for key in alone[0]:
+        if key not in ("input_ids", "attention_mask", "mm_token_type_ids"):
+            pixels = [a[key] for a in alone if key in a]
+            if name in ANYRES and key == "pixel_values":  # tile stacks padded to the most tiles, as collated
+                widest = max(p.shape[1] for p in pixels)
+                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, widest - p.shape[1])) for p in pixels]
+            row[key] = torch.cat(pixels)
+    for a in alone:
+        a.pop("attention_mask")
+    return row, alone
+
+
+def test_packed_inputs_equal_stock_and_each_sequence_alone(family):
+    name, stock, model = family
+    row, alone = packed(name, stock, packing_samples(name))
+    with torch.no_grad():
+        reference = stock(**row, use_cache=False).logits
+        ours = model(**row, use_cache=False, exit_config=ExitConfig("none")).logits
+    assert (ours - reference).abs().max() <= TOLERANCE
+    alone_logits = torch.cat([stock(**a, use_cache=False).logits for a in alone], dim=1)
+    assert (ours - alone_logits).abs().max() <= TOLERANCE  # the stock class sees each sequence alone too
+    sample_dependent_gates(model)
+    try:
+        for config in (ExitConfig("fixed", 1), ExitConfig("dynamic"), ExitConfig("fastv", fastv_k=1, fastv_r=0.5)):
+            with torch.no_grad():
+                out = model(**row, use_cache=False, exit_config=config)
+                each = [model(**a, use_cache=False, exit_config=config) for a in alone]
+            assert (out.logits - torch.cat([e.logits for e in each], dim=1)).abs().max() <= TOLERANCE, config.label
+            # one row of statistics per packed sequence: each decided on its own
+            assert out.exit_stats.exit_layer.tolist() == [e.exit_stats.exit_layer.item() for e in each], config.label
+    finally:
+        zero_gates(model)
+
+
+def test_return_dict_false_gives_the_stock_tuple(family):
+    name, stock, model = family
+    inputs = batch(name, stock, packing_samples(name)[:2])
+    with torch.no_grad():
+        reference = stock(**inputs, return_dict=False)
+        ours = model(**inputs, return_dict=False, exit_config=ExitConfig("none"))
+    assert isinstance(ours, tuple) and len(ours) == len(reference)
+    valid = inputs["attention_mask"].bool()
+    assert (ours[0] - reference[0])[valid].abs().max() <= TOLERANCE
+
+
+def test_output_loading_info_and_gates_a_checkpoint_lacks(family, tmp_path):
+    """Loading info comes back as the stock class gives it; gates the checkpoint lacks (its config names their
+    width) get the reference's Xavier-uniform initialisation, not the stock linears' normal one."""
+    name, stock, _ = family
+    stock.config.get_text_config().visual_gate_hidden_size = 32
+    try:
+        stock.save_pretrained(tmp_path)
+    finally:
+        del stock.config.get_text_config().visual_gate_hidden_size
+    loaded, info = visual_exit_class(type(stock)).from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info) >= {"missing_keys", "unexpected_keys"}
+    weight = loaded.model.language_model.visual_gates_router[0].w1.weight
+    fan_out, fan_in = weight.shape
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert weight.abs().max() <= bound and weight.std() > 0.8 * bound / math.sqrt(3)
+
+
+def test_inputs_embeds_find_the_visual_tokens_as_the_stock_forward_does(family):
+    name, stock, model = family
+    inputs = batch(name, stock, packing_samples(name)[:2])
+    if name in M_ROPE:  # the stock model builds M-RoPE rows from ids only: both runs get them given
+        inputs["position_ids"] = rope_rows(stock, inputs)
+    ids = inputs.pop("input_ids")
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        reference = stock(inputs_embeds=embeds, **inputs).logits
+        none = model(inputs_embeds=embeds, exit_config=ExitConfig("none"), **inputs)
+        by_ids = model(input_ids=ids, exit_config=ExitConfig("fixed", 1), **inputs)
+        by_embeds = model(inputs_embeds=embeds, exit_config=ExitConfig("fixed", 1), **inputs)
+    valid = inputs["attention_mask"].bool()
+    assert (none.logits - reference)[valid].abs().max() <= TOLERANCE
+    assert (by_embeds.logits - by_ids.logits)[valid].abs().max() <= TOLERANCE
+    assert by_embeds.exit_stats.num_visual_tokens.tolist() == by_ids.exit_stats.num_visual_tokens.tolist()
+
+
+def test_what_cannot_work_is_refused_in_one_line(family):
+    name, stock, model = family
+    inputs = batch(name, stock, packing_samples(name)[:1])
+    length = inputs["input_ids"].shape[1]
+    four_d = torch.ones(1, 1, length, length, dtype=torch.bool).tril()
+    with pytest.raises(ValueError, match=r"the exit builds each layer's mask from a 2-D padding mask"), torch.no_grad():
+        model(**{**inputs, "attention_mask": four_d}, exit_config=ExitConfig("fixed", 1))
+    with pytest.raises(ValueError, match=r"cache_implementation='static': the exit's layers cache different tokens"):
+        model.generate(**inputs, cache_implementation="static", max_new_tokens=2, pad_token_id=TEXT["pad_token_id"])
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(cache_implementation="static", pad_token_id=TEXT["pad_token_id"])
+    try:
+        with pytest.raises(ValueError, match="cache_implementation='static'"):
+            model.generate(**inputs, max_new_tokens=2)
+    finally:
+        model.generation_config = saved
