@@ -159,3 +159,30 @@ def test_what_cannot_work_is_refused_in_one_line(family):
             model.generate(**inputs, max_new_tokens=2)
     finally:
         model.generation_config = saved
+
+
+@pytest.mark.parametrize("spec", ["none", "dynamic", "fastv", "pdrop", "sparsevlm"])
+def test_generate_without_a_cache_keeps_the_prompts_decisions(family, spec):
+    """use_cache=False recomputes prompt + answer at every step; the exit decided on the prompt holds throughout
+    (recorded at the first step, replayed after), so the ids are those of cached decoding."""
+    name, stock, model = family
+    small, _ = SIZES[name]
+    inputs = batch(name, stock, [Sample(3, [small], 4), Sample(5, [], 3), Sample(2, [small], 6)])
+    keep = ":keep" if name in M_ROPE else ""
+    config = {"none": ExitConfig("none"), "dynamic": ExitConfig("dynamic"),
+              "fastv": ExitConfig("fastv", fastv_k=1, fastv_r=0.5),
+              "pdrop": ExitConfig("stages", stages="pdrop:1-2:0.5" + keep),
+              "sparsevlm": ExitConfig("stages", stages="sparsevlm:0-1:3-2" + keep)}[spec]
+    sample_dependent_gates(model)
+    try:
+        outputs = []
+        for use_cache in (True, False):
+            with torch.no_grad():
+                outputs.append(model.generate(**inputs, exit_config=config, use_cache=use_cache, max_new_tokens=4,
+                                              min_new_tokens=4, do_sample=False, pad_token_id=TEXT["pad_token_id"],
+                                              return_dict_in_generate=True))
+    finally:
+        zero_gates(model)
+    cached, recomputed = outputs
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    assert cached.exit_stats.exit_layer.tolist() == recomputed.exit_stats.exit_layer.tolist()

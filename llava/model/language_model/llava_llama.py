@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from llava.model.visual_exit import ExitConfig, ExitStats, VisualExitCache, Visu
 from llava.model.visual_exit.generation import with_exit_stats
 from llava.model.visual_exit.training import ExitLabelRule, GateTrainingOutput, gate_training_pass
 from llava.model.visual_exit.vlm import refuse_cache_implementation
+
+logger = logging.getLogger(__name__)
 
 
 class LlavaConfig(LlamaConfig):
@@ -136,8 +139,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         if inputs is None:
             raise ValueError("generate needs the prompt input_ids")
         refuse_cache_implementation(self, kwargs)
-        if kwargs.get("use_cache") is False:
-            raise ValueError("generate decodes with a VisualExitCache; use_cache=False is not supported")
+        if kwargs.pop("use_cache", None) is False:
+            # As LLaVA's own class: transformers' generate starts from these embeddings only with its cache.
+            logger.info("generate from a LLaVA prompt's embeddings decodes with the cache (use_cache=False changes nothing)")
         mm = self.prepare_inputs_labels_for_multimodal(
             inputs, kwargs.pop("attention_mask", None), None, images, image_sizes, padding_side="left",
             visionzip=self.visionzip_stage(exit_config),

@@ -17,7 +17,7 @@ from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates, init_if_gate
 from llava.model.visual_exit.masks import attention_mask_for
-from llava.model.visual_exit.policy import ExitPolicy
+from llava.model.visual_exit.policy import ExitPolicy, ExitRecord
 from llava.model.visual_exit.stages import LayerStep
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -76,12 +76,14 @@ class ExitRequest:
     """What a wrapping model (one of transformers' VLM classes, see vlm.py) hands its decoder through the stock
     forwards' `**kwargs`, and what comes back the same way: the stock forwards in between keep neither.
 
-    In: `visual_mask` (B, T), `exit_config`, and for a gate-training step `gate_training(decoder, inputs_embeds,
-    attention_mask, position_ids, visual_mask)`, which replaces the prefill. Out: `stats` of the prefill, or the
-    gate-training step's `gate_output`."""
+    In: `visual_mask` (B, T), `exit_config`, an `ExitRecord` (generate without a cache: the prompt's decisions,
+    kept and replayed), and for a gate-training step `gate_training(decoder, inputs_embeds, attention_mask,
+    position_ids, visual_mask)`, which replaces the prefill. Out: `stats` of the prefill, or the gate-training
+    step's `gate_output`."""
 
     visual_mask: torch.Tensor | None = None
     exit_config: ExitConfig | None = None
+    record: ExitRecord | None = None
     gate_training: Callable | None = None
     stats: ExitStats | None = None
     gate_output: object = None
@@ -122,8 +124,9 @@ class VisualExitDecoderMixin:
     ) -> VisualExitModelOutput:
         cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
         request = kwargs.pop("exit_request", None)
+        record = kwargs.pop("exit_record", None)
         if request is not None:
-            visual_mask, exit_config = request.visual_mask, request.exit_config
+            visual_mask, exit_config, record = request.visual_mask, request.exit_config, request.record
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -143,19 +146,21 @@ class VisualExitDecoderMixin:
         if segments is not None:
             hidden, stats = self._packed_prefill(inputs_embeds, position_ids, segments, visual_mask, exit_config, kwargs)
         else:
-            hidden, stats = self._prefill(inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs)
+            hidden, stats = self._prefill(
+                inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record
+            )
         if cache is not None:
             cache.exit_stats = stats
         if request is not None:  # a wrapper's stock forward rebuilds its own output from this one's fields
             request.stats, stats = stats, None
         return VisualExitModelOutput(last_hidden_state=hidden, exit_stats=stats, **cache_argument(cache))
 
-    def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs):
+    def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record=None):
         exit_config = exit_config or ExitConfig.from_model_config(self.config)
         hidden, layout = self.start_prefill(
             hidden, attention_mask, position_ids, visual_mask, with_gate_features=exit_config.uses_gates
         )
-        policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router)
+        policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, record)
         if policy.renumbers:
             if not self.renumbers_positions:
                 raise ValueError(
@@ -182,6 +187,8 @@ class VisualExitDecoderMixin:
             policy.prune_layer,
             torch.stack(policy.layer_tokens, dim=1),
         )
+        if record is not None and not record.recorded:
+            record.stats = stats
         return self.finish_prefill(hidden, layout), stats
 
     def _packed_prefill(self, hidden, position_ids, segments, visual_mask, exit_config, kwargs):

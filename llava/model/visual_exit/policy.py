@@ -11,12 +11,68 @@ from llava.model.visual_exit.stages.base import Rewrite
 from llava.model.visual_exit.tokens import TokenLayout
 
 
+class ExitRecord:
+    """What one prompt's prefill decided, by input slot, so that recomputing prompt + answer from scratch (generate
+    without a cache) takes the same decisions at every step: per layer after which something changed, the input
+    slots that left, the ones rewritten with their states, and the order the rest took. The prompt's slots are the
+    same in every recomputation (the answer is appended behind them), so decisions carry over by slot."""
+
+    def __init__(self):
+        self.changes: dict[int, tuple] = {}  # layer index (-1: before layer 0) -> (dropped, rewritten, states, order)
+        self.stats = None  # the prompt's ExitStats, once recorded
+
+    @property
+    def recorded(self) -> bool:
+        return self.stats is not None
+
+    def keep(self, index: int, layout: TokenLayout, drop, rewritten, hidden, order) -> None:
+        by_input = lambda values, fill: _by_input(values, layout, fill)  # noqa: E731
+        order = None if order is None else by_input(order.double(), float("inf"))
+        self.changes[index] = (by_input(drop, False), by_input(rewritten, False), by_input(hidden, 0.0), order)
+
+    def replay(self, index: int, layout: TokenLayout, hidden: torch.Tensor):
+        """(drop, states, order) for the current layout, as `ExitPolicy.drop_after` returns them."""
+        if index not in self.changes:
+            return None, hidden, None
+        dropped, rewritten, states, order = (None if t is None else _on_layout(t, layout) for t in self.changes[index])
+        hidden = torch.where(rewritten[..., None], states.to(hidden.dtype), hidden)
+        if order is not None:  # the answer's slots stay behind, in their order
+            slots = torch.arange(order.shape[1], device=order.device, dtype=order.dtype).expand_as(order)
+            order = torch.where(torch.isinf(order), slots + order.shape[1], order)
+        return dropped & layout.valid_keys.valid, hidden, order
+
+
+def _by_input(values: torch.Tensor, layout: TokenLayout, fill) -> torch.Tensor:
+    """Per-slot values (B, T, ...) scattered to the input's slots (B, input length, ...); `fill` where none."""
+    length = layout.input_length
+    target = torch.where(layout.valid_keys.valid, layout.origin, length)
+    shape = (values.shape[0], length + 1, *values.shape[2:])
+    scattered = torch.full(shape, fill, dtype=values.dtype, device=values.device)
+    index = target.view(*target.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    return scattered.scatter_(1, index, values)[:, :length]
+
+
+def _on_layout(values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Input-slot values recorded on a prompt, gathered to the current layout's slots; a slot past the prompt (the
+    answer) takes the fill the record holds past its end (not dropped, not rewritten, order +inf)."""
+    longer = layout.input_length - values.shape[1]
+    if longer > 0:
+        pad = values[:, :1].new_full((values.shape[0], longer, *values.shape[2:]), 0)
+        pad = pad.fill_(float("inf")) if values.is_floating_point() and values.dim() == 2 else pad
+        values = torch.cat([values, pad], dim=1)
+    index = layout.origin.view(*layout.origin.shape, *([1] * (values.dim() - 2))).expand(*layout.origin.shape, *values.shape[2:])
+    return values.gather(1, index)
+
+
 class ExitPolicy:
     """The config's stages over one prefill. Each may drop visual slots; their drops are united and carried out
     at once. Per sample it ends with the exit layer, the gates evaluated, the visual tokens pruned and, from the
-    decoder, the tokens that entered each layer (`layer_tokens`)."""
+    decoder, the tokens that entered each layer (`layer_tokens`). With an `ExitRecord` it records its decisions,
+    or, once the record holds a prompt's, replays them instead of deciding."""
 
-    def __init__(self, config: ExitConfig, num_layers: int, layout: TokenLayout, gates: nn.ModuleList | None):
+    def __init__(self, config: ExitConfig, num_layers: int, layout: TokenLayout, gates: nn.ModuleList | None,
+                 record: ExitRecord | None = None):
+        self.record = record
         config.check_model(num_layers, gates is not None)
         self.stages: tuple[Stage, ...] = config.stage_list
         self.state = ExitState(layout, num_layers, gates)
@@ -28,21 +84,33 @@ class ExitPolicy:
         self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)
 
     def drop_before_first_layer(self, layout: TokenLayout) -> torch.Tensor | None:
-        return _union(stage.before_first_layer(self.state, layout) for stage in self.stages)
+        if self.record is not None and self.record.recorded:
+            return self.record.replay(-1, layout, layout.valid_keys.valid[..., None].float())[0]
+        drop = _union(stage.before_first_layer(self.state, layout) for stage in self.stages)
+        if self.record is not None and drop is not None:
+            self.record.keep(-1, layout, drop, torch.zeros_like(drop), layout.valid_keys.valid[..., None].float(), None)
+        return drop
 
     def drop_after(self, step: LayerStep, layout: TokenLayout):
         """(slots to drop after the decoder layer `step` describes or None, the states that go on, the order the
         remaining slots take or None): the layer's output, with the slots stages rewrote (`Rewrite`) in their new
         states. Every stage decides on the layer's own output."""
+        if self.record is not None and self.record.recorded:
+            return self.record.replay(step.index, layout, step.output)
         if not self.state.any_active:
             return None, step.output, None
         decisions = [stage.after_layer(step, self.state, layout) for stage in self.stages]
         hidden, order = step.output, None
+        rewritten = torch.zeros_like(layout.visual)
         for decision in decisions:
             if isinstance(decision, Rewrite):
                 hidden = torch.where(decision.rewritten[..., None], decision.states, hidden)
+                rewritten |= decision.rewritten
                 order = decision.order if decision.order is not None else order
-        return _union(d.drop if isinstance(d, Rewrite) else d for d in decisions), hidden, order
+        drop = _union(d.drop if isinstance(d, Rewrite) else d for d in decisions)
+        if self.record is not None and drop is not None:
+            self.record.keep(step.index, layout, drop, rewritten, hidden, order)
+        return drop, hidden, order
 
     @property
     def gate_evaluations(self) -> torch.Tensor:

@@ -25,6 +25,7 @@ from llava.compat import cache_argument, take_cache
 from llava.model.visual_exit.cache import VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.decoder import ExitRequest, VisualExitDecoderMixin
+from llava.model.visual_exit.policy import ExitRecord
 from llava.model.visual_exit.gate import build_visual_gates, init_gate_weights
 from llava.model.visual_exit.stages.visionzip import find_visionzip
 from llava.model.visual_exit.generation import with_exit_stats
@@ -91,7 +92,7 @@ def visual_exit_class(model_class: type) -> type:
     stock = inspect.signature(model_class.forward)
     exit_parameters = inspect.signature(VisualExitVLMMixin.forward).parameters
     extra = [exit_parameters[name] for name in ("exit_config", "gate_training_layer", "exit_label_rule")]
-    extra.append(inspect.Parameter("visual_mask", inspect.Parameter.KEYWORD_ONLY, default=None))
+    extra += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("visual_mask", "exit_record")]
     parameters = list(stock.parameters.values())
     forward.__signature__ = stock.replace(parameters=parameters[:-1] + extra + parameters[-1:])
     forward.__doc__ = VisualExitVLMMixin.forward.__doc__
@@ -202,7 +203,7 @@ class VisualExitVLMMixin:
         visual_mask = kwargs.pop("visual_mask", None)
         if visual_mask is None and (input_ids is not None or kwargs.get("inputs_embeds") is not None):
             visual_mask = self.visual_mask(input_ids, kwargs.get("inputs_embeds"))
-        request = ExitRequest(visual_mask, exit_config)
+        request = ExitRequest(visual_mask, exit_config, kwargs.pop("exit_record", None))
         if gate_training_layer is not None:
             labels = kwargs.pop("labels")
             request.gate_training = partial(
@@ -225,12 +226,14 @@ class VisualExitVLMMixin:
         the prefill's `exit_stats`, one row per returned sequence."""
         inputs = kwargs.pop("input_ids", inputs)
         refuse_cache_implementation(self, kwargs)
-        if kwargs.get("use_cache") is False:
-            raise ValueError("generate decodes with a VisualExitCache; use_cache=False is not supported")
+        batch = len(inputs) if inputs is not None else len(kwargs["inputs_embeds"])
+        if kwargs.get("use_cache") is False:  # each step recomputes prompt + answer, with the prompt's decisions
+            record = ExitRecord()
+            output = super().generate(inputs, exit_config=exit_config, exit_record=record, **kwargs)
+            return with_exit_stats(output, record.stats, batch)
         cache = take_cache(kwargs)
         cache = VisualExitCache() if cache is None else cache  # an empty cache is falsy
         output = super().generate(inputs, exit_config=exit_config, **cache_argument(cache), **kwargs)
-        batch = len(inputs) if inputs is not None else len(kwargs["inputs_embeds"])
         return with_exit_stats(output, cache.exit_stats, batch)
 
 
