@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llava.model.builder import load_pretrained_model
-from llava.model.tiny import TinyGeometry, write_tiny_checkpoint
+from llava.tiny.llava import TinyGeometry, write_tiny_checkpoint
 from llava.model.visual_exit.gate import build_visual_gates
 
 GEOMETRY = TinyGeometry(layers=4, hidden=64, heads=4, kv_heads=2, image_size=56, patch_size=14, seed=7)

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from llava.model.families import FAMILY_MODULES
-from llava.model.tiny import TinyGeometry
-from llava.model.tiny_families import write_tiny_family
+from llava.tiny.llava import TinyGeometry
+from llava.tiny.families import write_tiny_family
 
 FAMILIES = list(FAMILY_MODULES)
 GEOMETRY = TinyGeometry(seed=3)

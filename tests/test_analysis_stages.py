@@ -159,7 +159,7 @@ def test_stages_and_gate_probe_on_a_family_checkpoint(world, tmp_path):
 
     from llava.analysis.gate_probe import main as gate_probe
     from llava.analysis.stages import main as stages
-    from llava.model.tiny_families import write_tiny_family
+    from llava.tiny.families import write_tiny_family
 
     checkpoint = write_tiny_family(str(tmp_path / "qwen"), "qwen2.5-vl", gate_hidden_size=16)
     stages(["--model-path", checkpoint, "--question-file", str(world / TEST_QUESTIONS), "--image-folder",

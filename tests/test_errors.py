@@ -98,8 +98,8 @@ def test_an_unknown_architecture_is_named_not_taken_for_llava_hf(tmp_path, archi
 @pytest.mark.parametrize("kind", ["llava", "qwen2-vl"])
 def test_a_checkpoint_without_tokenizer_files_is_refused(tmp_path, kind):
     """Without them transformers built an empty tokenizer for a family checkpoint (one token)."""
-    from llava.model.tiny import TinyGeometry, write_tiny_checkpoint
-    from llava.model.tiny_families import write_tiny_family
+    from llava.tiny.llava import TinyGeometry, write_tiny_checkpoint
+    from llava.tiny.families import write_tiny_family
 
     geometry = TinyGeometry(seed=3)
     folder = write_tiny_checkpoint(str(tmp_path / kind), "llava", geometry) if kind == "llava" else \

@@ -13,7 +13,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from llava.model.builder import load_pretrained_model
 from llava.model.families.processing import load_processor
-from llava.model.tiny_families import write_tiny_family
+from llava.tiny.families import write_tiny_family
 from llava.model.visual_exit import exit_decoder_of
 
 from test_eval_scripts import SPLIT, gqa_root, gqa_script, read_run  # noqa: F401 (gqa_root is a fixture)

@@ -139,7 +139,7 @@ def test_transformers_processor_where_it_constructs(family_checkpoint):
 
 @pytest.mark.parametrize("family", STOCK_WITHOUT_TORCHVISION)
 def test_fallback_equals_transformers_processor(family, tmp_path):
-    from llava.model.tiny_families import write_tiny_family
+    from llava.tiny.families import write_tiny_family
 
     stock = load_processor(write_tiny_family(str(tmp_path), family))
     fallback = _without_stock(stock)

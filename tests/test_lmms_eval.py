@@ -22,7 +22,7 @@ from lmms_eval.models import get_model  # noqa: E402
 from llava.eval.lmms.model import DyVTE  # noqa: E402
 from llava.eval.model_vqa_loader import answer_questions, question_prompt  # noqa: E402
 from llava.mm_utils import load_image, process_images, tokenizer_image_token  # noqa: E402
-from llava.model.tiny_families import write_tiny_family  # noqa: E402
+from llava.tiny.families import write_tiny_family  # noqa: E402
 from llava.world.generate import TEST_IMAGES, TEST_QUESTIONS, TEST_TRUTH, generate  # noqa: E402
 
 from test_visual_exit import masked_reference_logits  # noqa: E402

@@ -14,7 +14,7 @@ from llava.mm_utils import (
     process_images,
     tokenizer_image_token,
 )
-from llava.model.tiny_tokenizer import build_tokenizer
+from llava.tiny.tokenizer import build_tokenizer
 
 VICUNA_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "

@@ -6,7 +6,7 @@ import re
 
 from PIL import Image
 
-from llava.model.tiny_families import write_tiny_family
+from llava.tiny.families import write_tiny_family
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

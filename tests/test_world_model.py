@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
-from llava.model.tiny import build_tiny_llava
+from llava.tiny.llava import build_tiny_llava
 from llava.model.visual_exit import ExitConfig
 from llava.train.data import load_records
 from llava.world.generate import generate

@@ -27,14 +27,13 @@ import torch
 from tqdm import tqdm
 from transformers import CLIPVisionConfig, DynamicCache, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from llava.bench.prefill import (
-    GATE_HIDDEN_SIZE, PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS, dynamic_exit_layer, rig_gates,
-)
 from llava.arguments import positive_int
 from llava.bench.arguments import bench_parser, parse_bench_args, write_rows
+from llava.bench.prefill import GATE_HIDDEN_SIZE, PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS
 from llava.bench.timing import device_and_dtype, interleaved_medians, synchronize
 from llava.compat import output_cache
 from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
+from llava.tiny.gates import dynamic_exit_layer, rig_gates
 
 # llava-hf/llava-1.5-7b-hf's vocabulary: LLaMA's 32000 pieces, then <image> and <pad>, padded to 32064.
 VOCAB_SIZE, IMAGE_TOKEN_ID, PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 32064, 32000, 32001, 1, 2

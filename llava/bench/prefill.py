@@ -22,6 +22,7 @@ from llava.arguments import positive_int
 from llava.bench.arguments import bench_parser, parse_bench_args, write_rows
 from llava.bench.timing import device_and_dtype, interleaved_medians
 from llava.model.visual_exit import DecoderGeometry, ExitConfig, VisualExitCache, VisualExitDecoderMixin, prefill_flops
+from llava.tiny.gates import dynamic_exit_layer, rig_gates
 
 PRESETS = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=4),
@@ -60,20 +61,6 @@ def build_model(preset: str, layers: int | None, dtype: torch.dtype, device: tor
         model = ExitLlamaModel(config).to(dtype).eval()
     rig_gates(model)
     return model
-
-
-def rig_gates(decoder) -> None:
-    """P(exit) = 0.5 after every layer but layer L/2, where it is > 0.5: tau = 0.5 exits after L/2 layers."""
-    for gate in decoder.visual_gates_router:
-        torch.nn.init.zeros_(gate.w2.weight)
-    firing = decoder.visual_gates_router[dynamic_exit_layer(decoder.config) - 1]
-    with torch.no_grad():  # GELU(a) + GELU(-a) > 0 for any a != 0: the exit logit wins
-        firing.w1.weight[1] = -firing.w1.weight[0]
-        firing.w2.weight[1, :2] = 1.0
-
-
-def dynamic_exit_layer(config) -> int:
-    return max(1, config.num_hidden_layers // 2)
 
 
 def run(args: argparse.Namespace) -> list[Row]:

@@ -4,7 +4,7 @@
                                       [--out checkpoints/tiny-world-llava] [--steps 1800] [--init-from CKPT]
                                       [--tower-steps 1200] [--exit-dropout 0.5]
 
-The model is built by `llava.model.tiny` (transformers' Llama decoder, CLIPVisionModel, LLaVA's mlp2x_gelu
+The model is built by `llava.tiny` (transformers' Llama decoder, CLIPVisionModel, LLaVA's mlp2x_gelu
 projector) with a tokenizer learned on the world's own texts. As LLaVA starts from a pretrained, frozen CLIP, the
 tower is first pretrained on dense scene labels (`llava.world.pretrain_tower`) and then frozen; with
 `--tower-steps 0` it is instead trained with the rest. Projector and language model learn on LLaVA's answer-only
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from llava.model.builder import load_pretrained_model
 from llava.model.visual_exit import ExitConfig
-from llava.model.tiny import TinyGeometry, build_tiny_llava, save_llava_layout
+from llava.tiny.llava import TinyGeometry, build_tiny_llava, save_llava_layout
 from llava.train.data import DataCollator, SupervisedDataset, conversation_turns, load_records
 from llava.world.pretrain_tower import pretrain_tower
 

@@ -1,4 +1,4 @@
-"""Write a tiny random LLaVA checkpoint, offline: `python -m llava.model.tiny --out DIR [--format llava|hf]`.
+"""A tiny random LLaVA checkpoint, written offline (`python -m llava.tiny --out DIR [--format llava|hf]`).
 
 The model is real (transformers' Llama decoder, CLIPVisionModel, LLaVA projector), only small and untrained.
 `--format llava` writes the original layout (config with `mm_*` keys, `model.mm_projector.*`, the CLIP tower in
@@ -10,7 +10,6 @@ in the hf layout).
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import asdict, dataclass
 
@@ -22,7 +21,7 @@ from llava.model.families import FAMILY_MODULES
 from llava.model.hf_layout import hf_config_from_llava, llava_state_dict_to_hf_modules
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.multimodal_encoder.clip_encoder import CLIPImageProcessor
-from llava.model.tiny_tokenizer import build_tokenizer
+from llava.tiny.tokenizer import build_tokenizer
 
 VISION_TOWER_DIR = "vision_tower"
 
@@ -143,34 +142,3 @@ def write_tiny_checkpoint(
     else:
         raise ValueError(f"unknown layout {layout!r}: expected 'llava' or 'hf'")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument("--format", choices=("llava", "hf"), default="llava")
-    parser.add_argument("--anyres", action="store_true", help="llava-v1.6-style: anyres tiles, spatial_unpad merge")
-    parser.add_argument(
-        "--family", choices=list(FAMILY_MODULES), default=None,
-        help="instead: transformers' own class of this VLM family with its processor files "
-        "(llava.model.tiny_families); the text sizes below apply, the vision tower is the family's tiny one",
-    )
-    parser.add_argument(
-        "--gate-hidden-size", type=int, default=None, help="with --family: fresh exit gates of this width"
-    )
-    for name, default in asdict(TinyGeometry()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
-    args = parser.parse_args(argv)
-    geometry = TinyGeometry(**{name: getattr(args, name) for name in asdict(TinyGeometry())})
-    if args.family:
-        from llava.model.tiny_families import write_tiny_family  # imported here: it builds on this module
-
-        write_tiny_family(args.out, args.family, geometry, args.gate_hidden_size)
-        return
-    if args.gate_hidden_size is not None:
-        parser.error("--gate-hidden-size needs --family (init_weight.py adds gates to a LLaVA checkpoint)")
-    write_tiny_checkpoint(args.out, args.format, geometry, args.anyres)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """Tiny random checkpoints of transformers' own VLM families, offline:
-`python -m llava.model.tiny --family qwen2-vl --out DIR [--seed S] [--gate-hidden-size G]`.
+`python -m llava.tiny --family qwen2-vl --out DIR [--seed S] [--gate-hidden-size G]`.
 
 The model is transformers' own class, built from the family's `tiny_config` with the text sizes of TinyGeometry
 (the vision tower is the family's own tiny one) and written by `save_pretrained`. Beside it: a tokenizer built
@@ -18,8 +18,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from llava.model.families import FAMILY_MODULES
 from llava.model.families.processing import FamilyProcessing, FamilyProcessor
-from llava.model.tiny import TinyGeometry
-from llava.model.tiny_tokenizer import build_tokenizer
+from llava.tiny.llava import TinyGeometry
+from llava.tiny.tokenizer import build_tokenizer
 from llava.model.visual_exit import enable_visual_exit
 
 
