@@ -21,7 +21,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava.mm_utils import process_images, select_best_resolution, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.model.hf_layout import hf_config_from_llava, llava_state_dict_to_hf_modules
-from llava.tiny.llava import main as write_tiny
+from llava.tiny.__main__ import main as write_tiny
 from llava.model.visual_exit import ExitConfig
 
 from batching import padded_batch

@@ -12,7 +12,7 @@ from llava.model.builder import family_class, gate_width_in_checkpoint, load_fam
 from llava.model.families import FAMILY_MODULES
 from llava.model.families.processing import FamilyProcessor
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-from llava.tiny.llava import main as write_tiny
+from llava.tiny.__main__ import main as write_tiny
 from llava.model.visual_exit import visual_exit_class
 
 from family_checkpoints import FAMILIES, family_checkpoint  # noqa: F401 (a fixture)
