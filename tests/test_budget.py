@@ -9,7 +9,7 @@ import torch
 
 from llava.model.exit_args import exit_config_from_args, visual_tokens_per_image
 from llava.model.visual_exit import ExitConfig
-from llava.model.visual_exit.budget import method_stages
+from llava.model.visual_exit.stages import method_stages
 
 from test_fastv import run
 from test_visual_exit import PROMPTS, batch_inputs, images_for

@@ -44,7 +44,8 @@ from llava.model.exit_args import budget_tokens  # noqa: E402
 from llava.mm_utils import get_model_name_from_path  # noqa: E402
 from llava.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
 from llava.model.visual_exit import ExitConfig, exit_decoder_of  # noqa: E402
-from llava.model.visual_exit.budget import METHODS, RULES, OutOfReach  # noqa: E402
+from llava.model.visual_exit.budget import RULES, OutOfReach  # noqa: E402
+from llava.model.visual_exit.stages import METHODS  # noqa: E402
 
 logger = logging.getLogger("llava.analysis.compare")
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 0.9999)

@@ -9,7 +9,8 @@ from transformers import CLIPVisionConfig
 
 from llava.arguments import positive_int
 from llava.model.visual_exit import EXIT_MODES, ExitConfig
-from llava.model.visual_exit.budget import METHODS, RULES, method_stages
+from llava.model.visual_exit.budget import RULES
+from llava.model.visual_exit.stages import METHODS, method_stages
 
 
 def add_exit_arguments(parser: argparse.ArgumentParser) -> None:

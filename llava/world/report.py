@@ -55,7 +55,8 @@ from matplotlib.transforms import Bbox  # noqa: E402
 from llava.eval.eval_gqa import balanced_answers, convert_gqa, load_questions  # noqa: E402
 from llava.eval.io import EvalInputError, read_json, read_jsonl  # noqa: E402
 from llava.eval.prefill_time import PREFILL_TIME  # noqa: E402
-from llava.model.visual_exit.budget import METHODS, RULES  # noqa: E402
+from llava.model.visual_exit.budget import RULES  # noqa: E402
+from llava.model.visual_exit.stages import METHODS  # noqa: E402
 
 # Each mode's settings (symbol: the field of the run's recorded exit settings), in the order its label gives them.
 SETTINGS = {

@@ -3,6 +3,9 @@ stages in that order after every layer. A new stage is a file here and a line be
 
 from __future__ import annotations
 
+from functools import partial
+
+from llava.model.visual_exit.budget import REFERENCE_TOKENS, Budget, OutOfReach
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage
 from llava.model.visual_exit.stages.dart import Dart
 from llava.model.visual_exit.stages.fixed import FixedExit
@@ -24,6 +27,37 @@ STAGES: dict[str, type[Stage]] = {
 }
 
 
+# The methods a visual budget runs (`--exit-method M --visual-budget T`): each stage file answers its own settings.
+BUDGETED = {
+    "fastv": partial(Prune.at_budget, scorer="fastv"),
+    "random": partial(Prune.at_budget, scorer="random"),
+    "pdrop": PyramidDrop.at_budget,
+    "dart": Dart.at_budget,
+    "visionzip": VisionZip.at_budget,
+    "sparsevlm": SparseVLM.at_budget,
+    "fixed": FixedExit.at_budget,
+}
+METHODS = tuple(BUDGETED)
+
+
+def method_stages(
+    method: str, budget: float, num_layers: int, visual_tokens: int, rule: str = "paper", keep_positions: bool = False
+) -> str:
+    """The stage spec of `method` at `budget` retained visual tokens by `rule` (llava.model.visual_exit.budget), for
+    a model of `num_layers` layers and `visual_tokens` per image; `keep_positions` adds `:keep` to the methods that
+    renumber (a model whose multi-row positions have none). OutOfReach names the method, the budget and its reach."""
+    if method not in BUDGETED:
+        raise ValueError(f"unknown method {method!r} for a visual budget; known: {', '.join(METHODS)}")
+    try:
+        amount = Budget(budget, rule, num_layers, visual_tokens)
+        spec = BUDGETED[method](amount)
+    except OutOfReach as error:
+        here = f", {budget * visual_tokens / REFERENCE_TOKENS:.3g} of this model's {visual_tokens}" if rule == "paper" else ""
+        raise OutOfReach(f"{method} at {budget:g} tokens ({rule} rule{here}): {error}") from None
+    renumbering = STAGES[spec.split(":")[0]].optional_fields > 0
+    return spec + ":keep" if keep_positions and renumbering else spec
+
+
 def parse_stages(spec: str) -> tuple[Stage, ...]:
     """The stages of a spec such as `prune:fastv:2:0.5,gates:0.9`; ValueError naming the part that is wrong."""
     stages = []
@@ -43,4 +77,4 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-__all__ = ["STAGES", "ExitState", "LayerStep", "Stage", "parse_stages"]
+__all__ = ["METHODS", "STAGES", "ExitState", "LayerStep", "OutOfReach", "Stage", "method_stages", "parse_stages"]

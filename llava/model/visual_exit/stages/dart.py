@@ -23,10 +23,12 @@ keeps its visual pivots, so DART never empties one: pruned tokens count as prune
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from llava.model.visual_exit.budget import Budget
 from llava.model.visual_exit.scorers.fastv import rotated_keys
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number
 from llava.model.visual_exit.stages.prune import outside_top, record_pruning
@@ -62,6 +64,15 @@ class Dart(Stage):
     def parse(cls, args: list[str]) -> Dart:
         layer, budget = args
         return cls(spec_number(layer, int, 1), spec_number(budget, int, 0))
+
+    @classmethod
+    def at_budget(cls, budget: Budget) -> str:
+        """K = 2 (of 32). `paper`: M = T, carried (its README runs `0.778 128`; 192 and 64 by analogy), rounded down
+        to its 8 pivots' multiple; it keeps M + 4. `equal`: M + 4 kept after K with K·n + (L − K)·(M + 4) = L·T."""
+        k = budget.layer(2)
+        kept = budget.kept_after(k)  # refuses a budget below the first K full layers under either rule
+        chosen = budget.target if budget.paper else kept - 4
+        return f"dart:{k}:{max(0, math.floor(chosen / 8) * 8)}"
 
     @property
     def pruning_layers(self) -> tuple[int, ...]:

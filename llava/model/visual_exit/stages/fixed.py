@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from llava.model.visual_exit.budget import Budget, OutOfReach
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -22,6 +24,21 @@ class FixedExit(Stage):
     def check(self, num_layers: int, has_gates: bool) -> None:
         if self.layer > num_layers:
             raise ValueError(f"exit layer {self.layer} exceeds the model's {num_layers} layers")
+
+    @classmethod
+    def at_budget(cls, budget: Budget) -> str:
+        """Both rules: the exit layer whose whole-image average is T (VTW publishes a layer, not a budget); refused
+        when no whole layer comes within one token of it."""
+        n, layers, target = budget.visual, budget.layers, budget.target
+        exit_layer = round(target * layers / n)
+        if abs(exit_layer * n / layers - target) > 1:  # a whole layer of the image per step: never another budget
+            step = n / layers
+            below, above = math.floor(target / step), math.ceil(target / step)
+            raise OutOfReach(
+                f"an exit after K layers averages K × {step:g}; the nearest are {below * step:g} (K = {below}) and "
+                f"{above * step:g} (K = {above}): ask for one, or --exit-layer K"
+            )
+        return f"fixed:{exit_layer}"
 
     def before_first_layer(self, state: ExitState, layout: TokenLayout):
         return self._exit_all(state, layout) if self.layer == 0 else None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llava.model.visual_exit.budget import Budget
 from llava.model.visual_exit.scorers import SCORERS
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number
 from llava.model.visual_exit.tokens import TokenLayout
@@ -55,6 +56,13 @@ class Prune(Stage):
     def check(self, num_layers: int, has_gates: bool) -> None:
         if self.layer > num_layers:
             raise ValueError(f"prune layer {self.layer} exceeds the model's {num_layers} layers")
+
+    @classmethod
+    def at_budget(cls, budget: Budget, scorer: str) -> str:
+        """Both rules: K = 2 (of 32) keeping x with K·n + (L − K)·x = L·T, the convention of SparseVLM's table that
+        the papers comparing against FastV use (FastV itself published K and R, no budgets)."""
+        k = budget.layer(2)
+        return f"prune:{scorer}:{k}:{1 - budget.kept_after(k) / budget.visual:.4f}"
 
     def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout):
         # K = L would prune after the last layer, which changes nothing.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llava.model.visual_exit.budget import Budget, schedule_average, solve
 from llava.model.visual_exit.scorers.pdrop import pdrop_scores
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number, spec_positions
 from llava.model.visual_exit.stages.prune import outside_top, record_pruning
@@ -37,6 +38,17 @@ class PyramidDrop(Stage):
         if list(layers) != sorted(set(layers)):
             raise ValueError(f"layers {layers_text} must increase")
         return cls(layers, spec_number(ratio, float, 0.0, 1.0), spec_positions(args, 2))
+
+    @classmethod
+    def at_budget(cls, budget: Budget) -> str:
+        """Both rules: boundaries [2, 8, 16] (of 32) with λ solved for the layer average, its authors' advice for
+        budgets below its default's 270 (PyramidDrop#29; its code released no 192 / 128 / 64 settings)."""
+        boundaries = sorted({budget.layer(layer) for layer in (2, 8, 16)})
+        n, layers = budget.visual, budget.layers
+        average = lambda ratio: schedule_average(  # noqa: E731
+            boundaries, [math.floor(n * ratio**stage) for stage in range(1, len(boundaries) + 1)], n, layers
+        )
+        return f"pdrop:{'-'.join(map(str, boundaries))}:{solve(average, budget.target):.4f}"
 
     @property
     def pruning_layers(self) -> tuple[int, ...]:

@@ -44,12 +44,15 @@ from typing import ClassVar
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from llava.model.visual_exit.budget import Budget, OutOfReach, schedule_average, solve
 from llava.model.visual_exit.scorers.fastv import rotated_keys
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Rewrite, Stage, spec_number, spec_positions
 from llava.model.visual_exit.stages.prune import outside_top, record_pruning
 from llava.model.visual_exit.tokens import TokenLayout
 
 RECYCLED_SHARE = 0.3  # of the pruned tokens, the best-scored share (+1) that is clustered
+# v1.5's `score.py`: visual tokens kept after layers 2, 6, 15 for each budget it published
+PUBLISHED_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,26 @@ class SparseVLM(Stage):
         if len(counts) != len(layers):
             raise ValueError(f"{len(layers)} layers need {len(layers)} keep counts, got {counts_text}")
         return cls(layers, counts, spec_positions(args, 2))
+
+    @classmethod
+    def at_budget(cls, budget: Budget) -> str:
+        """Layers [2, 6, 15] (of 32). `paper`: v1.5's `score.py` counts for 192 / 128 / 96 / 64 (no other budget:
+        it published these), carried. `equal`: its 128 counts scaled together until the layer average, merged tokens
+        counted, is T."""
+        boundaries = sorted({budget.layer(layer) for layer in (2, 6, 15)})
+        n, layers = budget.visual, budget.layers
+        if budget.paper:
+            if budget.tokens not in PUBLISHED_COUNTS:
+                published = ", ".join(map(str, sorted(PUBLISHED_COUNTS)))
+                raise OutOfReach(f"SparseVLM published {published} tokens: --budget-rule equal solves any budget")
+            counts = [max(1, round(budget.carried(c))) for c in PUBLISHED_COUNTS[int(budget.tokens)][: len(boundaries)]]
+        else:
+            reference = PUBLISHED_COUNTS[128][: len(boundaries)]
+            scaled = lambda scale: [min(max(1, round(c * scale)), n - 1) for c in reference]  # noqa: E731
+            edges = [layer + 1 for layer in boundaries]  # a pruning layer prunes its own output: it sees every token
+            average = lambda scale: schedule_average(edges, schedule(scaled(scale), n), n, layers)  # noqa: E731
+            counts = scaled(solve(average, budget.target, high=n))
+        return f"sparsevlm:{'-'.join(map(str, boundaries))}:{'-'.join(map(str, counts))}"
 
     @property
     def pruning_layers(self) -> tuple[int, ...]:
@@ -109,6 +132,19 @@ class SparseVLMWithoutRecycling(SparseVLM):
 
     recycle = False
     usage = "sparsevlm-drop:LAYERS:COUNTS[:renumber|keep]"
+
+
+def schedule(counts: list[int], n: int) -> list[int]:
+    """The visual tokens after each pruning layer, merged tokens counted: min(count, n_v − 1) kept, plus
+    ⌊(⌊0.3·n_drop⌋ + 1) / 10⌋ + 1 merged tokens of the n_drop pruned."""
+    after, current = [], n
+    for count in counts:
+        kept = min(count, current - 1)
+        dropped = current - kept
+        merged = (math.floor(dropped * RECYCLED_SHARE) + 1) // 10 + 1 if dropped > 0 else 0
+        current = kept + merged
+        after.append(current)
+    return after
 
 
 def spec_integers(text: str, what: str) -> tuple[int, ...]:

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llava.model.visual_exit.budget import Budget
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number
 from llava.model.visual_exit.tokens import TokenLayout
+
+
+PUBLISHED_SPLIT = (54, 10)  # dominant : contextual, its Table 8's settings
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,14 @@ class VisionZip(Stage):
     def parse(cls, args: list[str]) -> VisionZip:
         dominant, contextual = args
         return cls(spec_number(dominant, int, 1), spec_number(contextual, int, 0))
+
+    @classmethod
+    def at_budget(cls, budget: Budget) -> str:
+        """Both rules: every layer sees D + C = T tokens, split as its published settings (162 + 30, 108 + 20,
+        54 + 10: 54 : 10)."""
+        kept = round(budget.target)
+        dominant = max(1, round(kept * PUBLISHED_SPLIT[0] / sum(PUBLISHED_SPLIT)))
+        return f"visionzip:{dominant}:{max(kept - dominant, 0)}"
 
     def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout):
         return None  # the tokens it removes never reached the decoder
