@@ -20,14 +20,8 @@ import sys
 import torch
 
 from llava.arguments import positive_int
-from llava.model.builder import (
-    CheckpointError,
-    gate_width_in_checkpoint,
-    load_family_model,
-    load_pretrained_model,
-    read_config_dict,
-    registered_family_class,
-)
+from llava.model.builder import load_family_model, load_model
+from llava.model.checkpoint import Checkpoint, CheckpointError, gate_width_in_checkpoint
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
@@ -42,12 +36,6 @@ def existing_gates(model_path: str) -> str | None:
         return f"a gates-only artifact (width {artifact['visual_gate_hidden_size']}, base {artifact['base_model']})"
     width = gate_width_in_checkpoint(model_path)
     return None if width is None else f"gates of width {width} in its weights"
-
-
-def is_family_checkpoint(model_path: str) -> bool:
-    """A checkpoint of one of transformers' VLM classes the exit runs on (llava-hf LLaVA included), which gets its
-    gates in that class and is saved back in its own layout."""
-    return read_gates_config(model_path) is None and registered_family_class(read_config_dict(model_path)) is not None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,16 +56,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"init_weight.py: error: {args.model_path} already holds {found}; "
                  "--reinit replaces them with fresh ones")
     try:
-        family = args.model_base is None and is_family_checkpoint(args.model_path)
-        if family:
-            tokenizer, model, processor, _ = load_family_model(args.model_path, dtype="auto", device_map={"": "cpu"})
+        checkpoint = Checkpoint.resolve(args.model_path, args.model_base)
+        # The checkpoint's files stay in their layout: a llava-hf one, which our LLaVA class runs, gets its gates in
+        # transformers' class of that layout, as a family's does.
+        in_layout = checkpoint.layout_class is not None and checkpoint.model_base is None
+        if in_layout:
+            tokenizer, model, processor, _ = load_family_model(checkpoint.weights, dtype="auto", device_map={"": "cpu"})
         else:
-            tokenizer, model, processor, _ = load_pretrained_model(
-                args.model_path, args.model_base, device="cpu", dtype="auto"
-            )
+            tokenizer, model, processor, _ = load_model(checkpoint, device="cpu", dtype="auto").as_tuple()
     except (CheckpointError, VisionTowerNotFoundError) as error:
         sys.exit(f"init_weight.py: error: {error}")
-    if family:
+    if in_layout:
         torch.manual_seed(args.seed)
         enable_visual_exit(model, args.gate_hidden_size)
     else:

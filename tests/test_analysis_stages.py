@@ -5,7 +5,6 @@ the CLI's files and plots."""
 import csv
 import json
 import os
-from argparse import Namespace
 
 import pytest
 import torch
@@ -22,8 +21,9 @@ from llava.analysis.stages import (
     token_groups,
 )
 from llava.eval.io import read_jsonl
-from llava.eval.model_vqa_loader import prepare
-from llava.model.builder import load_pretrained_model
+from llava.eval.answering import Answerer, RunSpec
+from llava.model.builder import load_model
+from llava.model.checkpoint import Checkpoint
 from llava.model.visual_exit.gate import build_visual_gates
 from llava.model.visual_exit.training import ExitLabelRule, answer_positions
 from llava.world.generate import TEST_IMAGES, TEST_QUESTIONS, generate
@@ -42,20 +42,28 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def world_model():
-    return load_pretrained_model(WORLD_MODEL, device="cpu")
+def world_loaded():
+    return load_model(Checkpoint.resolve(WORLD_MODEL), device="cpu")
 
 
 @pytest.fixture(scope="module")
-def forced(world, world_model):
+def world_model(world_loaded):
+    return world_loaded.as_tuple()
+
+
+def answerer_of(loaded, image_folder: str, **template) -> Answerer:
+    spec = RunSpec.build(loaded.checkpoint, device="cpu", image_folder=image_folder, exit_mode="none", **template)
+    return Answerer(loaded, spec)
+
+
+@pytest.fixture(scope="module")
+def forced(world, world_loaded):
     """A teacher-forced batch of six world questions (one padded batch) and its analysis."""
-    tokenizer, model, image_processor, _ = world_model
-    args = Namespace(image_folder=str(world / TEST_IMAGES), conv_mode="vicuna_v1")
     questions = read_jsonl(str(world / TEST_QUESTIONS), ("question_id",))[:6]
-    with torch.no_grad():
-        prepared = [prepare(q, args, tokenizer, image_processor, model.config) for q in questions]
-        batch = teacher_forced_batch(model, tokenizer, image_processor, prepared, max_new_tokens=6)
-        return batch, analyse_batch(model, batch, ExitLabelRule())
+    with torch.no_grad(), answerer_of(world_loaded, str(world / TEST_IMAGES), conv_mode="vicuna_v1") as answerer:
+        prepared = [answerer.prepare(q) for q in questions]
+        batch = teacher_forced_batch(answerer, prepared, max_new_tokens=6)
+        return batch, analyse_batch(world_loaded.model, batch, ExitLabelRule())
 
 
 def test_attention_masses_match_the_eager_attention_map(world_model, forced):
@@ -168,14 +176,12 @@ def test_stages_and_gate_probe_on_a_family_checkpoint(world, tmp_path):
         rows = list(csv.DictReader(handle))
     assert float(rows[-1]["agreement"]) == 1.0 and float(rows[-1]["loss_ratio_median"]) == pytest.approx(1.0)
     assert any(float(row["agreement"]) < 1.0 for row in rows[:-1])  # the exits do change answers
-    tokenizer, model, processor, context = load_pretrained_model(checkpoint, device="cpu")
-    args = Namespace(image_folder=str(world / TEST_IMAGES))
+    loaded = load_model(Checkpoint.resolve(checkpoint), device="cpu")
+    model = loaded.model
     questions = read_jsonl(str(world / TEST_QUESTIONS), ("question_id",))[:3]
-    with torch.no_grad():
-        from llava.eval.model_vqa_loader import prepare_for_family
-
-        prepared = [prepare_for_family(q, args, processor, context) for q in questions]
-        batch = teacher_forced_batch(model, tokenizer, processor, prepared, max_new_tokens=6)
+    with torch.no_grad(), answerer_of(loaded, str(world / TEST_IMAGES)) as answerer:
+        prepared = [answerer.prepare(q) for q in questions]
+        batch = teacher_forced_batch(answerer, prepared, max_new_tokens=6)
         analysis = analyse_batch(model, batch, ExitLabelRule())
         for k in range(model.config.get_text_config().num_hidden_layers - 1):
             trained = model(**batch.teacher_forced, gate_training_layer=k).exit_labels

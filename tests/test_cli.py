@@ -79,9 +79,9 @@ def test_cli_on_every_family_checkpoint_answers_as_the_stock_class(family_checkp
     from family_checkpoints import WIDE, image
 
     family, folder = family_checkpoint
-    from llava.model.builder import family_checkpoint as family_folder
+    from llava.model.checkpoint import Checkpoint
 
-    if family_folder(folder) is None:
+    if not Checkpoint.resolve(folder).is_family:
         pytest.skip(f"the loader reads {family} into our LLaVA class, prompted by LLaVA's templates (tested above)")
     picture = image(WIDE, seed=4)
     picture.save(tmp_path / "picture.png")

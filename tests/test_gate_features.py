@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from llava.constants import IGNORE_INDEX
-from llava.eval.model_vqa_loader import generate_inputs, prepare_for_family, question_prompt
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.model.families import FAMILY_MODULES
 from llava.model.families.processing import load_processor
+from llava.model.llava_processor import LlavaProcessor
 from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
 from llava.model.visual_exit.gate import build_visual_gates, init_gate_weights
 from llava.train.data import DataCollator, conversation_turns, render_prompt, tokenize_with_labels
@@ -96,7 +96,7 @@ def llava(llava_checkpoint):
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_llava_training_features_are_the_prompts(llava, padding_side):
-    """LLaVA's training tokenisation (train.data) and the loader's prompt (question_prompt), template vicuna_v1."""
+    """LLaVA's training tokenisation (train.data) and the loader's prompt (LlavaProcessor), template vicuna_v1."""
     tokenizer, model, processor = llava
     pictures = [Image.new("RGB", (40 + 9 * i, 30), (200, 40 * i, 20)) for i in range(len(CONVERSATIONS))]
     pixels = process_images(pictures, processor, model.config)
@@ -105,7 +105,8 @@ def test_llava_training_features_are_the_prompts(llava, padding_side):
         pairs = conversation_turns(record, has_image=True)
         ids, labels = tokenize_with_labels(*render_prompt(pairs, "v1"), tokenizer)
         items.append({"input_ids": ids, "labels": labels, "pixels": pixel})
-        prompt = question_prompt(record["conversations"][0]["value"].split("\n", 1)[1], "v1", model.config, True)
+        loader = LlavaProcessor(tokenizer, processor, model.config, "v1", visual_tokens=1)
+        prompt = loader.render(record["conversations"][0]["value"].split("\n", 1)[1], image_first=True)
         prompt_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")
         first_answer = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         assert ids[:first_answer] == prompt_ids.tolist()  # the prompt is the same tokens on both sides
@@ -154,22 +155,16 @@ def test_training_features_are_the_reference_definition(llava, images):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_family_training_features_are_the_prompts(family_checkpoint, padding_side):  # noqa: F811
     """Each family's processor: training_inputs (its chat template, assistant turns labelled) against the
-    loader's prompt (prepare_for_family, generation prompt), several answer lengths and two turns."""
+    loader's prompt (question_inputs, generation prompt), several answer lengths and two turns."""
     family, folder = family_checkpoint
     processor = load_processor(folder)  # the stock class (the loader reads llava-hf into our LLaVA class)
     model = with_gates(enable_visual_exit(FAMILY_MODULES[family].ADAPTER.model_class.from_pretrained(folder).eval(), 16))
     pictures = [image(WIDE, seed=1), image(SQUARE, seed=2), image(WIDE, seed=3)]
     samples, prompts = [], []
-
-    class Args:
-        image_folder = ""
-
-    for number, (record, picture) in enumerate(zip(records(), pictures)):
+    for record, picture in zip(records(), pictures):
         conversation = record["conversations"]
         samples.append(processor.training_inputs(conversation, [picture]))
-        question = {"question_id": number, "text": conversation[0]["value"], "image": picture}
-        prepared = prepare_for_family(question, Args, processor, context=2048)
-        inputs = generate_inputs(model, processor.tokenizer, [prepared], processor)
+        inputs = dict(processor.collate([processor.question_inputs(conversation[0]["value"], [picture])]))
         labels = samples[-1]["labels"][0]
         first_answer = int((labels != IGNORE_INDEX).nonzero()[0])
         assert torch.equal(samples[-1]["input_ids"][0, :first_answer], inputs["input_ids"][0])

@@ -20,7 +20,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
 
 from llava.eval.lmms.model import DyVTE  # noqa: E402
-from llava.eval.model_vqa_loader import answer_questions, question_prompt  # noqa: E402
+from llava.eval.model_vqa_loader import answer_questions  # noqa: E402
 from llava.mm_utils import load_image, process_images, tokenizer_image_token  # noqa: E402
 from llava.tiny.families import write_tiny_family  # noqa: E402
 from llava.world.generate import TEST_IMAGES, TEST_QUESTIONS, TEST_TRUTH, generate  # noqa: E402
@@ -123,11 +123,11 @@ def oracle_scores(model, docs, exit_layer: int):
     """(NLL, greedy) of each doc's continuation from one full forward with visual keys masked from `exit_layer`."""
     scores = []
     for doc in docs:
-        prompt = question_prompt(doc["text"], "vicuna_v1", model.model.config, has_image=True)
+        prompt = model.answerer.processor.render(doc["text"], image_first=True)
         context = tokenizer_image_token(prompt, model.tokenizer, return_tensors="pt")
         whole = tokenizer_image_token(prompt + mixed_lengths(doc), model.tokenizer, return_tensors="pt")
         assert torch.equal(whole[: len(context)], context)
-        pixels = process_images(image_of(doc), model.processor, model.model.config)
+        pixels = process_images(image_of(doc), model.answerer.loaded.image_processor, model.model.config)
         mm = model.model.prepare_inputs_labels_for_multimodal(whole[None], torch.ones(1, len(whole)), None, pixels, None)
         logits = masked_reference_logits(model.model, mm, torch.tensor([exit_layer]))[0]
         visual = mm.inputs_embeds.shape[1] - len(whole)  # the tag's one id became this many more tokens

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llava.model.builder import family_class, gate_width_in_checkpoint, load_family_model, load_pretrained_model
+from llava.model.builder import load_family_model, load_pretrained_model
+from llava.model.checkpoint import Checkpoint, gate_width_in_checkpoint
 from llava.model.families import FAMILY_MODULES
 from llava.model.families.processing import FamilyProcessor
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
@@ -64,8 +65,8 @@ def test_loads_through_load_pretrained_model(family_checkpoint):
     """Families our LLaVA class does not load come as transformers' class with the exit, with their processor;
     llava-hf layouts (hf_layout's) keep the LLaVA path."""
     family, folder = family_checkpoint
-    with open(os.path.join(folder, "config.json")) as handle:
-        routed = family_class(json.load(handle))
+    checkpoint = Checkpoint.resolve(folder)
+    routed = checkpoint.layout_class if checkpoint.is_family else None
     tokenizer, model, processor, context_len = load_pretrained_model(folder, device="cpu")
     if routed is None:
         assert family in ("llava-hf", "llava-next")

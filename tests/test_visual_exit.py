@@ -317,7 +317,7 @@ def test_exit_settings_persist_and_calls_override(loaded, images, tmp_path):
 
 def test_saved_threshold_of_zero_stays_zero(loaded, tmp_path):
     """A falsy saved threshold is a real setting, not a missing one (it once loaded as the 0.5 default)."""
-    from llava.model.builder import read_llava_config
+    from llava.model.checkpoint import Checkpoint
 
     _, model, _, _ = loaded
     ExitConfig("dynamic", threshold=0.0).save_to(model.config)
@@ -325,7 +325,7 @@ def test_saved_threshold_of_zero_stays_zero(loaded, tmp_path):
         model.config.save_pretrained(tmp_path)
     finally:
         ExitConfig().save_to(model.config)
-    config, _, _ = read_llava_config(str(tmp_path))
+    config = Checkpoint.resolve(str(tmp_path)).config
     assert ExitConfig.from_model_config(config) == ExitConfig("dynamic", threshold=0.0)
 
 

@@ -36,14 +36,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from llava.eval.eval_gqa import load_questions, convert_gqa, score_gqa  # noqa: E402
 from llava.eval.io import EvalInputError, read_jsonl  # noqa: E402
 from llava.arguments import positive_int  # noqa: E402
-from llava.eval.model_vqa_loader import (  # noqa: E402
-    LOADER_DEFAULTS, add_model_arguments, answer_questions, batches, prepare_question, resolve_run,
-)
+from llava.eval.answering import Answerer, RunSpec, answer_file  # noqa: E402
+from llava.eval.model_vqa_loader import add_model_arguments  # noqa: E402
 from llava.eval.prefill_time import prefill_seconds  # noqa: E402
+from llava.model.builder import load_model  # noqa: E402
+from llava.model.checkpoint import Checkpoint, CheckpointError  # noqa: E402
 from llava.model.exit_args import budget_tokens  # noqa: E402
-from llava.mm_utils import get_model_name_from_path  # noqa: E402
-from llava.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
-from llava.model.visual_exit import ExitConfig, exit_decoder_of  # noqa: E402
+from llava.model.visual_exit import ExitConfig  # noqa: E402
 from llava.model.visual_exit.budget import RULES, OutOfReach  # noqa: E402
 from llava.model.visual_exit.stages import METHODS  # noqa: E402
 
@@ -81,16 +80,16 @@ def unreached(method: str, rule: str, budget: float, error: Exception) -> RunRes
     return RunResult(method, rule, budget, f"out of reach: {error}", *[float("nan")] * 3, None, float("nan"), 0)
 
 
-def run_setting(base: argparse.Namespace, name: str, questions: list[dict], loaded, **exit_flags):
-    """(answer records, exit config) of one setting (resumed from DIR/answers/NAME.jsonl when made with the same
+def run_setting(answerer: Answerer, out: str, name: str, questions: list[dict], **exit_flags):
+    """(answer records, exit config) of one setting (resumed from OUT/answers/NAME.jsonl when made with the same
     settings)."""
-    args = argparse.Namespace(**{**vars(base), **exit_flags})
-    args.answers_file = os.path.join(base.out, "answers", f"{name}.jsonl")
-    answer_questions(args, questions, loaded)
+    spec = answerer.spec.with_exit(**exit_flags)
+    answers_file = os.path.join(out, "answers", f"{name}.jsonl")
+    answer_file(spec, questions, answers_file, answerer)
     # Only these questions' answers: the file may hold others from an earlier run with another calibration split.
     asked = {q["question_id"] for q in questions}
-    records = [r for r in read_jsonl(args.answers_file, ("question_id",)) if "error" not in r and r["question_id"] in asked]
-    return records, resolve_run(args)[0]
+    records = [r for r in read_jsonl(answers_file, ("question_id",)) if "error" not in r and r["question_id"] in asked]
+    return records, spec.exit_config
 
 
 def result(method: str, rule, budget, setting: str, answered: tuple, truth: dict, name: str) -> RunResult:
@@ -106,11 +105,11 @@ def result(method: str, rule, budget, setting: str, answered: tuple, truth: dict
                      vision, reduction, metrics["questions"], name, config)
 
 
-def calibrated_threshold(base, questions, loaded, budget: float, thresholds) -> float:
+def calibrated_threshold(answerer: Answerer, out: str, questions, budget: float, thresholds) -> float:
     """The τ whose measured average on the calibration questions comes closest to `budget` from below."""
     measured = {}
     for tau in thresholds:
-        records, _ = run_setting(base, f"calibration-dynamic-{tau:g}", questions, loaded, exit_mode="dynamic",
+        records, _ = run_setting(answerer, out, f"calibration-dynamic-{tau:g}", questions, exit_mode="dynamic",
                                  exit_threshold=tau)
         measured[tau] = sum(r["visual_tokens_avg"] for r in records) / max(1, len(records))
     fitting = [tau for tau, average in measured.items() if average <= budget]
@@ -144,13 +143,20 @@ def compare(args: argparse.Namespace) -> list[RunResult]:
     questions = read_jsonl(args.question_file, ("question_id", "text"))
     calibration, evaluated = split_questions(questions, args.calibration, args.dynamic)
     truth = scored_truth(args.truth, evaluated)
-    loaded = load_pretrained_model(args.model_path, args.model_base, get_model_name_from_path(args.model_path), device=args.device)
-    if args.dynamic and exit_decoder_of(loaded[1]).visual_gates_router is None:
+    checkpoint = Checkpoint.resolve(args.model_path, args.model_base)
+    if args.dynamic and not checkpoint.has_gates:
         raise ValueError(f"{args.model_path} has no gates to calibrate: train them first, or pass --no-dynamic")
-    base = argparse.Namespace(**{**LOADER_DEFAULTS, **vars(args)})
-    none = run_setting(base, "none", evaluated, loaded, exit_mode="none")
+    spec = RunSpec.build(checkpoint, conv_mode=args.conv_mode, device=args.device, image_folder=args.image_folder,
+                         batch_size=args.batch_size, exit_mode="none")
+    with Answerer(load_model(checkpoint, device=args.device), spec) as answerer:
+        return compare_runs(args, answerer, calibration, evaluated, truth)
+
+
+def compare_runs(args, answerer: Answerer, calibration: list[dict], evaluated: list[dict], truth: dict) -> list[RunResult]:
+    out = args.out
+    none = run_setting(answerer, out, "none", evaluated, exit_mode="none")
     results = [result("none", None, None, "", none, truth, "none")]
-    tokens = budget_tokens(args.visual_tokens, exit_decoder_of(loaded[1]).config)
+    tokens = budget_tokens(args.visual_tokens, answerer.spec.checkpoint.config)
     for budget in args.budgets:
         targets = {}  # the budget's layer average on this model, per rule: what the gates are calibrated to
         for rule in args.budget_rules:
@@ -158,29 +164,27 @@ def compare(args: argparse.Namespace) -> list[RunResult]:
             for method in args.methods:
                 name = f"{method}-{rule}{budget:g}"
                 try:
-                    answered = run_setting(base, name, evaluated, loaded, exit_method=method, visual_budget=budget,
-                                           budget_rule=rule)
+                    answered = run_setting(answerer, out, name, evaluated, exit_method=method, visual_budget=budget,
+                                           budget_rule=rule, visual_tokens=args.visual_tokens)
                 except OutOfReach as error:  # e.g. a method whose first full layers alone cost more: a row says so
                     logger.warning("%s", error)
                     results.append(unreached(method, rule, budget, error))
                     continue
                 results.append(result(method, rule, budget, answered[1].stages, answered, truth, name))
         for target, rule in targets.items() if args.dynamic else ():
-            tau = calibrated_threshold(base, calibration, loaded, target, args.thresholds)
-            answered = run_setting(base, f"dynamic-{tau:g}", evaluated, loaded, exit_mode="dynamic", exit_threshold=tau)
+            tau = calibrated_threshold(answerer, out, calibration, target, args.thresholds)
+            answered = run_setting(answerer, out, f"dynamic-{tau:g}", evaluated, exit_mode="dynamic", exit_threshold=tau)
             results.append(result("dynamic", rule, budget, f"τ={tau:g}", answered, truth, f"dynamic-{tau:g}"))
     if args.time_questions:
-        time_prefills(args, base, evaluated, loaded, results)
+        time_prefills(args, answerer, evaluated, results)
     return results
 
 
-def time_prefills(args, base, evaluated: list[dict], loaded, results: list[RunResult]) -> None:
+def time_prefills(args, answerer: Answerer, evaluated: list[dict], results: list[RunResult]) -> None:
     """Each run's prefill time on the first --time-questions scored questions, as a ratio to none's."""
     configs = {r.name: r.config for r in results if r.questions}
-    prompt = argparse.Namespace(**vars(base))
-    resolve_run(prompt)  # the template the runs prompted with
-    timed = [prepare_question(q, prompt, loaded) for q in evaluated[: args.time_questions]]
-    seconds = prefill_seconds(loaded[1], loaded[0], loaded[2], list(batches(timed, args.batch_size)), configs, args.time_repeats)
+    timed = [answerer.prepare(q) for q in evaluated[: args.time_questions]]
+    seconds = prefill_seconds(answerer, timed, configs, args.time_repeats)
     for r in results:
         if r.name in seconds:
             r.prefill_ratio = seconds[r.name] / seconds["none"]

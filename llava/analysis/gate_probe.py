@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from llava.model.builder import CheckpointError, load_pretrained_model
-from llava.model.visual_exit import exit_decoder_of
+from llava.model.builder import load_model
+from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.visual_exit.training import ExitLabelRule
 from llava.train.data import DataError
 from llava.train.train import training_data
@@ -133,12 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        tokenizer, model, image_processor, _ = load_pretrained_model(args.model_path, device="cpu")
-        layers = parse_layers(args.layers, exit_decoder_of(model).config.num_hidden_layers)
-        if getattr(exit_decoder_of(model), "visual_gates_router", None) is None:
+        checkpoint = Checkpoint.resolve(args.model_path)
+        if not checkpoint.has_gates:
             raise CheckpointError(f"{args.model_path}: holds no gates; add them with init_weight.py")
-        dataset, collator = training_data(args.data_path, args.image_folder, tokenizer, image_processor, model.config,
-                                          args.version)
+        layers = parse_layers(args.layers, checkpoint.config.num_hidden_layers)
+        loaded = load_model(checkpoint, device="cpu")
+        model = loaded.model
+        dataset, collator = training_data(args.data_path, args.image_folder, loaded.tokenizer, loaded.image_processor,
+                                          model.config, args.version)
     except (CheckpointError, DataError, ValueError, OSError) as error:
         sys.exit(f"gate_probe: error: {error}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed)).tolist()

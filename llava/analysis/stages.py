@@ -32,15 +32,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from llava.conversation import choose_conv_mode
+from llava.eval.answering import Answerer, PreparedQuestion, QuestionError, RunSpec
 from llava.eval.io import EvalInputError, read_jsonl
-from llava.eval.model_vqa_loader import (
-    PreparedQuestion, QuestionError, batches, generate_inputs, left_padded, prepare, prepare_for_family,
-)
-from llava.mm_utils import ImageLoadError, get_model_name_from_path
-from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.mm_utils import ImageLoadError
+from llava.model.builder import load_model
+from llava.model.checkpoint import Checkpoint, CheckpointError
+from llava.model.llava_processor import padded
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.families.processing import FamilyProcessor
 from llava.model.visual_exit import ExitConfig, exit_decoder_of
 from llava.model.visual_exit.training import IGNORE_INDEX, ExitLabelRule, answer_positions, exit_labels
 
@@ -134,16 +132,16 @@ class AttentionRecorder:
         return torch.stack(self.per_layer, dim=1)
 
 
-def teacher_forced_batch(model, tokenizer, processor, prepared: list[PreparedQuestion], max_new_tokens: int) -> TeacherForcedBatch:
+def teacher_forced_batch(answerer: Answerer, prepared: list[PreparedQuestion], max_new_tokens: int) -> TeacherForcedBatch:
     """Answer greedily with no exit, then build prompt + answer (through the first end of sequence) with labels."""
-    prompts = generate_inputs(model, tokenizer, prepared, processor)
+    model, tokenizer = answerer.model, answerer.tokenizer
+    prompts = answerer.batch_inputs(prepared)
     generated = model.generate(
         **prompts, exit_config=ExitConfig("none"), do_sample=False, max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
     )
-    family = prepared[0].model_inputs is not None
-    if family:  # transformers' generate returns the prompt too; ours the new tokens only
-        generated = generated[:, prompts["input_ids"].shape[1] :]
+    generated = answerer.processor.new_tokens(generated, prompts)
+    family = answerer.spec.checkpoint.is_family
     rows, valid = prompts["input_ids"].cpu(), prompts["attention_mask"].bool().cpu()
     sequences, targets, types, answers = [], [], [], []
     for row, tokens in enumerate(generated.cpu()):
@@ -155,13 +153,13 @@ def teacher_forced_batch(model, tokenizer, processor, prepared: list[PreparedQue
         if "mm_token_type_ids" in prompts:  # the answer is text
             types.append(torch.cat([prompts["mm_token_type_ids"][row, valid[row]].cpu(), torch.zeros_like(answer)]))
         answers.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
-    input_ids, attention_mask = left_padded(sequences, tokenizer.pad_token_id)
-    labels, _ = left_padded(targets, IGNORE_INDEX)
+    input_ids, attention_mask = padded(sequences, tokenizer.pad_token_id)
+    labels, _ = padded(targets, IGNORE_INDEX)
     device = model.device
     teacher_forced = {**prompts, "input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
                       "labels": labels.to(device)}
     if types:
-        teacher_forced["mm_token_type_ids"] = left_padded(types, 0)[0].to(device)
+        teacher_forced["mm_token_type_ids"] = padded(types, 0)[0].to(device)
     if family:
         inputs = {key: value for key, value in teacher_forced.items() if key != "labels"}
         visual = model.visual_mask(inputs["input_ids"])
@@ -291,40 +289,28 @@ def plot_oracle_histogram(oracle: torch.Tensor, layers: int, path: str) -> None:
 
 def analyse(args: argparse.Namespace) -> dict:
     questions = read_jsonl(args.question_file, ("question_id", "text"))[: args.limit or None]
-    tokenizer, model, image_processor, context_len = load_pretrained_model(
-        args.model_path, args.model_base, device=args.device
-    )
-    model.eval()
-    if isinstance(image_processor, FamilyProcessor):
-        if args.conv_mode is not None:
-            raise ValueError(f"--conv-mode {args.conv_mode}: {args.model_path} prompts with its own chat template")
-    else:
-        args.conv_mode, reason = choose_conv_mode(args.conv_mode, model.config, get_model_name_from_path(args.model_path))
-        logger.info("conversation template %s (%s)", args.conv_mode, reason)
-    family = isinstance(image_processor, FamilyProcessor)
-    limits = None if family else (context_len, model.get_vision_tower().num_patches)
+    checkpoint = Checkpoint.resolve(args.model_path, args.model_base)
+    spec = RunSpec.build(checkpoint, conv_mode=args.conv_mode, device=args.device, image_folder=args.image_folder,
+                         batch_size=args.batch_size, exit_mode="none")
     rule = ExitLabelRule(args.agree_threshold, args.ratio_threshold)
     os.makedirs(args.output_dir, exist_ok=True)
     results: list[BatchAnalysis] = []
     analysed: list[tuple[dict, str]] = []
     skipped: list[dict] = []
-    with torch.inference_mode():
-        for group in tqdm(list(batches(questions, args.batch_size)), desc="analysing", unit="batch"):
+    with Answerer(load_model(checkpoint, device=args.device), spec) as answerer, torch.inference_mode():
+        for start in tqdm(range(0, len(questions), args.batch_size), desc="analysing", unit="batch"):
             prepared = []
-            for record in group:
+            for record in questions[start : start + args.batch_size]:
                 if not record.get("image"):
                     skipped.append({"question_id": record["question_id"], "reason": "no image"})
                     continue
                 try:
-                    if family:
-                        prepared.append(prepare_for_family(record, args, image_processor, context_len))
-                    else:
-                        prepared.append(prepare(record, args, tokenizer, image_processor, model.config, limits))
+                    prepared.append(answerer.prepare(record))
                 except (ImageLoadError, QuestionError) as error:
                     skipped.append({"question_id": record["question_id"], "reason": str(error)})
             if prepared:
-                batch = teacher_forced_batch(model, tokenizer, image_processor, prepared, args.max_new_tokens)
-                results.append(analyse_batch(model, batch, rule))
+                batch = teacher_forced_batch(answerer, prepared, args.max_new_tokens)
+                results.append(analyse_batch(answerer.model, batch, rule))
                 analysed += list(zip(batch.records, batch.answers))
     if not results:
         raise EvalInputError(f"{args.question_file}: no question with a readable image to analyse")

@@ -12,31 +12,29 @@ import statistics
 import torch
 from tqdm import tqdm
 
-from llava.eval.model_vqa_loader import PrefillTimer, generate_inputs, timed_generate
+from llava.eval.answering import Answerer, PreparedQuestion
 from llava.model.visual_exit import ExitConfig
 
 PREFILL_TIME = "prefill_time.json"  # beside the runs' folders: {"questions", "repeats", "runs": {name: {seconds, ratio}}}
 
 
-def prefill_seconds(model, tokenizer, processor, prepared_batches: list[list], configs: dict[str, ExitConfig],
+def prefill_seconds(answerer: Answerer, prepared: list[PreparedQuestion], configs: dict[str, ExitConfig],
                     repeats: int) -> dict[str, float]:
-    """{name: median seconds of the prefills of every batch} for each exit setting, in interleaved rounds."""
-    inputs = [generate_inputs(model, tokenizer, batch, processor) for batch in prepared_batches]
-    timer = PrefillTimer(model, model.device)
+    """{name: median seconds of the prefills of every batch} for each exit setting, in interleaved rounds; the
+    questions batched as the answerer's run batches them."""
+    size = answerer.spec.batch_size
+    batches = [answerer.batch_inputs(prepared[start : start + size]) for start in range(0, len(prepared), size)]
     samples: dict[str, list[float]] = {name: [] for name in configs}
-    try:
-        with torch.inference_mode():
-            for round_ in tqdm(range(repeats + 1), desc="timing prefills", unit="round"):
-                for name, config in configs.items():
-                    total = 0.0
-                    for batch in inputs:
-                        timed_generate(model, batch, timer, exit_config=config, max_new_tokens=1, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-                        total += timer.prefill
-                    if round_ > 0:  # the first round warms up
-                        samples[name].append(total)
-    finally:
-        timer.remove()
+    with torch.inference_mode():
+        for round_ in tqdm(range(repeats + 1), desc="timing prefills", unit="round"):
+            for name, config in configs.items():
+                total = 0.0
+                for batch in batches:
+                    answerer.generate(batch, exit_config=config, max_new_tokens=1, do_sample=False, temperature=None,
+                                      top_p=None, num_beams=1)
+                    total += answerer.timer.prefill
+                if round_ > 0:  # the first round warms up
+                    samples[name].append(total)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

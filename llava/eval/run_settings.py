@@ -19,47 +19,28 @@ from contextlib import contextmanager
 
 from llava.eval.io import EvalInputError, read_json
 
-# Loader flags that change the prompts (ScienceQA, MMBench); absent ones are left out.
+# Loader flags that change the prompts (ScienceQA, MMBench), recorded with the run's settings (RunSpec.prompt_flags).
 PROMPT_FLAGS = ("single_pred_prompt", "all_rounds", "lang")
+
+
+def budget_settings(exit_flags: dict) -> dict | None:
+    """The method, budget and rule of an `--exit-method` run (its settings' `budget`), None for any other."""
+    if exit_flags.get("exit_method") is None:
+        return None
+    return {"method": exit_flags["exit_method"], "visual_budget": exit_flags["visual_budget"],
+            "rule": exit_flags.get("budget_rule") or "paper"}
+
+
+def run_label(exit_config, budget: dict | None) -> str:
+    """A run's name in folders and tables: the exit's label, or `METHOD-RULE+T` for a method at a budget by a rule
+    (`pdrop-paper64`, `sparsevlm-equal64`)."""
+    if budget is not None:
+        return f"{budget['method']}-{budget['rule']}{budget['visual_budget']:g}"
+    return exit_config.label
 
 
 def settings_path(answers_file: str) -> str:
     return os.path.splitext(answers_file)[0] + ".settings.json"
-
-
-def run_label(args: argparse.Namespace, exit_config) -> str:
-    """The run's name in folders and tables: the exit's label, or `METHOD-RULE+T` for a method at a budget by a
-    rule (`pdrop-paper64`, `sparsevlm-equal64`)."""
-    if getattr(args, "exit_method", None) is not None:
-        return f"{args.exit_method}-{budget_rule(args)}{args.visual_budget:g}"
-    return exit_config.label
-
-
-def budget_rule(args: argparse.Namespace) -> str:
-    return getattr(args, "budget_rule", None) or "paper"
-
-
-def run_settings(args: argparse.Namespace, exit_config, conv_mode: str) -> dict:
-    """Everything that changes an answer: not the batch size (a batch answers as each sample alone) nor the
-    image folder (a fixed folder only turns error records into answers)."""
-    settings = {
-        "model_path": os.path.abspath(args.model_path),
-        "model_base": args.model_base and os.path.abspath(args.model_base),
-        "exit": exit_config.settings(),
-        "exit_label": run_label(args, exit_config),
-        "conv_mode": conv_mode,
-        "decoding": {
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "num_beams": args.num_beams,
-            "max_new_tokens": args.max_new_tokens,
-        },
-        "device": args.device_type,
-        **{flag: getattr(args, flag) for flag in PROMPT_FLAGS if hasattr(args, flag)},
-    }
-    if getattr(args, "exit_method", None) is not None:
-        settings["budget"] = {"method": args.exit_method, "visual_budget": args.visual_budget, "rule": budget_rule(args)}
-    return settings
 
 
 def read_settings(answers_file: str) -> dict | None:
@@ -118,18 +99,20 @@ def answers_lock(answers_file: str) -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print `<model folder>_<exit label>`: the eval scripts' default answers folder for these settings."""
+    """Print `<model folder>_<run label>`: the eval scripts' default answers folder for these settings."""
     # Imported here: the merge and the summary read settings files and need neither torch nor a model.
-    from llava.model.builder import read_family_decoder_config, read_llava_config
-    from llava.model.exit_args import add_exit_arguments, exit_config_from_args
+    from llava.model.checkpoint import Checkpoint
+    from llava.model.exit_args import add_exit_arguments, exit_config_from_flags, exit_flags
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--model-path", required=True)
     add_exit_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        config = read_family_decoder_config(args.model_path) or read_llava_config(args.model_path)[0]
-        label = run_label(args, exit_config_from_args(args, config))
+        checkpoint, flags = Checkpoint.resolve(args.model_path), exit_flags(args)
+        exit_config = exit_config_from_flags(checkpoint.config, **flags)
+        checkpoint.check_exit(exit_config)
+        label = run_label(exit_config, budget_settings(flags))
     except ValueError as error:
         raise SystemExit(f"run_settings: error: {error}") from None
     print(f"{os.path.basename(os.path.normpath(args.model_path))}_{label}")

@@ -42,23 +42,37 @@ def add_exit_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+EXIT_FLAGS = (
+    "exit_mode", "exit_layer", "exit_threshold", "fastv_k", "fastv_r", "exit_stages", "exit_method", "visual_budget",
+    "budget_rule", "visual_tokens",
+)
+
+
+def exit_flags(args: argparse.Namespace) -> dict:
+    """The exit flags a CLI parsed, as keywords of `exit_config_from_flags` (absent ones None)."""
+    return {name: getattr(args, name, None) for name in EXIT_FLAGS}
+
+
 def exit_config_from_args(args: argparse.Namespace, model_config) -> ExitConfig:
+    return exit_config_from_flags(model_config, **exit_flags(args))
+
+
+def exit_config_from_flags(
+    model_config, exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None, fastv_r=None, exit_stages=None,
+    exit_method=None, visual_budget=None, budget_rule=None, visual_tokens=None,
+) -> ExitConfig:
     """The checkpoint's exit settings with the flags given on top; a flag the resulting mode ignores is an error
     (`--exit-mode none --exit-layer 4` would otherwise run mode none under a name that says layer 4). A method at a
     visual budget becomes its stage list."""
-    stages, mode = args.exit_stages, args.exit_mode
-    budgeted = getattr(args, "exit_method", None), getattr(args, "visual_budget", None)
-    rule = getattr(args, "budget_rule", None)
-    if any(value is not None for value in budgeted) or rule is not None:
-        if None in budgeted or mode is not None or stages is not None:
+    stages, mode = exit_stages, exit_mode
+    if exit_method is not None or visual_budget is not None or budget_rule is not None:
+        if exit_method is None or visual_budget is None or mode is not None or stages is not None:
             raise ValueError("--exit-method and --visual-budget go together (with --budget-rule, if any), without "
                              "--exit-mode or --exit-stages")
-        stages = method_stages(*budgeted, model_config.num_hidden_layers, budget_tokens(args.visual_tokens, model_config),
-                               rule or "paper", keep_positions=has_multirow_positions(model_config))
-    given = {
-        "layer": args.exit_layer, "threshold": args.exit_threshold, "fastv_k": args.fastv_k, "fastv_r": args.fastv_r,
-        "stages": stages,
-    }
+        stages = method_stages(exit_method, visual_budget, model_config.num_hidden_layers,
+                               budget_tokens(visual_tokens, model_config), budget_rule or "paper",
+                               keep_positions=has_multirow_positions(model_config))
+    given = {"layer": exit_layer, "threshold": exit_threshold, "fastv_k": fastv_k, "fastv_r": fastv_r, "stages": stages}
     if stages is not None:
         if mode not in (None, "stages"):
             raise ValueError(f"--exit-stages composes its own exit: leave out --exit-mode {mode}")

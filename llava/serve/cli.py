@@ -12,19 +12,11 @@ from transformers import TextStreamer
 
 from llava.arguments import positive_int
 from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from llava.conversation import choose_conv_mode, get_conv_template
-from llava.mm_utils import (
-    ImageLoadError,
-    KeywordsStoppingCriteria,
-    get_model_name_from_path,
-    load_image,
-    process_images,
-    tokenizer_image_token,
-)
-from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.conversation import get_conv_template
+from llava.mm_utils import ImageLoadError, KeywordsStoppingCriteria, load_image, process_images, tokenizer_image_token
+from llava.model.builder import load_model
+from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.exit_args import add_exit_arguments, exit_config_from_args
-from llava.model.families.processing import FamilyProcessor
-from llava.model.visual_exit import exit_decoder_of
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 
 logger = logging.getLogger("llava.serve.cli")
@@ -48,13 +40,10 @@ def main(argv: list[str] | None = None) -> None:
 class LlavaSession:
     """A chat with our LLaVA class: LLaVA's conversation template, the image as its `<image>` tag's pixels."""
 
-    def __init__(self, args, tokenizer, model, image_processor, image):
-        model_name = get_model_name_from_path(args.model_path)
-        conv_mode, reason = choose_conv_mode(args.conv_mode, model.config, model_name)
-        logger.info("conversation template %s (%s)", conv_mode, reason)
-        self.tokenizer, self.model, self.conv = tokenizer, model, get_conv_template(conv_mode)
+    def __init__(self, loaded, conv_mode: str, image):
+        self.tokenizer, self.model, self.conv = loaded.tokenizer, loaded.model, get_conv_template(conv_mode)
         self.roles, self.stop_str = self.conv.roles, self.conv.stop_str
-        self.pixels = process_images([image], image_processor, model.config).to(model.device, model.dtype)
+        self.pixels = process_images([image], loaded.image_processor, self.model.config).to(self.model.device, self.model.dtype)
         self.image_sizes = [image.size]
 
     def inputs(self, question: str) -> tuple[dict, str]:
@@ -75,11 +64,9 @@ class FamilySession:
 
     roles = ("USER", "ASSISTANT")
 
-    def __init__(self, args, model, processor, image):
-        if args.conv_mode is not None:
-            raise ValueError(f"--conv-mode {args.conv_mode}: {args.model_path} prompts with its own chat template")
-        self.model, self.processor, self.image = model, processor, image
-        self.stop_str = processor.family.turn_end
+    def __init__(self, loaded, image):
+        self.model, self.processor, self.image = loaded.model, loaded.image_processor, image
+        self.stop_str = self.processor.family.turn_end
         self.conversation: list[dict] = []
 
     def inputs(self, question: str) -> tuple[dict, str]:
@@ -110,15 +97,14 @@ def chat(argv: list[str] | None) -> None:
     args = parser.parse_args(argv)
 
     image = load_image(args.image_file)
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, get_model_name_from_path(args.model_path), args.load_8bit, args.load_4bit,
-        device=args.device,
-    )
-    if isinstance(image_processor, FamilyProcessor):
-        session = FamilySession(args, model, image_processor, image)
-    else:
-        session = LlavaSession(args, tokenizer, model, image_processor, image)
-    exit_config = exit_config_from_args(args, exit_decoder_of(model).config)
+    checkpoint = Checkpoint.resolve(args.model_path, args.model_base)
+    exit_config = exit_config_from_args(args, checkpoint.config)
+    checkpoint.check_exit(exit_config)
+    template, reason = checkpoint.template(args.conv_mode)
+    logger.info("conversation template %s (%s)", template, reason)
+    loaded = load_model(checkpoint, device=args.device, load_8bit=args.load_8bit, load_4bit=args.load_4bit)
+    session = FamilySession(loaded, image) if checkpoint.is_family else LlavaSession(loaded, template, image)
+    tokenizer, model, processor = loaded.tokenizer, loaded.model, loaded.processor(template)
 
     while True:
         try:
@@ -130,7 +116,6 @@ def chat(argv: list[str] | None) -> None:
             break
         print(f"{session.roles[1]}: ", end="", flush=True)
         inputs, prompt = session.inputs(question)
-        prompt_length = inputs["input_ids"].shape[1]
         output = model.generate(
             **inputs,
             do_sample=args.temperature > 0,
@@ -142,10 +127,7 @@ def chat(argv: list[str] | None) -> None:
             exit_config=exit_config,
             return_dict_in_generate=True,
         )
-        new_tokens = output.sequences[0]
-        if isinstance(session, FamilySession):  # transformers' generate returns the prompt too; ours the answer only
-            new_tokens = new_tokens[prompt_length:]
-        answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        answer = tokenizer.decode(processor.new_tokens(output.sequences, inputs)[0], skip_special_tokens=True).strip()
         session.answered(answer)
         if args.debug:
             exit_layer = output.exit_stats.exit_layer.item()

@@ -11,13 +11,12 @@ in the hf layout).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.model.families import FAMILY_MODULES
 from llava.model.hf_layout import hf_config_from_llava, llava_state_dict_to_hf_modules
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.multimodal_encoder.clip_encoder import CLIPImageProcessor

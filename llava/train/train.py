@@ -4,7 +4,7 @@
         --data_path DATA.json --image_folder IMAGES --output_dir OUT ...
 
 LLaVA's argument names, plus the gate options of `GateArguments`. Writes the gates-only artifact to OUT
-(`visual_gates.safetensors`, loadable with `load_pretrained_model(OUT)`), and a full checkpoint too with
+(`visual_gates.safetensors`, loadable with `load_pretrained_model(OUT)` or `load_model(Checkpoint.resolve(OUT))`), and a full checkpoint too with
 `--save_full_model True`. `--resume_from_checkpoint True` continues from the latest OUT/checkpoint-*.
 Input errors (data, checkpoint, options) end the run with one line on stderr, from the main process only.
 """
@@ -22,7 +22,8 @@ import transformers
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from llava.model.builder import CheckpointError, load_pretrained_model
+from llava.model.builder import load_model
+from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import exit_decoder_of
@@ -83,9 +84,8 @@ class TrainingArguments(transformers.TrainingArguments):
 
 def build_model(model_args: ModelArguments, gate_args: GateArguments, training_args: TrainingArguments):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_args.model_name_or_path, model_args.model_base, device="cpu", dtype=dtype
-    )
+    checkpoint = Checkpoint.resolve(model_args.model_name_or_path, model_args.model_base)
+    tokenizer, model, image_processor, _ = load_model(checkpoint, device="cpu", dtype=dtype).as_tuple()
     if exit_decoder_of(model).visual_gates_router is None:
         attach_gates(model, gate_args.gate_hidden_size, training_args.seed)
     model.requires_grad_(False)

@@ -26,10 +26,12 @@ from tqdm import tqdm
 from llava.eval.eval_gqa import load_questions, run_convert, score_gqa
 from llava.eval.io import EvalInputError, read_json, read_jsonl, write_json
 from llava.arguments import positive_int
-from llava.eval.model_vqa_loader import add_loader_arguments, answer_questions, batches, prepare_question, resolve_run
+from llava.eval.answering import Answerer, answer_file
+from llava.eval.model_vqa_loader import add_loader_arguments, run_spec
 from llava.eval.prefill_time import PREFILL_TIME, prefill_seconds, ratios_to_none
 from llava.eval.summary import format_row, write_summary
-from llava.model.builder import CheckpointError, load_pretrained_model, resolve_device
+from llava.model.builder import load_model, resolve_device
+from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import ExitConfig
 
@@ -61,36 +63,38 @@ def run_arguments(args: argparse.Namespace, name: str, flags: list[str]) -> argp
 
 def evaluate(args: argparse.Namespace) -> list[dict]:
     """Answer, score and summarize every run in order; their summaries."""
+    checkpoint = Checkpoint.resolve(args.model_path)
     runs = [(name, run_arguments(args, name, flags)) for name, flags in args.run]
     names = [name for name, _ in runs]
     if len(set(names)) < len(names):
         raise EvalInputError(f"--run names must differ: {names}")
-    for _, run in runs:
-        resolve_run(run)  # an exit the checkpoint cannot take fails here, not after the runs before it
+    # every run's settings checked here: an exit the checkpoint cannot take fails before the runs ahead of it
+    specs = [(name, run.answers_file, run_spec(run, checkpoint)) for name, run in runs]
     questions = read_jsonl(args.question_file, ("question_id", "text"))
     truth = load_questions(args.truth_file)
-    loaded = load_pretrained_model(args.model_path, device=args.device)
+    loaded = load_model(checkpoint, device=args.device)
     summaries = []
-    for name, run in tqdm(runs, desc="settings", unit="run"):
-        answer_questions(run, questions, loaded)
-        predictions = os.path.join(args.answers_root, name, "predictions.json")
-        run_convert(run.answers_file, predictions)
-        metrics = score_gqa(truth, read_json(predictions))
-        write_json(os.path.join(args.answers_root, name, "metrics.json"), metrics)
-        summaries.append(write_summary(run.answers_file, "gqa", metrics))
-        tqdm.write(format_row(summaries[-1], header=len(summaries) == 1))
-    if args.time_questions:
-        time_prefills(args, runs, questions, loaded)
+    with Answerer(loaded, specs[0][2]) as answerer:
+        for name, answers_file, spec in tqdm(specs, desc="settings", unit="run"):
+            answer_file(spec, questions, answers_file, answerer)
+            predictions = os.path.join(args.answers_root, name, "predictions.json")
+            run_convert(answers_file, predictions)
+            metrics = score_gqa(truth, read_json(predictions))
+            write_json(os.path.join(args.answers_root, name, "metrics.json"), metrics)
+            summaries.append(write_summary(answers_file, "gqa", metrics))
+            tqdm.write(format_row(summaries[-1], header=len(summaries) == 1))
+        if args.time_questions:
+            time_prefills(args, answerer, specs, questions)
     return summaries
 
 
-def time_prefills(args: argparse.Namespace, runs: list, questions: list[dict], loaded: tuple) -> None:
+def time_prefills(args: argparse.Namespace, answerer: Answerer, specs: list, questions: list[dict]) -> None:
     """ROOT/prefill_time.json: each run's measured prefill time on the first --time-questions questions, and its
     ratio to mode none's, in --time-repeats interleaved rounds (llava.eval.prefill_time)."""
     configs = {"none": ExitConfig("none")}
-    configs.update({name: resolve_run(run)[0] for name, run in runs})
-    timed = [prepare_question(record, runs[0][1], loaded) for record in questions[: args.time_questions]]
-    seconds = prefill_seconds(loaded[1], loaded[0], loaded[2], list(batches(timed, args.batch_size)), configs, args.time_repeats)
+    configs.update({name: spec.exit_config for name, _, spec in specs})
+    timed = [answerer.prepare(record) for record in questions[: args.time_questions]]
+    seconds = prefill_seconds(answerer, timed, configs, args.time_repeats)
     write_json(os.path.join(args.answers_root, PREFILL_TIME), {
         "questions": len(timed), "repeats": args.time_repeats, "runs": ratios_to_none(seconds),
     })

@@ -34,7 +34,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import load_model
+from llava.model.checkpoint import Checkpoint
 from llava.model.visual_exit import ExitConfig
 from llava.tiny.llava import TinyGeometry, build_tiny_llava, save_llava_layout
 from llava.train.data import DataCollator, SupervisedDataset, conversation_turns, load_records
@@ -73,7 +74,7 @@ CONV_MODE = "vicuna_v1"  # the template every prompt is trained with; saved in t
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     if args.init_from:
-        tokenizer, model, image_processor, _ = load_pretrained_model(args.init_from, device="cpu")
+        tokenizer, model, image_processor, _ = load_model(Checkpoint.resolve(args.init_from), device="cpu").as_tuple()
     else:
         geometry = TinyGeometry(**{**asdict(WORLD_GEOMETRY), "seed": args.seed})
         model, tokenizer, image_processor, _ = build_tiny_llava(geometry, tuple(world_texts(load_records(args.data_path))))

@@ -24,7 +24,6 @@ log-likelihood, summed over its tokens, since lmms-eval picks the choice with th
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import functools
 import json
@@ -43,20 +42,15 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.eval.model_vqa_loader import (
-    PrefillTimer, PreparedQuestion, QuestionError, answer_batch, exit_fields, generate_inputs, prepare,
-    prepare_for_family, resolve_run, timed_generate,
-)
-from llava.mm_utils import ImageLoadError, get_model_name_from_path, tokenizer_image_token
-from llava.model.builder import load_pretrained_model
-from llava.model.families.processing import FamilyProcessor
+from llava.eval.answering import Answerer, Decoding, PreparedQuestion, QuestionError, RunSpec, exit_fields
+from llava.mm_utils import ImageLoadError, tokenizer_image_token
+from llava.model.builder import load_model
+from llava.model.checkpoint import Checkpoint
+from llava.model.exit_args import EXIT_FLAGS
+from llava.model.llava_processor import LlavaProcessor
 
 logger = logging.getLogger("llava.eval.lmms")
 
-EXIT_ARGS = (
-    "exit_mode", "exit_layer", "exit_threshold", "fastv_k", "fastv_r", "exit_stages", "exit_method", "visual_budget",
-    "budget_rule", "visual_tokens",
-)
 DECODING_KWARGS = ("until", "max_new_tokens", "temperature", "top_p", "num_beams", "do_sample")
 DEFAULT_MAX_NEW_TOKENS = 128  # LLaVA's loader's; tasks set their own
 STATS = (
@@ -150,36 +144,30 @@ class DyVTE(lmms):
         **exit_args,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(exit_args) - set(EXIT_ARGS))
+        unknown = sorted(set(exit_args) - set(EXIT_FLAGS))
         if unknown:
-            known = ", ".join(("pretrained", "model_base", "conv_mode", "device", "batch_size") + EXIT_ARGS)
+            known = ", ".join(("pretrained", "model_base", "conv_mode", "device", "batch_size") + EXIT_FLAGS)
             raise ValueError(f"--model_args: dyvte has no {', '.join(unknown)} (it takes {known})")
         if str(batch_size).startswith("auto"):
             raise ValueError("--batch_size auto: dyvte takes a number (a batch answers as each sample alone)")
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
-        self.args = argparse.Namespace(
-            model_path=str(pretrained), model_base=model_base, conv_mode=unquoted(conv_mode), device=device,
-            image_folder="", temperature=0.0, top_p=None, num_beams=1, max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
-            **{name: unquoted(exit_args.get(name)) for name in EXIT_ARGS},
-        )
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch`: lmms-eval shares the docs out by rank
             from accelerate import Accelerator
 
             self.accelerator = Accelerator()
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-            self.args.device = device = str(self.accelerator.device) if device in (None, "cuda") else device
-        self.exit_config, _ = resolve_run(self.args)
-        self.args.model_name = get_model_name_from_path(self.args.model_path)
-        self.tokenizer, self.model, self.processor, self.context_length = load_pretrained_model(
-            self.args.model_path, model_base, self.args.model_name, device=device
+            device = str(self.accelerator.device) if device in (None, "cuda") else device
+        checkpoint = Checkpoint.resolve(str(pretrained), model_base)
+        spec = RunSpec.build(
+            checkpoint, conv_mode=unquoted(conv_mode), device=device, batch_size=self.batch_size_per_gpu,
+            decoding=Decoding(max_new_tokens=DEFAULT_MAX_NEW_TOKENS),
+            **{name: unquoted(exit_args.get(name)) for name in EXIT_FLAGS},
         )
-        self.model.eval()
-        self.family = isinstance(self.processor, FamilyProcessor)
-        self.limits = None if self.family else (self.context_length, self.model.get_vision_tower().num_patches)
-        self.timer = PrefillTimer(self.model, self.model.device)
-        logger.info("dyvte: %s, exit %s", self.args.model_path, self.exit_config.label)
+        self.answerer = Answerer(load_model(checkpoint, device=device), spec)
+        self.model, self.tokenizer, self.exit_config = self.answerer.model, self.answerer.tokenizer, spec.exit_config
+        logger.info("dyvte: %s, exit %s", checkpoint.path, self.exit_config.label)
 
     @property
     def batch_size(self) -> int:
@@ -200,9 +188,7 @@ class DyVTE(lmms):
             indices, prepared = self._askable(requests, rows, results, "", self._prepare)
             if prepared:
                 with torch.inference_mode():
-                    records = answer_batch(
-                        self.model, self.tokenizer, prepared, decoding, self.exit_config, self.timer, self.processor
-                    )
+                    records = self.answerer.answer(prepared, decoding)
                 for index, record in zip(indices, records):
                     text = cut_at(record["text"], until)
                     counts = ExitTokenCounts(
@@ -266,8 +252,8 @@ class DyVTE(lmms):
         question = self._prepare(request)
         return question, self._continuation(request, question)
 
-    def _decoding(self, gen_kwargs: dict, request: Instance) -> tuple[argparse.Namespace, list[str]]:
-        """The loader's decoding settings from a task's generation_kwargs, and its stop strings."""
+    def _decoding(self, gen_kwargs: dict, request: Instance) -> tuple[Decoding, list[str]]:
+        """The decoding a task's generation_kwargs ask for, and its stop strings."""
         unsupported = sorted(set(gen_kwargs) - set(DECODING_KWARGS))
         if unsupported:
             raise ValueError(f"task {request.task_name}: dyvte does not support generation_kwargs {', '.join(unsupported)}")
@@ -275,11 +261,11 @@ class DyVTE(lmms):
         until = [until] if isinstance(until, str) else list(until)
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         sampling = bool(gen_kwargs.get("do_sample", temperature > 0)) and temperature > 0
-        decoding = argparse.Namespace(**vars(self.args))
-        decoding.temperature = temperature if sampling else 0.0
-        decoding.top_p = gen_kwargs.get("top_p") if sampling else None
-        decoding.num_beams = int(gen_kwargs.get("num_beams") or 1)
-        decoding.max_new_tokens = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        decoding = Decoding(
+            temperature=temperature if sampling else 0.0, top_p=gen_kwargs.get("top_p") if sampling else None,
+            num_beams=int(gen_kwargs.get("num_beams") or 1),
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+        )
         return decoding, until
 
     def _prepare(self, request: Instance) -> PreparedQuestion:
@@ -295,12 +281,7 @@ class DyVTE(lmms):
         record = {"question_id": f"{task}/{doc_id}", "text": context}
         if visuals:
             record["image"] = visuals[0]
-        if self.family:
-            return prepare_for_family(record, self.args, self.processor, self.context_length)
-        return prepare(
-            record, self.args, self.tokenizer, self.processor, self.model.config, self.limits,
-            tagged=DEFAULT_IMAGE_TOKEN in context,
-        )
+        return self.answerer.prepare(record, tagged=DEFAULT_IMAGE_TOKEN in context)
 
     def _continuation(self, request: Instance, prepared: PreparedQuestion) -> torch.Tensor:
         """The continuation's token ids after the prompt: the prompt and continuation encoded together, less the
@@ -310,9 +291,12 @@ class DyVTE(lmms):
             continuation = continuation(self.task_dict[task][split][doc_id])
         alone = torch.tensor(self.tokenizer(continuation, add_special_tokens=False).input_ids, dtype=torch.long)
         ids = alone
-        if prepared.prompt is not None:
-            prompt_ids = prepared.input_ids
-            whole = tokenizer_image_token(prepared.prompt + continuation, self.tokenizer, return_tensors="pt")
+        processor = self.answerer.processor
+        if isinstance(processor, LlavaProcessor):  # LLaVA's prompt is text: the continuation is encoded after it
+            prompt_ids = prepared.inputs["input_ids"][0]
+            has_image = bool(prepared.inputs["images"])
+            prompt = processor.render(context, has_image and DEFAULT_IMAGE_TOKEN not in context)
+            whole = tokenizer_image_token(prompt + continuation, self.tokenizer, return_tensors="pt")
             if len(whole) > len(prompt_ids) and torch.equal(whole[: len(prompt_ids)], prompt_ids):
                 ids = whole[len(prompt_ids) :]
         eos = self.tokenizer.eos_token_id
@@ -322,15 +306,13 @@ class DyVTE(lmms):
 
     def _score(self, prepared: list[PreparedQuestion], continuations: list[torch.Tensor]) -> list[GenerationResult]:
         """(negative log-likelihood, whether greedy decoding gives it) per continuation, by forced generation."""
-        inputs = generate_inputs(self.model, self.tokenizer, prepared, self.processor)
         forced = ForcedContinuation(continuations, self.tokenizer.eos_token_id)
-        output, total = timed_generate(
-            self.model, inputs, self.timer, exit_config=self.exit_config, do_sample=False, num_beams=1,
-            temperature=None, top_p=None, max_new_tokens=max(len(c) for c in continuations),
-            logits_processor=LogitsProcessorList([forced]), output_logits=True, pad_token_id=self.tokenizer.pad_token_id,
+        output, total = self.answerer.generate(
+            self.answerer.batch_inputs(prepared), decoding=Decoding(max_new_tokens=max(len(c) for c in continuations)),
+            logits_processor=LogitsProcessorList([forced]), output_logits=True,
         )
         logits = torch.stack(output.logits, dim=1).float()  # (B, steps, V): the raw logits, before any processor
-        fields = exit_fields(output.exit_stats, self.timer.prefill, total)
+        fields = exit_fields(output.exit_stats, self.answerer.timer.prefill, total)
         results = []
         for row, continuation in enumerate(continuations):
             target = continuation.to(logits.device)

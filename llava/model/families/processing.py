@@ -138,6 +138,21 @@ class FamilyProcessor:
             raise ValueError("the conversation ends with a gpt turn: drop it to prompt for the answer")
         return self._encode(self._render(messages, add_generation_prompt=True), images)
 
+    def question_inputs(self, question: str, images: Sequence = (), tagged: bool = False) -> BatchFeature:
+        """One question as a human turn (LlavaProcessor's interface): its image's tag goes first unless the question
+        places it; ValueError when the tags and the images disagree."""
+        del tagged  # the question's own tag is kept wherever it stands
+        if images and DEFAULT_IMAGE_TOKEN not in question:
+            question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
+        return self.prompt_inputs([{"from": "human", "value": question}], images)
+
+    def prompt_length(self, inputs: dict) -> int:
+        return inputs["input_ids"].shape[-1]  # the image placeholders are expanded already
+
+    def new_tokens(self, sequences: torch.Tensor, batch: dict) -> torch.Tensor:
+        """transformers' generate returns the prompt too: the tokens after it."""
+        return sequences[:, batch["input_ids"].shape[1] :]
+
     def training_inputs(self, conversation: Sequence[dict], images: Sequence = ()) -> BatchFeature:
         """prompt_inputs' keys for the whole conversation plus `labels` (same length as input_ids): each
         assistant turn's tokens up to its end-of-turn token, -100 elsewhere (text, images, template)."""
