@@ -187,7 +187,7 @@ def test_left_padded_batch_equals_each_alone(gated, loaded, images, spec):
             assert batched.sequences[b].tolist() == alone.sequences[0].tolist(), prompt
             for field in ("exit_layer", "num_tokens", "num_visual_tokens", "prefill_flops", "vision_flops"):
                 assert getattr(batched.exit_stats, field)[b] == getattr(alone.exit_stats, field)[0], (prompt, field)
-    stage = ExitConfig("stages", stages=spec).stage_list[0]
+    stage = ExitConfig("stages", stages=spec).vision_stage
     per_image = stage.dominant + stage.contextual
     assert batched.exit_stats.num_visual_tokens.tolist() == [per_image * count for _, count in PROMPTS]
 

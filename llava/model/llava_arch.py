@@ -14,7 +14,7 @@ from llava.model.multimodal_encoder.builder import build_vision_tower
 from llava.model.multimodal_encoder.visionzip import feature_layers, merge_flops, tower_flops, visionzip_features
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.model.visual_exit import ExitConfig
-from llava.model.visual_exit.stages.visionzip import VisionZip, find_visionzip
+from llava.model.visual_exit.stages.visionzip import VisionZip
 
 
 class LlavaMetaModel:
@@ -62,9 +62,9 @@ class LlavaMetaForCausalLM:
         return self.get_model().get_vision_tower()
 
     def visionzip_stage(self, exit_config: ExitConfig | None) -> VisionZip | None:
-        """The exit's VisionZip stage (the checkpoint's exit settings when the call gives none), or None: it acts
-        on the image features, before the decoder sees them."""
-        return find_visionzip((exit_config or ExitConfig.from_model_config(self.config)).stage_list)
+        """The exit's VisionZip stage, its vision slot (the checkpoint's exit settings when the call gives none), or
+        None: it acts on the image features, before the decoder sees them."""
+        return (exit_config or ExitConfig.from_model_config(self.config)).vision_stage
 
     def encode_images(self, images: torch.Tensor, visionzip: VisionZip | None = None) -> torch.Tensor:
         """(N, 3, H, W) pixels → (N, tokens, hidden) LLM-space features: the tower's selected features, or with a

@@ -58,12 +58,31 @@ class ExitConfig:
                 raise ValueError(f"exit mode {self.mode!r} needs a pruning ratio --fastv-r in [0, 1], got {self.fastv_r}")
         if self.mode == "stages" and not self.stages:
             raise ValueError("exit mode 'stages' needs a stage list, e.g. --exit-stages prune:fastv:2:0.5,gates:0.9")
-        self.stage_list  # noqa: B018 (a malformed stage list fails here, not in the middle of a run)
+        self.vision_stage  # noqa: B018 (a malformed stage list fails here, not in the middle of a run)
 
     @cached_property
     def stage_list(self) -> tuple[Stage, ...]:
-        """The stages this config runs, in order; the modes other than `stages` are presets of them (parsed once
-        per config: the prefill and its callers ask for them several times)."""
+        """The stages the decoder runs after its layers, in order (a reduction before the LLM has its own slot,
+        `vision_stage`)."""
+        return tuple(stage for stage in self._all_stages if not stage.before_llm)
+
+    @cached_property
+    def vision_stage(self) -> Stage | None:
+        """The reduction of the image's tokens before the LLM (VisionZip), which the model that encodes the images
+        runs; None without one, ValueError for more than one (an image is reduced once)."""
+        parts = [part.strip() for part in self.stages.split(",")] if self.mode == "stages" else []
+        found = [(part, stage) for part, stage in zip(parts, self._all_stages) if stage.before_llm]
+        if len(found) > 1:
+            names = sorted({part.split(":")[0] for part, _ in found})
+            what = f"{names[0]} stage" if len(names) == 1 else "reduction before the LLM"
+            raise ValueError(f"an exit holds at most one {what} (an image is reduced once, before the LLM), got "
+                             f"{', '.join(part for part, _ in found)}")
+        return found[0][1] if found else None
+
+    @cached_property
+    def _all_stages(self) -> tuple[Stage, ...]:
+        """Every stage of this config; the modes other than `stages` are presets of them (parsed once per config:
+        the prefill and its callers ask for them several times)."""
         if self.mode == "stages":
             return parse_stages(self.stages)
         if self.mode == "fixed":
@@ -74,7 +93,7 @@ class ExitConfig:
 
     def check_model(self, num_layers: int, has_gates: bool) -> None:
         """Raise ValueError when a stage cannot run on a model of `num_layers` layers (with gates or not)."""
-        for stage in self.stage_list:
+        for stage in self._all_stages:
             stage.check(num_layers, has_gates)
 
     @property

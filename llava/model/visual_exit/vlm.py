@@ -27,7 +27,6 @@ from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.decoder import ExitRequest, VisualExitDecoderMixin
 from llava.model.visual_exit.policy import ExitRecord
 from llava.model.visual_exit.gate import build_visual_gates, init_gate_weights
-from llava.model.visual_exit.stages.visionzip import find_visionzip
 from llava.model.visual_exit.generation import with_exit_stats
 from llava.model.visual_exit.training import ExitLabelRule, gate_training_pass
 
@@ -197,8 +196,9 @@ class VisualExitVLMMixin:
         `gate_training_layer` k it is a gate-training step instead (visual_exit.training), which returns a
         GateTrainingOutput with the loss of gate k. The visual tokens are found by their ids, or in `inputs_embeds`
         by their embeddings, or given as `visual_mask` (B, T)."""
-        if exit_config is not None and find_visionzip(exit_config.stage_list) is not None:
-            raise ValueError("visionzip:D:C needs our LLaVA class: transformers' VLM classes encode images in their own forward")
+        if exit_config is not None and exit_config.vision_stage is not None:
+            raise ValueError(f"{exit_config.vision_stage.usage} needs our LLaVA class: transformers' VLM classes encode "
+                             "images in their own forward")
         refuse_custom_masks(kwargs.get("attention_mask"))
         visual_mask = kwargs.pop("visual_mask", None)
         if visual_mask is None and (input_ids is not None or kwargs.get("inputs_embeds") is not None):

@@ -92,6 +92,9 @@ class Stage:
     usage = ""
     optional_fields = 0  # trailing spec fields that may be left out (shown in brackets in `usage`)
     renumbers = False  # numbers the remaining tokens' positions 0, 1, ... again after its drops
+    # Reduces the image's tokens before the LLM sees them (VisionZip): it takes the exit's vision slot
+    # (ExitConfig.vision_stage), read by the model that encodes the images, and never enters the decoder's loop.
+    before_llm = False
 
     def check(self, num_layers: int, has_gates: bool) -> None:
         """Raise ValueError when this stage cannot run on the model."""
