@@ -18,6 +18,8 @@ TEXT = dict(
 TOKENS = dict(image=250, video=251, vision_start=252, vision_end=253)
 FAMILIES = list(FAMILY_MODULES)
 ANYRES = ("llava-next", "llava-onevision")
+QWEN_PATCH = {"qwen2-vl": 14, "qwen2.5-vl": 14, "qwen3-vl": 16}  # the Qwen towers' patch sizes (tiny_config)
+M_ROPE = tuple(QWEN_PATCH)  # 3-row positions, image runs between vision_start and vision_end
 
 
 def stock_model(family: str, seed: int = 0, attn: str = "eager"):
@@ -55,9 +57,9 @@ def _image(family, model, size, generator):
         with torch.no_grad():
             count = model.model.get_image_features(**pixels, return_dict=True).pooler_output[0].shape[0]
         return [TOKENS["image"]] * count, pixels
-    if family in ("qwen2-vl", "qwen2.5-vl"):
-        h, w = size
-        pixels = torch.randn(h * w, 3 * 2 * 14 * 14, generator=generator)
+    if family in M_ROPE:
+        h, w, patch = *size, QWEN_PATCH[family]
+        pixels = torch.randn(h * w, 3 * 2 * patch * patch, generator=generator)
         run = [TOKENS["vision_start"]] + [TOKENS["image"]] * (h * w // 4) + [TOKENS["vision_end"]]
         return run, {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, h, w]])}
     if family == "internvl":
@@ -93,7 +95,7 @@ def batch(family, model, samples: list[Sample], padding_side: str = "left", seed
         span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
         ids[b, span], mask[b, span] = torch.tensor(row), 1
     inputs = {"input_ids": ids, "attention_mask": mask, **_collate(family, pixel_inputs)}
-    if family in ("qwen2-vl", "qwen2.5-vl"):
+    if family in M_ROPE:
         inputs["mm_token_type_ids"] = (ids == TOKENS["image"]).int()
     return inputs
 
@@ -108,7 +110,7 @@ def sample_inputs(family, model, inputs: dict, samples: list[Sample], b: int) ->
     count = len(samples[b].images)
     if not count:
         return alone
-    if family in ("qwen2-vl", "qwen2.5-vl"):
+    if family in M_ROPE:
         grids = inputs["image_grid_thw"]
         start = int(grids[:first].prod(dim=1).sum())
         alone["pixel_values"] = inputs["pixel_values"][start : start + int(grids[first : first + count].prod(dim=1).sum())]

@@ -15,7 +15,7 @@ from transformers import DynamicCache, LlamaModel
 from llava.compat import cache_argument
 from llava.model.visual_exit import ExitConfig
 
-from families import TEXT, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
+from families import M_ROPE, TEXT, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
 from test_fastv import assert_batch_equals_alone, run
 from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits_by_token, text_positions
 
@@ -222,6 +222,7 @@ SAMPLES = {
     "llava-hf": [Sample(12, [None] * 3, 2), Sample(14, [None] * 5, 6), Sample(30, [], 3)],
     "qwen2-vl": [Sample(12, [(4, 10)], 5), Sample(10, [(4, 4), (8, 8)], 6), Sample(14, [(8, 8)], 1), Sample(20, [], 3)],
 }
+SAMPLES["qwen3-vl"] = SAMPLES["qwen2-vl"]  # its DeepStack adds onto the visual tokens after layers 1 and 2
 
 
 @pytest.fixture(scope="module", params=list(SAMPLES))
@@ -235,7 +236,7 @@ def family_batch(name, stock, samples):
     """A left-padded batch; 1-D families get each token's count of real tokens before it as its position, as
     generate numbers them (DART's key norms, after RoPE, depend on the absolute position; M-RoPE counts itself)."""
     inputs = batch(name, stock, samples)
-    if name != "qwen2-vl":
+    if name not in M_ROPE:
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
     return inputs
 
@@ -268,7 +269,7 @@ def test_family_dart_equals_its_definition_and_the_masked_stock(family, use_cach
     pruned = (gone_from == 2).sum(dim=1).tolist()
     assert ours.exit_stats.pruned_visual_tokens.tolist() == pruned
     # llava-hf: 12 - (4 + 6), 20 - 12, none; Qwen: 10 all kept (candidates ran out), 20 - 12, 16 - (4 + 4 + 2), none.
-    assert pruned == {"llava-hf": [2, 8, 0], "qwen2-vl": [0, 8, 6, 0]}[name]
+    assert pruned == {"llava-hf": [2, 8, 0], "qwen2-vl": [0, 8, 6, 0], "qwen3-vl": [0, 8, 6, 0]}[name]
 
 
 @pytest.mark.parametrize("before", ["", "prune:random:1:0.25,"], ids=["dart", "after-random-pruning"])

@@ -19,7 +19,7 @@ from llava.model.visual_exit.stages.sparsevlm import text_raters
 from llava.model.visual_exit.tokens import TokenLayout
 
 from batching import attention_implementation
-from families import Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
+from families import M_ROPE, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
 from test_fastv import run
 from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits_by_token, text_positions
 
@@ -278,6 +278,7 @@ def test_llava_batch_equals_alone_and_cached_decoding_equals_the_oracle(loaded, 
 FAMILY_SAMPLES = {
     "llava-hf": [Sample(3, [None], 4), Sample(2, [None, None], 6), Sample(7, [], 3)],
     "qwen2-vl": [Sample(3, [(4, 8)], 4), Sample(2, [(12, 12)], 6), Sample(7, [], 3)],
+    "qwen3-vl": [Sample(3, [(4, 8)], 4), Sample(2, [(12, 12)], 6), Sample(7, [], 3)],
 }
 
 
@@ -306,7 +307,7 @@ def test_family_equals_definition_and_batch_equals_alone(kept_slots, name, mode)
         out = model(**inputs, exit_config=config)
     assert kept_slots == expected_kept(valid, gone_from, prune_layers, len(layers))
     check_outcome(out, valid, valid & ~visual_mask(inputs), gone_from, expected_logits)
-    if mode == "recycle" and name == "qwen2-vl":
+    if mode == "recycle" and name in M_ROPE:
         assert len([r for r in rewrites[0] if r[0] == 1]) == 2
     for b in range(len(samples)):
         with torch.no_grad():

@@ -11,11 +11,10 @@ from transformers import GenerationConfig
 
 from llava.model.visual_exit import ExitConfig, visual_exit_class
 
-from families import ANYRES, FAMILIES, TEXT, Sample, batch, exit_model, stock_model
+from families import ANYRES, FAMILIES, M_ROPE, TEXT, Sample, batch, exit_model, stock_model
 from test_families import SIZES, sample_dependent_gates, zero_gates
 
 TOLERANCE = 1e-5
-M_ROPE = ("qwen2-vl", "qwen2.5-vl")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

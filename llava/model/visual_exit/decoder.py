@@ -123,6 +123,7 @@ class VisualExitDecoderMixin:
         **kwargs,
     ) -> VisualExitModelOutput:
         cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
+        additions = kwargs.pop("visual_additions", None)  # a family's (DeepStack), prefill only
         request = kwargs.pop("exit_request", None)
         record = kwargs.pop("exit_record", None)
         if request is not None:
@@ -139,15 +140,19 @@ class VisualExitDecoderMixin:
             hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache, kwargs)
             return VisualExitModelOutput(last_hidden_state=hidden, **cache_argument(cache))
         if request is not None and request.gate_training is not None:
-            request.gate_output = request.gate_training(self, inputs_embeds, attention_mask, position_ids, visual_mask)
+            request.gate_output = request.gate_training(
+                self, inputs_embeds, attention_mask, position_ids, visual_mask, additions=additions
+            )
             return VisualExitModelOutput(last_hidden_state=inputs_embeds)  # the wrapper returns gate_output instead
         packing = self.packing_positions(position_ids) if attention_mask is None and cache is None else None
         segments = None if packing is None else packed_segments(packing, kwargs)
         if segments is not None:
-            hidden, stats = self._packed_prefill(inputs_embeds, position_ids, segments, visual_mask, exit_config, kwargs)
+            hidden, stats = self._packed_prefill(
+                inputs_embeds, position_ids, segments, visual_mask, exit_config, kwargs, additions
+            )
         else:
             hidden, stats = self._prefill(
-                inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record
+                inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record, additions
             )
         if cache is not None:
             cache.exit_stats = stats
@@ -155,10 +160,12 @@ class VisualExitDecoderMixin:
             request.stats, stats = stats, None
         return VisualExitModelOutput(last_hidden_state=hidden, exit_stats=stats, **cache_argument(cache))
 
-    def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record=None):
+    def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record=None,
+                 additions=None):
         exit_config = exit_config or ExitConfig.from_model_config(self.config)
         hidden, layout = self.start_prefill(
-            hidden, attention_mask, position_ids, visual_mask, with_gate_features=exit_config.uses_gates
+            hidden, attention_mask, position_ids, visual_mask, with_gate_features=exit_config.uses_gates,
+            additions=additions,
         )
         policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, record)
         if policy.renumbers:
@@ -191,7 +198,7 @@ class VisualExitDecoderMixin:
             record.stats = stats
         return self.finish_prefill(hidden, layout), stats
 
-    def _packed_prefill(self, hidden, position_ids, segments, visual_mask, exit_config, kwargs):
+    def _packed_prefill(self, hidden, position_ids, segments, visual_mask, exit_config, kwargs, additions=None):
         """Several sequences packed in a row (positions restarting, no mask and no cache, as transformers reads
         them): each becomes a row of a left-padded batch, so its exit is its own and it sees only itself; the states
         go back to their packed slots. `exit_stats` then has one row per packed sequence, in order."""
@@ -207,17 +214,20 @@ class VisualExitDecoderMixin:
         slots = (first[:, None] + offsets).clamp(min=0)  # (S, width): each one's packed slot
         rows = row[:, None].expand_as(slots)
         position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
+        if additions is not None:  # the sequences keep their order, so the added rows keep theirs
+            additions = replace(additions, positions=additions.positions[rows, slots] & valid)
         out, stats = self._prefill(
             hidden[rows, slots] * valid[..., None], valid.long(), position_ids[..., rows, slots], None,
-            None if visual_mask is None else visual_mask[rows, slots] & valid, exit_config, kwargs,
+            None if visual_mask is None else visual_mask[rows, slots] & valid, exit_config, kwargs, None, additions,
         )
         packed = hidden.new_zeros(batch, length, out.shape[-1])
         packed[rows[valid], slots[valid]] = out[valid]
         return packed, stats
 
-    def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, with_gate_features: bool, prompt_end=None):
-        """The input's token layout (validity, positions, RoPE, visual slots) before layer 0; `prompt_end` as in
-        `TokenLayout.start`."""
+    def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, with_gate_features: bool, prompt_end=None,
+                      additions=None):
+        """The input's token layout (validity, positions, RoPE, visual slots) before layer 0; `prompt_end` and
+        `additions` as in `TokenLayout.start`."""
         batch, length = hidden.shape[:2]
         if attention_mask is not None and attention_mask.shape != (batch, length):
             raise ValueError(
@@ -227,7 +237,9 @@ class VisualExitDecoderMixin:
         valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
         positions, rope_position_ids = self.split_position_ids(position_ids, hidden, 0, attention_mask)
         position_embeddings = self.rotary_emb(hidden, rope_position_ids)
-        return hidden, TokenLayout.start(valid, positions, position_embeddings, visual_mask, with_gate_features, prompt_end)
+        return hidden, TokenLayout.start(
+            valid, positions, position_embeddings, visual_mask, with_gate_features, prompt_end, additions
+        )
 
     def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
         """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""
@@ -261,6 +273,8 @@ class VisualExitDecoderMixin:
                 drop, hidden, order = policy.drop_after(step, layout)  # hidden: with the states stages rewrote
             if drop is not None:
                 hidden, layout = layout.drop(hidden, drop, order)
+            if layout.additions is not None:  # onto what stays, after the stages decided on the layer's own output
+                hidden = layout.additions.add(index, hidden, layout)
         return hidden, layout
 
     def finish_prefill(self, hidden, layout) -> torch.Tensor:

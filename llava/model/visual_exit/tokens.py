@@ -17,6 +17,28 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, expanded)
 
 
+@dataclass(frozen=True)
+class VisualAdditions:
+    """States a model adds onto its visual tokens after each of its first layers (Qwen3-VL's DeepStack): `states[i]`
+    (N, H) after layer i, its row r for the r-th visual position of `positions` (B, T, the input's; batch first, as
+    the stock model lays them out). A token still present gets its own rows wherever it now stands; one that left
+    gets none; a merged token (SparseVLM's) takes its cluster centre's, whose slot it holds."""
+
+    positions: torch.Tensor
+    states: tuple[torch.Tensor, ...]
+
+    def add(self, index: int, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """`hidden` (B, T', H) after layer `index`, with that layer's additions."""
+        if index >= len(self.states):
+            return hidden
+        rows = self.positions.flatten().cumsum(0).view_as(self.positions) - 1
+        origin = layout.origin.clamp(max=self.positions.shape[1] - 1)  # slots of left padding point anywhere
+        here = self.positions.gather(1, origin) & layout.valid_keys.valid
+        hidden = hidden.clone()
+        hidden[here] = hidden[here] + self.states[index].to(hidden)[rows.gather(1, origin)[here]]
+        return hidden
+
+
 @dataclass
 class TokenLayout:
     """Per slot of the current sequence: validity, RoPE position, original index, and whether it is visual.
@@ -35,6 +57,7 @@ class TokenLayout:
     input_valid: torch.Tensor
     compacted: bool = False
     renumber: Callable | None = None
+    additions: VisualAdditions | None = None
 
     @property
     def input_length(self) -> int:
@@ -43,10 +66,11 @@ class TokenLayout:
     @classmethod
     def start(
         cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings, visual: torch.Tensor | None,
-        with_gate_features: bool, prompt_end: torch.Tensor | None = None,
+        with_gate_features: bool, prompt_end: torch.Tensor | None = None, additions: VisualAdditions | None = None,
     ):
         """`prompt_end` (B,): per sample, the slot after its prompt's last token, where the gates stop reading (a
-        training sequence goes on with its answer, which inference never has); None: the whole input is prompt."""
+        training sequence goes on with its answer, which inference never has); None: the whole input is prompt.
+        `additions`: what the model adds onto its visual tokens after its first layers (DeepStack)."""
         batch, length = valid.shape
         slots = torch.arange(length, device=valid.device).expand(batch, length)
         visual = valid & visual if visual is not None else torch.zeros_like(valid)
@@ -65,6 +89,7 @@ class TokenLayout:
             visual=visual,
             feature_weights=feature_weights,
             input_valid=valid,
+            additions=additions,
         )
 
     def drop(self, hidden: torch.Tensor, drop: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenLayout]:

@@ -30,8 +30,8 @@ def last_token_attention(
     slots = torch.arange(length, device=valid.device)
     last = torch.where(valid, slots, -1).amax(dim=1)
     rows = torch.arange(batch, device=valid.device)
-    normed_last = layer.input_layernorm(hidden[rows, last])  # a per-token norm: the query row needs only its own
-    query = attention.q_proj(normed_last).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+    normed_last = layer.input_layernorm(hidden[rows, last][:, None])  # a per-token norm: the query row needs only its own
+    query = projected_heads(attention, normed_last, "q")
     cos, sin = position_embeddings
     query, _ = apply_rotary_pos_emb(query, query, cos[rows, last][:, None], sin[rows, last][:, None])
     if keys is None:
@@ -45,7 +45,14 @@ def last_token_attention(
 
 def rotated_keys(layer, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
     """(B, kv heads, T, head dim): the keys `layer` (Llama interface) caches for its input `hidden`, after RoPE."""
-    attention = layer.self_attn
-    keys = attention.k_proj(layer.input_layernorm(hidden)).view(*hidden.shape[:2], -1, attention.head_dim)
+    keys = projected_heads(layer.self_attn, layer.input_layernorm(hidden), "k")
     cos, sin = position_embeddings
-    return apply_rotary_pos_emb(keys.transpose(1, 2), keys.transpose(1, 2), cos, sin)[0]
+    return apply_rotary_pos_emb(keys, keys, cos, sin)[0]
+
+
+def projected_heads(attention, normed: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, heads, T, head dim): the query (`kind` "q") or key ("k") heads of `normed` (B, T, H), the layer's normed
+    input, with the per-head norm some families apply before RoPE (Qwen3's and Gemma 3's `q_norm` / `k_norm`)."""
+    heads = getattr(attention, f"{kind}_proj")(normed).view(*normed.shape[:2], -1, attention.head_dim)
+    norm = getattr(attention, f"{kind}_norm", None)
+    return (heads if norm is None else norm(heads)).transpose(1, 2)

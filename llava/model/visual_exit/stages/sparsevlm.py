@@ -45,7 +45,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from llava.model.visual_exit.budget import Budget, OutOfReach, schedule_average, solve
-from llava.model.visual_exit.scorers.fastv import rotated_keys
+from llava.model.visual_exit.scorers.fastv import projected_heads, rotated_keys
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Rewrite, Stage, spec_number, spec_positions
 from llava.model.visual_exit.stages.prune import outside_top, record_pruning
 from llava.model.visual_exit.tokens import TokenLayout
@@ -189,7 +189,7 @@ def rater_attention(step: LayerStep, layout: TokenLayout, raters: torch.Tensor, 
     real = raters.gather(1, rows)
     picked = step.input.gather(1, rows[..., None].expand(-1, -1, step.input.shape[-1]))
     normed = step.layer.input_layernorm(picked)  # a per-token norm: the rater rows need only their own
-    query = attention.q_proj(normed).view(batch, most, -1, attention.head_dim).transpose(1, 2)  # (B, heads, R, d)
+    query = projected_heads(attention, normed, "q")  # (B, heads, R, d)
     cos, sin = (e.gather(1, rows[..., None].expand(-1, -1, e.shape[-1])) for e in layout.position_embeddings)
     query, _ = apply_rotary_pos_emb(query, query, cos, sin)
     keys = step.cached_keys
