@@ -18,8 +18,10 @@ TEXT = dict(
 TOKENS = dict(image=250, video=251, vision_start=252, vision_end=253)
 FAMILIES = list(FAMILY_MODULES)
 ANYRES = ("llava-next", "llava-onevision")
-QWEN_PATCH = {"qwen2-vl": 14, "qwen2.5-vl": 14, "qwen3-vl": 16}  # the Qwen towers' patch sizes (tiny_config)
-M_ROPE = tuple(QWEN_PATCH)  # 3-row positions, image runs between vision_start and vision_end
+# Families whose images are runs of pads between vision_start and vision_end, fed as flat patches with a (t, h, w)
+# grid: their towers' (patch size, temporal patch size) in tiny_config.
+FLAT_PATCHES = {"qwen2-vl": (14, 2), "qwen2.5-vl": (14, 2), "qwen3-vl": (16, 2), "llava-onevision-1.5": (14, 1)}
+M_ROPE = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")  # 3-row positions
 
 
 def stock_model(family: str, seed: int = 0, attn: str = "eager"):
@@ -57,9 +59,9 @@ def _image(family, model, size, generator):
         with torch.no_grad():
             count = model.model.get_image_features(**pixels, return_dict=True).pooler_output[0].shape[0]
         return [TOKENS["image"]] * count, pixels
-    if family in M_ROPE:
-        h, w, patch = *size, QWEN_PATCH[family]
-        pixels = torch.randn(h * w, 3 * 2 * patch * patch, generator=generator)
+    if family in FLAT_PATCHES:
+        (h, w), (patch, frames) = size, FLAT_PATCHES[family]
+        pixels = torch.randn(h * w, 3 * frames * patch * patch, generator=generator)
         run = [TOKENS["vision_start"]] + [TOKENS["image"]] * (h * w // 4) + [TOKENS["vision_end"]]
         return run, {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, h, w]])}
     if family == "internvl":
@@ -110,7 +112,7 @@ def sample_inputs(family, model, inputs: dict, samples: list[Sample], b: int) ->
     count = len(samples[b].images)
     if not count:
         return alone
-    if family in M_ROPE:
+    if family in FLAT_PATCHES:
         grids = inputs["image_grid_thw"]
         start = int(grids[:first].prod(dim=1).sum())
         alone["pixel_values"] = inputs["pixel_values"][start : start + int(grids[first : first + count].prod(dim=1).sum())]

@@ -11,7 +11,7 @@ import torch
 from llava.model.visual_exit import ExitConfig
 
 from batching import attention_implementation
-from families import Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
+from families import FAMILIES, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
 from test_fastv import assert_batch_equals_alone, run
 from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits_by_token, text_positions
 
@@ -102,11 +102,11 @@ def test_pdrop_cached_decode_equals_recompute_with_the_prompts_drops(loaded, ima
     assert oracle[0, last[0] :].argmax(dim=-1).tolist() == out[0].tolist()
 
 
-@pytest.mark.parametrize("name", ["llava-hf", "qwen2-vl", "qwen3-vl", "internvl"])
+@pytest.mark.parametrize("name", [f for f in ("llava-hf", "qwen2-vl", "qwen3-vl", "llava-onevision-1.5", "internvl") if f in FAMILIES])
 def test_pdrop_on_transformers_families(name):
     stock = stock_model(name)
     model = exit_model(stock, gate_hidden_size=None)
-    sizes = {"llava-hf": [None, None], "qwen2-vl": [(4, 4), (4, 6)], "qwen3-vl": [(4, 4), (4, 6)], "internvl": [4, 6]}[name]
+    sizes = {"llava-hf": [None, None], "internvl": [4, 6]}.get(name, [(4, 4), (4, 6)])
     samples = [Sample(3, [sizes[0]], 4), Sample(2, [sizes[1]], 6), Sample(7, [], 3)]
     inputs = batch(name, stock, samples)
     layers, ratio = (1, 2), 0.5

@@ -19,7 +19,7 @@ from llava.model.visual_exit.stages.sparsevlm import text_raters
 from llava.model.visual_exit.tokens import TokenLayout
 
 from batching import attention_implementation
-from families import M_ROPE, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
+from families import FAMILIES, M_ROPE, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
 from test_fastv import run
 from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits_by_token, text_positions
 
@@ -279,7 +279,9 @@ FAMILY_SAMPLES = {
     "llava-hf": [Sample(3, [None], 4), Sample(2, [None, None], 6), Sample(7, [], 3)],
     "qwen2-vl": [Sample(3, [(4, 8)], 4), Sample(2, [(12, 12)], 6), Sample(7, [], 3)],
     "qwen3-vl": [Sample(3, [(4, 8)], 4), Sample(2, [(12, 12)], 6), Sample(7, [], 3)],
+    "llava-onevision-1.5": [Sample(3, [(4, 8)], 4), Sample(2, [(12, 12)], 6), Sample(7, [], 3)],
 }
+FAMILY_SAMPLES = {name: samples for name, samples in FAMILY_SAMPLES.items() if name in FAMILIES}
 
 
 @pytest.mark.parametrize("mode", ["recycle", "drop"])
