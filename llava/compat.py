@@ -45,3 +45,21 @@ def install_output_capture_hooks(model) -> None:
     would record twice and `hidden_states[-2]` would pick the wrong layer. Installed top-down once, before any call,
     each module gets one hook."""
     maybe_install_capturing_hooks(model)
+
+
+def recurrent_cache_layers(config) -> list | None:
+    """Cache layers for a decoder with linear-attention layers (Qwen3.5's Gated DeltaNet): transformers' own layer
+    for each of those (conv and recurrent states), a plain one for every attention layer (never a sliding one: the
+    exit keeps every key a window may still reach); None when it has no linear layers. transformers 5.25 gives each
+    layer its own cache arguments, 5.17 one set for all."""
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicLayer, get_layer_types_and_kwargs
+
+    layer_types, arguments = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    if "linear_attention" not in layer_types:
+        return None
+    per_layer = arguments if isinstance(arguments, list) else [arguments] * len(layer_types)
+    linear = DYNAMIC_LAYER_TYPE_MAPPING["linear_attention"]
+    return [
+        linear(**{k: v for k, v in kwargs.items() if k == "number_of_states"}) if kind == "linear_attention" else DynamicLayer()
+        for kind, kwargs in zip(layer_types, per_layer)
+    ]

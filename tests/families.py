@@ -15,13 +15,21 @@ TEXT = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )
-TOKENS = dict(image=250, video=251, vision_start=252, vision_end=253)
+TOKENS = dict(image=250, video=251, vision_start=252, vision_end=253, boi=252, eoi=253)  # boi, eoi: Gemma 3's
 FAMILIES = list(FAMILY_MODULES)
 ANYRES = ("llava-next", "llava-onevision")
 # Families whose images are runs of pads between vision_start and vision_end, fed as flat patches with a (t, h, w)
 # grid: their towers' (patch size, temporal patch size) in tiny_config.
-FLAT_PATCHES = {"qwen2-vl": (14, 2), "qwen2.5-vl": (14, 2), "qwen3-vl": (16, 2), "llava-onevision-1.5": (14, 1)}
-M_ROPE = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")  # 3-row positions
+FLAT_PATCHES = {
+    "qwen2-vl": (14, 2), "qwen2.5-vl": (14, 2), "qwen3-vl": (16, 2), "qwen3.5": (16, 2), "llava-onevision-1.5": (14, 1),
+}
+M_ROPE = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5")  # 3-row positions
+# Decoders with linear-attention layers, where masking a token is not removing it: the masked stock oracle does not
+# apply, the stock layers run on the shortened sequence instead (test_hybrid_linear.py).
+HYBRID = ("qwen3.5",)
+# Per-token type inputs of the families whose processors return them: Qwen's (M-RoPE rows), Gemma 3's (image blocks).
+TOKEN_TYPES = {**{name: "mm_token_type_ids" for name in M_ROPE}, "gemma3": "token_type_ids"}
+TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
 
 
 def stock_model(family: str, seed: int = 0, attn: str = "eager"):
@@ -51,6 +59,9 @@ def _image(family, model, size, generator):
     config = model.config
     if family == "llava-hf":
         return [TOKENS["image"]] * 4, {"pixel_values": torch.randn(1, 3, 28, 28, generator=generator)}
+    if family == "gemma3":
+        run = [TOKENS["boi"]] + [TOKENS["image"]] * config.mm_tokens_per_image + [TOKENS["eoi"]]
+        return run, {"pixel_values": torch.randn(1, 3, 56, 56, generator=generator)}
     if family in ANYRES:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -97,8 +108,8 @@ def batch(family, model, samples: list[Sample], padding_side: str = "left", seed
         span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
         ids[b, span], mask[b, span] = torch.tensor(row), 1
     inputs = {"input_ids": ids, "attention_mask": mask, **_collate(family, pixel_inputs)}
-    if family in M_ROPE:
-        inputs["mm_token_type_ids"] = (ids == TOKENS["image"]).int()
+    if family in TOKEN_TYPES:
+        inputs[TOKEN_TYPES[family]] = (ids == TOKENS["image"]).int()
     return inputs
 
 
@@ -106,8 +117,9 @@ def sample_inputs(family, model, inputs: dict, samples: list[Sample], b: int) ->
     """Sample b of a batch on its own, unpadded (its images' pixel inputs sliced out)."""
     valid = inputs["attention_mask"][b].bool()
     alone = {"input_ids": inputs["input_ids"][b, valid][None], "attention_mask": inputs["attention_mask"][b, valid][None]}
-    if "mm_token_type_ids" in inputs:
-        alone["mm_token_type_ids"] = inputs["mm_token_type_ids"][b, valid][None]
+    for key in TYPE_KEYS:
+        if key in inputs:
+            alone[key] = inputs[key][b, valid][None]
     first = sum(len(s.images) for s in samples[:b])
     count = len(samples[b].images)
     if not count:
@@ -134,7 +146,8 @@ def visual_mask(inputs: dict) -> torch.Tensor:
 
 def masked_stock_forward(stock, inputs: dict, gone_from: torch.Tensor, **kwargs):
     """The stock model, its own positions (3-D for Qwen), with key t of sample b masked for every query in layers
-    >= gone_from[b, t]: a hook swaps each decoder layer's attention mask for that one (eager, additive)."""
+    >= gone_from[b, t]: a hook narrows each decoder layer's own eager mask (windows and Gemma 3's image blocks
+    included) by the gone keys; a layer given no mask gets causal and padding."""
     decoder = stock.model.language_model
     valid = inputs["attention_mask"].bool()
     batch_size, length = valid.shape
@@ -143,11 +156,16 @@ def masked_stock_forward(stock, inputs: dict, gone_from: torch.Tensor, **kwargs)
     handles = []
     for index, layer in enumerate(decoder.layers):
         gone = index >= gone_from
-        allowed = (causal & valid[:, None, :] & ~gone[:, None, :]) | itself
-        additive = torch.zeros(batch_size, 1, length, length).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
-
-        def swap(module, args, layer_kwargs, additive=additive):
-            layer_kwargs["attention_mask"] = additive
+        def swap(module, args, layer_kwargs, gone=gone):
+            stock_mask = layer_kwargs.get("attention_mask")
+            if isinstance(stock_mask, torch.Tensor) and stock_mask.dim() == 4:
+                allowed = (stock_mask[:, 0] == 0) & ~gone[:, None, :]
+            else:
+                allowed = causal & valid[:, None, :] & ~gone[:, None, :]
+            allowed = allowed | itself
+            layer_kwargs["attention_mask"] = torch.zeros(batch_size, 1, length, length).masked_fill(
+                ~allowed[:, None], torch.finfo(torch.float32).min
+            )
             return args, layer_kwargs
 
         handles.append(layer.register_forward_pre_hook(swap, with_kwargs=True))

@@ -75,7 +75,7 @@ def test_dummy_images_for_text_only_samples_are_accepted(loaded, images):
 
 
 @pytest.mark.parametrize("architecture, model_type", [
-    ("Idefics3ForConditionalGeneration", "idefics3"), ("Gemma3ForConditionalGeneration", "gemma3"),
+    ("Idefics3ForConditionalGeneration", "idefics3"), ("Mistral3ForConditionalGeneration", "mistral3"),
 ])
 def test_an_unknown_architecture_is_named_not_taken_for_llava_hf(tmp_path, architecture, model_type):
     """A VLM config nesting a text config (as llava-hf's do) that no family of ours runs: the loader and

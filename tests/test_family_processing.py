@@ -22,7 +22,7 @@ DIALOGUE = [
     {"from": "gpt", "value": "Red."},
 ]
 # Families whose transformers processor constructs without torchvision (no video slot).
-STOCK_WITHOUT_TORCHVISION = ("llava-hf", "llava-next")
+STOCK_WITHOUT_TORCHVISION = ("llava-hf", "llava-next", "gemma3")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_a_missing_visual_token_is_refused_by_the_model(loaded):
     inputs = dict(processor.prompt_inputs(ASK, [image(WIDE)]))
     first_visual = int(torch.nonzero(model.visual_mask(inputs["input_ids"])[0])[0])
     keep = torch.arange(inputs["input_ids"].shape[1]) != first_visual
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids"):
         if key in inputs:
             inputs[key] = inputs[key][:, keep]
     with pytest.raises(ValueError, match="features and image tokens do not match"), torch.no_grad():
@@ -137,7 +137,7 @@ def test_transformers_processor_where_it_constructs(family_checkpoint):
         assert processor.stock.chat_template == FAMILY_MODULES[family].PROCESSING.chat_template
 
 
-@pytest.mark.parametrize("family", STOCK_WITHOUT_TORCHVISION)
+@pytest.mark.parametrize("family", [f for f in STOCK_WITHOUT_TORCHVISION if not FAMILY_MODULES[f].PROCESSING.expands_in_text])
 def test_fallback_equals_transformers_processor(family, tmp_path):
     from llava.tiny.families import write_tiny_family
 
@@ -191,3 +191,16 @@ def test_load_processor_refuses_other_folders(llava_checkpoint, tmp_path):
         load_processor(llava_checkpoint)
     with pytest.raises(ValueError, match="no config.json"):
         load_processor(str(tmp_path))
+
+
+def test_a_family_that_expands_images_in_text_has_no_token_level_fallback(tmp_path):
+    """Gemma 3's processor writes blank lines around each image into the text, where they merge with the
+    template's: a token-level expansion would give other ids, so the fallback refuses instead."""
+    from llava.tiny.families import write_tiny_family
+
+    if "gemma3" not in FAMILY_MODULES:
+        pytest.skip("no Gemma 3 here")
+    processor = load_processor(write_tiny_family(str(tmp_path), "gemma3"))
+    assert processor.stock is not None
+    with pytest.raises(ValueError, match="writes image runs into the text"):
+        _without_stock(processor).prompt_inputs(DIALOGUE[:-1], [image(WIDE)])

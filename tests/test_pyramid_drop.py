@@ -102,11 +102,11 @@ def test_pdrop_cached_decode_equals_recompute_with_the_prompts_drops(loaded, ima
     assert oracle[0, last[0] :].argmax(dim=-1).tolist() == out[0].tolist()
 
 
-@pytest.mark.parametrize("name", [f for f in ("llava-hf", "qwen2-vl", "qwen3-vl", "llava-onevision-1.5", "internvl") if f in FAMILIES])
+@pytest.mark.parametrize("name", [f for f in ("llava-hf", "qwen2-vl", "qwen3-vl", "llava-onevision-1.5", "internvl", "gemma3") if f in FAMILIES])
 def test_pdrop_on_transformers_families(name):
     stock = stock_model(name)
     model = exit_model(stock, gate_hidden_size=None)
-    sizes = {"llava-hf": [None, None], "internvl": [4, 6]}.get(name, [(4, 4), (4, 6)])
+    sizes = {"llava-hf": [None, None], "gemma3": [None, None], "internvl": [4, 6]}.get(name, [(4, 4), (4, 6)])
     samples = [Sample(3, [sizes[0]], 4), Sample(2, [sizes[1]], 6), Sample(7, [], 3)]
     inputs = batch(name, stock, samples)
     layers, ratio = (1, 2), 0.5

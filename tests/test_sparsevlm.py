@@ -280,6 +280,7 @@ FAMILY_SAMPLES = {
     "qwen2-vl": [Sample(3, [(4, 8)], 4), Sample(2, [(12, 12)], 6), Sample(7, [], 3)],
     "qwen3-vl": [Sample(3, [(4, 8)], 4), Sample(2, [(12, 12)], 6), Sample(7, [], 3)],
     "llava-onevision-1.5": [Sample(3, [(4, 8)], 4), Sample(2, [(12, 12)], 6), Sample(7, [], 3)],
+    "gemma3": [Sample(3, [None], 4), Sample(2, [None, None], 6), Sample(7, [], 3)],
 }
 FAMILY_SAMPLES = {name: samples for name, samples in FAMILY_SAMPLES.items() if name in FAMILIES}
 

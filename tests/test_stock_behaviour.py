@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 from llava.model.visual_exit import ExitConfig, visual_exit_class
 
-from families import ANYRES, FAMILIES, M_ROPE, TEXT, Sample, batch, exit_model, stock_model
+from families import ANYRES, FAMILIES, HYBRID, M_ROPE, TEXT, TYPE_KEYS, Sample, batch, exit_model, stock_model
 from test_families import SIZES, sample_dependent_gates, zero_gates
 
 TOLERANCE = 1e-5
@@ -59,11 +59,13 @@ def packed(name, stock, samples):
     text = torch.cat([torch.arange(a["input_ids"].shape[1]) for a in alone])[None]
     if name in M_ROPE:
         row["position_ids"] = torch.cat([text[None], torch.cat([rope_rows(stock, a) for a in alone], dim=-1)])
-        row["mm_token_type_ids"] = torch.cat([a["mm_token_type_ids"] for a in alone], dim=1)
     else:
         row["position_ids"] = text
+    for key in TYPE_KEYS:
+        if key in alone[0]:
+            row[key] = torch.cat([a[key] for a in alone], dim=1)
     for key in alone[0]:
-        if key not in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key not in ("input_ids", "attention_mask", *TYPE_KEYS):
             pixels = [a[key] for a in alone if key in a]
             if name in ANYRES and key == "pixel_values":  # tile stacks padded to the most tiles, as collated
                 widest = max(p.shape[1] for p in pixels)
@@ -74,18 +76,26 @@ def packed(name, stock, samples):
     return row, alone
 
 
+# Where the stock class lets packed sequences change each other's logits (0.07-0.5 here): Gemma 3 given
+# token_type_ids on transformers 5.25 (not 5.17), Qwen3.5 on both (its linear layers' recurrence and convolution run
+# on across the restarts unless given cu_seq_lens).
+STOCK_PACKING_LEAKS = ("gemma3", "qwen3.5")
+
+
 def test_packed_inputs_equal_stock_and_each_sequence_alone(family):
     name, stock, model = family
     row, alone = packed(name, stock, packing_samples(name))
     with torch.no_grad():
         reference = stock(**row, use_cache=False).logits
         ours = model(**row, use_cache=False, exit_config=ExitConfig("none")).logits
-    assert (ours - reference).abs().max() <= TOLERANCE
     alone_logits = torch.cat([stock(**a, use_cache=False).logits for a in alone], dim=1)
-    assert (ours - alone_logits).abs().max() <= TOLERANCE  # the stock class sees each sequence alone too
+    assert (ours - alone_logits).abs().max() <= TOLERANCE
+    # the stock class sees each sequence alone too, but where it is known not to
+    assert (reference - alone_logits).abs().max() <= TOLERANCE or name in STOCK_PACKING_LEAKS
     sample_dependent_gates(model)
     try:
-        for config in (ExitConfig("fixed", 1), ExitConfig("dynamic"), ExitConfig("fastv", fastv_k=1, fastv_r=0.5)):
+        fastv_k = 2 if name in HYBRID else 1  # ranked by a full-attention layer
+        for config in (ExitConfig("fixed", 1), ExitConfig("dynamic"), ExitConfig("fastv", fastv_k=fastv_k, fastv_r=0.5)):
             with torch.no_grad():
                 out = model(**row, use_cache=False, exit_config=config)
                 each = [model(**a, use_cache=False, exit_config=config) for a in alone]
@@ -168,10 +178,12 @@ def test_generate_without_a_cache_keeps_the_prompts_decisions(family, spec):
     small, _ = SIZES[name]
     inputs = batch(name, stock, [Sample(3, [small], 4), Sample(5, [], 3), Sample(2, [small], 6)])
     keep = ":keep" if name in M_ROPE else ""
+    # Hybrid decoders rank by attention only in their full layers (Qwen3.5 here: 1 and 3).
+    fastv_k, pdrop_layers, sparsevlm_layers = (2, "1", "1:3") if name in HYBRID else (1, "1-2", "0-1:3-2")
     config = {"none": ExitConfig("none"), "dynamic": ExitConfig("dynamic"),
-              "fastv": ExitConfig("fastv", fastv_k=1, fastv_r=0.5),
-              "pdrop": ExitConfig("stages", stages="pdrop:1-2:0.5" + keep),
-              "sparsevlm": ExitConfig("stages", stages="sparsevlm:0-1:3-2" + keep)}[spec]
+              "fastv": ExitConfig("fastv", fastv_k=fastv_k, fastv_r=0.5),
+              "pdrop": ExitConfig("stages", stages=f"pdrop:{pdrop_layers}:0.5" + keep),
+              "sparsevlm": ExitConfig("stages", stages=f"sparsevlm:{sparsevlm_layers}" + keep)}[spec]
     sample_dependent_gates(model)
     try:
         outputs = []

@@ -19,19 +19,24 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 from llava.model.families import FAMILY_MODULES
 from llava.model.families.processing import FamilyProcessing, FamilyProcessor
 from llava.tiny.llava import TinyGeometry
-from llava.tiny.tokenizer import build_tokenizer
+from llava.tiny.tokenizer import build_byte_level_tokenizer, build_tokenizer
 from llava.model.visual_exit import enable_visual_exit
 
 
 def build_family_tokenizer(processing: FamilyProcessing, vocab_size: int) -> PreTrainedTokenizerFast:
-    """The tiny LLaMA-style tokenizer, its family's tokens added as special tokens; the named ones become
-    attributes (`tokenizer.image_token`, `..._id`) as the family's processor expects. Newlines are pieces of
-    their own, as in Qwen's and LLaMA's tokenizers: a learned piece such as "\nA" would fuse a template's newline
-    with the answer's first letter, and the prompt's tokens would no longer begin its answer's sequence."""
-    base = build_tokenizer(vocab_size=vocab_size)
-    backend = base.backend_tokenizer
-    newlines = pre_tokenizers.Split("\n", behavior="isolated")
-    backend.pre_tokenizer = pre_tokenizers.Sequence([newlines, backend.pre_tokenizer])
+    """The tiny LLaMA-style tokenizer (byte-level Qwen-style where the family's transformers class imposes one:
+    `byte_level_tokenizer`), its family's tokens added as special tokens; the named ones become attributes
+    (`tokenizer.image_token`, `..._id`) as the family's processor expects. Newlines are pieces of their own, as in
+    Qwen's and LLaMA's tokenizers: a learned piece such as "\nA" would fuse a template's newline with the answer's
+    first letter, and the prompt's tokens would no longer begin its answer's sequence."""
+    if processing.byte_level_tokenizer:  # Qwen's pattern splits newlines off already
+        base = build_byte_level_tokenizer(vocab_size=vocab_size)
+        backend = base.backend_tokenizer
+    else:
+        base = build_tokenizer(vocab_size=vocab_size)
+        backend = base.backend_tokenizer
+        newlines = pre_tokenizers.Split("\n", behavior="isolated")
+        backend.pre_tokenizer = pre_tokenizers.Sequence([newlines, backend.pre_tokenizer])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=base.bos_token,

@@ -1,7 +1,11 @@
-"""A small LLaMA-style tokenizer built offline: BPE over SentencePiece-style pieces with byte fallback.
+"""Small tokenizers built offline.
 
-Ids follow LLaMA: `<unk>` 0, `<s>` 1, `</s>` 2, then the 256 byte tokens, then learned pieces. BOS is added to
-every encoding and pad is `<unk>`, as in LLaVA's tokenizer; `<image>` is an added special token (llava-hf style).
+`build_tokenizer`: LLaMA-style, BPE over SentencePiece-style pieces with byte fallback. Ids follow LLaMA: `<unk>` 0,
+`<s>` 1, `</s>` 2, then the 256 byte tokens, then learned pieces. BOS is added to every encoding and pad is `<unk>`,
+as in LLaVA's tokenizer; `<image>` is an added special token (llava-hf style).
+`build_byte_level_tokenizer`: Qwen-style, byte-level BPE over Qwen's pre-tokenizing pattern, no BOS, `<|endoftext|>`
+for end, padding and unknown; what transformers' Qwen3.5 tokenizer class (which it imposes on every Qwen3.5
+checkpoint) reads correctly.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
@@ -29,6 +33,30 @@ def default_corpus() -> list[str]:
     texts |= {role for conv in conv_templates.values() for role in conv.roles}
     texts.add("Answer the question using a single word or phrase. What is shown in the image? Yes No")
     return sorted(text for text in texts if text)
+
+
+def build_byte_level_tokenizer(vocab_size: int = 1024, model_max_length: int = 2048) -> PreTrainedTokenizerFast:
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
+
+    end = "<|endoftext|>"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        default_corpus(),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[end], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=end, unk_token=end, pad_token=end, padding_side="right",
+        model_max_length=model_max_length,
+    )
 
 
 def build_tokenizer(

@@ -3,7 +3,7 @@ with `llava.model.visual_exit.vlm` (which knows no family) and saying how to bui
 class the installed transformers lacks (LLaVA-OneVision-1.5 before 5.25) is left out."""
 
 from llava.model.families import (
-    internvl, llava_hf, llava_next, llava_onevision, llava_onevision1_5, qwen2_5_vl, qwen2_vl, qwen3_vl,
+    gemma3, internvl, llava_hf, llava_next, llava_onevision, llava_onevision1_5, qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl,
 )
 
 FAMILY_MODULES = {
@@ -16,7 +16,9 @@ FAMILY_MODULES = {
         "qwen2-vl": qwen2_vl,
         "qwen2.5-vl": qwen2_5_vl,
         "qwen3-vl": qwen3_vl,
+        "qwen3.5": qwen3_5,
         "internvl": internvl,
+        "gemma3": gemma3,
     }.items()
     if module.ADAPTER is not None
 }

@@ -49,7 +49,11 @@ class FamilyProcessing:
     defaults `settings_for(model_config)`). `named_tokens`: tokenizer attributes its processor reads;
     `chat_tokens`: further special tokens of its template; `config_tokens`: the model config's token roles
     (`tiny_config`'s `tokens`). `image_kwargs`: what its processor passes to the image processor;
-    `token_type_ids(input_ids, tokenizer)`: `mm_token_type_ids`, for the families whose processor returns them."""
+    `token_type_ids(input_ids, tokenizer)`: `mm_token_type_ids`, for the families whose processor returns them.
+    `expands_in_text`: its processor writes each image's run into the text before tokenizing, where it merges with
+    the template's tokens (Gemma 3's blank lines), so no token-level fallback reproduces it: transformers'
+    processor is required. `byte_level_tokenizer`: a tiny checkpoint gets a byte-level (Qwen-style) tokenizer, for a
+    family whose tokenizer class transformers imposes (Qwen3.5)."""
 
     processor_class: str
     chat_template: str
@@ -64,6 +68,8 @@ class FamilyProcessing:
     image_run: Callable[[int, int, object], list[int]] = repeat_placeholder
     image_kwargs: dict = field(default_factory=dict)
     token_type_ids: Callable | None = None
+    expands_in_text: bool = False
+    byte_level_tokenizer: bool = False
 
 
 def content_jinja(image_markup: str, separator: str = "") -> str:
@@ -174,7 +180,8 @@ class FamilyProcessor:
         if not inputs:
             raise ValueError("collate needs at least one sample")
         pad_values = dict(
-            input_ids=self.tokenizer.pad_token_id, attention_mask=0, labels=IGNORE_INDEX, mm_token_type_ids=0
+            input_ids=self.tokenizer.pad_token_id, attention_mask=0, labels=IGNORE_INDEX, mm_token_type_ids=0,
+            token_type_ids=0,
         )
         width = max(sample["input_ids"].shape[-1] for sample in inputs)
         batch = {}
@@ -238,6 +245,8 @@ class FamilyProcessor:
     def _fallback_encode(self, text: str, images: Sequence, add_special_tokens: bool) -> BatchFeature:
         """What transformers' processor returns, without it: the text's tokens with each placeholder expanded
         into its image's run, the image processor's model inputs and, for Qwen, mm_token_type_ids."""
+        if self.family.expands_in_text:
+            raise ValueError(f"{self.family.processor_class} writes image runs into the text: only it encodes them")
         ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         inputs = {}
         counts = []
@@ -324,6 +333,9 @@ def load_processor(model_path: str) -> FamilyProcessor:
         stock = AutoProcessor.from_pretrained(model_path)
     except (ImportError, AttributeError, TypeError, ValueError, OSError) as error:
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        if family.expands_in_text:
+            raise ValueError(f"{model_path}: {family.processor_class} does not construct ({reason}), and its image "
+                             "runs are written into the text, which only it reproduces") from error
         logger.info("%s: transformers' processor does not construct here (%s); using the fallback", model_path, reason)
         stock = None
     tokenizer = stock.tokenizer if stock is not None else AutoTokenizer.from_pretrained(model_path)

@@ -12,24 +12,31 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from llava.compat import recurrent_cache_layers
+
 
 @dataclass
 class ValidKeys:
     """`valid[b, k]`: key k of sample b is a real token. `padded`: some key is not (fixed at prefill, since every
     token appended later is real). `positions[b, k]`: the key's original (RoPE) position, what sliding windows
-    are measured in once tokens have left."""
+    are measured in once tokens have left. `blocks[b, k]`: the bidirectional block the key belongs to (-1: none),
+    whose members see each other both ways (Gemma 3's image tokens); None when there are none."""
 
     valid: torch.Tensor
     padded: bool
     positions: torch.Tensor
+    blocks: torch.Tensor | None = None
 
     def extended(self, new_positions: torch.Tensor) -> ValidKeys:
-        """After appending real tokens at `new_positions` (B, new)."""
+        """After appending real tokens at `new_positions` (B, new), in no block (decoded tokens are text)."""
         ones = self.valid.new_ones(new_positions.shape)
-        return ValidKeys(torch.cat([self.valid, ones], dim=1), self.padded, torch.cat([self.positions, new_positions], dim=1))
+        blocks = None if self.blocks is None else torch.cat([self.blocks, self.blocks.new_full(new_positions.shape, -1)], dim=1)
+        return ValidKeys(
+            torch.cat([self.valid, ones], dim=1), self.padded, torch.cat([self.positions, new_positions], dim=1), blocks
+        )
 
     def map_batch(self, fn) -> ValidKeys:
-        return ValidKeys(fn(self.valid), self.padded, fn(self.positions))
+        return ValidKeys(fn(self.valid), self.padded, fn(self.positions), None if self.blocks is None else fn(self.blocks))
 
 
 def _map_shared(per_layer: list[ValidKeys], fn) -> list[ValidKeys]:
@@ -47,13 +54,21 @@ class VisualExitCache(DynamicCache):
 
     def __init__(self, config=None, **kwargs):
         # `config` is not handed on: it would make sliding-window layers, which evict keys by slot, while the exit
-        # measures windows in original positions (masks.py) and keeps every key a window may still reach.
-        del config
+        # measures windows in original positions (masks.py) and keeps every key a window may still reach. Only
+        # linear-attention layers get their own kind (`hold_recurrent_layers`).
         super().__init__(**kwargs)
         self.valid_keys: list[ValidKeys] = []
         self.seen_tokens = 0
         self.exit_stats = None
         self.renumbered = False  # a stage renumbered positions at prefill: each layer numbers new tokens on its own
+        if config is not None:
+            self.hold_recurrent_layers(config)
+
+    def hold_recurrent_layers(self, config) -> None:
+        """Before the first token: the layer kinds a decoder with linear-attention layers needs (no-op otherwise)."""
+        layers = recurrent_cache_layers(config)
+        if layers is not None and self.seen_tokens == 0:
+            self.layers = layers
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens

@@ -77,13 +77,16 @@ class ExitRequest:
     forwards' `**kwargs`, and what comes back the same way: the stock forwards in between keep neither.
 
     In: `visual_mask` (B, T), `exit_config`, an `ExitRecord` (generate without a cache: the prompt's decisions,
-    kept and replayed), and for a gate-training step `gate_training(decoder, inputs_embeds, attention_mask,
+    kept and replayed), the 2-D `attention_mask` (for models whose stock forward hands the decoder ready-made
+    per-layer masks instead: Gemma 3), bidirectional `blocks` (B, T) as in `ValidKeys`, and for a gate-training step `gate_training(decoder, inputs_embeds, attention_mask,
     position_ids, visual_mask)`, which replaces the prefill. Out: `stats` of the prefill, or the gate-training
     step's `gate_output`."""
 
     visual_mask: torch.Tensor | None = None
     exit_config: ExitConfig | None = None
     record: ExitRecord | None = None
+    attention_mask: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
     gate_training: Callable | None = None
     stats: ExitStats | None = None
     gate_output: object = None
@@ -126,8 +129,14 @@ class VisualExitDecoderMixin:
         additions = kwargs.pop("visual_additions", None)  # a family's (DeepStack), prefill only
         request = kwargs.pop("exit_request", None)
         record = kwargs.pop("exit_record", None)
+        blocks = None
         if request is not None:
             visual_mask, exit_config, record = request.visual_mask, request.exit_config, request.record
+            blocks = request.blocks
+        if isinstance(attention_mask, dict):  # the stock forward's per-layer-type masks: the exit builds its own
+            if request is None:
+                raise ValueError("the exit builds each layer's mask from the 2-D padding mask: call the VLM, not its decoder")
+            attention_mask = request.attention_mask
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -139,20 +148,23 @@ class VisualExitDecoderMixin:
         if cache is not None and cache.get_seq_length() > 0:
             hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache, kwargs)
             return VisualExitModelOutput(last_hidden_state=hidden, **cache_argument(cache))
+        if cache is not None:
+            cache.hold_recurrent_layers(self.config)
         if request is not None and request.gate_training is not None:
             request.gate_output = request.gate_training(
-                self, inputs_embeds, attention_mask, position_ids, visual_mask, additions=additions
+                self, inputs_embeds, attention_mask, position_ids, visual_mask, additions=additions, blocks=blocks
             )
             return VisualExitModelOutput(last_hidden_state=inputs_embeds)  # the wrapper returns gate_output instead
         packing = self.packing_positions(position_ids) if attention_mask is None and cache is None else None
         segments = None if packing is None else packed_segments(packing, kwargs)
         if segments is not None:
             hidden, stats = self._packed_prefill(
-                inputs_embeds, position_ids, segments, visual_mask, exit_config, kwargs, additions
+                inputs_embeds, position_ids, segments, visual_mask, exit_config, kwargs, additions, blocks
             )
         else:
             hidden, stats = self._prefill(
-                inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record, additions
+                inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record, additions,
+                blocks,
             )
         if cache is not None:
             cache.exit_stats = stats
@@ -161,11 +173,11 @@ class VisualExitDecoderMixin:
         return VisualExitModelOutput(last_hidden_state=hidden, exit_stats=stats, **cache_argument(cache))
 
     def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record=None,
-                 additions=None):
+                 additions=None, blocks=None):
         exit_config = exit_config or ExitConfig.from_model_config(self.config)
         hidden, layout = self.start_prefill(
             hidden, attention_mask, position_ids, visual_mask, with_gate_features=exit_config.uses_gates,
-            additions=additions,
+            additions=additions, blocks=blocks,
         )
         policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, record)
         if policy.renumbers:
@@ -174,7 +186,7 @@ class VisualExitDecoderMixin:
                     f"{exit_config.label}: this model's multi-row (M-RoPE) positions have no renumbering as PyramidDrop's "
                     "and SparseVLM's LLaVA code renumbers 1-D ones; add :keep to the stage (original positions)"
                 )
-            layout = replace(layout, renumber=partial(self.rotary_emb, hidden))
+            layout = replace(layout, renumber=partial(self.rotary, hidden))
             if cache is not None:
                 cache.renumbered = True
         drop = policy.drop_before_first_layer(layout)
@@ -198,7 +210,8 @@ class VisualExitDecoderMixin:
             record.stats = stats
         return self.finish_prefill(hidden, layout), stats
 
-    def _packed_prefill(self, hidden, position_ids, segments, visual_mask, exit_config, kwargs, additions=None):
+    def _packed_prefill(self, hidden, position_ids, segments, visual_mask, exit_config, kwargs, additions=None,
+                        blocks=None):
         """Several sequences packed in a row (positions restarting, no mask and no cache, as transformers reads
         them): each becomes a row of a left-padded batch, so its exit is its own and it sees only itself; the states
         go back to their packed slots. `exit_stats` then has one row per packed sequence, in order."""
@@ -216,18 +229,21 @@ class VisualExitDecoderMixin:
         position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
         if additions is not None:  # the sequences keep their order, so the added rows keep theirs
             additions = replace(additions, positions=additions.positions[rows, slots] & valid)
+        if blocks is not None:
+            blocks = blocks[rows, slots].masked_fill(~valid, -1)
         out, stats = self._prefill(
             hidden[rows, slots] * valid[..., None], valid.long(), position_ids[..., rows, slots], None,
             None if visual_mask is None else visual_mask[rows, slots] & valid, exit_config, kwargs, None, additions,
+            blocks,
         )
         packed = hidden.new_zeros(batch, length, out.shape[-1])
         packed[rows[valid], slots[valid]] = out[valid]
         return packed, stats
 
     def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, with_gate_features: bool, prompt_end=None,
-                      additions=None):
-        """The input's token layout (validity, positions, RoPE, visual slots) before layer 0; `prompt_end` and
-        `additions` as in `TokenLayout.start`."""
+                      additions=None, blocks=None):
+        """The input's token layout (validity, positions, RoPE, visual slots) before layer 0; `prompt_end`,
+        `additions` and `blocks` as in `TokenLayout.start`."""
         batch, length = hidden.shape[:2]
         if attention_mask is not None and attention_mask.shape != (batch, length):
             raise ValueError(
@@ -236,9 +252,9 @@ class VisualExitDecoderMixin:
             )
         valid = attention_mask.bool() if attention_mask is not None else hidden.new_ones(batch, length, dtype=torch.bool)
         positions, rope_position_ids = self.split_position_ids(position_ids, hidden, 0, attention_mask)
-        position_embeddings = self.rotary_emb(hidden, rope_position_ids)
         return hidden, TokenLayout.start(
-            valid, positions, position_embeddings, visual_mask, with_gate_features, prompt_end, additions
+            valid, positions, self.rotary(hidden, rope_position_ids), visual_mask, with_gate_features, prompt_end,
+            additions, blocks, self.layer_rotations,
         )
 
     def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
@@ -248,17 +264,17 @@ class VisualExitDecoderMixin:
             if layout.valid_keys is not valid_keys:  # masks (and a token count) per ValidKeys, until the next drop
                 valid_keys, masks = layout.valid_keys, {}
                 entering = valid_keys.valid.sum(dim=1)
-            window = self._window(index)
-            if window not in masks:
-                masks[window] = self._mask(valid_keys, valid_keys.valid.shape[1], hidden.dtype, window)
-            mask = masks[window]
+            kind = self.layer_mask_kind(index)
+            if kind not in masks:
+                masks[kind] = self._mask(valid_keys, valid_keys.valid.shape[1], hidden.dtype, kind)
+            mask = masks[kind]
             if policy is not None:
                 policy.layer_tokens.append(entering)
             layer_input = hidden
             hidden = self.layers[index](
                 hidden,
                 attention_mask=mask,
-                position_embeddings=layout.position_embeddings,
+                position_embeddings=layout.rotation(index),
                 position_ids=layout.position_ids,
                 use_cache=cache is not None,
                 **cache_argument(cache),
@@ -268,7 +284,8 @@ class VisualExitDecoderMixin:
                 cache.valid_keys.append(valid_keys)
             drop = order = None
             if policy is not None:
-                cached_keys = cache.layers[index].keys if cache is not None else None  # FastV reads them, not recomputes
+                # FastV reads them, not recomputes (a linear-attention layer caches none)
+                cached_keys = getattr(cache.layers[index], "keys", None) if cache is not None else None
                 step = LayerStep(index, self.layers[index], layer_input, hidden, cached_keys, self)
                 drop, hidden, order = policy.drop_after(step, layout)  # hidden: with the states stages rewrote
             if drop is not None:
@@ -287,34 +304,45 @@ class VisualExitDecoderMixin:
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)[:, -new_tokens:]
         position_ids, rope_position_ids = self.split_position_ids(position_ids, hidden, cache.get_seq_length(), attention_mask)
-        position_embeddings = self.rotary_emb(hidden, rope_position_ids)
+        rotations = self.rotary(hidden, rope_position_ids)
         positions = position_ids.expand(hidden.shape[0], new_tokens)
         if cache.renumbered:  # each layer numbers its new tokens after its own cached ones (the renumbering methods')
             steps = torch.arange(new_tokens, device=hidden.device)
             per_layer = cache.extend_valid_keys(lambda keys: keys.positions[:, -1:] + 1 + steps)
         else:
             per_layer = cache.extend_valid_keys(positions)
-        masks: dict[tuple[int, int | None], torch.Tensor | None] = {}
-        rotations: dict[int, tuple] = {}
+        masks: dict[tuple[int, object], torch.Tensor | None] = {}
+        renumbered: dict[int, dict] = {}
+        kinds = self.layer_rotations
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            valid_keys, window = per_layer[index], self._window(index)
-            if (id(valid_keys), window) not in masks:
-                masks[id(valid_keys), window] = self._mask(valid_keys, new_tokens, hidden.dtype, window)
+            valid_keys, kind = per_layer[index], self.layer_mask_kind(index)
+            if (id(valid_keys), kind) not in masks:
+                masks[id(valid_keys), kind] = self._mask(valid_keys, new_tokens, hidden.dtype, kind)
             if cache.renumbered:
                 positions = valid_keys.positions[:, -new_tokens:]
-                if id(valid_keys) not in rotations:
-                    rotations[id(valid_keys)] = self.rotary_emb(hidden, positions)
-                position_embeddings = rotations[id(valid_keys)]
+                if id(valid_keys) not in renumbered:
+                    renumbered[id(valid_keys)] = self.rotary(hidden, positions)
+                rotations = renumbered[id(valid_keys)]
             hidden = decoder_layer(
                 hidden,
-                attention_mask=masks[id(valid_keys), window],
-                position_embeddings=position_embeddings,
+                attention_mask=masks[id(valid_keys), kind],
+                position_embeddings=rotations[kinds[index] if kinds else None],
                 position_ids=positions if cache.renumbered else position_ids,
                 use_cache=True,
                 **cache_argument(cache),
                 **kwargs,
             )
         return self.norm(hidden)
+
+    @property
+    def layer_rotations(self) -> tuple:
+        """Per layer, the key of its rotation in `rotary`'s dict; () when every layer rotates alike."""
+        return ()
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """{rotation kind: (cos, sin)} for `position_ids` (what `rotary_emb` takes): one kind, None, unless the
+        model rotates its layer types differently (`layer_rotations`)."""
+        return {None: self.rotary_emb(hidden, position_ids)}
 
     def packing_positions(self, position_ids):
         """The (B, T) positions whose restarts mark packed sequences, as the stock decoder reads them (with no mask
@@ -330,10 +358,15 @@ class VisualExitDecoderMixin:
             position_ids = torch.arange(past_length, past_length + hidden.shape[1], device=hidden.device).unsqueeze(0)
         return position_ids, position_ids
 
-    def _mask(self, valid_keys: ValidKeys, query_length: int, dtype: torch.dtype, window: int | None):
-        return attention_mask_for(valid_keys, query_length, self.config._attn_implementation, dtype, window)
+    def layer_mask_kind(self, index: int):
+        """What decides layer `index`'s mask besides its keys (layers of one kind share it): its window."""
+        return self.attention_window(index)
 
-    def _window(self, index: int) -> int | None:
+    def _mask(self, valid_keys: ValidKeys, query_length: int, dtype: torch.dtype, kind):
+        """The mask of a layer of `kind` (`layer_mask_kind`) over `valid_keys`, for the last `query_length` of them."""
+        return attention_mask_for(valid_keys, query_length, self.config._attn_implementation, dtype, kind)
+
+    def attention_window(self, index: int) -> int | None:
         """Layer `index`'s sliding window, in positions: the config's `sliding_window` for every layer (Mistral) or
         for those `layer_types` names sliding (Qwen2, Gemma-style alternation); None for full attention."""
         window = getattr(self.config, "sliding_window", None)

@@ -5,6 +5,10 @@ transformers' `create_causal_mask` sizes every mask from one cache layer; here l
 A sliding window (Mistral, Qwen2's sliding layers) is measured in original token positions, not in slots: once
 visual tokens have left, a query still sees exactly the keys within `window` positions of it, as in the full
 sequence, and a padded sample sees what it sees alone.
+
+Bidirectional blocks (Gemma 3's image tokens) are compared by the block id each key carries with it, not by its
+index: a block keeps seeing its own remaining members however the tokens around it were compacted. As in the stock
+mask, a block widens causality (causal OR same block) and a window still bounds it from behind.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ def attention_mask_for(
     """eager: additive float (B, 1, Q, K); sdpa: bool (B, 1, Q, K) or None; flash: (B, K) padding mask or None.
     `window`: a query sees the keys less than `window` positions before it (None: all earlier keys)."""
     if implementation in FLASH_IMPLEMENTATIONS or implementation.startswith("kernels-community/flash"):
+        if valid_keys.blocks is not None:
+            raise NotImplementedError("flash attention has no bidirectional blocks (neither has the stock model): use sdpa or eager")
         if window is not None:
             raise NotImplementedError("flash attention windows count slots, not positions: use sdpa or eager here")
         return valid_keys.valid.long() if valid_keys.padded else None
@@ -31,12 +37,18 @@ def attention_mask_for(
     windowed = window is not None and key_length > window
     # None lets SDPA use its causal (flash) kernel: exact only without padding and when the queries are all keys
     # or a single new token (SDPA's is_causal aligns top-left).
-    if implementation == "sdpa" and not valid_keys.padded and not windowed and query_length in (1, key_length):
+    plain = not valid_keys.padded and not windowed and valid_keys.blocks is None
+    if implementation == "sdpa" and plain and query_length in (1, key_length):
         return None
     offset = key_length - query_length
     key_slots = torch.arange(key_length, device=valid_keys.valid.device)
     query_slots = torch.arange(query_length, device=valid_keys.valid.device) + offset
-    allowed = (key_slots[None, :] <= query_slots[:, None]) & valid_keys.valid[:, None, :]
+    allowed = (key_slots[None, :] <= query_slots[:, None]).expand(valid_keys.valid.shape[0], -1, -1)
+    if valid_keys.blocks is not None:
+        blocks = valid_keys.blocks
+        query_blocks = blocks[:, -query_length:, None]
+        allowed = allowed | ((query_blocks == blocks[:, None, :]) & (query_blocks >= 0))
+    allowed = allowed & valid_keys.valid[:, None, :]
     if windowed:
         positions = valid_keys.positions
         allowed = allowed & (positions[:, -query_length:, None] - positions[:, None, :] < window)

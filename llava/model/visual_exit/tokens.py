@@ -17,6 +17,10 @@ def _gather(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, expanded)
 
 
+def _map_rotations(fn, rotations: dict) -> dict:
+    return {kind: tuple(fn(e) for e in pair) for kind, pair in rotations.items()}
+
+
 @dataclass(frozen=True)
 class VisualAdditions:
     """States a model adds onto its visual tokens after each of its first layers (Qwen3-VL's DeepStack): `states[i]`
@@ -44,13 +48,15 @@ class TokenLayout:
     """Per slot of the current sequence: validity, RoPE position, original index, and whether it is visual.
     `valid_keys`: the slots a layer run now caches as real keys. For the gates only (None otherwise): per slot, its
     weight in the gate features (`feature_weights`, from `gate_feature_weights`), read off the prompt alone.
+    `position_embeddings`: {rotation kind: (cos, sin)}, one kind per differently rotated layer type (Gemma 3's
+    local and global layers; one kind, None, for most models); `layer_rotations[i]`: layer i's kind.
     `renumber`: None keeps every token's original position through drops (the exit's rule); otherwise the rotary
-    function (position ids -> (cos, sin)) that numbers each sample's remaining tokens 0, 1, ... again after each
+    function (position ids -> such a dict) that numbers each sample's remaining tokens 0, 1, ... again after each
     drop, as PyramidDrop's and SparseVLM's code do."""
 
     valid_keys: ValidKeys
     position_ids: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: dict[str | None, tuple[torch.Tensor, torch.Tensor]]
     origin: torch.Tensor
     visual: torch.Tensor
     feature_weights: torch.Tensor | None
@@ -58,19 +64,26 @@ class TokenLayout:
     compacted: bool = False
     renumber: Callable | None = None
     additions: VisualAdditions | None = None
+    layer_rotations: tuple = ()
 
     @property
     def input_length(self) -> int:
         return self.input_valid.shape[1]
 
+    def rotation(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) (B, T, d) of layer `layer`'s kind of rotation."""
+        return self.position_embeddings[self.layer_rotations[layer] if self.layer_rotations else None]
+
     @classmethod
     def start(
-        cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings, visual: torch.Tensor | None,
+        cls, valid: torch.Tensor, position_ids: torch.Tensor, position_embeddings: dict, visual: torch.Tensor | None,
         with_gate_features: bool, prompt_end: torch.Tensor | None = None, additions: VisualAdditions | None = None,
+        blocks: torch.Tensor | None = None, layer_rotations: tuple = (),
     ):
         """`prompt_end` (B,): per sample, the slot after its prompt's last token, where the gates stop reading (a
         training sequence goes on with its answer, which inference never has); None: the whole input is prompt.
-        `additions`: what the model adds onto its visual tokens after its first layers (DeepStack)."""
+        `additions`: what the model adds onto its visual tokens after its first layers (DeepStack). `blocks`
+        (B, T): bidirectional block ids as in `ValidKeys`."""
         batch, length = valid.shape
         slots = torch.arange(length, device=valid.device).expand(batch, length)
         visual = valid & visual if visual is not None else torch.zeros_like(valid)
@@ -81,15 +94,17 @@ class TokenLayout:
             last_visual = torch.where(visual & prompt, slots, -1).amax(dim=1, keepdim=True)
             text_span = prompt & (slots > last_visual) & (slots != last_index[:, None])
             feature_weights = gate_feature_weights(text_span, last_index)
+        positions = position_ids.expand(batch, length)
         return cls(
-            valid_keys=ValidKeys(valid, padded=not bool(valid.all()), positions=position_ids.expand(batch, length)),
-            position_ids=position_ids.expand(batch, length),
-            position_embeddings=tuple(e.expand(batch, *e.shape[1:]) for e in position_embeddings),
+            valid_keys=ValidKeys(valid, padded=not bool(valid.all()), positions=positions, blocks=blocks),
+            position_ids=positions,
+            position_embeddings=_map_rotations(lambda e: e.expand(batch, *e.shape[1:]), position_embeddings),
             origin=slots,
             visual=visual,
             feature_weights=feature_weights,
             input_valid=valid,
             additions=additions,
+            layer_rotations=layer_rotations,
         )
 
     def drop(self, hidden: torch.Tensor, drop: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenLayout]:
@@ -117,13 +132,14 @@ class TokenLayout:
         valid = torch.arange(longest, device=keep.device)[None, :] >= pad[:, None]
         if self.renumber is None:
             position_ids = self.position_ids.gather(1, index)
-            position_embeddings = tuple(_gather(e, index) for e in self.position_embeddings)
+            position_embeddings = _map_rotations(lambda e: _gather(e, index), self.position_embeddings)
         else:
             position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
             position_embeddings = self.renumber(position_ids)
+        blocks = None if self.valid_keys.blocks is None else self.valid_keys.blocks.gather(1, index)
         layout = replace(
             self,
-            valid_keys=ValidKeys(valid, padded=shortest < longest, positions=position_ids),
+            valid_keys=ValidKeys(valid, padded=shortest < longest, positions=position_ids, blocks=blocks),
             position_ids=position_ids,
             position_embeddings=position_embeddings,
             origin=self.origin.gather(1, index),

@@ -96,9 +96,10 @@ def gate_training_pass(
     layer: int,
     rule: ExitLabelRule,
     additions=None,
+    blocks=None,
 ) -> GateTrainingOutput:
     """Loss of gate `layer` (0 .. L-2) on this batch; the decoder and head stay frozen (run without grad).
-    `additions`: what the model adds onto its visual tokens after its first layers (DeepStack), as at inference."""
+    `additions` (DeepStack) and bidirectional `blocks` (Gemma 3's images) as the decoder takes them at inference."""
     num_layers = decoder.config.num_hidden_layers
     if not 0 <= layer < num_layers - 1:
         raise ValueError(f"gate layer {layer} outside 0..{num_layers - 2}: an exit after the last layer changes nothing")
@@ -106,7 +107,7 @@ def gate_training_pass(
         sample, position, targets = answer_positions(labels)
         hidden, layout = decoder.start_prefill(
             inputs_embeds, attention_mask, position_ids, visual_mask, with_gate_features=True,
-            prompt_end=prompt_ends(sample, position, labels.shape), additions=additions,
+            prompt_end=prompt_ends(sample, position, labels.shape), additions=additions, blocks=blocks,
         )
         hidden, layout = decoder.run_layers(hidden, layout, range(layer + 1))
         features = gate_features(hidden, layout.feature_weights)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,13 +35,15 @@ from llava.model.visual_exit.training import ExitLabelRule, gate_training_pass
 @dataclass(frozen=True)
 class FamilyAdapter:
     """What the exit needs to know of one VLM class: where its language model is, which config attributes hold
-    the ids of its visual tokens (every placeholder the model fills with vision features), and the decoder mixin
-    (another one only where positions differ, e.g. M-RoPE)."""
+    the ids of its visual tokens (every placeholder the model fills with vision features), the decoder mixin
+    (another one only where positions differ, e.g. M-RoPE), and `attention_blocks(forward kwargs)`: the (B, T)
+    ids of the blocks whose tokens the stock model lets attend to each other both ways (-1 elsewhere), or None."""
 
     model_class: type
     visual_token_attributes: tuple[str, ...] = ("image_token_id",)
     decoder_mixin: type = VisualExitDecoderMixin
     decoder_path: str = "model.language_model"
+    attention_blocks: Callable[[dict], torch.Tensor | None] | None = None
 
     def visual_token_ids(self, config) -> list[int]:
         ids = [getattr(config, name, None) for name in self.visual_token_attributes]
@@ -203,7 +206,11 @@ class VisualExitVLMMixin:
         visual_mask = kwargs.pop("visual_mask", None)
         if visual_mask is None and (input_ids is not None or kwargs.get("inputs_embeds") is not None):
             visual_mask = self.visual_mask(input_ids, kwargs.get("inputs_embeds"))
-        request = ExitRequest(visual_mask, exit_config, kwargs.pop("exit_record", None))
+        blocks_of = self.visual_exit_family.attention_blocks
+        request = ExitRequest(
+            visual_mask, exit_config, kwargs.pop("exit_record", None), attention_mask=kwargs.get("attention_mask"),
+            blocks=None if blocks_of is None else blocks_of(kwargs),
+        )
         if gate_training_layer is not None:
             labels = kwargs.pop("labels")
             request.gate_training = partial(
@@ -259,8 +266,9 @@ def refuse_cache_implementation(model, kwargs: dict) -> None:
         )
 
 
-def _gate_training(decoder, inputs_embeds, attention_mask, position_ids, visual_mask, additions=None, *, lm_head,
-                   labels, layer, rule):
+def _gate_training(decoder, inputs_embeds, attention_mask, position_ids, visual_mask, additions=None, blocks=None, *,
+                   lm_head, labels, layer, rule):
     return gate_training_pass(
-        decoder, lm_head, inputs_embeds, attention_mask, position_ids, visual_mask, labels, layer, rule, additions
+        decoder, lm_head, inputs_embeds, attention_mask, position_ids, visual_mask, labels, layer, rule, additions,
+        blocks,
     )

@@ -18,4 +18,4 @@ def pdrop_scores(step: LayerStep, layout: TokenLayout) -> torch.Tensor:
     """(B, T): the last prompt token's attention in the layer after the step's (there is one: nothing is pruned
     after the last layer)."""
     following = step.decoder.layers[step.index + 1]
-    return last_token_attention(following, step.output, layout.position_embeddings, layout.valid_keys.valid)
+    return last_token_attention(following, step.output, layout, step.index + 1, step.window(step.index + 1))

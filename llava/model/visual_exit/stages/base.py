@@ -23,6 +23,10 @@ class LayerStep:
     cached_keys: torch.Tensor | None
     decoder: nn.Module | None = None
 
+    def window(self, index: int) -> int | None:
+        """Decoder layer `index`'s sliding window in positions (None: full attention)."""
+        return None if self.decoder is None else self.decoder.attention_window(index)
+
 
 class ExitState:
     """Per sample, over one prefill: whether it still holds visual tokens (`active`), its `exit_layer` (layers that

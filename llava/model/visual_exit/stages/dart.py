@@ -95,7 +95,7 @@ class Dart(Stage):
         """(B, T) bool: the `visual` slots that neither are pivots nor were taken by one."""
         keys = step.cached_keys
         if keys is None:
-            keys = rotated_keys(step.layer, step.input, layout.position_embeddings)
+            keys = rotated_keys(step.layer, step.input, layout.rotation(step.index))
         key_norms = keys.float().abs().sum(dim=(1, 3))  # L1 over all heads' keys: (B, T)
         states = step.decoder.norm(step.output).float()
         slots = torch.arange(visual.shape[1], device=visual.device)

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv
 
 from llava.model.visual_exit.budget import Budget, OutOfReach, schedule_average, solve
-from llava.model.visual_exit.scorers.fastv import projected_heads, rotated_keys
+from llava.model.visual_exit.scorers.fastv import attention_of, projected_heads, rotated, rotated_keys
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Rewrite, Stage, spec_number, spec_positions
 from llava.model.visual_exit.stages.prune import outside_top, record_pruning
 from llava.model.visual_exit.tokens import TokenLayout
@@ -182,7 +182,7 @@ def rater_attention(step: LayerStep, layout: TokenLayout, raters: torch.Tensor, 
     """(B, T) fp32: the attention of each sample's rater rows in the step's layer (Llama interface), mean over
     heads, then over its raters; `most` bounds the raters per sample. Each row as FastV's scorer computes its one
     (scorers/fastv.py), with the keys the layer cached or `rotated_keys` without a cache."""
-    attention, valid = step.layer.self_attn, layout.valid_keys.valid
+    attention, valid = attention_of(step.layer), layout.valid_keys.valid
     batch, length = valid.shape
     slots = torch.arange(length, device=valid.device)
     rows = (~raters).long().argsort(dim=1, stable=True)[:, :most]  # (B, R): rater slots first, in order
@@ -190,15 +190,19 @@ def rater_attention(step: LayerStep, layout: TokenLayout, raters: torch.Tensor, 
     picked = step.input.gather(1, rows[..., None].expand(-1, -1, step.input.shape[-1]))
     normed = step.layer.input_layernorm(picked)  # a per-token norm: the rater rows need only their own
     query = projected_heads(attention, normed, "q")  # (B, heads, R, d)
-    cos, sin = (e.gather(1, rows[..., None].expand(-1, -1, e.shape[-1])) for e in layout.position_embeddings)
-    query, _ = apply_rotary_pos_emb(query, query, cos, sin)
+    cos, sin = (e.gather(1, rows[..., None].expand(-1, -1, e.shape[-1])) for e in layout.rotation(step.index))
+    query = rotated(query, cos, sin)
     keys = step.cached_keys
     if keys is None:
-        keys = rotated_keys(step.layer, step.input, layout.position_embeddings)
+        keys = rotated_keys(step.layer, step.input, layout.rotation(step.index))
     key = repeat_kv(keys, attention.num_key_value_groups)
     logits = (query.float() @ key.float().transpose(-1, -2)) * attention.scaling  # (B, heads, R, T)
     # A rater sees the valid keys up to itself; a padding row sees all of them (finite, weighted 0 below).
     allowed = valid[:, None, :] & ((slots[None, None, :] <= rows[:, :, None]) | ~real[:, :, None])
+    window = step.window(step.index)
+    if window is not None:  # a sliding layer's rater sees the keys within its window (masks.py)
+        positions = layout.valid_keys.positions
+        allowed &= (positions.gather(1, rows)[:, :, None] - positions[:, None, :] < window) | ~real[:, :, None]
     probabilities = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
     return (probabilities * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True).clamp(min=1)
 
