@@ -46,12 +46,14 @@ def exit_model(stock, gate_hidden_size: int | None = 16):
 
 @dataclass
 class Sample:
-    """Text tokens before and after the images; each image a size: (h, w) pixels (anyres), patches (Qwen), tiles
-    (InternVL), ignored (llava-hf)."""
+    """Text tokens before and after the images, then the videos; each image a size: (h, w) pixels (anyres),
+    patches (Qwen), tiles (InternVL), ignored (llava-hf); each video (Qwen families) a (t, h, w) grid of temporal
+    patch groups and patches."""
 
     before: int
     images: list = field(default_factory=list)
     after: int = 5
+    videos: list = field(default_factory=list)
 
 
 def _image(family, model, size, generator):
@@ -80,6 +82,27 @@ def _image(family, model, size, generator):
     raise KeyError(family)
 
 
+# Qwen3-VL and Qwen3.5 write a timestamp ("<1.0 seconds>", text) before each frame group's own vision_start ...
+# vision_end run; Qwen2-VL and Qwen2.5-VL one run for the whole video.
+TIMESTAMPED_VIDEO = ("qwen3-vl", "qwen3.5")
+
+
+def _video(family, grid, generator):
+    """(placeholder tokens, pixel inputs of this one video): flat patches of t temporal groups, random pixels."""
+    (t, h, w), (patch, frames) = grid, FLAT_PATCHES[family]
+    pixels = {"pixel_values_videos": torch.randn(t * h * w, 3 * frames * patch * patch, generator=generator),
+              "video_grid_thw": torch.tensor([[t, h, w]])}
+    if family == "qwen2.5-vl":
+        pixels["second_per_grid_ts"] = torch.tensor([1.0])
+    frame = [TOKENS["vision_start"]] + [TOKENS["video"]] * (h * w // 4) + [TOKENS["vision_end"]]
+    if family not in TIMESTAMPED_VIDEO:
+        return [TOKENS["vision_start"]] + [TOKENS["video"]] * (t * h * w // 4) + [TOKENS["vision_end"]], pixels
+    run = []
+    for _ in range(t):
+        run += torch.randint(3, 200, (2,), generator=generator).tolist() + frame  # the timestamp's text, the frame
+    return run, pixels
+
+
 def _collate(family, pixel_inputs):
     if not pixel_inputs:
         return {}
@@ -87,7 +110,8 @@ def _collate(family, pixel_inputs):
         widest = max(p["pixel_values"].shape[1] for p in pixel_inputs)
         padded = [torch.nn.functional.pad(p["pixel_values"], (0, 0, 0, 0, 0, 0, 0, widest - p["pixel_values"].shape[1])) for p in pixel_inputs]
         return {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([p["image_sizes"] for p in pixel_inputs])}
-    return {key: torch.cat([p[key] for p in pixel_inputs]) for key in pixel_inputs[0]}
+    keys = dict.fromkeys(key for p in pixel_inputs for key in p)  # images' and videos' own keys
+    return {key: torch.cat([p[key] for p in pixel_inputs if key in p]) for key in keys}
 
 
 def batch(family, model, samples: list[Sample], padding_side: str = "left", seed: int = 0) -> dict:
@@ -100,7 +124,12 @@ def batch(family, model, samples: list[Sample], padding_side: str = "left", seed
             run, pixels = _image(family, model, size, generator)
             row += run
             pixel_inputs.append(pixels)
-        rows.append(row + torch.randint(3, 200, (sample.after,), generator=generator).tolist())
+        row += torch.randint(3, 200, (sample.after,), generator=generator).tolist()
+        for grid in sample.videos:
+            run, pixels = _video(family, grid, generator)
+            row += run + torch.randint(3, 200, (2,), generator=generator).tolist()
+            pixel_inputs.append(pixels)
+        rows.append(row)
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), TEXT["pad_token_id"])
     mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -109,7 +138,7 @@ def batch(family, model, samples: list[Sample], padding_side: str = "left", seed
         ids[b, span], mask[b, span] = torch.tensor(row), 1
     inputs = {"input_ids": ids, "attention_mask": mask, **_collate(family, pixel_inputs)}
     if family in TOKEN_TYPES:
-        inputs[TOKEN_TYPES[family]] = (ids == TOKENS["image"]).int()
+        inputs[TOKEN_TYPES[family]] = (ids == TOKENS["image"]).int() + 2 * (ids == TOKENS["video"]).int()
     return inputs
 
 
@@ -120,16 +149,24 @@ def sample_inputs(family, model, inputs: dict, samples: list[Sample], b: int) ->
     for key in TYPE_KEYS:
         if key in inputs:
             alone[key] = inputs[key][b, valid][None]
+    if family in FLAT_PATCHES:
+        kinds = (("pixel_values", "image_grid_thw", "images"), ("pixel_values_videos", "video_grid_thw", "videos"))
+        for pixels, grid_key, kind in kinds:
+            first = sum(len(getattr(s, kind)) for s in samples[:b])
+            count = len(getattr(samples[b], kind))
+            if count:
+                grids = inputs[grid_key]
+                start = int(grids[:first].prod(dim=1).sum())
+                alone[pixels] = inputs[pixels][start : start + int(grids[first : first + count].prod(dim=1).sum())]
+                alone[grid_key] = grids[first : first + count]
+                if kind == "videos" and "second_per_grid_ts" in inputs:
+                    alone["second_per_grid_ts"] = inputs["second_per_grid_ts"][first : first + count]
+        return alone
     first = sum(len(s.images) for s in samples[:b])
     count = len(samples[b].images)
     if not count:
         return alone
-    if family in FLAT_PATCHES:
-        grids = inputs["image_grid_thw"]
-        start = int(grids[:first].prod(dim=1).sum())
-        alone["pixel_values"] = inputs["pixel_values"][start : start + int(grids[first : first + count].prod(dim=1).sum())]
-        alone["image_grid_thw"] = grids[first : first + count]
-    elif family == "internvl":
+    if family == "internvl":
         tiles = [size for s in samples for size in s.images]
         start = sum(tiles[:first])
         alone["pixel_values"] = inputs["pixel_values"][start : start + sum(tiles[first : first + count])]
@@ -175,3 +212,12 @@ def masked_stock_forward(stock, inputs: dict, gone_from: torch.Tensor, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def greedy_with_and_without_cache(model, inputs: dict, exit_config, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ids of `steps` new tokens, with the exit cache and recomputing prompt + answer at every step."""
+    settings = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=TEXT["pad_token_id"])
+    with torch.no_grad():
+        cached = model.generate(**inputs, exit_config=exit_config, **settings)
+        recomputed = model.generate(**inputs, exit_config=exit_config, use_cache=False, **settings)
+    return cached, recomputed

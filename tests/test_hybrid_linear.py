@@ -12,7 +12,10 @@ import torch
 
 from llava.model.visual_exit import ExitConfig
 
-from families import FAMILIES, HYBRID, TEXT, Sample, batch, exit_model, sample_inputs, stock_model, visual_mask
+from families import (
+    FAMILIES, HYBRID, TEXT, Sample, batch, exit_model, greedy_with_and_without_cache, sample_inputs, stock_model,
+    visual_mask,
+)
 
 LAYERS = TEXT["num_hidden_layers"]
 TOLERANCE = 1e-5
@@ -130,9 +133,5 @@ def test_cached_decode_keeps_the_linear_layers_states(family):
     """Greedy decoding with the cache (recurrent and conv states for the linear layers, keys for the full ones)
     gives the tokens of recomputing prompt + answer without a cache, the exit held at the prompt's layer."""
     name, stock, model = family
-    inputs = batch(name, stock, SAMPLES)
-    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=TEXT["pad_token_id"])
-    with torch.no_grad():
-        cached = model.generate(**inputs, exit_config=ExitConfig("fixed", 1), **settings)
-        recomputed = model.generate(**inputs, exit_config=ExitConfig("fixed", 1), use_cache=False, **settings)
+    cached, recomputed = greedy_with_and_without_cache(model, batch(name, stock, SAMPLES), ExitConfig("fixed", 1), steps=5)
     assert torch.equal(cached, recomputed)

@@ -185,7 +185,7 @@ def test_what_it_does_not_take_is_a_clear_error(gated_world_model, world, tmp_pa
         model.generate_until(generate_requests(docs[:1], stop=["x"]))
     two = [Instance("generate_until", ("q", {}, lambda doc: image_of(doc) * 2, 0, TASK, "test"), 0,
                     {"task": TASK, "doc_id": 0, "repeats": 1})]
-    with pytest.raises(ValueError, match="world, doc 0: 2 visual.*one image per question"):
+    with pytest.raises(ValueError, match="world, doc 0: 2 visual.*one image or one video"):
         model.generate_until(two)
     with pytest.raises(NotImplementedError, match="single-turn"):
         model.generate_until_multi_round([])
@@ -211,3 +211,20 @@ def test_a_question_that_cannot_be_asked_is_an_error_record(gated_world_model, w
     assert results[0].text and results[2].text and "exit_layer" in results[2].token_counts.to_dict()
     scores = model.loglikelihood(choice_requests(overlong))
     assert scores[1].text == (math.inf, False) and "prompt takes" in scores[1].token_counts.exit["error"]
+
+
+def test_a_video_file_or_a_video_for_llava_is_an_error_record(gated_world_model, world, tmp_path):
+    """A video file (not its frames) and a video for our LLaVA-1.5 class (which takes none) are per-sample errors;
+    the other questions of the batch are answered."""
+    _, docs = world
+    (tmp_path / "clip").mkdir()
+    image_of(docs[0])[0].save(tmp_path / "clip" / "000.png")
+    model = plugin(gated_world_model, docs[:3])
+    visuals = {0: [str(tmp_path / "clip.mp4")], 1: [str(tmp_path / "clip")]}
+    requests = [Instance("generate_until", (doc["text"], {"max_new_tokens": 8}, lambda d, i=i: visuals.get(i, image_of(d)),
+                                            i, TASK, "test"), i, {"task": TASK, "doc_id": i, "repeats": 1})
+                for i, doc in enumerate(docs[:3])]
+    results = model.generate_until(requests)
+    assert "is not a folder of frames" in results[0].token_counts.exit["error"]
+    assert "LLaVA-1.5 takes no video" in results[1].token_counts.exit["error"]
+    assert results[2].text and "exit_layer" in results[2].token_counts.to_dict()

@@ -13,7 +13,10 @@ import pytest
 pytest.importorskip("lmms_eval", reason="scripts/test.sh installs lmms-eval (WITH_LMMS_EVAL=1)")
 
 from llava.eval.lmms import TASKS_DIR  # noqa: E402
+from llava.eval.lmms.model import cut_at  # noqa: E402
+from llava.tiny.families import write_tiny_family  # noqa: E402
 from llava.world.generate import generate  # noqa: E402
+from llava.world.video import FRAMES, QUESTIONS, generate_videos  # noqa: E402
 
 from test_eval_scripts import SPLIT, gqa_script  # noqa: E402
 
@@ -53,10 +56,11 @@ def run_lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int,
     return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
-def lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int, processes: int = 1) -> dict:
+def lmms_eval(work, name: str, model_args: str, tasks: str, batch_size: int, processes: int = 1,
+              pretrained: str | None = None) -> dict:
     """A run that must succeed: its results and logged samples (by task, in doc order)."""
     out = work / "lmms" / name
-    result = run_lmms_eval(work, name, model_args, tasks, batch_size, processes)
+    result = run_lmms_eval(work, name, model_args, tasks, batch_size, processes, pretrained)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads(open(glob.glob(str(out / "*" / "*_results.json"))[0]).read())
     samples = {}
@@ -129,3 +133,26 @@ def test_model_errors_reach_the_shell(workdir, model_args, pretrained, message):
     """lmms-eval's CLI logs an evaluation error and exits 0; after one of ours the shell sees status 1."""
     result = run_lmms_eval(workdir, "error", model_args, "tiny_world_gqa", batch_size=4, pretrained=pretrained)
     assert result.returncode == 1 and message in result.stdout + result.stderr
+
+
+def test_video_task_answers_as_the_loader_does(workdir, tmp_path):
+    """tiny_world_video on a Qwen2.5-VL checkpoint (tiny, random: the answers are not right, the plumbing is):
+    every clip's frames reach the model as a video at the question's fps, with the loader's answers and exit."""
+    videos = workdir / "playground" / "data" / "tiny_world" / "eval" / "video"
+    generate_videos(str(videos), test=5, seed=1)
+    checkpoint = write_tiny_family(str(tmp_path / "qwen"), "qwen2.5-vl", gate_hidden_size=16)
+    answers = tmp_path / "loader.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "llava.eval.model_vqa_loader", "--model-path", checkpoint, "--question-file",
+         str(videos / QUESTIONS), "--image-folder", str(videos / FRAMES), "--answers-file", str(answers),
+         "--temperature", "0", "--max_new_tokens", "16", "--exit-mode", "fixed", "--exit-layer", "1", "--device", "cpu"],
+        check=True, capture_output=True, cwd=ROOT,
+    )
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    run = lmms_eval(workdir, "video", "exit_mode=fixed,exit_layer=1", "tiny_world_video", batch_size=2,
+                    pretrained=checkpoint)
+    samples = run["samples"]["tiny_world_video"]
+    # lmms-eval stops a task without `until` at its default, a blank line: the loader's answer up to it.
+    assert [s["filtered_resps"] for s in samples] == [cut_at(r["text"], ["\n\n"]) for r in records]
+    assert [s["token_counts"][0]["exit_layer"] for s in samples] == [1] * 5
+    assert [s["token_counts"][0]["visual_tokens"] for s in samples] == [r["visual_tokens"] for r in records]

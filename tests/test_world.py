@@ -201,3 +201,27 @@ def test_tower_patch_labels_match_the_pictures():
                 assert set(labels[4][owned].tolist()) <= columns and len(set(labels[4][owned].tolist())) == 1
                 checked += 1
     assert checked > 40
+
+
+def test_video_answers_match_the_frames(tmp_path):
+    """Each clip's answer is the one shape read from the pixels of the frame its question names; clips have 2-4
+    frames, so the asked frame varies, and the shapes differ between frames often enough that a wrong frame fails."""
+    from llava.world import video
+
+    assert video.generate_videos(str(tmp_path), test=40, seed=3) == 40
+    questions = read_jsonl(str(tmp_path / video.QUESTIONS), ("question_id", "video", "fps", "text"))
+    truth = json.loads((tmp_path / video.TRUTH).read_text())
+    asked_frames, differs = set(), 0
+    for question in questions:
+        frames = sorted((tmp_path / video.FRAMES / question["video"]).iterdir())
+        assert 2 <= len(frames) <= 4 and question["fps"] == video.FPS
+        ordinal = re.fullmatch(r"Which shape is in the (\w+) frame\?", question["text"].split("\n")[0]).group(1)
+        asked = video.ORDINALS.index(ordinal)
+        shapes = [read_scene(Image.open(frame)) for frame in frames]
+        assert all(len(blobs) == 1 for blobs in shapes)
+        assert truth[question["question_id"]]["answer"] == shapes[asked][0][1]
+        asked_frames.add(asked)
+        differs += len({blobs[0][1] for blobs in shapes}) > 1
+    assert asked_frames == {0, 1, 2, 3} and differs > 20
+    predictions = [{"questionId": q, "prediction": t["answer"]} for q, t in truth.items()]
+    assert score_gqa(truth, predictions)["accuracy"] == 100.0

@@ -38,6 +38,7 @@ from llava.mm_utils import ImageLoadError, load_image
 from llava.model.builder import LoadedModel, resolve_device
 from llava.model.checkpoint import Checkpoint
 from llava.model.exit_args import exit_config_from_flags
+from llava.model.families.processing import Video
 from llava.model.visual_exit import ExitConfig
 
 logger = logging.getLogger("llava.eval")
@@ -180,8 +181,8 @@ class Answerer:
 
     def prepare(self, record: dict, tagged: bool = False) -> PreparedQuestion:
         """`record["image"]`: a file name under the spec's image folder, or an image already decoded (MMBench's
-        base64, lmms-eval's). `tagged`: the text places its image's `<image>` tag itself. QuestionError (or
-        ImageLoadError) when it cannot be asked."""
+        base64, lmms-eval's); `record["video"]`: its pre-extracted frames (see `question_video`). `tagged`: the text
+        places its image's `<image>` tag itself. QuestionError (or ImageLoadError) when it cannot be asked."""
         image = question_image(record)
         images = []
         if image:
@@ -189,8 +190,9 @@ class Answerer:
                 images = [load_image(os.path.join(self.spec.image_folder, image))]
             else:
                 images = [image.convert("RGB")]
+        video = question_video(record, self.spec.image_folder)
         try:
-            inputs = self.processor.question_inputs(record["text"], images, tagged)
+            inputs = self.processor.question_inputs(record["text"], images, tagged, videos=[video] if video else [])
         except ValueError as error:
             raise QuestionError(f"question {record['question_id']}: {error}") from None
         length, context = self.processor.prompt_length(inputs), self.loaded.context_len
@@ -278,6 +280,25 @@ def question_image(record: dict):
             f"question {record.get('question_id')}: its 'image' is {type(image).__name__} {image!r:.40}, not a file name"
         )
     return image
+
+
+def question_video(record: dict, folder: str | None) -> Video | None:
+    """The record's video, None without one: `record["video"]` names a folder of frames (their files in name
+    order) or lists frame files, under `folder` (if any); `record["fps"]` (default 2) is the rate they were sampled
+    at."""
+    entry = record.get("video")
+    if entry is None:
+        return None
+    folder = folder or ""
+    question = record.get("question_id")
+    if isinstance(entry, str) and os.path.isdir(os.path.join(folder, entry)):
+        entry = [os.path.join(entry, name) for name in sorted(os.listdir(os.path.join(folder, entry)))]
+    if not isinstance(entry, list) or not entry or not all(isinstance(name, str) for name in entry):
+        raise QuestionError(f"question {question}: its 'video' {entry!r:.60} is neither a folder of frames nor a list of frame files")
+    fps = record.get("fps", 2.0)
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
+        raise QuestionError(f"question {question}: its 'fps' {fps!r} is not a positive number")
+    return Video([load_image(os.path.join(folder, name)) for name in entry], float(fps))
 
 
 def exit_fields(stats, prefill_s: float, total_s: float) -> list[dict]:

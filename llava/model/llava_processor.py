@@ -40,10 +40,12 @@ class LlavaProcessor:
         conv.append_message(conv.roles[1], None)
         return conv.get_prompt()
 
-    def question_inputs(self, question: str, images: Sequence = (), tagged: bool = False) -> dict:
+    def question_inputs(self, question: str, images: Sequence = (), tagged: bool = False, videos: Sequence = ()) -> dict:
         """input_ids (1, T) with IMAGE_TOKEN_INDEX, its images' pixels and sizes. `tagged`: the question places its
         image's `<image>` tag itself (lmms-eval's convention); else the tag goes first, as LLaVA's loader puts it.
-        ValueError when the tags and the images disagree."""
+        ValueError when the tags and the images disagree, or for a video (LLaVA-1.5 takes none)."""
+        if videos:
+            raise ValueError("LLaVA-1.5 takes no video (the Qwen families do)")
         prompt = self.render(question, bool(images) and not tagged)
         input_ids = tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt")
         tags = int((input_ids == IMAGE_TOKEN_INDEX).sum())

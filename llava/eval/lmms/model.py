@@ -141,18 +141,22 @@ class DyVTE(lmms):
         device: str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # lmms-eval passes it along; a fixed batch size needs none
+        video_fps: float | str = 2.0,
         **exit_args,
     ) -> None:
         super().__init__()
         unknown = sorted(set(exit_args) - set(EXIT_FLAGS))
         if unknown:
-            known = ", ".join(("pretrained", "model_base", "conv_mode", "device", "batch_size") + EXIT_FLAGS)
+            known = ", ".join(("pretrained", "model_base", "conv_mode", "device", "batch_size", "video_fps") + EXIT_FLAGS)
             raise ValueError(f"--model_args: dyvte has no {', '.join(unknown)} (it takes {known})")
         if str(batch_size).startswith("auto"):
             raise ValueError("--batch_size auto: dyvte takes a number (a batch answers as each sample alone)")
         self.batch_size_per_gpu = int(batch_size)
         if self.batch_size_per_gpu < 1:
             raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+        self.video_fps = float(video_fps)
+        if self.video_fps <= 0:
+            raise ValueError(f"video_fps must be positive, got {video_fps}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # `accelerate launch`: lmms-eval shares the docs out by rank
             from accelerate import Accelerator
 
@@ -269,17 +273,26 @@ class DyVTE(lmms):
         return decoding, until
 
     def _prepare(self, request: Instance) -> PreparedQuestion:
-        """The request's question as the loader prepares it; the image where its context has the tag, else first."""
+        """The request's question as the loader prepares it; the image where its context has the tag, else first. A
+        video comes as a folder of its frames (the doc's `fps`, else `video_fps`); a video file is a per-sample
+        error (its frames must be extracted first)."""
         context, _, doc_to_visual, doc_id, task, split = request.args
-        visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
-        if len(visuals) > 1 or any(not isinstance(v, Image.Image) for v in visuals):
+        doc = self.task_dict[task][split][doc_id]
+        visuals = [v for v in (doc_to_visual(doc) or []) if v is not None]
+        videos = [v for v in visuals if isinstance(v, str)]
+        if len(visuals) > 1 or any(not isinstance(v, (Image.Image, str)) for v in visuals):
             kinds = ", ".join(sorted({type(v).__name__ for v in visuals}))
             raise ValueError(
-                f"task {task}, doc {doc_id}: {len(visuals)} visual(s) ({kinds}); dyvte takes one image per question "
-                "(multi-image and video inputs are not supported)"
+                f"task {task}, doc {doc_id}: {len(visuals)} visual(s) ({kinds}); dyvte takes one image or one video "
+                "(a folder of frames) per question (multi-image inputs are not supported)"
             )
         record = {"question_id": f"{task}/{doc_id}", "text": context}
-        if visuals:
+        if videos and not os.path.isdir(videos[0]):
+            raise QuestionError(f"task {task}, doc {doc_id}: video {videos[0]!r} is not a folder of frames; extract "
+                                "its frames first (dyvte decodes no video files)")
+        if videos:
+            record.update(video=videos[0], fps=doc.get("fps", self.video_fps) if isinstance(doc, dict) else self.video_fps)
+        elif visuals:
             record["image"] = visuals[0]
         return self.answerer.prepare(record, tagged=DEFAULT_IMAGE_TOKEN in context)
 

@@ -53,4 +53,6 @@ PROCESSING = dataclasses.replace(
     chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
     tiny_image_processor=tiny_image_processor,
     token_type_ids=None,
+    video_markup=None,
+    video_inputs=None,
 )

@@ -1,8 +1,8 @@
 """Model inputs for transformers' own VLM families from LLaVA conversations, rendered with the checkpoint's own
 chat template.
 
-`load_processor(path)` gives a `FamilyProcessor`: `.tokenizer`, `prompt_inputs(conversation, images)` (the
-generation prompt added, for eval), `training_inputs(conversation, images)` (with `labels`: the assistant turns'
+`load_processor(path)` gives a `FamilyProcessor`: `.tokenizer`, `prompt_inputs(conversation, images, videos)` (the
+generation prompt added, for eval; each video a `Video` of pre-extracted frames, one per `<video>` tag), `training_inputs(conversation, images)` (with `labels`: the assistant turns'
 tokens, each with its end-of-turn token; -100 elsewhere) and `collate(inputs, padding_side)`. A conversation is
 LLaVA's list of `{"from": "human" | "gpt" | "system", "value": "...<image>..."}` turns, one image per `<image>` tag.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -25,7 +26,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, BatchFeature
 
-from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,15 @@ PROCESSOR_CONFIG_FILE = "processor_config.json"
 
 def repeat_placeholder(count: int, placeholder_id: int, tokenizer) -> list[int]:
     return [placeholder_id] * count
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video as pre-extracted frames (PIL images of one size, in order) sampled at `fps` frames per second, what
+    the families' video positions and timestamps are computed from."""
+
+    frames: Sequence
+    fps: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,9 @@ class FamilyProcessing:
     `token_type_ids(input_ids, tokenizer)`: `mm_token_type_ids`, for the families whose processor returns them.
     `expands_in_text`: its processor writes each image's run into the text before tokenizing, where it merges with
     the template's tokens (Gemma 3's blank lines), so no token-level fallback reproduces it: transformers'
-    processor is required. `byte_level_tokenizer`: a tiny checkpoint gets a byte-level (Qwen-style) tokenizer, for a
+    processor is required. `video_markup`: what its template writes for a video, and `video_inputs(video,
+    image_processor, tokenizer)` -> (the text that replaces it, the video's model inputs), for the families that
+    take videos. `byte_level_tokenizer`: a tiny checkpoint gets a byte-level (Qwen-style) tokenizer, for a
     family whose tokenizer class transformers imposes (Qwen3.5)."""
 
     processor_class: str
@@ -69,27 +81,31 @@ class FamilyProcessing:
     image_kwargs: dict = field(default_factory=dict)
     token_type_ids: Callable | None = None
     expands_in_text: bool = False
+    video_markup: str | None = None
+    video_inputs: Callable | None = None
     byte_level_tokenizer: bool = False
 
 
-def content_jinja(image_markup: str, separator: str = "") -> str:
+def content_jinja(image_markup: str, separator: str = "", video_markup: str | None = None) -> str:
     """Jinja writing `message.content`: a string as it is, a list of parts in order (each image as
-    `image_markup`), joined by `separator`."""
+    `image_markup`, each video as `video_markup`), joined by `separator`."""
+    video = "" if video_markup is None else "{%- elif part.type == 'video' -%}{{ " + repr(video_markup) + " }}"
     between = "{%- if not loop.first -%}{{ " + repr(separator) + " }}{%- endif -%}" if separator else ""
     return (
         "{%- if message.content is string -%}{{ message.content }}{%- else -%}"
         "{%- for part in message.content -%}" + between
-        + "{%- if part.type == 'image' -%}{{ " + repr(image_markup) + " }}{%- else -%}{{ part.text }}{%- endif -%}"
+        + "{%- if part.type == 'image' -%}{{ " + repr(image_markup) + " }}" + video
+        + "{%- else -%}{{ part.text }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
     )
 
 
-def chat_messages(conversation: Sequence[dict], image_count: int) -> list[dict]:
-    """LLaVA's turns as chat-template messages: `<image>` tags become image parts in place, the text around them
-    text parts (stripped: the template decides the separators)."""
+def chat_messages(conversation: Sequence[dict], image_count: int, video_count: int = 0) -> list[dict]:
+    """LLaVA's turns as chat-template messages: `<image>` and `<video>` tags become image and video parts in place,
+    the text around them text parts (stripped: the template decides the separators)."""
     if not conversation:
         raise ValueError("empty conversation: expected LLaVA turns {'from': 'human' | 'gpt', 'value': ...}")
-    messages, tags = [], 0
+    messages, tags = [], {DEFAULT_IMAGE_TOKEN: 0, DEFAULT_VIDEO_TOKEN: 0}
     for index, turn in enumerate(conversation):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise ValueError(f"conversation turn {index}: expected {{'from': ..., 'value': ...}}, got {turn!r}")
@@ -98,24 +114,23 @@ def chat_messages(conversation: Sequence[dict], image_count: int) -> list[dict]:
             raise ValueError(
                 f"conversation turn {index}: unknown speaker {turn['from']!r}; expected one of {sorted(ROLES)}"
             )
-        pieces = str(turn["value"]).split(DEFAULT_IMAGE_TOKEN)
+        pieces = re.split(f"({re.escape(DEFAULT_IMAGE_TOKEN)}|{re.escape(DEFAULT_VIDEO_TOKEN)})", str(turn["value"]))
         if len(pieces) > 1 and role != "user":
             raise ValueError(
-                f"conversation turn {index}: a {turn['from']!r} turn holds {DEFAULT_IMAGE_TOKEN}; "
-                "only human turns show images"
+                f"conversation turn {index}: a {turn['from']!r} turn holds {pieces[1]}; only human turns show images "
+                "and videos"
             )
-        tags += len(pieces) - 1
         parts = []
-        for number, piece in enumerate(pieces):
-            if number:
-                parts.append({"type": "image"})
-            if piece.strip():
+        for piece in pieces:
+            if piece in tags:
+                tags[piece] += 1
+                parts.append({"type": "image" if piece == DEFAULT_IMAGE_TOKEN else "video"})
+            elif piece.strip():
                 parts.append({"type": "text", "text": piece.strip()})
         messages.append({"role": role, "content": parts})
-    if tags != image_count:
-        raise ValueError(
-            f"the conversation has {tags} {DEFAULT_IMAGE_TOKEN} tag(s) but {image_count} image(s) were given"
-        )
+    for tag, given, kind in ((DEFAULT_IMAGE_TOKEN, image_count, "image"), (DEFAULT_VIDEO_TOKEN, video_count, "video")):
+        if tags[tag] != given:
+            raise ValueError(f"the conversation has {tags[tag]} {tag} tag(s) but {given} {kind}(s) were given")
     return messages
 
 
@@ -137,20 +152,22 @@ class FamilyProcessor:
         self.placeholder_id = tokenizer.convert_tokens_to_ids(self.placeholder)
         self.run_ids = set(family.image_run(1, self.placeholder_id, tokenizer))
 
-    def prompt_inputs(self, conversation: Sequence[dict], images: Sequence = ()) -> BatchFeature:
+    def prompt_inputs(self, conversation: Sequence[dict], images: Sequence = (), videos: Sequence[Video] = ()) -> BatchFeature:
         """input_ids, attention_mask and the pixel inputs, batch of one, ending in the generation prompt."""
-        messages = chat_messages(conversation, len(images))
+        messages = chat_messages(conversation, len(images), len(videos))
         if messages[-1]["role"] == "assistant":
             raise ValueError("the conversation ends with a gpt turn: drop it to prompt for the answer")
-        return self._encode(self._render(messages, add_generation_prompt=True), images)
+        return self._encode(self._render(messages, add_generation_prompt=True), images, videos)
 
-    def question_inputs(self, question: str, images: Sequence = (), tagged: bool = False) -> BatchFeature:
-        """One question as a human turn (LlavaProcessor's interface): its image's tag goes first unless the question
-        places it; ValueError when the tags and the images disagree."""
+    def question_inputs(self, question: str, images: Sequence = (), tagged: bool = False,
+                        videos: Sequence[Video] = ()) -> BatchFeature:
+        """One question as a human turn (LlavaProcessor's interface): its image's (video's) tag goes first unless
+        the question places it; ValueError when the tags and the images (videos) disagree."""
         del tagged  # the question's own tag is kept wherever it stands
-        if images and DEFAULT_IMAGE_TOKEN not in question:
-            question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
-        return self.prompt_inputs([{"from": "human", "value": question}], images)
+        for media, tag in ((videos, DEFAULT_VIDEO_TOKEN), (images, DEFAULT_IMAGE_TOKEN)):
+            if media and tag not in question:
+                question = f"{tag}\n{question}"
+        return self.prompt_inputs([{"from": "human", "value": question}], images, videos)
 
     def prompt_length(self, inputs: dict) -> int:
         return inputs["input_ids"].shape[-1]  # the image placeholders are expanded already
@@ -233,8 +250,10 @@ class FamilyProcessor:
         bos = self.tokenizer.bos_token
         return not (bos and text.startswith(bos))
 
-    def _encode(self, text: str, images: Sequence) -> BatchFeature:
+    def _encode(self, text: str, images: Sequence, videos: Sequence[Video] = ()) -> BatchFeature:
         add_special_tokens = self._add_special_tokens(text)
+        if videos:  # from pre-extracted frames, by our code on every install (transformers' needs torchvision)
+            return self._fallback_encode(text, images, add_special_tokens, videos)
         if self.stock is not None:
             return self.stock(
                 text=[text], images=[list(images)] if images else None, return_tensors="pt",
@@ -242,11 +261,13 @@ class FamilyProcessor:
             )
         return self._fallback_encode(text, images, add_special_tokens)
 
-    def _fallback_encode(self, text: str, images: Sequence, add_special_tokens: bool) -> BatchFeature:
+    def _fallback_encode(self, text: str, images: Sequence, add_special_tokens: bool, videos: Sequence[Video] = ()) -> BatchFeature:
         """What transformers' processor returns, without it: the text's tokens with each placeholder expanded
-        into its image's run, the image processor's model inputs and, for Qwen, mm_token_type_ids."""
+        into its image's run (each video's markup into its own text first), the image processor's model inputs and,
+        for Qwen, mm_token_type_ids."""
         if self.family.expands_in_text:
             raise ValueError(f"{self.family.processor_class} writes image runs into the text: only it encodes them")
+        text, video_inputs = self._expand_videos(text, videos)
         ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         inputs = {}
         counts = []
@@ -267,10 +288,25 @@ class FamilyProcessor:
             is_image = token == self.placeholder_id
             expanded += self.family.image_run(next(runs), token, self.tokenizer) if is_image else [token]
         input_ids = torch.tensor([expanded])
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **inputs}
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **inputs, **video_inputs}
         if self.family.token_type_ids is not None:
             inputs["mm_token_type_ids"] = self.family.token_type_ids(input_ids, self.tokenizer)
         return BatchFeature(inputs)
+
+    def _expand_videos(self, text: str, videos: Sequence[Video]) -> tuple[str, dict]:
+        """`text` with each video's markup replaced by the family's text for it (its frames' tokens, timestamps
+        where the family writes them, in the text as its processor does), and the videos' model inputs."""
+        if not videos:
+            return text, {}
+        if self.family.video_inputs is None:
+            raise ValueError(f"{self.family.processor_class}: this family takes no videos")
+        pieces = text.split(self.family.video_markup)
+        if len(pieces) - 1 != len(videos):
+            raise ValueError(f"the chat template wrote {len(pieces) - 1} video markup(s) for {len(videos)} video(s)")
+        encoded = [self.family.video_inputs(video, self.image_processor, self.tokenizer) for video in videos]
+        expanded = pieces[0] + "".join(run + piece for (run, _), piece in zip(encoded, pieces[1:]))
+        keys = dict.fromkeys(key for _, tensors in encoded for key in tensors)
+        return expanded, {key: torch.cat([tensors[key] for _, tensors in encoded]) for key in keys}
 
     def _labels(self, text: str, spans: list[tuple[int, int]], input_ids: list[int]) -> list[int]:
         """Labels for `input_ids` (placeholders expanded): the text's tokens, each kept where it overlaps an

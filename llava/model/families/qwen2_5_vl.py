@@ -3,6 +3,8 @@ windowed-attention vision encoder whose merger outputs the text width."""
 
 import dataclasses
 
+import torch
+
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from llava.model.families import qwen2_vl
@@ -28,4 +30,11 @@ def tiny_config(text: dict, tokens: dict) -> Qwen2_5_VLConfig:
 
 
 # Qwen2-VL's template, tokens and image processor.
-PROCESSING = dataclasses.replace(qwen2_vl.PROCESSING, processor_class="Qwen2_5_VLProcessor")
+def video_inputs(video, image_processor, tokenizer) -> tuple[str, dict]:
+    """Qwen2-VL's, with the seconds each temporal group spans (`second_per_grid_ts`), which its M-RoPE time row
+    advances by."""
+    text, inputs = qwen2_vl.video_inputs(video, image_processor, tokenizer)
+    return text, {**inputs, "second_per_grid_ts": torch.tensor([image_processor.temporal_patch_size / video.fps])}
+
+
+PROCESSING = dataclasses.replace(qwen2_vl.PROCESSING, processor_class="Qwen2_5_VLProcessor", video_inputs=video_inputs)

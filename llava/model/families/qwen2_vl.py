@@ -70,7 +70,7 @@ def tiny_config(text: dict, tokens: dict) -> Qwen2VLConfig:
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
-def chatml_template(image_markup: str, default_system: str | None = None) -> str:
+def chatml_template(image_markup: str, default_system: str | None = None, video_markup: str | None = None) -> str:
     """ChatML, the conversation format of Qwen and the families built on it: each message is
     `<|im_start|>role\n...<|im_end|>\n`, the generation prompt `<|im_start|>assistant\n`; `default_system` is put
     first when the conversation brings no system message."""
@@ -81,7 +81,7 @@ def chatml_template(image_markup: str, default_system: str | None = None) -> str
     return (
         system
         + "{%- for message in messages -%}{{ '<|im_start|>' + message.role + '\\n' }}"
-        + content_jinja(image_markup)
+        + content_jinja(image_markup, video_markup=video_markup)
         + "{{ '<|im_end|>\\n' }}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
     )
@@ -103,6 +103,38 @@ def image_token_counts(image_inputs, settings: dict, image_processor) -> list[in
     return [t * h * w // merge**2 for t, h, w in image_inputs["image_grid_thw"].tolist()]
 
 
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+VIDEO_MARKUP = VISION_START + "<|video_pad|>" + VISION_END  # what the templates write for a video
+
+
+def video_patches(frames: list, image_processor) -> tuple[torch.Tensor, list[int]]:
+    """(pixel_values_videos (t·h·w, C·T·p·p), its grid [t, h, w]) of pre-extracted frames, laid out as Qwen's video
+    processor lays them out: frames padded to whole temporal groups of T by repeating the last, each group's
+    patches in the image order (merge blocks row-major), its T frames side by side in each patch. Each frame is
+    resized and normalised by the image processor (its pixel bounds, not the video processor's, which needs
+    torchvision)."""
+    if not frames:
+        raise ValueError("a video without frames")
+    sizes = sorted({frame.size for frame in frames})
+    if len(sizes) > 1:
+        raise ValueError(f"a video's frames differ in size: {sizes}")
+    temporal, patch = image_processor.temporal_patch_size, image_processor.patch_size
+    frames = list(frames) + [frames[-1]] * (-len(frames) % temporal)
+    encoded = [image_processor([frame], return_tensors="pt") for frame in frames]
+    _, height, width = encoded[0]["image_grid_thw"][0].tolist()
+    # The image processor repeats each frame T times in its patches; keep one copy, then put T frames together.
+    single = [e["pixel_values"].view(height * width, -1, temporal, patch, patch)[:, :, 0] for e in encoded]
+    groups = [torch.stack(single[i : i + temporal], dim=2).flatten(1) for i in range(0, len(single), temporal)]
+    return torch.cat(groups), [len(groups), height, width]
+
+
+def video_inputs(video, image_processor, tokenizer) -> tuple[str, dict]:
+    """Qwen2-VL: one run of video pads for the whole video, `t·h·w / merge²` of them."""
+    pixels, (t, h, w) = video_patches(video.frames, image_processor)
+    pads = tokenizer.video_token * (t * h * w // image_processor.merge_size**2)
+    return VISION_START + pads + VISION_END, {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[t, h, w]])}
+
+
 def mm_token_type_ids(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     """What Qwen's processor returns beside input_ids (and get_rope_index needs): 1 on image pads, 2 on video
     pads, 0 on text."""
@@ -113,7 +145,7 @@ def mm_token_type_ids(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
 
 PROCESSING = FamilyProcessing(
     processor_class="Qwen2VLProcessor",
-    chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant."),
+    chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>", "You are a helpful assistant.", VIDEO_MARKUP),
     turn_end="<|im_end|>",
     placeholder=("image_token", "<|image_pad|>"),
     named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
@@ -126,4 +158,6 @@ PROCESSING = FamilyProcessing(
     tiny_image_processor=tiny_image_processor,
     token_counts=image_token_counts,
     token_type_ids=mm_token_type_ids,
+    video_markup=VIDEO_MARKUP,
+    video_inputs=video_inputs,
 )

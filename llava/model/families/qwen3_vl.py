@@ -14,6 +14,8 @@ Attention has per-head q/k norms before RoPE, which the scorers that project que
 
 import dataclasses
 
+import torch
+
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from llava.model.families import qwen2_vl
@@ -56,10 +58,23 @@ def tiny_config(text: dict, tokens: dict) -> Qwen3VLConfig:
     )
 
 
+def video_inputs(video, image_processor, tokenizer) -> tuple[str, dict]:
+    """Each temporal group as its own run, after its timestamp as text: `<t seconds>`, t the mean time of the
+    group's first and last frame (frames i at i / fps, the last repeated to fill the group), as Qwen3-VL's
+    processor writes them."""
+    pixels, (t, h, w) = qwen2_vl.video_patches(video.frames, image_processor)
+    temporal = image_processor.temporal_patch_size
+    times = [min(i, len(video.frames) - 1) / video.fps for i in range(t * temporal)]
+    frame = qwen2_vl.VISION_START + tokenizer.video_token * (h * w // image_processor.merge_size**2) + qwen2_vl.VISION_END
+    text = "".join(f"<{(times[g * temporal] + times[(g + 1) * temporal - 1]) / 2:.1f} seconds>" + frame for g in range(t))
+    return text, {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[t, h, w]])}
+
+
 # Qwen2-VL's tokens and image processor (patch 16, from the vision config); Qwen3-VL's template has no default
 # system message.
 PROCESSING = dataclasses.replace(
     qwen2_vl.PROCESSING,
     processor_class="Qwen3VLProcessor",
-    chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>"),
+    chat_template=chatml_template("<|vision_start|><|image_pad|><|vision_end|>", video_markup=qwen2_vl.VIDEO_MARKUP),
+    video_inputs=video_inputs,
 )

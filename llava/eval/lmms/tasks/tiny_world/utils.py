@@ -1,5 +1,6 @@
 """The tiny world's GQA-format test split as lmms-eval tasks (read from the folder lmms-eval runs in, as the YAMLs'
-`data_files`): images and truth beside the question file that `scripts/v1_5/eval/gqa.sh` answers."""
+`data_files`): images and truth beside the question file that `scripts/v1_5/eval/gqa.sh` answers; its video
+questions (`python -m llava.world.video`) likewise, each video a folder of frames."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import os
 from llava.eval.eval_gqa import gqa_prediction
 from llava.eval.io import read_json
 from llava.mm_utils import load_image
+from llava.world import video
 
 GQA_DIR = os.path.join("playground", "data", "tiny_world", "eval", "gqa")
 IMAGES = os.path.join(GQA_DIR, "data", "images")
 TRUTH = os.path.join(GQA_DIR, "data", "testdev_balanced_questions.json")
+VIDEO_DIR = os.path.join("playground", "data", "tiny_world", "eval", "video")
 
 
 @functools.cache
@@ -41,3 +44,21 @@ def doc_to_choice(doc: dict) -> list[str]:
 def process_results(doc: dict, results: list[str]) -> dict:
     """GQA's exact match after LLaVA's conversion, in percent."""
     return {"accuracy": 100.0 * (gqa_prediction(results[0]) == doc_to_target(doc))}
+
+
+@functools.cache
+def video_truth() -> dict:
+    return read_json(os.path.join(VIDEO_DIR, video.TRUTH))
+
+
+def video_doc_to_visual(doc: dict) -> list:
+    """The clip's frame folder (the model reads the frames, at the doc's `fps`)."""
+    return [os.path.abspath(os.path.join(VIDEO_DIR, video.FRAMES, doc["video"]))]
+
+
+def video_doc_to_target(doc: dict) -> str:
+    return video_truth()[str(doc["question_id"])]["answer"]
+
+
+def video_process_results(doc: dict, results: list[str]) -> dict:
+    return {"accuracy": 100.0 * (gqa_prediction(results[0]) == video_doc_to_target(doc))}
