@@ -21,9 +21,10 @@ ANYRES = ("llava-next", "llava-onevision")
 # Families whose images are runs of pads between vision_start and vision_end, fed as flat patches with a (t, h, w)
 # grid: their towers' (patch size, temporal patch size) in tiny_config.
 FLAT_PATCHES = {
-    "qwen2-vl": (14, 2), "qwen2.5-vl": (14, 2), "qwen3-vl": (16, 2), "qwen3.5": (16, 2), "llava-onevision-1.5": (14, 1),
+    "qwen2-vl": (14, 2), "qwen2.5-vl": (14, 2), "qwen3-vl": (16, 2), "qwen3-vl-moe": (16, 2), "qwen3.5": (16, 2),
+    "llava-onevision-1.5": (14, 1),
 }
-M_ROPE = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5")  # 3-row positions
+M_ROPE = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3-vl-moe", "qwen3.5")  # 3-row positions
 # Decoders with linear-attention layers, where masking a token is not removing it: the masked stock oracle does not
 # apply, the stock layers run on the shortened sequence instead (test_hybrid_linear.py).
 HYBRID = ("qwen3.5",)
@@ -84,7 +85,7 @@ def _image(family, model, size, generator):
 
 # Qwen3-VL and Qwen3.5 write a timestamp ("<1.0 seconds>", text) before each frame group's own vision_start ...
 # vision_end run; Qwen2-VL and Qwen2.5-VL one run for the whole video.
-TIMESTAMPED_VIDEO = ("qwen3-vl", "qwen3.5")
+TIMESTAMPED_VIDEO = ("qwen3-vl", "qwen3-vl-moe", "qwen3.5")
 
 
 def _video(family, grid, generator):

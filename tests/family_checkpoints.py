@@ -25,7 +25,7 @@ WIDE, SQUARE = (30, 60), (56, 56)  # (height, width) of the test images
 #   gemma3: every image resized to the tower's 56 px, its 4x4 patches pooled to mm_tokens_per_image = 4.
 EXPECTED_TOKENS = {
     "llava-hf": (4, 4), "llava-next": (14, 24), "llava-onevision": (14, 24),
-    "qwen2-vl": (2, 4), "qwen2.5-vl": (2, 4), "qwen3-vl": (2, 4), "qwen3.5": (2, 4), "llava-onevision-1.5": (2, 4),
+    "qwen2-vl": (2, 4), "qwen2.5-vl": (2, 4), "qwen3-vl": (2, 4), "qwen3-vl-moe": (2, 4), "qwen3.5": (2, 4), "llava-onevision-1.5": (2, 4),
     "internvl": (3, 5),
     "gemma3": (4, 4),
 }

@@ -4,6 +4,7 @@ class the installed transformers lacks (LLaVA-OneVision-1.5 before 5.25) is left
 
 from llava.model.families import (
     gemma3, internvl, llava_hf, llava_next, llava_onevision, llava_onevision1_5, qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_vl,
+    qwen3_vl_moe,
 )
 
 FAMILY_MODULES = {
@@ -16,6 +17,7 @@ FAMILY_MODULES = {
         "qwen2-vl": qwen2_vl,
         "qwen2.5-vl": qwen2_5_vl,
         "qwen3-vl": qwen3_vl,
+        "qwen3-vl-moe": qwen3_vl_moe,
         "qwen3.5": qwen3_5,
         "internvl": internvl,
         "gemma3": gemma3,
