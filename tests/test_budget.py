@@ -80,7 +80,7 @@ def visual_average(stats) -> torch.Tensor:
     return (stats.layer_tokens - text[:, None]).double().mean(dim=1)
 
 
-@pytest.mark.parametrize("method", ["fastv", "random", "pdrop", "fixed", "dart", "visionzip", "sparsevlm"])
+@pytest.mark.parametrize("method", ["fastv", "random", "pdrop", "fixed", "dart", "visionzip", "sparsevlm", "divprune"])
 def test_measured_average_meets_the_budget_on_the_tiny_model(loaded, images, method):
     tokenizer, model, _, _ = loaded
     n, layers = visual_tokens_per_image(model.config), model.config.num_hidden_layers

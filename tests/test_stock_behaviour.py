@@ -170,7 +170,7 @@ def test_what_cannot_work_is_refused_in_one_line(family):
         model.generation_config = saved
 
 
-@pytest.mark.parametrize("spec", ["none", "dynamic", "fastv", "pdrop", "sparsevlm"])
+@pytest.mark.parametrize("spec", ["none", "dynamic", "fastv", "pdrop", "sparsevlm", "divprune"])
 def test_generate_without_a_cache_keeps_the_prompts_decisions(family, spec):
     """use_cache=False recomputes prompt + answer at every step; the exit decided on the prompt holds throughout
     (recorded at the first step, replayed after), so the ids are those of cached decoding."""
@@ -183,7 +183,8 @@ def test_generate_without_a_cache_keeps_the_prompts_decisions(family, spec):
     config = {"none": ExitConfig("none"), "dynamic": ExitConfig("dynamic"),
               "fastv": ExitConfig("fastv", fastv_k=fastv_k, fastv_r=0.5),
               "pdrop": ExitConfig("stages", stages=f"pdrop:{pdrop_layers}:0.5" + keep),
-              "sparsevlm": ExitConfig("stages", stages=f"sparsevlm:{sparsevlm_layers}" + keep)}[spec]
+              "sparsevlm": ExitConfig("stages", stages=f"sparsevlm:{sparsevlm_layers}" + keep),
+              "divprune": ExitConfig("stages", stages="divprune:0.5" + keep)}[spec]
     sample_dependent_gates(model)
     try:
         outputs = []

@@ -83,10 +83,10 @@ class ExitPolicy:
         self.renumbers = any(stage.renumbers for stage in self.stages)  # then every drop of this prefill renumbers
         self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)
 
-    def drop_before_first_layer(self, layout: TokenLayout) -> torch.Tensor | None:
+    def drop_before_first_layer(self, layout: TokenLayout, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.record is not None and self.record.recorded:
             return self.record.replay(-1, layout, layout.valid_keys.valid[..., None].float())[0]
-        drop = _union(stage.before_first_layer(self.state, layout) for stage in self.stages)
+        drop = _union(stage.before_first_layer(self.state, layout, hidden) for stage in self.stages)
         if self.record is not None and drop is not None:
             self.record.keep(-1, layout, drop, torch.zeros_like(drop), layout.valid_keys.valid[..., None].float(), None)
         return drop

@@ -8,6 +8,7 @@ from functools import partial
 from llava.model.visual_exit.budget import REFERENCE_TOKENS, Budget, OutOfReach
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage
 from llava.model.visual_exit.stages.dart import Dart
+from llava.model.visual_exit.stages.divprune import DivPrune
 from llava.model.visual_exit.stages.fixed import FixedExit
 from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.stages.prune import Prune
@@ -22,6 +23,7 @@ STAGES: dict[str, type[Stage]] = {
     "pdrop": PyramidDrop,
     "dart": Dart,
     "visionzip": VisionZip,
+    "divprune": DivPrune,
     "sparsevlm": SparseVLM,
     "sparsevlm-drop": SparseVLMWithoutRecycling,
 }
@@ -34,6 +36,7 @@ BUDGETED = {
     "pdrop": PyramidDrop.at_budget,
     "dart": Dart.at_budget,
     "visionzip": VisionZip.at_budget,
+    "divprune": DivPrune.at_budget,
     "sparsevlm": SparseVLM.at_budget,
     "fixed": FixedExit.at_budget,
 }

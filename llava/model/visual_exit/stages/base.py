@@ -108,7 +108,8 @@ class Stage:
         """The layer counts after which this stage prunes some visual tokens (ExitStats.prune_layer: the first)."""
         return ()
 
-    def before_first_layer(self, state: ExitState, layout: TokenLayout) -> torch.Tensor | None:
+    def before_first_layer(self, state: ExitState, layout: TokenLayout, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The visual slots that leave before layer 0, given the LLM's input embeddings `hidden` (B, T, H)."""
         return None
 
     def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout) -> torch.Tensor | Rewrite | None:

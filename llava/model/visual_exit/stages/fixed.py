@@ -40,7 +40,7 @@ class FixedExit(Stage):
             )
         return f"fixed:{exit_layer}"
 
-    def before_first_layer(self, state: ExitState, layout: TokenLayout):
+    def before_first_layer(self, state: ExitState, layout: TokenLayout, hidden):
         return self._exit_all(state, layout) if self.layer == 0 else None
 
     def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout):
