@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     """The CLI: an input error is one line on stderr, not a traceback repeated by every process."""
     try:
         train(argv)
+        # Every process leaves the group before exiting: a process that exits while another still talks to it
+        # through gloo ends in std::terminate (seen under load on 2 cores), failing a run that finished.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
     except INPUT_ERRORS as error:
         if int(os.environ.get("RANK", "0")) == 0:
             sys.exit(f"train.py: error: {error}")
