@@ -10,7 +10,9 @@ from llava.model.visual_exit.budget import Budget
 from llava.model.visual_exit.stages import parse_stages
 from llava.model.visual_exit.stages.divprune import DivPrune, diverse_subset
 
-from families import FAMILIES, M_ROPE, Sample, batch, exit_model, sample_inputs, stock_model, visual_mask
+from families import (
+    FAMILIES, M_ROPE, Sample, batch, exit_model, greedy_with_and_without_cache, sample_inputs, stock_model, visual_mask,
+)
 
 TOLERANCE = 1e-5
 
@@ -117,3 +119,67 @@ def test_m_rope_families_keep_positions_by_name():
     with torch.no_grad():
         out = model(**inputs, exit_config=ExitConfig("stages", stages="divprune:0.5:keep"))
     assert out.exit_stats.pruned_visual_tokens.tolist() == [2]
+
+
+# --- the downsampling control: each image's grid average-pooled before layer 0 -------------------------------------
+
+def test_downsample_equals_the_stock_model_on_the_pooled_image():
+    """llava-hf's 2 x 2 grids pooled to 1 x 1: the stock language model on each sample with each image replaced by
+    the mean of its tokens (torch's adaptive average pooling of the grid), positions 0, 1, ... == ours, batched."""
+    stock = stock_model("llava-hf")
+    model = exit_model(stock, gate_hidden_size=None)
+    samples = [Sample(3, [None], 4), Sample(2, [None], 6), Sample(7, [], 3)]  # two adjacent images make no square
+    inputs = batch("llava-hf", stock, samples)
+    with torch.no_grad():
+        ours = model(**inputs, exit_config=ExitConfig("stages", stages="downsample:1"))
+    valid = inputs["attention_mask"].bool()
+    for b in range(len(samples)):
+        alone = sample_inputs("llava-hf", stock, inputs, samples, b)
+        embeds = captured_embeddings(stock, alone)[0]
+        visual = visual_mask(alone)[0].tolist()
+        rows, kept, t = [], [], 0
+        while t < len(visual):
+            if visual[t]:  # an image: its 4 tokens, pooled to 1 in the first one's place
+                grid = embeds[t : t + 4].T.reshape(1, -1, 2, 2)
+                rows.append(torch.nn.functional.adaptive_avg_pool2d(grid, 1).flatten())
+                kept.append(t)
+                t += 4
+            else:
+                rows.append(embeds[t])
+                kept.append(t)
+                t += 1
+        sequence = torch.stack(rows)[None]
+        with torch.no_grad():
+            hidden = stock.model.language_model(inputs_embeds=sequence, position_ids=torch.arange(len(rows))[None])
+            logits = stock.lm_head(hidden.last_hidden_state)[0]
+        text = torch.tensor([not visual[t] for t in kept])
+        assert (ours.logits[b, valid[b]][kept][text] - logits[text]).abs().max() <= TOLERANCE, b
+    assert ours.exit_stats.pruned_visual_tokens.tolist() == [3, 3, 0]
+    assert (ours.exit_stats.layer_tokens[:, 0] == ours.exit_stats.layer_tokens[:, -1]).all()
+
+
+def test_downsample_budgets_and_what_it_refuses():
+    assert [DownsampleSpec(tokens) for tokens in (192, 128, 64)] == ["downsample:14", "downsample:11", "downsample:8"]
+    name = "internvl" if "internvl" in FAMILIES else None
+    if name:  # tiles of one token each: no square grid per image
+        stock = stock_model(name)
+        model = exit_model(stock, gate_hidden_size=None)
+        inputs = batch(name, stock, [Sample(3, [3], 4)])
+        with pytest.raises(ValueError, match="3 visual tokens is no square grid"), torch.no_grad():
+            model(**inputs, exit_config=ExitConfig("stages", stages="downsample:1"))
+
+
+def DownsampleSpec(tokens: int) -> str:  # noqa: N802 (reads as the spec it returns)
+    from llava.model.visual_exit.stages.downsample import Downsample
+
+    return Downsample.at_budget(Budget(tokens, "paper", layers=32, visual=576))
+
+
+def test_downsample_generates_alike_with_and_without_a_cache():
+    """Without a cache every step recomputes prompt + answer and replays the prompt's pooled states (recorded before
+    layer 0): the same greedy ids as cached decoding."""
+    stock = stock_model("llava-hf")
+    model = exit_model(stock, gate_hidden_size=None)
+    inputs = batch("llava-hf", stock, [Sample(3, [None], 4), Sample(7, [], 3)])
+    cached, recomputed = greedy_with_and_without_cache(model, inputs, ExitConfig("stages", stages="downsample:1"), steps=4)
+    assert torch.equal(cached, recomputed)

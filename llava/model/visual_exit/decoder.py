@@ -189,7 +189,7 @@ class VisualExitDecoderMixin:
             layout = replace(layout, renumber=partial(self.rotary, hidden))
             if cache is not None:
                 cache.renumbered = True
-        drop = policy.drop_before_first_layer(layout, hidden)
+        drop, hidden = policy.drop_before_first_layer(layout, hidden)
         if drop is not None:
             hidden, layout = layout.drop(hidden, drop)
         hidden, layout = self.run_layers(hidden, layout, range(self.config.num_hidden_layers), cache, policy, **kwargs)

@@ -83,13 +83,14 @@ class ExitPolicy:
         self.renumbers = any(stage.renumbers for stage in self.stages)  # then every drop of this prefill renumbers
         self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)
 
-    def drop_before_first_layer(self, layout: TokenLayout, hidden: torch.Tensor) -> torch.Tensor | None:
+    def drop_before_first_layer(self, layout: TokenLayout, hidden: torch.Tensor):
+        """(slots to drop before layer 0 or None, the input states with the slots stages rewrote): stages decide on
+        the LLM's input embeddings."""
         if self.record is not None and self.record.recorded:
-            return self.record.replay(-1, layout, layout.valid_keys.valid[..., None].float())[0]
-        drop = _union(stage.before_first_layer(self.state, layout, hidden) for stage in self.stages)
-        if self.record is not None and drop is not None:
-            self.record.keep(-1, layout, drop, torch.zeros_like(drop), layout.valid_keys.valid[..., None].float(), None)
-        return drop
+            return self.record.replay(-1, layout, hidden)[:2]
+        decisions = [stage.before_first_layer(self.state, layout, hidden) for stage in self.stages]
+        drop, hidden, _ = self._carry_out(-1, decisions, hidden, layout)
+        return drop, hidden
 
     def drop_after(self, step: LayerStep, layout: TokenLayout):
         """(slots to drop after the decoder layer `step` describes or None, the states that go on, the order the
@@ -100,7 +101,12 @@ class ExitPolicy:
         if not self.state.any_active:
             return None, step.output, None
         decisions = [stage.after_layer(step, self.state, layout) for stage in self.stages]
-        hidden, order = step.output, None
+        return self._carry_out(step.index, decisions, step.output, layout)
+
+    def _carry_out(self, index: int, decisions: list, hidden: torch.Tensor, layout: TokenLayout):
+        """The stages' decisions at one point (after layer `index`, -1 before layer 0) united: (drop, states, order),
+        recorded when there is a record."""
+        order = None
         rewritten = torch.zeros_like(layout.visual)
         for decision in decisions:
             if isinstance(decision, Rewrite):
@@ -109,7 +115,7 @@ class ExitPolicy:
                 order = decision.order if decision.order is not None else order
         drop = _union(d.drop if isinstance(d, Rewrite) else d for d in decisions)
         if self.record is not None and drop is not None:
-            self.record.keep(step.index, layout, drop, rewritten, hidden, order)
+            self.record.keep(index, layout, drop, rewritten, hidden, order)
         return drop, hidden, order
 
     @property

@@ -9,6 +9,7 @@ from llava.model.visual_exit.budget import REFERENCE_TOKENS, Budget, OutOfReach
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage
 from llava.model.visual_exit.stages.dart import Dart
 from llava.model.visual_exit.stages.divprune import DivPrune
+from llava.model.visual_exit.stages.downsample import Downsample
 from llava.model.visual_exit.stages.fixed import FixedExit
 from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.stages.prune import Prune
@@ -24,6 +25,7 @@ STAGES: dict[str, type[Stage]] = {
     "dart": Dart,
     "visionzip": VisionZip,
     "divprune": DivPrune,
+    "downsample": Downsample,
     "sparsevlm": SparseVLM,
     "sparsevlm-drop": SparseVLMWithoutRecycling,
 }
@@ -37,6 +39,7 @@ BUDGETED = {
     "dart": Dart.at_budget,
     "visionzip": VisionZip.at_budget,
     "divprune": DivPrune.at_budget,
+    "downsample": Downsample.at_budget,
     "sparsevlm": SparseVLM.at_budget,
     "fixed": FixedExit.at_budget,
 }

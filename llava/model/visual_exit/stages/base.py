@@ -108,9 +108,31 @@ class Stage:
         """The layer counts after which this stage prunes some visual tokens (ExitStats.prune_layer: the first)."""
         return ()
 
-    def before_first_layer(self, state: ExitState, layout: TokenLayout, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The visual slots that leave before layer 0, given the LLM's input embeddings `hidden` (B, T, H)."""
+    def before_first_layer(self, state: ExitState, layout: TokenLayout, hidden: torch.Tensor) -> torch.Tensor | Rewrite | None:
+        """The visual slots that leave before layer 0 (a `Rewrite` when kept slots take new input states), given the
+        LLM's input embeddings `hidden` (B, T, H)."""
         return None
 
     def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout) -> torch.Tensor | Rewrite | None:
         raise NotImplementedError
+
+
+class InputReduction(Stage):
+    """A stage that reduces each sample's visual tokens once, on the LLM's input embeddings, before layer 0
+    (DivPrune, the downsampling control); `reduce` decides for the samples that still hold visual tokens."""
+
+    @property
+    def pruning_layers(self) -> tuple[int, ...]:
+        return (0,)
+
+    def before_first_layer(self, state: ExitState, layout: TokenLayout, hidden: torch.Tensor):
+        if not state.any_active:
+            return None
+        return self.reduce(state, layout, hidden, layout.visual & state.active[:, None])
+
+    def reduce(self, state: ExitState, layout: TokenLayout, hidden: torch.Tensor, visual: torch.Tensor):
+        """The decision (drop mask or `Rewrite`) for the `visual` (B, T) slots given the input states `hidden`."""
+        raise NotImplementedError
+
+    def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout):
+        return None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from llava.model.visual_exit.budget import Budget
-from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number, spec_positions
+from llava.model.visual_exit.stages.base import ExitState, InputReduction, spec_number, spec_positions
 from llava.model.visual_exit.stages.prune import record_pruning
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -60,7 +60,7 @@ def diverse_subset(features: torch.Tensor, visual: torch.Tensor, ratio: float) -
 
 
 @dataclass(frozen=True)
-class DivPrune(Stage):
+class DivPrune(InputReduction):
     ratio: float
     renumbers: bool = True
     usage = "divprune:R[:renumber|keep]"
@@ -76,17 +76,7 @@ class DivPrune(Stage):
         56 of 576; 1/3, 2/9, 1/9 give 192, 128, 64)."""
         return f"divprune:{budget.target / budget.visual:.10g}"
 
-    @property
-    def pruning_layers(self) -> tuple[int, ...]:
-        return (0,)
-
-    def before_first_layer(self, state: ExitState, layout: TokenLayout, hidden: torch.Tensor):
-        if not state.any_active:
-            return None
-        visual = layout.visual & state.active[:, None]
+    def reduce(self, state: ExitState, layout: TokenLayout, hidden: torch.Tensor, visual: torch.Tensor):
         pruned = visual & ~diverse_subset(hidden, visual, self.ratio)
         record_pruning(state, pruned, visual, 0, layout)
         return pruned
-
-    def after_layer(self, step: LayerStep, state: ExitState, layout: TokenLayout):
-        return None
