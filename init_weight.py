@@ -24,9 +24,9 @@ from llava.model.builder import load_family_model, load_model
 from llava.model.checkpoint import Checkpoint, CheckpointError, gate_width_in_checkpoint
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
+from llava.model.visual_exit import ExitRequest, enable_visual_exit, exit_decoder_of
 
-DEFAULT_EXIT = ExitConfig("dynamic", threshold=0.5)  # the reference's argmax
+DEFAULT_EXIT = ExitRequest("dynamic", threshold=0.5)  # the reference's argmax
 
 
 def existing_gates(model_path: str) -> str | None:

@@ -22,7 +22,7 @@ from llava.mm_utils import process_images, select_best_resolution, tokenizer_ima
 from llava.model.builder import load_pretrained_model
 from llava.model.hf_layout import hf_config_from_llava, llava_state_dict_to_hf_modules
 from llava.tiny.__main__ import main as write_tiny
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 
 from batching import padded_batch
 from test_visual_exit import masked_reference_logits, text_positions
@@ -186,7 +186,7 @@ def test_fixed_exit_equals_masked_oracle(loaded, hf_processor, padding_side):
         assert mm.visual_mask.sum(dim=1).tolist() == [counts[0], counts[1] + counts[2]]
         text = text_positions(mm)
         for k in sorted({0, 1, layers // 2, layers}):
-            exit_config = ExitConfig("fixed", k)
+            exit_config = ExitRequest("fixed", k).expand()
             out = model(input_ids=ids, attention_mask=mask, images=pixels, image_sizes=sizes, exit_config=exit_config)
             oracle = masked_reference_logits(model, mm, torch.full((len(prompts),), k))
             assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5, f"K={k}"
@@ -210,13 +210,13 @@ def test_v1_6_checkpoint_loads_and_generates(v1_6_checkpoint, loaded, reference,
     inputs = reference_inputs(hf_processor, ids.tolist(), [image])
     image_tokens = int((inputs["input_ids"] == hf_processor.image_token_id).sum())
     greedy = {"do_sample": False, "max_new_tokens": 6, "min_new_tokens": 6}
-    for exit_config in (ExitConfig("none"), ExitConfig("fixed", 1)):
+    for exit_config in (ExitRequest("none").expand(), ExitRequest("fixed", 1).expand()):
         out = model.generate(
             ids, images=pixels, image_sizes=sizes, exit_config=exit_config, return_dict_in_generate=True, **greedy
         )
         assert out.sequences.shape == (1, 6)
         assert out.exit_stats.num_visual_tokens.tolist() == [image_tokens]
-        assert out.exit_stats.exit_layer.tolist() == [exit_config.layer or model.config.num_hidden_layers]
+        assert out.exit_stats.exit_layer.tolist() == [exit_config.request.layer or model.config.num_hidden_layers]
     theirs = reference.generate(**inputs, **greedy)[:, inputs["input_ids"].shape[1] :]
     assert model.generate(ids, images=pixels, image_sizes=sizes, **greedy).tolist() == theirs.tolist()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llava.model.exit_args import exit_config_from_args, visual_tokens_per_image
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.model.visual_exit.stages import method_stages
 
 from test_fastv import run
@@ -89,7 +89,7 @@ def test_measured_average_meets_the_budget_on_the_tiny_model(loaded, images, met
     # SparseVLM's first pruning layer still sees every token, so its reach on 4 layers starts higher.
     budgets = {"sparsevlm": (n * 3 / 4, n * 5 / 8), "fixed": (n / 2, n / 4)}.get(method, (n / 2, n / 4 + 2))
     for budget in budgets:
-        stats = run(model, ids, mask, images_for(images, prompts), ExitConfig("stages", stages=method_stages(method, budget, layers, n, "equal"))).exit_stats
+        stats = run(model, ids, mask, images_for(images, prompts), ExitRequest("stages", stages=method_stages(method, budget, layers, n, "equal")).expand()).exit_stats
         # The finest step of each setting: a layer for an exit, 8 tokens per pivot round for DART (over the layers
         # after K), a token for the others; the average lands within one step of the budget.
         step = {"fixed": 0.0, "dart": 8 * (layers - 1) / layers}.get(method, 1.0)
@@ -113,7 +113,7 @@ def test_visual_tokens_must_be_the_checkpoints(loaded):
     for given, message in ((n + 4, f"this checkpoint's images take {n} visual tokens each"), (0, "at least one")):
         with pytest.raises(ValueError, match=message):
             exit_config_from_args(argparse.Namespace(**flags, visual_tokens=given), model.config)
-    assert exit_config_from_args(argparse.Namespace(**flags, visual_tokens=n), model.config).mode == "stages"
+    assert exit_config_from_args(argparse.Namespace(**flags, visual_tokens=n), model.config).request.mode == "stages"
 
 
 def test_cli_flags_map_a_budget_and_refuse_mixtures(loaded):
@@ -121,10 +121,10 @@ def test_cli_flags_map_a_budget_and_refuse_mixtures(loaded):
     flags = dict(exit_mode=None, exit_layer=None, exit_threshold=None, fastv_k=None, fastv_r=None, exit_stages=None,
                  exit_method="pdrop", visual_budget=8.0, visual_tokens=None, budget_rule="equal")
     config = exit_config_from_args(argparse.Namespace(**flags), model.config)
-    assert config.mode == "stages"
-    assert config.stages == method_stages("pdrop", 8.0, 4, visual_tokens_per_image(model.config), "equal")
+    assert config.request.mode == "stages"
+    assert config.request.stages == method_stages("pdrop", 8.0, 4, visual_tokens_per_image(model.config), "equal")
     paper = exit_config_from_args(argparse.Namespace(**{**flags, "budget_rule": None, "visual_budget": 192.0}), model.config)
-    assert paper.stages == method_stages("pdrop", 192.0, 4, visual_tokens_per_image(model.config), "paper")  # the default
+    assert paper.request.stages == method_stages("pdrop", 192.0, 4, visual_tokens_per_image(model.config), "paper")  # the default
     with pytest.raises(ValueError, match="go together"):
         exit_config_from_args(argparse.Namespace(**{**flags, "exit_method": None, "visual_budget": None}), model.config)
     with pytest.raises(ValueError, match="go together"):

@@ -9,7 +9,7 @@ from transformers.utils import logging as hf_logging
 
 from llava.compat import CACHE_NAME, output_cache, take_cache
 from llava.mm_utils import tokenizer_image_token
-from llava.model.visual_exit import ExitConfig, VisualExitCache
+from llava.model.visual_exit import ExitRequest, VisualExitCache
 
 PROMPT = "USER: <image>\nWhat colour is it? ASSISTANT:"
 
@@ -32,9 +32,9 @@ def test_forward_and_generate_cache_every_layer_without_deprecation_warnings(loa
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("error", FutureWarning)
             warnings.simplefilter("error", DeprecationWarning)
-            out = model(input_ids=ids, images=images[:1], use_cache=True, exit_config=ExitConfig("fixed", 2))
+            out = model(input_ids=ids, images=images[:1], use_cache=True, exit_config=ExitRequest("fixed", 2).expand())
             given = VisualExitCache(config=model.config)
-            model(input_ids=ids, images=images[:1], exit_config=ExitConfig("fixed", 2), **{CACHE_NAME: given})
+            model(input_ids=ids, images=images[:1], exit_config=ExitRequest("fixed", 2).expand(), **{CACHE_NAME: given})
             model.generate(ids, images=images[:1], max_new_tokens=3, num_beams=2, pad_token_id=0)
     finally:
         hf_logging.disable_propagation()

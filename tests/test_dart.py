@@ -13,7 +13,7 @@ import torch
 from transformers import DynamicCache, LlamaModel
 
 from llava.compat import cache_argument
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitConfig, ExitRequest
 
 from families import M_ROPE, TEXT, TYPE_KEYS, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
 from test_fastv import assert_batch_equals_alone, run
@@ -23,7 +23,7 @@ TOLERANCE = 1e-5
 
 
 def dart(layer: int, budget: int, before: str = "") -> ExitConfig:
-    return ExitConfig("stages", stages=f"{before}dart:{layer}:{budget}")
+    return ExitRequest("stages", stages=f"{before}dart:{layer}:{budget}").expand()
 
 
 def stock_signals(decoder, forward, k):
@@ -123,7 +123,7 @@ def test_dart_budget_covering_every_visual_token_is_none(llava, images):
     tokenizer, model, _, _ = llava
     ids, mask = batch_inputs(tokenizer, PROMPTS, "left")
     pixels = images_for(images, PROMPTS)
-    none = run(model, ids, mask, pixels, ExitConfig("none"))
+    none = run(model, ids, mask, pixels, ExitRequest("none").expand())
     with torch.no_grad():
         text = text_positions(model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels))
     for budget in (32, 1000):
@@ -202,7 +202,7 @@ def test_dart_cached_decode_equals_recompute(llava, images):
 )
 def test_malformed_dart_spec_is_refused(spec, message):
     with pytest.raises(ValueError, match=message):
-        ExitConfig("stages", stages=spec)
+        ExitRequest("stages", stages=spec).expand()
 
 
 def test_dart_layer_beyond_the_model_is_refused(llava, images):

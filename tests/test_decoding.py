@@ -11,13 +11,13 @@ import torch
 from transformers import LlamaForCausalLM
 
 from llava.mm_utils import tokenizer_image_token
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 
 from batching import padded_batch, set_sample_dependent_gates
 
 PROMPTS = ["USER: <image>\nWhat colour is it? ASSISTANT:", "USER: tell me about <image> please, in detail ASSISTANT:"]
 NEW_TOKENS = 5
-EXITS = [ExitConfig("fixed", 1), ExitConfig("fixed", 0), ExitConfig("fastv", fastv_k=1, fastv_r=0.5)]
+EXITS = [ExitRequest("fixed", 1).expand(), ExitRequest("fixed", 0).expand(), ExitRequest("fastv", fastv_k=1, fastv_r=0.5).expand()]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_beam_search_in_mode_none_equals_transformers_beam_search(loaded, stock,
     ids, mask = padded_batch(tokenizer, PROMPTS, "right")
     beams = dict(num_beams=3, num_return_sequences=2, do_sample=False)
     with torch.no_grad():
-        ours = decode(model, ids, mask, images[:2], exit_config=ExitConfig("none"), **beams)
+        ours = decode(model, ids, mask, images[:2], exit_config=ExitRequest("none").expand(), **beams)
         reference = stock_decode(stock, model, ids, mask, images[:2], **beams)
     assert ours.sequences.tolist() == reference.sequences.tolist()
     assert torch.allclose(ours.sequences_scores, reference.sequences_scores, atol=1e-5)
@@ -77,10 +77,10 @@ def test_beam_scores_equal_recomputed_log_probs_under_the_exit(loaded, images, e
                          num_beams=3, num_return_sequences=3, length_penalty=0.0, do_sample=False)
             for tokens, score in zip(out.sequences.tolist(), out.sequences_scores.tolist()):
                 assert score == pytest.approx(sequence_log_prob(model, prompt_ids, tokens, image[None], exit_config), abs=1e-4)
-            assert out.exit_stats.exit_layer.tolist() == [exit_config.layer] * 3
+            assert out.exit_stats.exit_layer.tolist() == [exit_config.request.layer] * 3
 
 
-@pytest.mark.parametrize("exit_config", [ExitConfig("none"), *EXITS], ids=lambda c: c.label)
+@pytest.mark.parametrize("exit_config", [ExitRequest("none").expand(), *EXITS], ids=lambda c: c.label)
 def test_beam_search_batch_equals_each_prompt_alone(loaded, images, exit_config):
     tokenizer, model, _, _ = loaded
     ids, mask = padded_batch(tokenizer, PROMPTS, "left")
@@ -99,7 +99,7 @@ def test_sampling_in_mode_none_equals_transformers_sampling(loaded, stock, image
     sampling = dict(do_sample=True, temperature=0.7, top_p=0.9, num_return_sequences=2)
     with torch.no_grad():
         torch.manual_seed(11)
-        ours = decode(model, ids, mask, images[:2], exit_config=ExitConfig("none"), **sampling)
+        ours = decode(model, ids, mask, images[:2], exit_config=ExitRequest("none").expand(), **sampling)
         torch.manual_seed(11)
         reference = stock_decode(stock, model, ids, mask, images[:2], **sampling)
     assert ours.sequences.tolist() == reference.sequences.tolist()
@@ -128,7 +128,7 @@ def test_beam_search_with_gates_exiting_per_sample(gated, loaded, images):
     tokenizer = loaded[0]
     set_sample_dependent_gates(gated, seed=1)  # the two prompts exit after layers 2 and 1
     ids, mask = padded_batch(tokenizer, PROMPTS, "left")
-    beams = dict(num_beams=3, num_return_sequences=3, length_penalty=0.0, do_sample=False, exit_config=ExitConfig("dynamic"))
+    beams = dict(num_beams=3, num_return_sequences=3, length_penalty=0.0, do_sample=False, exit_config=ExitRequest("dynamic").expand())
     with torch.no_grad():
         batched = decode(gated, ids, mask, images[:2], **beams)
         exit_layers = batched.exit_stats.exit_layer.view(2, 3)
@@ -137,6 +137,6 @@ def test_beam_search_with_gates_exiting_per_sample(gated, loaded, images):
             prompt_ids = tokenizer_image_token(prompt, tokenizer)
             alone = decode(gated, torch.tensor([prompt_ids]), None, image[None], **beams)
             assert alone.sequences.tolist() == batched.sequences[3 * row : 3 * row + 3].tolist()
-            fixed = ExitConfig("fixed", int(exit_layers[row, 0]))
+            fixed = ExitRequest("fixed", int(exit_layers[row, 0])).expand()
             for tokens, score in zip(alone.sequences.tolist(), alone.sequences_scores.tolist()):
                 assert score == pytest.approx(sequence_log_prob(gated, prompt_ids, tokens, image[None], fixed), abs=1e-4)

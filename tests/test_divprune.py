@@ -5,7 +5,7 @@ run on the sequence kept, positions numbered again (LLaVA's position_ids are Non
 import pytest
 import torch
 
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.model.visual_exit.budget import Budget
 from llava.model.visual_exit.stages import parse_stages
 from llava.model.visual_exit.stages.divprune import DivPrune, diverse_subset
@@ -87,7 +87,7 @@ def test_family_equals_the_stock_model_on_the_kept_sequence(name):
     share = 0.5
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        ours = model(**inputs, exit_config=ExitConfig("stages", stages=f"divprune:{share}"))
+        ours = model(**inputs, exit_config=ExitRequest("stages", stages=f"divprune:{share}").expand())
     valid = inputs["attention_mask"].bool()
     for b in range(len(samples)):
         alone = sample_inputs(name, stock, inputs, samples, b)
@@ -115,9 +115,9 @@ def test_m_rope_families_keep_positions_by_name():
     model = exit_model(stock, gate_hidden_size=None)
     inputs = batch(name, stock, [Sample(3, [(4, 4)], 4)])
     with pytest.raises(ValueError, match="add :keep"), torch.no_grad():
-        model(**inputs, exit_config=ExitConfig("stages", stages="divprune:0.5"))
+        model(**inputs, exit_config=ExitRequest("stages", stages="divprune:0.5").expand())
     with torch.no_grad():
-        out = model(**inputs, exit_config=ExitConfig("stages", stages="divprune:0.5:keep"))
+        out = model(**inputs, exit_config=ExitRequest("stages", stages="divprune:0.5:keep").expand())
     assert out.exit_stats.pruned_visual_tokens.tolist() == [2]
 
 
@@ -131,7 +131,7 @@ def test_downsample_equals_the_stock_model_on_the_pooled_image():
     samples = [Sample(3, [None], 4), Sample(2, [None], 6), Sample(7, [], 3)]  # two adjacent images make no square
     inputs = batch("llava-hf", stock, samples)
     with torch.no_grad():
-        ours = model(**inputs, exit_config=ExitConfig("stages", stages="downsample:1"))
+        ours = model(**inputs, exit_config=ExitRequest("stages", stages="downsample:1").expand())
     valid = inputs["attention_mask"].bool()
     for b in range(len(samples)):
         alone = sample_inputs("llava-hf", stock, inputs, samples, b)
@@ -166,7 +166,7 @@ def test_downsample_budgets_and_what_it_refuses():
         model = exit_model(stock, gate_hidden_size=None)
         inputs = batch(name, stock, [Sample(3, [3], 4)])
         with pytest.raises(ValueError, match="3 visual tokens is no square grid"), torch.no_grad():
-            model(**inputs, exit_config=ExitConfig("stages", stages="downsample:1"))
+            model(**inputs, exit_config=ExitRequest("stages", stages="downsample:1").expand())
 
 
 def DownsampleSpec(tokens: int) -> str:  # noqa: N802 (reads as the spec it returns)
@@ -181,5 +181,5 @@ def test_downsample_generates_alike_with_and_without_a_cache():
     stock = stock_model("llava-hf")
     model = exit_model(stock, gate_hidden_size=None)
     inputs = batch("llava-hf", stock, [Sample(3, [None], 4), Sample(7, [], 3)])
-    cached, recomputed = greedy_with_and_without_cache(model, inputs, ExitConfig("stages", stages="downsample:1"), steps=4)
+    cached, recomputed = greedy_with_and_without_cache(model, inputs, ExitRequest("stages", stages="downsample:1").expand(), steps=4)
     assert torch.equal(cached, recomputed)

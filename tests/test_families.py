@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llava.compat import cache_argument
-from llava.model.visual_exit import ExitConfig, VisualExitCache, enable_visual_exit, visual_exit_class
+from llava.model.visual_exit import ExitRequest, VisualExitCache, enable_visual_exit, visual_exit_class
 
 from batching import set_sign_gate
 from families import (
@@ -89,7 +89,7 @@ def test_none_equals_stock(family, padding_side):
     inputs = batch(name, stock, samples, padding_side or "left")
     with torch.no_grad():
         reference = stock(**inputs)
-    ours = forward(model, inputs, ExitConfig())
+    ours = forward(model, inputs, ExitRequest().expand())
     valid = inputs["attention_mask"].bool()
     assert (ours.logits - reference.logits)[valid].abs().max() <= TOLERANCE
     assert ours.exit_stats.exit_layer.tolist() == [LAYERS if s.images else 0 for s in samples]
@@ -101,7 +101,7 @@ def test_none_greedy_tokens_equal_stock(family):
     settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=TEXT["pad_token_id"])
     with torch.no_grad():
         reference = stock.generate(**inputs, **settings)
-        ours = model.generate(**inputs, exit_config=ExitConfig(), **settings)
+        ours = model.generate(**inputs, exit_config=ExitRequest().expand(), **settings)
     assert torch.equal(ours, reference)
 
 
@@ -114,7 +114,7 @@ def test_fixed_equals_masked_stock(family, attn, layer):
     oracle = masked_stock_forward(stock, inputs, gone_after(inputs, [layer] * 3))
     model.set_attn_implementation(attn)
     try:
-        ours = forward(model, inputs, ExitConfig("fixed", layer))
+        ours = forward(model, inputs, ExitRequest("fixed", layer).expand())
     finally:
         model.set_attn_implementation("eager")
     text = text_slots(inputs)
@@ -131,11 +131,11 @@ def test_gate_firing_at_k_equals_fixed_k_plus_one(family, fire_layer):
     inputs = batch(name, stock, samples_for(name))
     fire_always(gates[fire_layer], TEXT["hidden_size"])
     try:
-        dynamic = forward(model, inputs, ExitConfig("dynamic"))
+        dynamic = forward(model, inputs, ExitRequest("dynamic").expand())
     finally:
         torch.nn.init.zeros_(gates[fire_layer].w1.weight)
         torch.nn.init.zeros_(gates[fire_layer].w2.weight)
-    fixed = forward(model, inputs, ExitConfig("fixed", fire_layer + 1))
+    fixed = forward(model, inputs, ExitRequest("fixed", fire_layer + 1).expand())
     text = text_slots(inputs)
     assert (dynamic.logits - fixed.logits)[text].abs().max() <= TOLERANCE
     with_images = torch.tensor([bool(s.images) for s in samples_for(name)])
@@ -164,7 +164,7 @@ def test_fastv_equals_stock_attention_ranking(family):
     oracle = masked_stock_forward(stock, inputs, gone_from)
     model.set_attn_implementation("sdpa")
     try:
-        ours = forward(model, inputs, ExitConfig("fastv", fastv_k=2, fastv_r=0.5))
+        ours = forward(model, inputs, ExitRequest("fastv", fastv_k=2, fastv_r=0.5).expand())
     finally:
         model.set_attn_implementation("eager")
     text = text_slots(inputs)
@@ -184,7 +184,7 @@ def sample_dependent_gates(model, inputs=None):
             set_sign_gate(gate, torch.randn(2 * TEXT["hidden_size"], generator=generator) * 3)
         if inputs is None:
             return
-        exits = forward(model, inputs, ExitConfig("dynamic")).exit_stats.exit_layer.tolist()
+        exits = forward(model, inputs, ExitRequest("dynamic").expand()).exit_stats.exit_layer.tolist()
         if len(set(exits[:2])) == 2:
             return
     raise AssertionError("no seed gives the two samples different exit layers")
@@ -202,8 +202,8 @@ def test_padded_batch_of_different_image_sizes_equals_each_alone(family):
     inputs = batch(name, stock, samples)
     sample_dependent_gates(model, inputs)
     try:
-        batched = forward(model, inputs, ExitConfig("dynamic"))
-        alone = [forward(model, sample_inputs(name, stock, inputs, samples, b), ExitConfig("dynamic")) for b in range(3)]
+        batched = forward(model, inputs, ExitRequest("dynamic").expand())
+        alone = [forward(model, sample_inputs(name, stock, inputs, samples, b), ExitRequest("dynamic").expand()) for b in range(3)]
     finally:
         zero_gates(model)
     valid = inputs["attention_mask"].bool()
@@ -219,7 +219,7 @@ def greedy_recompute(model, inputs, exit_layer, steps):
     inputs = dict(inputs)
     generated = []
     for _ in range(steps):
-        logits = forward(model, inputs, ExitConfig("fixed", exit_layer), use_cache=False).logits
+        logits = forward(model, inputs, ExitRequest("fixed", exit_layer).expand(), use_cache=False).logits
         token = int(logits[0, -1].argmax())
         generated.append(token)
         append = lambda t, value: torch.cat([t, torch.full((1, 1), value, dtype=t.dtype)], dim=1)  # noqa: E731
@@ -240,7 +240,7 @@ def test_cached_greedy_decoding_equals_recompute(family):
     try:
         with torch.no_grad():
             out = model.generate(
-                **inputs, exit_config=ExitConfig("dynamic"), max_new_tokens=steps, min_new_tokens=steps,
+                **inputs, exit_config=ExitRequest("dynamic").expand(), max_new_tokens=steps, min_new_tokens=steps,
                 do_sample=False, pad_token_id=TEXT["pad_token_id"], return_dict_in_generate=True,
             )
         exits = out.exit_stats.exit_layer.tolist()
@@ -319,7 +319,7 @@ def test_stage_list_with_random_pruning_equals_seeded_oracle_and_each_alone(fami
         for t in ranked[round(0.5 * len(ranked)) :]:
             gone_from[b, t] = 1
     oracle = masked_stock_forward(stock, inputs, gone_from)
-    config = ExitConfig("stages", stages="prune:random:1:0.5")
+    config = ExitRequest("stages", stages="prune:random:1:0.5").expand()
     ours = forward(model, inputs, config)
     text = text_slots(inputs)
     assert (ours.logits - oracle.logits)[text].abs().max() <= TOLERANCE
@@ -336,7 +336,7 @@ def test_visionzip_is_refused_outside_our_llava_class(family):
     name, stock, model = family
     inputs = batch(name, stock, samples_for(name)[:1])
     with pytest.raises(ValueError, match="needs our LLaVA class"):
-        model(**inputs, exit_config=ExitConfig("stages", stages="visionzip:2:1"))
+        model(**inputs, exit_config=ExitRequest("stages", stages="visionzip:2:1").expand())
 
 
 def test_a_callers_empty_cache_is_the_one_filled(family):
@@ -344,7 +344,9 @@ def test_a_callers_empty_cache_is_the_one_filled(family):
     inputs = batch(name, stock, samples_for(name))
     cache = VisualExitCache()
     with torch.no_grad():
-        model.generate(**inputs, exit_config=ExitConfig("fixed", layer=1), max_new_tokens=2, min_new_tokens=2,
-                       do_sample=False, pad_token_id=TEXT["pad_token_id"], **cache_argument(cache))
+        out = model.generate(**inputs, exit_config=ExitRequest("fixed", layer=1).expand(), max_new_tokens=2,
+                             min_new_tokens=2, do_sample=False, pad_token_id=TEXT["pad_token_id"],
+                             return_dict_in_generate=True, **cache_argument(cache))
     assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 1  # the prompt and the first new token
-    assert cache.exit_stats.exit_layer.tolist() == [1 if visual else 0 for visual in visual_mask(inputs).any(dim=1)]
+    assert len(cache.valid_keys) == model.config.get_text_config().num_hidden_layers  # one per layer: the exit wrote them
+    assert out.exit_stats.exit_layer.tolist() == [1 if visual else 0 for visual in visual_mask(inputs).any(dim=1)]

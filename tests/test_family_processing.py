@@ -10,7 +10,7 @@ from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_family_model
 from llava.model.families import FAMILY_MODULES
 from llava.model.families.processing import load_processor
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 
 from family_checkpoints import EXPECTED_TOKENS, SQUARE, WIDE, family_checkpoint, image  # noqa: F401 (a fixture)
 
@@ -57,7 +57,7 @@ def test_prompt_forward_and_generate_with_exit(loaded):
         logits = model(**inputs).logits
     assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.get_text_config().vocab_size)
     out = model.generate(
-        **inputs, exit_config=ExitConfig(mode="fixed", layer=1), return_dict_in_generate=True,
+        **inputs, exit_config=ExitRequest(mode="fixed", layer=1).expand(), return_dict_in_generate=True,
         max_new_tokens=3, min_new_tokens=3, do_sample=False,
     )
     assert out.sequences.shape == (1, inputs["input_ids"].shape[1] + 3)
@@ -80,7 +80,7 @@ def test_left_padded_batch_of_two_sizes_equals_each_alone(loaded):
         alone = torch.cat([model(**sample).logits[:, -1] for sample in samples])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     out = model.generate(
-        **batch, exit_config=ExitConfig(mode="fixed", layer=1), return_dict_in_generate=True,
+        **batch, exit_config=ExitRequest(mode="fixed", layer=1).expand(), return_dict_in_generate=True,
         max_new_tokens=2, min_new_tokens=2, do_sample=False,
     )
     assert out.exit_stats.num_visual_tokens.tolist() == list(EXPECTED_TOKENS[family])

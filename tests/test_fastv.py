@@ -5,7 +5,7 @@ stock layers on the full sequence (docs/DESIGN.md §2)."""
 import pytest
 import torch
 
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 
 from batching import attention_implementation, set_sample_dependent_gates
 
@@ -53,7 +53,7 @@ def test_fastv_equals_oracle(loaded, images, attn, padding_side, use_cache):
         mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
         text = text_positions(mm)
         for k, ratio in [(1, 0.5), (2, 0.25), (3, 0.75)]:
-            out = run(model, ids, mask, pixels, ExitConfig("fastv", fastv_k=k, fastv_r=ratio), use_cache)
+            out = run(model, ids, mask, pixels, ExitRequest("fastv", fastv_k=k, fastv_r=ratio).expand(), use_cache)
             gone_from = fastv_gone_from(model, mm, k, ratio)
             oracle, _ = masked_reference_logits_by_token(model, mm, gone_from)
             assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5, (k, ratio)
@@ -65,17 +65,17 @@ def test_fastv_ratio_zero_is_none_and_ratio_one_is_fixed(loaded, images):
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, PROMPTS, "right")
     pixels = images_for(images, PROMPTS)
-    none = run(model, ids, mask, pixels, ExitConfig("none"))
+    none = run(model, ids, mask, pixels, ExitRequest("none").expand())
     with torch.no_grad():
         text = text_positions(model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels))
     for k in range(1, model.config.num_hidden_layers + 1):
-        keep_all = run(model, ids, mask, pixels, ExitConfig("fastv", fastv_k=k, fastv_r=0.0))
+        keep_all = run(model, ids, mask, pixels, ExitRequest("fastv", fastv_k=k, fastv_r=0.0).expand())
         assert (keep_all.logits[text] - none.logits[text]).abs().max() <= 1e-5
         assert keep_all.exit_stats.exit_layer.tolist() == none.exit_stats.exit_layer.tolist()
         assert torch.equal(keep_all.exit_stats.prefill_flops, none.exit_stats.prefill_flops)
 
-        drop_all = run(model, ids, mask, pixels, ExitConfig("fastv", fastv_k=k, fastv_r=1.0))
-        fixed = run(model, ids, mask, pixels, ExitConfig("fixed", k))
+        drop_all = run(model, ids, mask, pixels, ExitRequest("fastv", fastv_k=k, fastv_r=1.0).expand())
+        fixed = run(model, ids, mask, pixels, ExitRequest("fixed", k).expand())
         assert (drop_all.logits[text] - fixed.logits[text]).abs().max() <= 1e-5
         assert drop_all.exit_stats.exit_layer.tolist() == fixed.exit_stats.exit_layer.tolist()
         assert drop_all.exit_stats.pruned_visual_tokens.tolist() == [0] * len(PROMPTS)
@@ -101,13 +101,13 @@ def assert_batch_equals_alone(model, tokenizer, images, config):
 
 def test_fastv_batch_equals_alone(loaded, images):
     tokenizer, model, _, _ = loaded
-    assert_batch_equals_alone(model, tokenizer, images, ExitConfig("fastv", fastv_k=2, fastv_r=0.5))
+    assert_batch_equals_alone(model, tokenizer, images, ExitRequest("fastv", fastv_k=2, fastv_r=0.5).expand())
 
 
 def test_fastv_flops_count_pruned_layers(loaded, images):
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, PROMPTS[:1])
-    stats = run(model, ids, mask, images[:1], ExitConfig("fastv", fastv_k=1, fastv_r=0.5)).exit_stats
+    stats = run(model, ids, mask, images[:1], ExitRequest("fastv", fastv_k=1, fastv_r=0.5).expand()).exit_stats
     geometry, n, pruned = stats.geometry, stats.num_tokens, stats.pruned_visual_tokens
     expected = geometry.layer_flops(n) + (geometry.layers - 1) * geometry.layer_flops(n - pruned)
     assert pruned.item() == round(0.5 * stats.num_visual_tokens.item()) > 0
@@ -122,7 +122,7 @@ def test_fastv_cached_decode_equals_oracle(loaded, images):
     ids, mask = batch_inputs(tokenizer, PROMPTS[:1])
     with torch.no_grad():
         out = model.generate(
-            ids, attention_mask=mask, images=images[:1], exit_config=ExitConfig("fastv", fastv_k=k, fastv_r=ratio),
+            ids, attention_mask=mask, images=images[:1], exit_config=ExitRequest("fastv", fastv_k=k, fastv_r=ratio).expand(),
             do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0,
         )
         full_ids = torch.cat([ids, out[:, :-1]], dim=1)
@@ -144,7 +144,7 @@ def test_dynamic_plus_fastv(gated, loaded, images, fire_layer):
     fire_always(gated.get_model().visual_gates_router[fire_layer], gated.config.hidden_size)
     ids, mask = batch_inputs(tokenizer, PROMPTS, "left")
     pixels = images_for(images, PROMPTS)
-    out = run(gated, ids, mask, pixels, ExitConfig("dynamic+fastv", fastv_k=k, fastv_r=ratio))
+    out = run(gated, ids, mask, pixels, ExitRequest("dynamic+fastv", fastv_k=k, fastv_r=ratio).expand())
     with torch.no_grad():
         mm = gated.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
         exit_after = fire_layer + 1
@@ -165,7 +165,7 @@ def test_dynamic_plus_fastv_with_sample_dependent_gates(gated, loaded, images):
     the batch equals the oracle built from each sample's exit layer, and each sample alone."""
     tokenizer = loaded[0]
     set_sample_dependent_gates(gated)
-    config = ExitConfig("dynamic+fastv", threshold=0.5, fastv_k=1, fastv_r=0.5)
+    config = ExitRequest("dynamic+fastv", threshold=0.5, fastv_k=1, fastv_r=0.5).expand()
     ids, mask = batch_inputs(tokenizer, PROMPTS, "right")
     pixels = images_for(images, PROMPTS)
     out = run(gated, ids, mask, pixels, config)
@@ -187,6 +187,6 @@ def test_dynamic_plus_fastv_with_sample_dependent_gates(gated, loaded, images):
 
 def test_fastv_settings_are_checked():
     with pytest.raises(ValueError, match="fastv-k"):
-        ExitConfig("fastv", fastv_r=0.5)
+        ExitRequest("fastv", fastv_r=0.5).expand()
     with pytest.raises(ValueError, match="fastv-r"):
-        ExitConfig("dynamic+fastv", fastv_k=2, fastv_r=1.5)
+        ExitRequest("dynamic+fastv", fastv_k=2, fastv_r=1.5).expand()

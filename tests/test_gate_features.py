@@ -17,14 +17,14 @@ from llava.model.builder import load_pretrained_model
 from llava.model.families import FAMILY_MODULES
 from llava.model.families.processing import load_processor
 from llava.model.llava_processor import LlavaProcessor
-from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
+from llava.model.visual_exit import ExitRequest, enable_visual_exit, exit_decoder_of
 from llava.model.visual_exit.gate import build_visual_gates, init_gate_weights
 from llava.train.data import DataCollator, conversation_turns, render_prompt, tokenize_with_labels
 
 from family_checkpoints import SQUARE, WIDE, family_checkpoint, image  # noqa: F401 (a fixture)
 
 TOLERANCE = 1e-6
-NEVER_EXIT = ExitConfig("dynamic", threshold=1.0)  # every gate runs, none fires
+NEVER_EXIT = ExitRequest("dynamic", threshold=1.0).expand()  # every gate runs, none fires
 # (question, answers): one to several answer tokens, and two turns (the gate reads the first turn's prompt).
 CONVERSATIONS = [
     ("What colour is the square?", ["Red"]),

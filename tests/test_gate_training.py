@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
 from llava.model.gates_artifact import save_gates
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.model.visual_exit.training import ExitLabelRule, exit_labels
 from llava.train.train import main, resolve_resume, train
 
@@ -72,7 +72,7 @@ def test_training_exit_continuation_matches_inference_exit(loaded, images):
         for layer in (0, 2):
             with torch.no_grad():
                 out = model(input_ids=ids, attention_mask=mask, labels=labels, images=images[:3], gate_training_layer=layer)
-                exited = model(input_ids=ids, attention_mask=mask, images=images[:3], exit_config=ExitConfig("fixed", layer + 1))
+                exited = model(input_ids=ids, attention_mask=mask, images=images[:3], exit_config=ExitRequest("fixed", layer + 1).expand())
                 full = model(input_ids=ids, attention_mask=mask, images=images[:3])
             mm = model.prepare_inputs_labels_for_multimodal(ids, mask, labels, images[:3])
             sample, position = out.answer_positions

@@ -97,6 +97,7 @@ def test_a_callers_empty_cache_is_the_one_filled(loaded, images):
     ids = torch.tensor([tokenizer_image_token(PROMPTS[0][0], tokenizer)])
     cache = VisualExitCache(config=model.config)
     with torch.no_grad():
-        model.generate(ids, images=images[:1], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
-                       **cache_argument(cache))
-    assert cache.get_seq_length() > ids.shape[1] and cache.exit_stats is not None
+        out = model.generate(ids, images=images[:1], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, **cache_argument(cache))
+    # the exit's per-layer key validity is written by its decoder only: the prefill went through this cache
+    assert cache.get_seq_length() > ids.shape[1] and len(cache.valid_keys) > 0 and out.exit_stats is not None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llava.mm_utils import tokenizer_image_token
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.model.visual_exit.gate import build_visual_gates
 
 from batching import set_sample_dependent_gates
@@ -43,7 +43,7 @@ def test_fp32_exits_equal_masked_oracle_on_gpu(cuda_model, loaded, images, attn)
     with torch.no_grad():
         mm = cuda_model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
         text = text_positions(mm)
-        for config in (ExitConfig("fixed", 0), ExitConfig("fixed", 2), ExitConfig("dynamic"), ExitConfig("none")):
+        for config in (ExitRequest("fixed", 0).expand(), ExitRequest("fixed", 2).expand(), ExitRequest("dynamic").expand(), ExitRequest("none").expand()):
             out = cuda_model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=config)
             oracle = masked_reference_logits(cuda_model, mm, out.exit_stats.exit_layer)
             assert (out.logits[text] - oracle[text]).abs().max() <= 1e-4, config
@@ -55,7 +55,7 @@ def test_half_precision_batch_equals_alone_on_gpu(cuda_model, loaded, images, dt
     cuda_model.to(dtype).set_attn_implementation("sdpa")
     ids, mask = batch_inputs(tokenizer, PROMPTS, "left")
     pixels = images_for(images, PROMPTS).cuda().to(dtype)
-    config = ExitConfig("dynamic")
+    config = ExitRequest("dynamic").expand()
     with torch.no_grad():
         batched = cuda_model(input_ids=ids.cuda(), attention_mask=mask.cuda(), images=pixels, exit_config=config)
         mm = cuda_model.prepare_inputs_labels_for_multimodal(ids.cuda(), mask.cuda(), None, pixels)

@@ -10,7 +10,7 @@ runs on the shortened sequence. FastV's ranking comes from the stock eager atten
 import pytest
 import torch
 
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 
 from families import (
     FAMILIES, HYBRID, TEXT, Sample, batch, exit_model, greedy_with_and_without_cache, sample_inputs, stock_model,
@@ -79,7 +79,7 @@ def test_fixed_exit_equals_the_stock_layers_on_the_shortened_sequence(family, la
     name, stock, model = family
     inputs = batch(name, stock, SAMPLES)
     with torch.no_grad():
-        ours = model(**inputs, exit_config=ExitConfig("fixed", layer))
+        ours = model(**inputs, exit_config=ExitRequest("fixed", layer).expand())
     check_against_removal(
         stock, inputs, ours,
         lambda b, alone: torch.where(visual_mask(alone)[0], layer, LAYERS),
@@ -92,7 +92,7 @@ def test_masking_is_not_removal_here(family):
     name, stock, model = family
     inputs = batch(name, stock, SAMPLES[:1])
     with torch.no_grad():
-        removed = model(**inputs, exit_config=ExitConfig("fixed", 1)).logits[0]
+        removed = model(**inputs, exit_config=ExitRequest("fixed", 1).expand()).logits[0]
         masked_inputs = dict(inputs, attention_mask=inputs["attention_mask"] * ~visual_mask(inputs))
         masked = stock(**masked_inputs).logits[0]
     after_image = torch.arange(removed.shape[0]) > int(visual_mask(inputs)[0].nonzero().max())
@@ -104,7 +104,7 @@ def test_fastv_at_a_full_layer_equals_the_stock_ranking_and_removal(family):
     name, stock, model = family
     inputs = batch(name, stock, SAMPLES)
     with torch.no_grad():
-        ours = model(**inputs, exit_config=ExitConfig("fastv", fastv_k=2, fastv_r=0.5))
+        ours = model(**inputs, exit_config=ExitRequest("fastv", fastv_k=2, fastv_r=0.5).expand())
 
     full_layers = [i for i, kind in enumerate(stock.config.text_config.layer_types) if kind == "full_attention"]
 
@@ -126,12 +126,12 @@ def test_methods_that_rank_by_attention_refuse_a_linear_layer(family):
     name, stock, model = family
     inputs = batch(name, stock, SAMPLES[:1])
     with pytest.raises(ValueError, match="decoder layer 0 .0-based. has no softmax attention"), torch.no_grad():
-        model(**inputs, exit_config=ExitConfig("fastv", fastv_k=1, fastv_r=0.5))  # ranks by layer 0: linear
+        model(**inputs, exit_config=ExitRequest("fastv", fastv_k=1, fastv_r=0.5).expand())  # ranks by layer 0: linear
 
 
 def test_cached_decode_keeps_the_linear_layers_states(family):
     """Greedy decoding with the cache (recurrent and conv states for the linear layers, keys for the full ones)
     gives the tokens of recomputing prompt + answer without a cache, the exit held at the prompt's layer."""
     name, stock, model = family
-    cached, recomputed = greedy_with_and_without_cache(model, batch(name, stock, SAMPLES), ExitConfig("fixed", 1), steps=5)
+    cached, recomputed = greedy_with_and_without_cache(model, batch(name, stock, SAMPLES), ExitRequest("fixed", 1).expand(), steps=5)
     assert torch.equal(cached, recomputed)

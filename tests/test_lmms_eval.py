@@ -179,7 +179,7 @@ def test_what_it_does_not_take_is_a_clear_error(gated_world_model, world, tmp_pa
     with pytest.raises(ValueError, match="exit mode 'none' does not use --exit-layer"):
         DyVTE(pretrained=gated_world_model, device="cpu", exit_mode="none", exit_layer=2)
     quoted = DyVTE(pretrained=gated_world_model, device="cpu", exit_stages='"prune:fastv:2:0.5,gates:0.9"')
-    assert quoted.exit_config.mode == "stages" and quoted.exit_config.stages == "prune:fastv:2:0.5,gates:0.9"
+    assert quoted.exit_config.request.mode == "stages" and quoted.exit_config.request.stages == "prune:fastv:2:0.5,gates:0.9"
     model = plugin(gated_world_model, docs)
     with pytest.raises(ValueError, match="does not support generation_kwargs stop"):
         model.generate_until(generate_requests(docs[:1], stop=["x"]))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from llava.model.visual_exit import ExitConfig, exit_decoder_of
+from llava.model.visual_exit import ExitRequest, exit_decoder_of
 from llava.model.visual_exit.tokens import TokenLayout
 
 from families import Sample, batch, exit_model, stock_model
@@ -190,7 +190,7 @@ def test_llava_equals_the_official_sequence(loaded, images, kept_rows, method):
     ids, mask = batch_inputs(tokenizer, PROMPTS, "left")
     pixels = images_for(images, PROMPTS)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("stages", stages=SETTINGS[method][0]))
+        out = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitRequest("stages", stages=SETTINGS[method][0]).expand())
         mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
         decoder = exit_decoder_of(model)
         for b, (embeds, visual) in enumerate(llava_samples(model, tokenizer, images)):
@@ -219,7 +219,7 @@ def test_cached_decoding_equals_recomputing_the_official_sequences(loaded, image
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, images=images_for(images, PROMPTS), do_sample=False,
                              max_new_tokens=steps, min_new_tokens=steps, output_logits=True, return_dict_in_generate=True,
-                             exit_config=ExitConfig("stages", stages=SETTINGS[method][0]), pad_token_id=0)
+                             exit_config=ExitRequest("stages", stages=SETTINGS[method][0]).expand(), pad_token_id=0)
         decoder, embed = exit_decoder_of(model), model.get_input_embeddings()
         for b, (embeds, visual) in enumerate(llava_samples(model, tokenizer, images)):
             prefill = official(method, decoder, model.lm_head, embeds, visual)
@@ -248,7 +248,7 @@ def test_llava_hf_equals_the_official_sequence(method):
     with torch.no_grad():
         stock(**inputs)
         hook.remove()
-        out = model(**inputs, exit_config=ExitConfig("stages", stages=SETTINGS[method][0]))
+        out = model(**inputs, exit_config=ExitRequest("stages", stages=SETTINGS[method][0]).expand())
         visual = inputs["input_ids"] == stock.config.image_token_id
         for b in range(len(samples)):
             valid = inputs["attention_mask"][b].bool()
@@ -264,6 +264,6 @@ def test_m_rope_families_refuse_renumbering_by_name(spec):
     model = exit_model(stock)
     inputs = batch("qwen2-vl", stock, [Sample(3, [(2, 4)], 5)])
     with pytest.raises(ValueError, match="add :keep to the stage"), torch.no_grad():
-        model(**inputs, exit_config=ExitConfig("stages", stages=spec))
+        model(**inputs, exit_config=ExitRequest("stages", stages=spec).expand())
     with torch.no_grad():  # with :keep they run, on the original positions
-        model(**inputs, exit_config=ExitConfig("stages", stages=spec + ":keep"))
+        model(**inputs, exit_config=ExitRequest("stages", stages=spec + ":keep").expand())

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 
 from batching import attention_implementation
 from families import FAMILIES, Sample, batch, exit_model, masked_stock_forward, sample_inputs, stock_model, visual_mask
@@ -17,7 +17,7 @@ from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference
 
 
 def pdrop(layers, ratio):
-    return ExitConfig("stages", stages=f"pdrop:{'-'.join(map(str, layers))}:{ratio}:keep")
+    return ExitRequest("stages", stages=f"pdrop:{'-'.join(map(str, layers))}:{ratio}:keep").expand()
 
 
 def pdrop_gone_from(attention_at, visual, last, layers, ratio, num_layers):
@@ -68,7 +68,7 @@ def test_pdrop_degenerate_ratios(loaded, images):
     pixels = images_for(images, PROMPTS)
     with torch.no_grad():
         text = text_positions(model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels))
-    for ratio, reference in ((1, ExitConfig("none")), (0, ExitConfig("fixed", 2))):
+    for ratio, reference in ((1, ExitRequest("none").expand()), (0, ExitRequest("fixed", 2).expand())):
         ours, expected = (run(model, ids, mask, pixels, c) for c in (pdrop((2, 3), ratio), reference))
         assert (ours.logits[text] - expected.logits[text]).abs().max() <= 1e-5
         assert ours.exit_stats.exit_layer.tolist() == expected.exit_stats.exit_layer.tolist()
@@ -135,7 +135,7 @@ def test_pdrop_on_transformers_families(name):
 ])
 def test_pdrop_spec_errors(spec, message):
     with pytest.raises(ValueError, match=message):
-        ExitConfig("stages", stages=spec)
+        ExitRequest("stages", stages=spec).expand()
 
 
 def test_pdrop_layer_beyond_the_model_is_refused(loaded, images):
@@ -149,5 +149,5 @@ def test_prune_layer_is_the_first_boundary(loaded, images):
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, PROMPTS[:1])
     assert run(model, ids, mask, images[:1], pdrop((2, 3), 0.5)).exit_stats.prune_layer == 2
-    dart = run(model, ids, mask, images[:1], ExitConfig("stages", stages="dart:1:8")).exit_stats
+    dart = run(model, ids, mask, images[:1], ExitRequest("stages", stages="dart:1:8").expand()).exit_stats
     assert dart.prune_layer == 1

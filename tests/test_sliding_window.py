@@ -9,7 +9,7 @@ import torch
 from transformers import MistralConfig, MistralModel
 
 from llava.compat import output_cache
-from llava.model.visual_exit import ExitConfig, VisualExitDecoderMixin
+from llava.model.visual_exit import ExitRequest, VisualExitDecoderMixin
 
 from batching import attention_implementation
 from test_stages import random_gone_from
@@ -64,7 +64,7 @@ def windowed_oracle(model, embeds, mask, positions, gone_from):
 def test_none_equals_the_stock_mistral_model(model):
     embeds, mask, visual, positions = batch("right")  # right padding: slots == positions for the real tokens
     with torch.no_grad():
-        ours = model(inputs_embeds=embeds, attention_mask=mask, visual_mask=visual, exit_config=ExitConfig("none"))
+        ours = model(inputs_embeds=embeds, attention_mask=mask, visual_mask=visual, exit_config=ExitRequest("none").expand())
         stock = MistralModel.forward(model, inputs_embeds=embeds, attention_mask=mask)
     real = mask.bool()
     assert (ours.last_hidden_state[real] - stock.last_hidden_state[real]).abs().max() <= 1e-5
@@ -75,7 +75,7 @@ def test_none_equals_the_stock_mistral_model(model):
 @pytest.mark.parametrize("spec", ["fixed:1", "fixed:3", "prune:random:1:0.5,fixed:3"])
 def test_exit_equals_the_windowed_oracle(model, attn, padding_side, spec):
     embeds, mask, visual, positions = batch(padding_side)
-    config = ExitConfig("stages", stages=spec)
+    config = ExitRequest("stages", stages=spec).expand()
     with attention_implementation(model, attn), torch.no_grad():
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, visual_mask=visual,
                     exit_config=config)
@@ -94,7 +94,7 @@ def test_cached_decode_equals_recompute_past_the_window(model):
     full recompute of prompt + new tokens under the same exit (the window slides over the original positions)."""
     embeds, mask, visual, positions = batch("left")
     new = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(2))
-    config = ExitConfig("fixed", 2)
+    config = ExitRequest("fixed", 2).expand()
     with torch.no_grad():
         out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, visual_mask=visual,
                     exit_config=config, use_cache=True)

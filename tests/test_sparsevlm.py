@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llava.mm_utils import tokenizer_image_token
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.model.visual_exit.stages.sparsevlm import text_raters
 from llava.model.visual_exit.tokens import TokenLayout
 
@@ -30,7 +30,7 @@ TOLERANCE = 1e-5
 
 def sparsevlm(layers, counts, mode):
     name = "sparsevlm" if mode == "recycle" else "sparsevlm-drop"
-    return ExitConfig("stages", stages=f"{name}:{'-'.join(map(str, layers))}:{'-'.join(map(str, counts))}:keep")
+    return ExitRequest("stages", stages=f"{name}:{'-'.join(map(str, layers))}:{'-'.join(map(str, counts))}:keep").expand()
 
 
 def reference_raters(embeddings, valid, visual):
@@ -214,7 +214,7 @@ def test_counts_beyond_the_visual_tokens_keep_all_but_one(loaded, images):
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, LLAVA_PROMPTS, "left")
     pixels = images_for(images, LLAVA_PROMPTS)
-    none = run(model, ids, mask, pixels, ExitConfig("none"))
+    none = run(model, ids, mask, pixels, ExitRequest("none").expand())
     recycled = run(model, ids, mask, pixels, sparsevlm((0, 2), (99, 99), "recycle"))
     dropped = run(model, ids, mask, pixels, sparsevlm((0, 2), (99, 99), "drop"))
     with torch.no_grad():
@@ -230,7 +230,7 @@ def test_count_zero_without_recycling_is_the_exit_after_that_layer(loaded, image
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, PROMPTS, "left")
     pixels = images_for(images, PROMPTS)
-    emptied, fixed = (run(model, ids, mask, pixels, c) for c in (sparsevlm((1,), (0,), "drop"), ExitConfig("fixed", 2)))
+    emptied, fixed = (run(model, ids, mask, pixels, c) for c in (sparsevlm((1,), (0,), "drop"), ExitRequest("fixed", 2).expand()))
     with torch.no_grad():
         text = text_positions(model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels))
     assert (emptied.logits[text] - fixed.logits[text]).abs().max() <= TOLERANCE
@@ -332,9 +332,9 @@ def test_specs_say_what_is_wrong(loaded, images):
         ("sparsevlm-drop:two:1", "'two' is not an integer"),
     ]:
         with pytest.raises(ValueError, match=message):
-            ExitConfig("stages", stages=spec)
+            ExitRequest("stages", stages=spec).expand()
     tokenizer, model, _, _ = loaded
     ids, mask = batch_inputs(tokenizer, PROMPTS[:1])
     with pytest.raises(ValueError, match=r"sparsevlm layer 4 is not one of the model's layers 0\.\.3"):
         run(model, ids, mask, images[:1], sparsevlm((1, 4), (8, 4), "drop"))
-    assert ExitConfig("stages", stages="sparsevlm:2-6-15:300-200-110").label == "sparsevlm-2-6-15-300-200-110"
+    assert ExitRequest("stages", stages="sparsevlm:2-6-15:300-200-110").expand().label == "sparsevlm-2-6-15-300-200-110"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llava.mm_utils import tokenizer_image_token
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitConfig, ExitRequest
 
 from test_fastv import fastv_gone_from, run
 from test_visual_exit import PROMPTS, batch_inputs, images_for, masked_reference_logits_by_token, text_positions
@@ -14,7 +14,7 @@ SCORERS = ["fastv", "random"]
 
 
 def stages(spec: str) -> ExitConfig:
-    return ExitConfig("stages", stages=spec)
+    return ExitRequest("stages", stages=spec).expand()
 
 
 def random_gone_from(mm, k, ratio, gone_from):
@@ -38,7 +38,7 @@ def test_random_scorer_at_ratio_zero_is_none_and_at_one_the_fixed_exit(loaded, i
     pixels = images_for(images, PROMPTS)
     with torch.no_grad():
         text = text_positions(model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels))
-    for ratio, reference in ((0, ExitConfig("none")), (1, ExitConfig("fixed", k))):
+    for ratio, reference in ((0, ExitRequest("none").expand()), (1, ExitRequest("fixed", k).expand())):
         pruned, expected = (run(model, ids, mask, pixels, c) for c in (stages(f"prune:random:{k}:{ratio}"), reference))
         assert (pruned.logits[text] - expected.logits[text]).abs().max() <= 1e-5
         assert pruned.exit_stats.exit_layer.tolist() == expected.exit_stats.exit_layer.tolist()
@@ -121,8 +121,8 @@ def test_stage_specs_say_what_is_wrong():
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
             stages(spec)
     with pytest.raises(ValueError, match="needs a stage list"):
-        ExitConfig("stages")
+        ExitRequest("stages").expand()
     assert stages("prune:random:2:0.5, gates:0.9").label == "prune-random-2-0.5+gates-0.9"
-    assert ExitConfig("dynamic+fastv", threshold=0.9, fastv_k=2, fastv_r=0.5).stage_list == stages(
+    assert ExitRequest("dynamic+fastv", threshold=0.9, fastv_k=2, fastv_r=0.5).expand().stages == stages(
         "gates:0.9,prune:fastv:2:0.5"
-    ).stage_list
+    ).stages

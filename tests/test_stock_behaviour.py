@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from llava.model.visual_exit import ExitConfig, visual_exit_class
+from llava.model.visual_exit import ExitRequest, visual_exit_class
 
 from families import ANYRES, FAMILIES, HYBRID, M_ROPE, TEXT, TYPE_KEYS, Sample, batch, exit_model, stock_model
 from test_families import SIZES, sample_dependent_gates, zero_gates
@@ -87,7 +87,7 @@ def test_packed_inputs_equal_stock_and_each_sequence_alone(family):
     row, alone = packed(name, stock, packing_samples(name))
     with torch.no_grad():
         reference = stock(**row, use_cache=False).logits
-        ours = model(**row, use_cache=False, exit_config=ExitConfig("none")).logits
+        ours = model(**row, use_cache=False, exit_config=ExitRequest("none").expand()).logits
     alone_logits = torch.cat([stock(**a, use_cache=False).logits for a in alone], dim=1)
     assert (ours - alone_logits).abs().max() <= TOLERANCE
     # the stock class sees each sequence alone too, but where it is known not to
@@ -95,7 +95,7 @@ def test_packed_inputs_equal_stock_and_each_sequence_alone(family):
     sample_dependent_gates(model)
     try:
         fastv_k = 2 if name in HYBRID else 1  # ranked by a full-attention layer
-        for config in (ExitConfig("fixed", 1), ExitConfig("dynamic"), ExitConfig("fastv", fastv_k=fastv_k, fastv_r=0.5)):
+        for config in (ExitRequest("fixed", 1).expand(), ExitRequest("dynamic").expand(), ExitRequest("fastv", fastv_k=fastv_k, fastv_r=0.5).expand()):
             with torch.no_grad():
                 out = model(**row, use_cache=False, exit_config=config)
                 each = [model(**a, use_cache=False, exit_config=config) for a in alone]
@@ -111,7 +111,7 @@ def test_return_dict_false_gives_the_stock_tuple(family):
     inputs = batch(name, stock, packing_samples(name)[:2])
     with torch.no_grad():
         reference = stock(**inputs, return_dict=False)
-        ours = model(**inputs, return_dict=False, exit_config=ExitConfig("none"))
+        ours = model(**inputs, return_dict=False, exit_config=ExitRequest("none").expand())
     assert isinstance(ours, tuple) and len(ours) == len(reference)
     valid = inputs["attention_mask"].bool()
     assert (ours[0] - reference[0])[valid].abs().max() <= TOLERANCE
@@ -143,9 +143,9 @@ def test_inputs_embeds_find_the_visual_tokens_as_the_stock_forward_does(family):
     embeds = model.get_input_embeddings()(ids)
     with torch.no_grad():
         reference = stock(inputs_embeds=embeds, **inputs).logits
-        none = model(inputs_embeds=embeds, exit_config=ExitConfig("none"), **inputs)
-        by_ids = model(input_ids=ids, exit_config=ExitConfig("fixed", 1), **inputs)
-        by_embeds = model(inputs_embeds=embeds, exit_config=ExitConfig("fixed", 1), **inputs)
+        none = model(inputs_embeds=embeds, exit_config=ExitRequest("none").expand(), **inputs)
+        by_ids = model(input_ids=ids, exit_config=ExitRequest("fixed", 1).expand(), **inputs)
+        by_embeds = model(inputs_embeds=embeds, exit_config=ExitRequest("fixed", 1).expand(), **inputs)
     valid = inputs["attention_mask"].bool()
     assert (none.logits - reference)[valid].abs().max() <= TOLERANCE
     assert (by_embeds.logits - by_ids.logits)[valid].abs().max() <= TOLERANCE
@@ -158,7 +158,7 @@ def test_what_cannot_work_is_refused_in_one_line(family):
     length = inputs["input_ids"].shape[1]
     four_d = torch.ones(1, 1, length, length, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match=r"the exit builds each layer's mask from a 2-D padding mask"), torch.no_grad():
-        model(**{**inputs, "attention_mask": four_d}, exit_config=ExitConfig("fixed", 1))
+        model(**{**inputs, "attention_mask": four_d}, exit_config=ExitRequest("fixed", 1).expand())
     with pytest.raises(ValueError, match=r"cache_implementation='static': the exit's layers cache different tokens"):
         model.generate(**inputs, cache_implementation="static", max_new_tokens=2, pad_token_id=TEXT["pad_token_id"])
     saved = model.generation_config
@@ -180,11 +180,11 @@ def test_generate_without_a_cache_keeps_the_prompts_decisions(family, spec):
     keep = ":keep" if name in M_ROPE else ""
     # Hybrid decoders rank by attention only in their full layers (Qwen3.5 here: 1 and 3).
     fastv_k, pdrop_layers, sparsevlm_layers = (2, "1", "1:3") if name in HYBRID else (1, "1-2", "0-1:3-2")
-    config = {"none": ExitConfig("none"), "dynamic": ExitConfig("dynamic"),
-              "fastv": ExitConfig("fastv", fastv_k=fastv_k, fastv_r=0.5),
-              "pdrop": ExitConfig("stages", stages=f"pdrop:{pdrop_layers}:0.5" + keep),
-              "sparsevlm": ExitConfig("stages", stages=f"sparsevlm:{sparsevlm_layers}" + keep),
-              "divprune": ExitConfig("stages", stages="divprune:0.5" + keep)}[spec]
+    config = {"none": ExitRequest("none").expand(), "dynamic": ExitRequest("dynamic").expand(),
+              "fastv": ExitRequest("fastv", fastv_k=fastv_k, fastv_r=0.5).expand(),
+              "pdrop": ExitRequest("stages", stages=f"pdrop:{pdrop_layers}:0.5" + keep).expand(),
+              "sparsevlm": ExitRequest("stages", stages=f"sparsevlm:{sparsevlm_layers}" + keep).expand(),
+              "divprune": ExitRequest("stages", stages="divprune:0.5" + keep).expand()}[spec]
     sample_dependent_gates(model)
     try:
         outputs = []

@@ -16,7 +16,7 @@ from PIL import Image
 from llava.eval.answering import QuestionError, question_video
 from llava.model.builder import load_family_model
 from llava.model.families.processing import Video, load_processor
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.tiny.families import write_tiny_family
 
 from families import (
@@ -49,7 +49,7 @@ def test_video_tokens_are_visual_and_none_equals_stock(family):
     inputs = batch(name, stock, SAMPLES)
     with torch.no_grad():
         reference = stock(**inputs).logits
-    ours = forward(model, inputs, ExitConfig("none"))
+    ours = forward(model, inputs, ExitRequest("none").expand())
     valid = inputs["attention_mask"].bool()
     assert (ours.logits - reference)[valid].abs().max() <= TOLERANCE
     # 2 groups x 2x4 patches / 4 = 4 video tokens; 2 image + 4 video tokens; none.
@@ -64,13 +64,13 @@ def test_fixed_exit_on_videos_equals_masked_stock(family, layer):
     inputs = batch(name, stock, SAMPLES)
     gone_from = torch.where(visual_mask(inputs), layer, LAYERS)
     oracle = masked_stock_forward(stock, inputs, gone_from)
-    ours = forward(model, inputs, ExitConfig("fixed", layer))
+    ours = forward(model, inputs, ExitRequest("fixed", layer).expand())
     text = inputs["attention_mask"].bool() & ~visual_mask(inputs)
     assert (ours.logits - oracle.logits)[text].abs().max() <= TOLERANCE
     assert ours.exit_stats.exit_layer.tolist() == [layer, layer, 0]
 
 
-@pytest.mark.parametrize("config", [ExitConfig("fixed", 1), ExitConfig("stages", stages="prune:random:1:0.5")],
+@pytest.mark.parametrize("config", [ExitRequest("fixed", 1).expand(), ExitRequest("stages", stages="prune:random:1:0.5").expand()],
                          ids=["fixed", "random-pruning"])
 def test_padded_batch_of_videos_equals_each_alone(family, config):
     name, stock, model = family
@@ -86,12 +86,12 @@ def test_padded_batch_of_videos_equals_each_alone(family, config):
 def test_cached_decoding_with_videos_equals_recompute(family):
     name, stock, model = family
     inputs = batch(name, stock, SAMPLES)
-    cached, recomputed = greedy_with_and_without_cache(model, inputs, ExitConfig("fixed", 1), steps=4)
+    cached, recomputed = greedy_with_and_without_cache(model, inputs, ExitRequest("fixed", 1).expand(), steps=4)
     assert torch.equal(cached, recomputed)
     settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=TEXT["pad_token_id"])
     with torch.no_grad():
         stock_ids = stock.generate(**inputs, **settings)
-        none_ids = model.generate(**inputs, exit_config=ExitConfig("none"), **settings)
+        none_ids = model.generate(**inputs, exit_config=ExitRequest("none").expand(), **settings)
     assert torch.equal(none_ids, stock_ids)
 
 
@@ -174,7 +174,7 @@ def test_video_questions_through_the_loader_equal_each_alone(video_checkpoint, t
         videos = [question_video(question, str(tmp_path / "frames"))] if "video" in question else []
         inputs = processor.question_inputs(question["text"], videos=videos)
         with torch.no_grad():
-            out = model.generate(**inputs, exit_config=ExitConfig("fixed", 1), do_sample=False, max_new_tokens=4)
+            out = model.generate(**inputs, exit_config=ExitRequest("fixed", 1).expand(), do_sample=False, max_new_tokens=4)
         expected = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         assert records[question["question_id"]]["text"] == expected, (question, records[question["question_id"]])
 

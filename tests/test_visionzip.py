@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import tokenizer_image_token
 from llava.model.multimodal_encoder.visionzip import visionzip_features
-from llava.model.visual_exit import DecoderGeometry, ExitConfig, prefill_flops
+from llava.model.visual_exit import DecoderGeometry, ExitConfig, ExitRequest, prefill_flops
 from llava.model.visual_exit.stages.visionzip import VisionZip
 
 from batching import attention_implementation, set_sample_dependent_gates
@@ -22,7 +22,7 @@ SETTINGS = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_i
 
 
 def stages(spec: str) -> ExitConfig:
-    return ExitConfig("stages", stages=spec)
+    return ExitRequest("stages", stages=spec).expand()
 
 
 def visionzip_by_definition(tower, images, dominant, contextual):
@@ -161,7 +161,7 @@ def test_keeping_every_token(loaded, images):
         zipped = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=stages(f"visionzip:{TOKENS}:2"))
         tower.select_feature = "cls_patch"
         try:
-            stock = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("none"))
+            stock = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitRequest("none").expand())
         finally:
             tower.select_feature = "patch"
     assert zipped.logits.shape == stock.logits.shape
@@ -187,7 +187,7 @@ def test_left_padded_batch_equals_each_alone(gated, loaded, images, spec):
             assert batched.sequences[b].tolist() == alone.sequences[0].tolist(), prompt
             for field in ("exit_layer", "num_tokens", "num_visual_tokens", "prefill_flops", "vision_flops"):
                 assert getattr(batched.exit_stats, field)[b] == getattr(alone.exit_stats, field)[0], (prompt, field)
-    stage = ExitConfig("stages", stages=spec).vision_stage
+    stage = ExitRequest("stages", stages=spec).expand().vision_stage
     per_image = stage.dominant + stage.contextual
     assert batched.exit_stats.num_visual_tokens.tolist() == [per_image * count for _, count in PROMPTS]
 
@@ -222,7 +222,7 @@ def test_flops_follow_the_shorter_sequence_and_the_vision_side_is_reported(loade
     with torch.no_grad():
         zipped, none = (
             model.generate(ids, attention_mask=mask, images=pixels, exit_config=config, **SETTINGS)
-            for config in (stages("visionzip:5:3"), ExitConfig("none"))
+            for config in (stages("visionzip:5:3"), ExitRequest("none").expand())
         )
         # Oracle: torch's own count of the stock modules' matmuls, one view through the embedding and the layers
         # up to the feature layer (the first of two), run eagerly so that the attention shows as matmuls.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llava.mm_utils import tokenizer_image_token
-from llava.model.visual_exit import DecoderGeometry, ExitConfig, gate_feature_weights, gate_features, prefill_flops
+from llava.model.visual_exit import DecoderGeometry, ExitConfig, ExitRequest, gate_feature_weights, gate_features, prefill_flops
 
 from batching import attention_implementation, padded_batch, set_sample_dependent_gates, set_sign_gate
 
@@ -84,7 +84,7 @@ def test_fixed_exit_equals_masked_oracle(loaded, images, attn, padding_side):
         mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
         text = text_positions(mm)
         for k in sorted({0, 1, layers // 2, layers - 1, layers}):
-            out = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("fixed", k))
+            out = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitRequest("fixed", k).expand())
             oracle = masked_reference_logits(model, mm, torch.full((len(PROMPTS),), k))
             assert out.logits.shape == oracle.shape
             assert (out.logits[text] - oracle[text]).abs().max() <= 1e-5, f"K={k}"
@@ -115,8 +115,8 @@ def test_dynamic_with_hand_set_gate_equals_fixed(gated, loaded, images, fire_lay
     ids, mask = batch_inputs(tokenizer, PROMPTS)
     pixels = images_for(images, PROMPTS)
     with torch.no_grad():
-        dynamic = gated(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("dynamic"))
-        fixed = gated(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("fixed", fire_layer + 1))
+        dynamic = gated(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitRequest("dynamic").expand())
+        fixed = gated(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitRequest("fixed", fire_layer + 1).expand())
         mm = gated.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
     text = text_positions(mm)
     assert (dynamic.logits[text] - fixed.logits[text]).abs().max() <= 1e-5
@@ -150,8 +150,8 @@ def test_threshold_and_gate_features(gated, loaded, images):
     set_sign_gate(gated.get_model().visual_gates_router[0], features / features.pow(2).sum())
     p_exit = torch.sigmoid(torch.tensor(1.0)).item()
     with torch.no_grad():
-        below = gated(input_ids=ids, images=pixels, exit_config=ExitConfig("dynamic", threshold=p_exit - 0.01))
-        above = gated(input_ids=ids, images=pixels, exit_config=ExitConfig("dynamic", threshold=p_exit + 0.01))
+        below = gated(input_ids=ids, images=pixels, exit_config=ExitRequest("dynamic", threshold=p_exit - 0.01).expand())
+        above = gated(input_ids=ids, images=pixels, exit_config=ExitRequest("dynamic", threshold=p_exit + 0.01).expand())
     assert below.exit_stats.exit_layer.tolist() == [1]
     assert above.exit_stats.exit_layer.tolist() == [gated.config.num_hidden_layers]
 
@@ -160,7 +160,7 @@ def test_threshold_and_gate_features(gated, loaded, images):
 def test_batch_equals_alone_with_different_exit_layers(gated, loaded, images, padding_side):
     tokenizer = loaded[0]
     set_sample_dependent_gates(gated)
-    dynamic = ExitConfig("dynamic")
+    dynamic = ExitRequest("dynamic").expand()
     ids, mask = batch_inputs(tokenizer, PROMPTS, padding_side)
     pixels = images_for(images, PROMPTS)
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_cached_decode_equals_full_recompute(gated, loaded, images, attn):
     tokenizer = loaded[0]
     set_sample_dependent_gates(gated)
     gated.set_attn_implementation(attn)
-    configs = [ExitConfig("fixed", 0), ExitConfig("fixed", 2), ExitConfig("dynamic"), ExitConfig("none")]
+    configs = [ExitRequest("fixed", 0).expand(), ExitRequest("fixed", 2).expand(), ExitRequest("dynamic").expand(), ExitRequest("none").expand()]
     offset = 0
     try:
         for prompt, count in PROMPTS:
@@ -213,7 +213,7 @@ def test_cached_decode_equals_full_recompute(gated, loaded, images, attn):
                         min_new_tokens=5, pad_token_id=0, return_dict_in_generate=True,
                     )
                     layer = out.exit_stats.exit_layer.item()
-                    fixed = ExitConfig("fixed", layer) if count else ExitConfig("none")
+                    fixed = ExitRequest("fixed", layer).expand() if count else ExitRequest("none").expand()
                     assert out.sequences[0].tolist() == greedy_recompute(gated, ids, pixels, fixed, 5), (prompt, config)
     finally:
         gated.set_attn_implementation("sdpa")
@@ -224,7 +224,7 @@ def test_batched_generation_equals_alone_with_exits(gated, loaded, images):
     set_sample_dependent_gates(gated)
     ids, mask = batch_inputs(tokenizer, PROMPTS, "right")
     pixels = images_for(images, PROMPTS)
-    settings = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0, exit_config=ExitConfig("dynamic"))
+    settings = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0, exit_config=ExitRequest("dynamic").expand())
     with torch.no_grad():
         batched = gated.generate(ids, attention_mask=mask, images=pixels, return_dict_in_generate=True, **settings)
         offset = 0
@@ -260,7 +260,7 @@ def test_no_nan_in_half_precision_with_empty_gate_span(gated, loaded, images, dt
             assert not span[0].any()  # the first sample really has an empty span
             features = gate_features(mm.inputs_embeds, gate_feature_weights(span, torch.full((2,), last)))
             assert torch.isfinite(features).all() and features.dtype == torch.float32
-            for config in (ExitConfig("dynamic"), ExitConfig("fixed", 1)):
+            for config in (ExitRequest("dynamic").expand(), ExitRequest("fixed", 1).expand()):
                 out = gated(input_ids=ids, attention_mask=mask, images=images_for(images, prompts).to(dtype), exit_config=config)
                 assert torch.isfinite(out.logits[mm.attention_mask]).all()
     finally:
@@ -301,17 +301,17 @@ def test_exit_settings_persist_and_calls_override(loaded, images, tmp_path):
     from llava.model.builder import load_pretrained_model
 
     tokenizer, model, _, _ = loaded
-    ExitConfig("fixed", 1).save_to(model.config)
+    ExitRequest("fixed", 1).save_to(model.config)
     try:
         model.save_pretrained(tmp_path)
     finally:
-        ExitConfig().save_to(model.config)
+        ExitRequest().save_to(model.config)
     tokenizer.save_pretrained(tmp_path)
     _, reloaded, _, _ = load_pretrained_model(str(tmp_path), device="cpu")
     ids = torch.tensor([tokenizer_image_token(PROMPTS[0][0], tokenizer)])
     with torch.no_grad():
         assert reloaded(input_ids=ids, images=images[:1]).exit_stats.exit_layer.tolist() == [1]
-        override = reloaded(input_ids=ids, images=images[:1], exit_config=ExitConfig("none"))
+        override = reloaded(input_ids=ids, images=images[:1], exit_config=ExitRequest("none").expand())
     assert override.exit_stats.exit_layer.tolist() == [reloaded.config.num_hidden_layers]
 
 
@@ -320,13 +320,13 @@ def test_saved_threshold_of_zero_stays_zero(loaded, tmp_path):
     from llava.model.checkpoint import Checkpoint
 
     _, model, _, _ = loaded
-    ExitConfig("dynamic", threshold=0.0).save_to(model.config)
+    ExitRequest("dynamic", threshold=0.0).save_to(model.config)
     try:
         model.config.save_pretrained(tmp_path)
     finally:
-        ExitConfig().save_to(model.config)
+        ExitRequest().save_to(model.config)
     config = Checkpoint.resolve(str(tmp_path)).config
-    assert ExitConfig.from_model_config(config) == ExitConfig("dynamic", threshold=0.0)
+    assert ExitConfig.from_model_config(config) == ExitRequest("dynamic", threshold=0.0).expand()
 
 
 def test_flops_formula():
@@ -349,7 +349,7 @@ def test_reported_flops_follow_exit_layers(loaded, images):
     geometry = DecoderGeometry.from_config(model.config)
     with torch.no_grad():
         none = model(input_ids=ids, attention_mask=mask, images=pixels).exit_stats
-        fixed = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitConfig("fixed", 1)).exit_stats
+        fixed = model(input_ids=ids, attention_mask=mask, images=pixels, exit_config=ExitRequest("fixed", 1).expand()).exit_stats
         mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels)
     tokens, visual = mm.attention_mask.sum(1), mm.visual_mask.sum(1)
     assert torch.equal(none.num_visual_tokens, visual)
@@ -373,7 +373,7 @@ def test_no_gate_work_after_the_last_sample_exits(gated, loaded, images):
     ids, mask = batch_inputs(tokenizer, PROMPTS)
     try:
         with torch.no_grad():
-            out = gated(input_ids=ids, attention_mask=mask, images=images_for(images, PROMPTS), exit_config=ExitConfig("dynamic"))
+            out = gated(input_ids=ids, attention_mask=mask, images=images_for(images, PROMPTS), exit_config=ExitRequest("dynamic").expand())
     finally:
         for hook in hooks:
             hook.remove()

@@ -13,7 +13,7 @@ import torch
 
 from llava.analysis.vtw import first_layer_within, withdrawal_divergence
 from llava.model.checkpoint import Checkpoint
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.world.generate import TEST_QUESTIONS, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,7 @@ def test_calibration_command_on_the_world_model(tmp_path):
     assert sorted(mean) == list(range(1, 8)) and report["questions"] == 12
     assert report["layer"] == first_layer_within(mean, 0.05)
     assert f"K = {report['layer']}" in result.stdout
-    assert Checkpoint.resolve(str(model)).exit_defaults == ExitConfig("fixed", report["layer"])
+    assert Checkpoint.resolve(str(model)).exit_defaults == ExitRequest("fixed", report["layer"])
     # The curve against each question's own forced exits, one at a time (no batch, no padding).
     from llava.eval.answering import Answerer, RunSpec
     from llava.model.builder import load_model
@@ -70,9 +70,9 @@ def test_calibration_command_on_the_world_model(tmp_path):
     with Answerer(load_model(checkpoint, device="cpu"), spec) as answerer, torch.inference_mode():
         for question in questions:  # alone, no padding: the forward's last position is the prompt's last token
             batch = answerer.batch_inputs([answerer.prepare(question)])
-            full = answerer.model(**batch, exit_config=ExitConfig("none")).logits[0, -1]
+            full = answerer.model(**batch, exit_config=ExitRequest("none").expand()).logits[0, -1]
             for layer in expected:
-                withdrawn = answerer.model(**batch, exit_config=ExitConfig("fixed", layer)).logits[0, -1]
+                withdrawn = answerer.model(**batch, exit_config=ExitRequest("fixed", layer).expand()).logits[0, -1]
                 expected[layer] += float(torch.nn.KLDivLoss(reduction="batchmean")(
                     full.log_softmax(-1)[None], withdrawn.softmax(-1)[None])) / len(questions)
     assert all(mean[layer] == pytest.approx(expected[layer], rel=1e-4, abs=1e-7) for layer in mean)

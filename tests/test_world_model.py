@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
 from llava.tiny.llava import build_tiny_llava
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.train.data import load_records
 from llava.world.generate import generate
 from llava.world.train_model import WORLD_GEOMETRY, main, world_texts
@@ -73,7 +73,7 @@ def test_exit_dropout_loss_and_gradients_equal_the_masked_oracle(loaded, images,
         labels[b, length - 3 : length] = ids[b, length - 3 : length]
     pixels = images_for(images, prompts)
 
-    exited = model(input_ids=ids, attention_mask=mask, images=pixels, labels=labels, exit_config=ExitConfig("fixed", layer=layer))
+    exited = model(input_ids=ids, attention_mask=mask, images=pixels, labels=labels, exit_config=ExitRequest("fixed", layer=layer).expand())
     exited.loss.backward()
     exit_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)

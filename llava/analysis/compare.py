@@ -170,7 +170,7 @@ def compare_runs(args, answerer: Answerer, calibration: list[dict], evaluated: l
                     logger.warning("%s", error)
                     results.append(unreached(method, rule, budget, error))
                     continue
-                results.append(result(method, rule, budget, answered[1].stages, answered, truth, name))
+                results.append(result(method, rule, budget, answered[1].request.stages, answered, truth, name))
         for target, rule in targets.items() if args.dynamic else ():
             tau = calibrated_threshold(answerer, out, calibration, target, args.thresholds)
             answered = run_setting(answerer, out, f"dynamic-{tau:g}", evaluated, exit_mode="dynamic", exit_threshold=tau)

@@ -39,7 +39,7 @@ from llava.model.builder import load_model
 from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.llava_processor import padded
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.visual_exit import ExitConfig, exit_decoder_of
+from llava.model.visual_exit import ExitRequest, exit_decoder_of
 from llava.model.visual_exit.training import IGNORE_INDEX, ExitLabelRule, answer_positions, exit_labels
 
 import matplotlib
@@ -137,7 +137,7 @@ def teacher_forced_batch(answerer: Answerer, prepared: list[PreparedQuestion], m
     model, tokenizer = answerer.model, answerer.tokenizer
     prompts = answerer.batch_inputs(prepared)
     generated = model.generate(
-        **prompts, exit_config=ExitConfig("none"), do_sample=False, max_new_tokens=max_new_tokens,
+        **prompts, exit_config=ExitRequest("none").expand(), do_sample=False, max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
     )
     generated = answerer.processor.new_tokens(generated, prompts)
@@ -194,14 +194,14 @@ def analyse_batch(model, batch: TeacherForcedBatch, rule: ExitLabelRule) -> Batc
     model.set_attn_implementation("eager")
     recorder = AttentionRecorder(layers, batch.visual, batch.valid, prompt_end)
     try:
-        full = model(**inputs, exit_config=ExitConfig("none"))
+        full = model(**inputs, exit_config=ExitRequest("none").expand())
     finally:
         attention = recorder.close()
         model.set_attn_implementation(implementation)
     full_logits = full.logits[sample, position]
     agree, ratio, label, flops = [], [], [], []
     for k in range(len(layers) + 1):
-        exited = full if k == len(layers) else model(**inputs, exit_config=ExitConfig("fixed", k))
+        exited = full if k == len(layers) else model(**inputs, exit_config=ExitRequest("fixed", k).expand())
         judged = exit_labels(full_logits, exited.logits[sample, position], targets, sample, len(batch.records), rule)
         agree.append(judged.agree)
         ratio.append(judged.ratio)

@@ -28,7 +28,7 @@ from llava.eval.io import EvalInputError, read_jsonl
 from llava.mm_utils import ImageLoadError
 from llava.model.builder import load_model
 from llava.model.checkpoint import Checkpoint, CheckpointError
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitConfig, ExitRequest
 
 FIRST_LAYER = 5  # its code starts the search at layer 5
 DEFAULT_ETA = 0.003  # its threshold for LLaVA-1.5-7B (and any model it has no own value for)
@@ -76,9 +76,9 @@ def calibrate(args: argparse.Namespace) -> dict:
             if not prepared:
                 continue
             batch = answerer.batch_inputs(prepared)
-            full = first_token_logits(answerer, batch, ExitConfig("none"))
+            full = first_token_logits(answerer, batch, ExitRequest("none").expand())
             for layer in candidates:
-                withdrawn = first_token_logits(answerer, batch, ExitConfig("fixed", layer))
+                withdrawn = first_token_logits(answerer, batch, ExitRequest("fixed", layer).expand())
                 totals[layer] += float(withdrawal_divergence(full, withdrawn).sum())
             counted += len(prepared)
     if not counted:

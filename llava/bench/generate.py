@@ -32,7 +32,7 @@ from llava.bench.arguments import bench_parser, parse_bench_args, write_rows
 from llava.bench.prefill import GATE_HIDDEN_SIZE, PRESETS, SYSTEM_PROMPT_TOKENS, VISUAL_TOKENS
 from llava.bench.timing import device_and_dtype, interleaved_medians, synchronize
 from llava.compat import output_cache
-from llava.model.visual_exit import ExitConfig, enable_visual_exit, exit_decoder_of
+from llava.model.visual_exit import ExitConfig, ExitRequest, enable_visual_exit, exit_decoder_of
 from llava.tiny.gates import dynamic_exit_layer, rig_gates
 
 # llava-hf/llava-1.5-7b-hf's vocabulary: LLaMA's 32000 pieces, then <image> and <pad>, padded to 32064.
@@ -149,10 +149,10 @@ def bench_modes(text_config) -> list[Mode]:
     fastv_k = min(FASTV_K, layers)
     return [
         Mode("stock", None, None),
-        Mode("none", None, ExitConfig("none")),
-        *[Mode("fixed", k, ExitConfig("fixed", k)) for k in fixed],
-        Mode("dynamic", dynamic_exit_layer(text_config), ExitConfig("dynamic")),
-        Mode("fastv", fastv_k, ExitConfig("fastv", fastv_k=fastv_k, fastv_r=FASTV_R)),
+        Mode("none", None, ExitRequest("none").expand()),
+        *[Mode("fixed", k, ExitRequest("fixed", k).expand()) for k in fixed],
+        Mode("dynamic", dynamic_exit_layer(text_config), ExitRequest("dynamic").expand()),
+        Mode("fastv", fastv_k, ExitRequest("fastv", fastv_k=fastv_k, fastv_r=FASTV_R).expand()),
     ]
 
 

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaModel
 from llava.arguments import positive_int
 from llava.bench.arguments import bench_parser, parse_bench_args, write_rows
 from llava.bench.timing import device_and_dtype, interleaved_medians
-from llava.model.visual_exit import DecoderGeometry, ExitConfig, VisualExitCache, VisualExitDecoderMixin, prefill_flops
+from llava.model.visual_exit import DecoderGeometry, ExitRequest, VisualExitCache, VisualExitDecoderMixin, prefill_flops
 from llava.tiny.gates import dynamic_exit_layer, rig_gates
 
 PRESETS = {
@@ -93,11 +93,11 @@ def run(args: argparse.Namespace) -> list[Row]:
 
     plans = [("stock", None, stock(embeds, mask)), ("stock-text-only", None, stock(text_embeds, text_mask))]
     plans += [("stock-fastv-pruned", None, stock(pruned_embeds, pruned_mask))]
-    plans += [("none", None, ours(ExitConfig("none")))]
-    plans += [("dynamic-never-exits", None, ours(ExitConfig("dynamic", threshold=1.0)))]
-    plans += [("dynamic", dynamic_exit_layer(model.config), ours(ExitConfig("dynamic")))]
-    plans += [("fixed", k, ours(ExitConfig("fixed", k))) for k in ks]
-    plans += [("fastv", fastv_k, ours(ExitConfig("fastv", fastv_k=fastv_k, fastv_r=args.fastv_r)))]
+    plans += [("none", None, ours(ExitRequest("none").expand()))]
+    plans += [("dynamic-never-exits", None, ours(ExitRequest("dynamic", threshold=1.0).expand()))]
+    plans += [("dynamic", dynamic_exit_layer(model.config), ours(ExitRequest("dynamic").expand()))]
+    plans += [("fixed", k, ours(ExitRequest("fixed", k).expand())) for k in ks]
+    plans += [("fastv", fastv_k, ours(ExitRequest("fastv", fastv_k=fastv_k, fastv_r=args.fastv_r).expand()))]
     with torch.inference_mode():
         times = interleaved_medians({(mode, k): fn for mode, k, fn in plans}, device, args.repeats, args.warmup)
 

@@ -39,7 +39,7 @@ from llava.model.builder import LoadedModel, resolve_device
 from llava.model.checkpoint import Checkpoint
 from llava.model.exit_args import exit_config_from_flags
 from llava.model.families.processing import Video
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitConfig, ExitRequest
 
 logger = logging.getLogger("llava.eval")
 SHOWN_ERRORS = 3  # error reasons repeated on the console at the end of a run
@@ -89,7 +89,7 @@ class RunSpec:
         llava.model.exit_args, as keywords) on top of the checkpoint's saved exit, the template it prompts with."""
         template, reason = checkpoint.template(conv_mode)
         logger.info("conversation template %s (%s)", template, reason)
-        spec = cls(checkpoint, ExitConfig("none"), template, decoding, resolve_device(device).type, None,
+        spec = cls(checkpoint, ExitRequest("none").expand(), template, decoding, resolve_device(device).type, None,
                    dict(prompt_flags or {}), image_folder, batch_size)
         return spec.with_exit(**exit_flags)
 

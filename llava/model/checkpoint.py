@@ -29,7 +29,7 @@ from llava.model.gates_artifact import read_gates_config
 from llava.model.hf_layout import is_hf_layout, llava_config_from_hf
 from llava.model.language_model.llava_llama import LlavaConfig
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitConfig, ExitRequest
 from llava.model.visual_exit.vlm import FAMILIES
 
 KINDS = ("llava", "llava-hf", "family")
@@ -95,9 +95,9 @@ class Checkpoint:
         return bool(getattr(self.config, "visual_gate_hidden_size", None))
 
     @property
-    def exit_defaults(self) -> ExitConfig:
+    def exit_defaults(self) -> ExitRequest:
         """The exit the checkpoint saved (mode none when it saved none)."""
-        return ExitConfig.from_model_config(self.config)
+        return ExitRequest.from_model_config(self.config)
 
     @cached_property
     def family_processor(self):

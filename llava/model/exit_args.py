@@ -8,7 +8,7 @@ import os
 from transformers import CLIPVisionConfig
 
 from llava.arguments import positive_int
-from llava.model.visual_exit import EXIT_MODES, ExitConfig
+from llava.model.visual_exit import EXIT_MODES, ExitConfig, ExitRequest
 from llava.model.visual_exit.budget import RULES
 from llava.model.visual_exit.stages import METHODS, method_stages
 
@@ -77,9 +77,9 @@ def exit_config_from_flags(
         if mode not in (None, "stages"):
             raise ValueError(f"--exit-stages composes its own exit: leave out --exit-mode {mode}")
         mode = "stages"
-    config = ExitConfig.from_model_config(model_config).with_overrides(mode, **given)
-    config.check_overrides_used(**given)
-    return config
+    request = ExitRequest.from_model_config(model_config).with_overrides(mode, **given)
+    request.check_overrides_used(**given)
+    return request.expand()
 
 
 def has_multirow_positions(model_config) -> bool:

@@ -33,7 +33,7 @@ from llava.eval.summary import format_row, write_summary
 from llava.model.builder import load_model, resolve_device
 from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 
 SPLIT = "llava_gqa_testdev_balanced"
 OWN_FLAGS = ("model_path", "model_base", "question_file", "image_folder", "answers_file", "batch_size", "device")
@@ -91,7 +91,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
 def time_prefills(args: argparse.Namespace, answerer: Answerer, specs: list, questions: list[dict]) -> None:
     """ROOT/prefill_time.json: each run's measured prefill time on the first --time-questions questions, and its
     ratio to mode none's, in --time-repeats interleaved rounds (llava.eval.prefill_time)."""
-    configs = {"none": ExitConfig("none")}
+    configs = {"none": ExitRequest("none").expand()}
     configs.update({name: spec.exit_config for name, _, spec in specs})
     timed = [answerer.prepare(record) for record in questions[: args.time_questions]]
     seconds = prefill_seconds(answerer, timed, configs, args.time_repeats)

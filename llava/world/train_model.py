@@ -11,7 +11,7 @@ tower is first pretrained on dense scene labels (`llava.world.pretrain_tower`) a
 loss, from the same data pipeline that gate training uses (`llava.train.data`).
 
 `--exit-dropout p`: in a share p of the steps the visual tokens leave after a random layer 1..L-1 (the exit path
-of `ExitConfig("fixed")`). Large LLaVAs move what they need from the image into the text tokens within their first
+of the `fixed` exit). Large LLaVAs move what they need from the image into the text tokens within their first
 layers — the observation DyVTE builds on; a tiny model trained only end to end reads the image in its last layers
 instead. The dropout gives the world's model the same habit, as early as each question allows; the gates still
 learn, per input, when that is.
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from llava.model.builder import load_model
 from llava.model.checkpoint import Checkpoint
-from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit import ExitRequest
 from llava.tiny.llava import TinyGeometry, build_tiny_llava, save_llava_layout
 from llava.train.data import DataCollator, SupervisedDataset, conversation_turns, load_records
 from llava.world.pretrain_tower import pretrain_tower
@@ -105,7 +105,7 @@ def train(args: argparse.Namespace) -> dict:
         for batch in loader:
             exit_config = None
             if exits.random() < args.exit_dropout:
-                exit_config = ExitConfig("fixed", layer=exits.randint(1, layers - 1))
+                exit_config = ExitRequest("fixed", layer=exits.randint(1, layers - 1)).expand()
             loss = model(**batch, exit_config=exit_config).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

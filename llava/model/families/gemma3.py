@@ -10,7 +10,7 @@
   in the exit (masks.py), which is what the stock model with the gone keys masked does.
 - The two layer types rotate with different RoPE bases: one rotation per kind (`layer_rotations`).
 The stock forward builds its per-type 4-D masks before the text model; the exit ignores them and builds its own
-from the 2-D padding mask and the blocks, which the VLM forward hands it (ExitRequest).
+from the 2-D padding mask and the blocks, which the VLM forward hands it (ExitChannel).
 """
 
 import torch

@@ -12,7 +12,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from llava.compat import cache_argument, install_output_capture_hooks, output_cache, take_cache
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
-from llava.model.visual_exit import ExitConfig, ExitStats, VisualExitCache, VisualExitDecoderMixin
+from llava.model.visual_exit import ExitChannel, ExitConfig, ExitStats, VisualExitCache, VisualExitDecoderMixin
 from llava.model.visual_exit.generation import with_exit_stats
 from llava.model.visual_exit.training import ExitLabelRule, GateTrainingOutput, gate_training_pass
 from llava.model.visual_exit.vlm import refuse_cache_implementation
@@ -67,6 +67,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         logits_to_keep: int | torch.Tensor = 0,
         gate_training_layer: int | None = None,
         exit_label_rule: ExitLabelRule | None = None,
+        exit_channel: ExitChannel | None = None,
         **kwargs,
     ) -> LlavaCausalLMOutput | GateTrainingOutput:
         """LLaVA's forward. With `gate_training_layer` k it is a gate-training step instead: the loss of gate k
@@ -87,20 +88,22 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
                 self.model, self.lm_head, inputs_embeds, attention_mask, position_ids, visual_mask, labels,
                 gate_training_layer, exit_label_rule or ExitLabelRule(),
             )
+        channel = exit_channel or ExitChannel()  # generate's: kept over its steps
+        earlier = channel.stats
+        channel.visual_mask, channel.exit_config = visual_mask, exit_config
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            visual_mask=visual_mask,
-            exit_config=exit_config,
+            exit_channel=channel,
             **cache_argument(cache),
             **kwargs,
         )
-        if outputs.exit_stats is not None:  # ExitStats knows the decoder only; the vision side's cost rides along
-            outputs.exit_stats.vision_flops = mm.vision_flops if mm is not None else None
-            outputs.exit_stats.tokens_unreduced = mm.tokens_unreduced if mm is not None else None
+        stats = channel.stats if channel.stats is not earlier else None  # this call's: None on a decode step
+        if stats is not None and mm is not None:  # ExitStats knows the decoder only; the vision side's cost rides along
+            stats.vision_flops, stats.tokens_unreduced = mm.vision_flops, mm.tokens_unreduced
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, keep, :])
         loss = None
@@ -112,7 +115,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             **cache_argument(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            exit_stats=outputs.exit_stats,
+            exit_stats=stats,
         )
         if return_dict is False or (return_dict is None and not self.config.return_dict):
             return output.to_tuple()  # the stock tuple, the exit statistics last
@@ -148,15 +151,17 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         )
         cache = take_cache(kwargs)
         cache = VisualExitCache(config=self.config) if cache is None else cache  # an empty cache is falsy
+        channel = ExitChannel()
         output = super().generate(
             inputs_embeds=mm.inputs_embeds,
             attention_mask=mm.attention_mask,
             visual_mask=mm.visual_mask,
             exit_config=exit_config,
+            exit_channel=channel,
             **cache_argument(cache),
             **kwargs,
         )
-        output = with_exit_stats(output, cache.exit_stats, len(inputs))
+        output = with_exit_stats(output, channel.stats, len(inputs))
         if not isinstance(output, torch.Tensor):  # returned sequences come grouped by prompt
             per_prompt = len(output.sequences) // len(inputs)
             output.exit_stats.vision_flops = mm.vision_flops.repeat_interleave(per_prompt)

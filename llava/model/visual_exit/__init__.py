@@ -7,8 +7,8 @@ gates, pruning ranked by a scorer in `scorers/`); one drop mechanism (`tokens.py
 """
 
 from llava.model.visual_exit.cache import ValidKeys, VisualExitCache
-from llava.model.visual_exit.config import EXIT_MODES, ExitConfig
-from llava.model.visual_exit.decoder import ExitStats, VisualExitDecoderMixin, VisualExitModelOutput, exit_decoder_of
+from llava.model.visual_exit.config import EXIT_MODES, ExitConfig, ExitRequest
+from llava.model.visual_exit.decoder import ExitChannel, ExitStats, VisualExitDecoderMixin, VisualExitModelOutput, exit_decoder_of
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
 from llava.model.visual_exit.gate import VisualGate, gate_feature_weights, gate_features
 from llava.model.visual_exit.scorers import SCORERS
@@ -22,6 +22,8 @@ __all__ = [
     "DecoderGeometry",
     "FamilyAdapter",
     "ExitConfig",
+    "ExitRequest",
+    "ExitChannel",
     "ExitStats",
     "ValidKeys",
     "VisualExitCache",

@@ -50,7 +50,7 @@ def _map_shared(per_layer: list[ValidKeys], fn) -> list[ValidKeys]:
 
 class VisualExitCache(DynamicCache):
     """KV cache for the exit decoder. `get_seq_length` reports the tokens seen (what position ids count), which
-    differs from a layer's cached length once visual tokens left it. `exit_stats` holds the prefill's outcome."""
+    differs from a layer's cached length once visual tokens left it."""
 
     def __init__(self, config=None, **kwargs):
         # `config` is not handed on: it would make sliding-window layers, which evict keys by slot, while the exit
@@ -59,7 +59,6 @@ class VisualExitCache(DynamicCache):
         super().__init__(**kwargs)
         self.valid_keys: list[ValidKeys] = []
         self.seen_tokens = 0
-        self.exit_stats = None
         self.renumbered = False  # a stage renumbered positions at prefill: each layer numbers new tokens on its own
         if config is not None:
             self.hold_recurrent_layers(config)

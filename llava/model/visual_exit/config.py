@@ -1,4 +1,6 @@
-"""Exit settings: saved in the model config, overridable per call and from the CLIs."""
+"""Exit settings. An `ExitRequest` is how an exit is asked for — a preset mode and its fields, or a stage list — as
+the CLIs take it, a checkpoint's config saves it and an answers file records it; `expand` turns it, at the edge,
+into the `ExitConfig` the models run: its stages, in order."""
 
 from __future__ import annotations
 
@@ -22,13 +24,53 @@ def _saved(config, name: str, default):
 
 @dataclass(frozen=True)
 class ExitConfig:
+    """The stages of an exit, in the order given: at most one reduction before the LLM (`vision_stage`, e.g.
+    VisionZip), which the model that encodes the images runs, and the stages the decoder runs after its layers
+    (`decoder_stages`). `request` is what it was expanded from, which names and records it. Built by
+    `ExitRequest.expand`."""
+
+    stages: tuple[Stage, ...]
+    request: ExitRequest
+
+    @classmethod
+    def from_model_config(cls, config) -> ExitConfig:
+        """The exit a checkpoint's config saves (none when it saves none)."""
+        return ExitRequest.from_model_config(config).expand()
+
+    @property
+    def decoder_stages(self) -> tuple[Stage, ...]:
+        return tuple(stage for stage in self.stages if not stage.before_llm)
+
+    @property
+    def vision_stage(self) -> Stage | None:
+        return next((stage for stage in self.stages if stage.before_llm), None)
+
+    @property
+    def uses_gates(self) -> bool:
+        return any(isinstance(stage, GateExit) for stage in self.stages)
+
+    def check_model(self, num_layers: int, has_gates: bool) -> None:
+        """Raise ValueError when a stage cannot run on a model of `num_layers` layers (with gates or not)."""
+        for stage in self.stages:
+            stage.check(num_layers, has_gates)
+
+    @property
+    def label(self) -> str:
+        return self.request.label
+
+    def settings(self) -> dict:
+        return self.request.settings()
+
+
+@dataclass(frozen=True)
+class ExitRequest:
     """`none`: the stock model. `fixed`: the first `layer` decoder layers process the visual tokens (0 drops them
     before layer 0). `dynamic`: the gates decide; exit after layer i when P(exit) > `threshold`. `fastv` (the
     FastV baseline): after the first `fastv_k` layers keep the top (1 - `fastv_r`) share of each sample's visual
     tokens, ranked by the last prompt token's head-averaged attention in layer `fastv_k` (1-based); `fastv_r` = 1
     drops them all, an exit after `fastv_k`. `dynamic+fastv`: FastV's pruning, and the gates may still take out
     what is left. `stages`: any list of stages (`stages`, e.g. "prune:random:2:0.5,gates:0.9"; llava.model.
-    visual_exit.stages); each other mode is a preset of them (`stage_list`)."""
+    visual_exit.stages); each other mode is a preset of them (`expand`)."""
 
     mode: str = "none"
     layer: int | None = None
@@ -58,54 +100,36 @@ class ExitConfig:
                 raise ValueError(f"exit mode {self.mode!r} needs a pruning ratio --fastv-r in [0, 1], got {self.fastv_r}")
         if self.mode == "stages" and not self.stages:
             raise ValueError("exit mode 'stages' needs a stage list, e.g. --exit-stages prune:fastv:2:0.5,gates:0.9")
-        self.vision_stage  # noqa: B018 (a malformed stage list fails here, not in the middle of a run)
+        self.expand()  # a malformed stage list fails here, not in the middle of a run
 
     @cached_property
-    def stage_list(self) -> tuple[Stage, ...]:
-        """The stages the decoder runs after its layers, in order (a reduction before the LLM has its own slot,
-        `vision_stage`)."""
-        return tuple(stage for stage in self._all_stages if not stage.before_llm)
-
-    @cached_property
-    def vision_stage(self) -> Stage | None:
-        """The reduction of the image's tokens before the LLM (VisionZip), which the model that encodes the images
-        runs; None without one, ValueError for more than one (an image is reduced once)."""
-        parts = [part.strip() for part in self.stages.split(",")] if self.mode == "stages" else []
-        found = [(part, stage) for part, stage in zip(parts, self._all_stages) if stage.before_llm]
-        if len(found) > 1:
-            names = sorted({part.split(":")[0] for part, _ in found})
-            what = f"{names[0]} stage" if len(names) == 1 else "reduction before the LLM"
-            raise ValueError(f"an exit holds at most one {what} (an image is reduced once, before the LLM), got "
-                             f"{', '.join(part for part, _ in found)}")
-        return found[0][1] if found else None
-
-    @cached_property
-    def _all_stages(self) -> tuple[Stage, ...]:
-        """Every stage of this config; the modes other than `stages` are presets of them (parsed once per config:
-        the prefill and its callers ask for them several times)."""
+    def _expanded(self) -> ExitConfig:
         if self.mode == "stages":
-            return parse_stages(self.stages)
-        if self.mode == "fixed":
-            return (FixedExit(self.layer),)
-        # dynamic+fastv is gates:τ,prune:fastv:K:R: after layer K a sample whose gate fires exits unpruned.
-        gates = (GateExit(self.threshold),) if self.mode in ("dynamic", "dynamic+fastv") else ()
-        return gates + ((Prune("fastv", self.fastv_k, self.fastv_r),) if self.uses_fastv else ())
+            parts = [part.strip() for part in self.stages.split(",")]
+            stages = parse_stages(self.stages)
+            found = [part for part, stage in zip(parts, stages) if stage.before_llm]
+            if len(found) > 1:
+                names = sorted({part.split(":")[0] for part in found})
+                what = f"{names[0]} stage" if len(names) == 1 else "reduction before the LLM"
+                raise ValueError(f"an exit holds at most one {what} (an image is reduced once, before the LLM), got "
+                                 f"{', '.join(found)}")
+        elif self.mode == "fixed":
+            stages = (FixedExit(self.layer),)
+        else:  # dynamic+fastv is gates:τ,prune:fastv:K:R: after layer K a sample whose gate fires exits unpruned.
+            gates = (GateExit(self.threshold),) if self.mode in ("dynamic", "dynamic+fastv") else ()
+            stages = gates + ((Prune("fastv", self.fastv_k, self.fastv_r),) if self.uses_fastv else ())
+        return ExitConfig(stages, self)
 
-    def check_model(self, num_layers: int, has_gates: bool) -> None:
-        """Raise ValueError when a stage cannot run on a model of `num_layers` layers (with gates or not)."""
-        for stage in self._all_stages:
-            stage.check(num_layers, has_gates)
-
-    @property
-    def uses_gates(self) -> bool:
-        return any(isinstance(stage, GateExit) for stage in self.stage_list)
+    def expand(self) -> ExitConfig:
+        """The stages this request runs (parsed once per request: the prefill's callers ask several times)."""
+        return self._expanded
 
     @property
     def uses_fastv(self) -> bool:
         return self.mode in ("fastv", "dynamic+fastv")
 
     @classmethod
-    def from_model_config(cls, config) -> ExitConfig:
+    def from_model_config(cls, config) -> ExitRequest:
         return cls(
             mode=getattr(config, "exit_mode", None) or "none",
             layer=getattr(config, "exit_layer", None),
@@ -122,7 +146,7 @@ class ExitConfig:
             return ("stages",)
         return (
             (("layer",) if self.mode == "fixed" else ())
-            + (("threshold",) if self.uses_gates else ())
+            + (("threshold",) if self.mode in ("dynamic", "dynamic+fastv") else ())
             + (("fastv_k", "fastv_r") if self.uses_fastv else ())
         )
 
@@ -137,9 +161,7 @@ class ExitConfig:
         `prune-fastv-2-0.5+gates-0.9`."""
         if self.mode == "stages":
             return self.stages.replace(" ", "").replace(":", "-").replace(",", "+")
-        values = [self.layer if self.mode == "fixed" else None, self.threshold if self.uses_gates else None]
-        values += [self.fastv_k, self.fastv_r] if self.uses_fastv else []
-        return "-".join([self.mode] + [f"{value:g}" for value in values if value is not None])
+        return "-".join([self.mode] + [f"{getattr(self, name):g}" for name in self.used_fields])
 
     def with_overrides(
         self,
@@ -149,8 +171,8 @@ class ExitConfig:
         fastv_k: int | None = None,
         fastv_r: float | None = None,
         stages: str | None = None,
-    ) -> ExitConfig:
-        """This config with the given (non-None) fields replaced, e.g. from CLI flags."""
+    ) -> ExitRequest:
+        """This request with the given (non-None) fields replaced, e.g. from CLI flags."""
         changes = {
             "mode": mode, "layer": layer, "threshold": threshold, "fastv_k": fastv_k, "fastv_r": fastv_r, "stages": stages,
         }

@@ -72,15 +72,17 @@ class VisualExitModelOutput(BaseModelOutputWithPast):
 
 
 @dataclass
-class ExitRequest:
-    """What a wrapping model (one of transformers' VLM classes, see vlm.py) hands its decoder through the stock
-    forwards' `**kwargs`, and what comes back the same way: the stock forwards in between keep neither.
+class ExitChannel:
+    """The one way exit statistics leave the decoder, and the way a wrapping model's exit inputs reach it past the
+    stock forwards in between (transformers' VLM classes keep no extra argument, ours hands them on alike).
 
-    In: `visual_mask` (B, T), `exit_config`, an `ExitRecord` (generate without a cache: the prompt's decisions,
-    kept and replayed), the 2-D `attention_mask` (for models whose stock forward hands the decoder ready-made
-    per-layer masks instead: Gemma 3), bidirectional `blocks` (B, T) as in `ValidKeys`, and for a gate-training step `gate_training(decoder, inputs_embeds, attention_mask,
-    position_ids, visual_mask)`, which replaces the prefill. Out: `stats` of the prefill, or the gate-training
-    step's `gate_output`."""
+    In, set by the caller for each forward: `visual_mask` (B, T), `exit_config`, the 2-D `attention_mask` (for
+    models whose stock forward hands the decoder ready-made per-layer masks instead: Gemma 3), bidirectional
+    `blocks` (B, T) as in `ValidKeys`, and for a gate-training step `gate_training(decoder, inputs_embeds,
+    attention_mask, position_ids, visual_mask)`, which replaces the prefill. Kept over a generate: an `ExitRecord`
+    (generate without a cache: the prompt's decisions, kept and replayed). Out: `stats` of the last prefill that
+    decided (a replay or a decode step leaves them: generate's are its prompt's), or the gate-training step's
+    `gate_output`."""
 
     visual_mask: torch.Tensor | None = None
     exit_config: ExitConfig | None = None
@@ -127,16 +129,16 @@ class VisualExitDecoderMixin:
     ) -> VisualExitModelOutput:
         cache = take_cache(kwargs, cache)  # transformers < 5.24 passes it as past_key_values
         additions = kwargs.pop("visual_additions", None)  # a family's (DeepStack), prefill only
-        request = kwargs.pop("exit_request", None)
-        record = kwargs.pop("exit_record", None)
-        blocks = None
-        if request is not None:
-            visual_mask, exit_config, record = request.visual_mask, request.exit_config, request.record
-            blocks = request.blocks
+        channel = kwargs.pop("exit_channel", None)
+        wrapped = channel is not None  # a wrapping model's call: its inputs come, and the statistics go, by channel
+        if wrapped:
+            visual_mask, exit_config = channel.visual_mask, channel.exit_config
+        else:
+            channel = ExitChannel(visual_mask, exit_config)
         if isinstance(attention_mask, dict):  # the stock forward's per-layer-type masks: the exit builds its own
-            if request is None:
+            if not wrapped:
                 raise ValueError("the exit builds each layer's mask from the 2-D padding mask: call the VLM, not its decoder")
-            attention_mask = request.attention_mask
+            attention_mask = channel.attention_mask
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -150,35 +152,29 @@ class VisualExitDecoderMixin:
             return VisualExitModelOutput(last_hidden_state=hidden, **cache_argument(cache))
         if cache is not None:
             cache.hold_recurrent_layers(self.config)
-        if request is not None and request.gate_training is not None:
-            request.gate_output = request.gate_training(
-                self, inputs_embeds, attention_mask, position_ids, visual_mask, additions=additions, blocks=blocks
+        if channel.gate_training is not None:
+            channel.gate_output = channel.gate_training(
+                self, inputs_embeds, attention_mask, position_ids, visual_mask, additions=additions, blocks=channel.blocks
             )
             return VisualExitModelOutput(last_hidden_state=inputs_embeds)  # the wrapper returns gate_output instead
         packing = self.packing_positions(position_ids) if attention_mask is None and cache is None else None
         segments = None if packing is None else packed_segments(packing, kwargs)
         if segments is not None:
-            hidden, stats = self._packed_prefill(
-                inputs_embeds, position_ids, segments, visual_mask, exit_config, kwargs, additions, blocks
-            )
+            hidden = self._packed_prefill(inputs_embeds, position_ids, segments, channel, kwargs, additions)
         else:
-            hidden, stats = self._prefill(
-                inputs_embeds, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record, additions,
-                blocks,
-            )
-        if cache is not None:
-            cache.exit_stats = stats
-        if request is not None:  # a wrapper's stock forward rebuilds its own output from this one's fields
-            request.stats, stats = stats, None
+            hidden = self._prefill(inputs_embeds, attention_mask, position_ids, cache, channel, kwargs, additions)
+        # A wrapper reads them from the channel: its stock forward rebuilds its own output from this one's fields.
+        stats = None if wrapped else channel.stats
         return VisualExitModelOutput(last_hidden_state=hidden, exit_stats=stats, **cache_argument(cache))
 
-    def _prefill(self, hidden, attention_mask, position_ids, cache, visual_mask, exit_config, kwargs, record=None,
-                 additions=None, blocks=None):
-        exit_config = exit_config or ExitConfig.from_model_config(self.config)
+    def _prefill(self, hidden, attention_mask, position_ids, cache, channel: ExitChannel, kwargs, additions=None):
+        """The prefill with the channel's exit; its statistics go to the channel (unless it replays a record)."""
+        exit_config = channel.exit_config or ExitConfig.from_model_config(self.config)
         hidden, layout = self.start_prefill(
-            hidden, attention_mask, position_ids, visual_mask, with_gate_features=exit_config.uses_gates,
-            additions=additions, blocks=blocks,
+            hidden, attention_mask, position_ids, channel.visual_mask, with_gate_features=exit_config.uses_gates,
+            additions=additions, blocks=channel.blocks,
         )
+        record = channel.record
         policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, record)
         if policy.renumbers:
             if not self.renumbers_positions:
@@ -206,12 +202,13 @@ class VisualExitDecoderMixin:
             policy.prune_layer,
             torch.stack(policy.layer_tokens, dim=1),
         )
-        if record is not None and not record.recorded:
-            record.stats = stats
-        return self.finish_prefill(hidden, layout), stats
+        if record is None or not record.recorded:
+            channel.stats = stats
+        if record is not None:
+            record.recorded = True
+        return self.finish_prefill(hidden, layout)
 
-    def _packed_prefill(self, hidden, position_ids, segments, visual_mask, exit_config, kwargs, additions=None,
-                        blocks=None):
+    def _packed_prefill(self, hidden, position_ids, segments, channel: ExitChannel, kwargs, additions=None):
         """Several sequences packed in a row (positions restarting, no mask and no cache, as transformers reads
         them): each becomes a row of a left-padded batch, so its exit is its own and it sees only itself; the states
         go back to their packed slots. `exit_stats` then has one row per packed sequence, in order."""
@@ -229,16 +226,21 @@ class VisualExitDecoderMixin:
         position_ids = position_ids.expand(*position_ids.shape[:-2], batch, length)
         if additions is not None:  # the sequences keep their order, so the added rows keep theirs
             additions = replace(additions, positions=additions.positions[rows, slots] & valid)
-        if blocks is not None:
-            blocks = blocks[rows, slots].masked_fill(~valid, -1)
-        out, stats = self._prefill(
-            hidden[rows, slots] * valid[..., None], valid.long(), position_ids[..., rows, slots], None,
-            None if visual_mask is None else visual_mask[rows, slots] & valid, exit_config, kwargs, None, additions,
-            blocks,
+        visual_mask, blocks = channel.visual_mask, channel.blocks
+        unpacked = replace(
+            channel,
+            visual_mask=None if visual_mask is None else visual_mask[rows, slots] & valid,
+            blocks=None if blocks is None else blocks[rows, slots].masked_fill(~valid, -1),
+            record=None,
         )
+        out = self._prefill(
+            hidden[rows, slots] * valid[..., None], valid.long(), position_ids[..., rows, slots], None, unpacked,
+            kwargs, additions,
+        )
+        channel.stats = unpacked.stats
         packed = hidden.new_zeros(batch, length, out.shape[-1])
         packed[rows[valid], slots[valid]] = out[valid]
-        return packed, stats
+        return packed
 
     def start_prefill(self, hidden, attention_mask, position_ids, visual_mask, with_gate_features: bool, prompt_end=None,
                       additions=None, blocks=None):

@@ -19,11 +19,7 @@ class ExitRecord:
 
     def __init__(self):
         self.changes: dict[int, tuple] = {}  # layer index (-1: before layer 0) -> (dropped, rewritten, states, order)
-        self.stats = None  # the prompt's ExitStats, once recorded
-
-    @property
-    def recorded(self) -> bool:
-        return self.stats is not None
+        self.recorded = False  # set by the decoder once the prompt's prefill decided
 
     def keep(self, index: int, layout: TokenLayout, drop, rewritten, hidden, order) -> None:
         by_input = lambda values, fill: _by_input(values, layout, fill)  # noqa: E731
@@ -74,7 +70,7 @@ class ExitPolicy:
                  record: ExitRecord | None = None):
         self.record = record
         config.check_model(num_layers, gates is not None)
-        self.stages: tuple[Stage, ...] = config.stage_list
+        self.stages: tuple[Stage, ...] = config.decoder_stages
         self.state = ExitState(layout, num_layers, gates)
         self.state.any_active &= bool(self.stages)
         prune_layers = [layer for s in self.stages for layer in s.pruning_layers if layer < num_layers]

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from llava.compat import cache_argument, take_cache
 from llava.model.visual_exit.cache import VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
-from llava.model.visual_exit.decoder import ExitRequest, VisualExitDecoderMixin
+from llava.model.visual_exit.decoder import ExitChannel, VisualExitDecoderMixin
 from llava.model.visual_exit.policy import ExitRecord
 from llava.model.visual_exit.gate import build_visual_gates, init_gate_weights
 from llava.model.visual_exit.generation import with_exit_stats
@@ -94,7 +94,7 @@ def visual_exit_class(model_class: type) -> type:
     stock = inspect.signature(model_class.forward)
     exit_parameters = inspect.signature(VisualExitVLMMixin.forward).parameters
     extra = [exit_parameters[name] for name in ("exit_config", "gate_training_layer", "exit_label_rule")]
-    extra += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("visual_mask", "exit_record")]
+    extra += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("visual_mask", "exit_channel")]
     parameters = list(stock.parameters.values())
     forward.__signature__ = stock.replace(parameters=parameters[:-1] + extra + parameters[-1:])
     forward.__doc__ = VisualExitVLMMixin.forward.__doc__
@@ -207,22 +207,25 @@ class VisualExitVLMMixin:
         if visual_mask is None and (input_ids is not None or kwargs.get("inputs_embeds") is not None):
             visual_mask = self.visual_mask(input_ids, kwargs.get("inputs_embeds"))
         blocks_of = self.visual_exit_family.attention_blocks
-        request = ExitRequest(
-            visual_mask, exit_config, kwargs.pop("exit_record", None), attention_mask=kwargs.get("attention_mask"),
-            blocks=None if blocks_of is None else blocks_of(kwargs),
-        )
+        channel = kwargs.pop("exit_channel", None) or ExitChannel()  # generate's: kept over its steps
+        earlier = channel.stats
+        channel.visual_mask, channel.exit_config = visual_mask, exit_config
+        channel.attention_mask = kwargs.get("attention_mask")
+        channel.blocks = None if blocks_of is None else blocks_of(kwargs)
+        channel.gate_training = None
         if gate_training_layer is not None:
             labels = kwargs.pop("labels")
-            request.gate_training = partial(
+            channel.gate_training = partial(
                 _gate_training, lm_head=self.lm_head, labels=labels, layer=gate_training_layer,
                 rule=exit_label_rule or ExitLabelRule(),
             )
             kwargs["logits_to_keep"] = 1
         return_dict = kwargs.pop("return_dict", None)
-        output = super().forward(input_ids, *args, exit_request=request, return_dict=True, **kwargs)
-        if request.gate_output is not None:
-            return request.gate_output
-        output.exit_stats = request.stats  # an attribute: the stock output class has no field for it
+        output = super().forward(input_ids, *args, exit_channel=channel, return_dict=True, **kwargs)
+        if channel.gate_output is not None:
+            return channel.gate_output
+        # An attribute (the stock output class has no field for it), this call's only: None on a decode step.
+        output.exit_stats = channel.stats if channel.stats is not earlier else None
         if return_dict is False or (return_dict is None and not self.config.return_dict):
             return output.to_tuple()  # the stock tuple
         return output
@@ -234,14 +237,15 @@ class VisualExitVLMMixin:
         inputs = kwargs.pop("input_ids", inputs)
         refuse_cache_implementation(self, kwargs)
         batch = len(inputs) if inputs is not None else len(kwargs["inputs_embeds"])
+        channel = ExitChannel()
         if kwargs.get("use_cache") is False:  # each step recomputes prompt + answer, with the prompt's decisions
-            record = ExitRecord()
-            output = super().generate(inputs, exit_config=exit_config, exit_record=record, **kwargs)
-            return with_exit_stats(output, record.stats, batch)
+            channel.record = ExitRecord()
+            output = super().generate(inputs, exit_config=exit_config, exit_channel=channel, **kwargs)
+            return with_exit_stats(output, channel.stats, batch)
         cache = take_cache(kwargs)
         cache = VisualExitCache() if cache is None else cache  # an empty cache is falsy
-        output = super().generate(inputs, exit_config=exit_config, **cache_argument(cache), **kwargs)
-        return with_exit_stats(output, cache.exit_stats, batch)
+        output = super().generate(inputs, exit_config=exit_config, exit_channel=channel, **cache_argument(cache), **kwargs)
+        return with_exit_stats(output, channel.stats, batch)
 
 
 def refuse_custom_masks(attention_mask) -> None:
