@@ -13,7 +13,7 @@ from llava.analysis.gate_probe import fit_probe, main, roc_auc
 from llava.model.builder import load_pretrained_model
 from llava.model.visual_exit import exit_decoder_of
 from llava.model.visual_exit.training import ExitLabelRule
-from llava.train.data import DataCollator, SupervisedDataset
+from llava.train.data import DataCollator, LlavaTurns, SupervisedDataset
 
 
 def pairwise_auc(scores: list[float], labels: list[int]) -> float:
@@ -67,7 +67,7 @@ def test_cli_reads_the_gates_inputs_and_training_labels(probe_setup, tmp_path, c
     assert "| gate layer |" in capsys.readouterr().out
 
     tokenizer, model, processor, _ = load_pretrained_model(checkpoint, device="cpu")
-    dataset = SupervisedDataset(str(data / "data.json"), tokenizer, processor, model.config, image_folder=str(data))
+    dataset = SupervisedDataset(str(data / "data.json"), LlavaTurns(tokenizer, processor, model.config), image_folder=str(data))
     crop = processor.crop_size
     batch = DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"]))([dataset[i] for i in range(16)])
     for row in rows:

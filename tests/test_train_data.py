@@ -8,7 +8,11 @@ from PIL import Image
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import tokenizer_image_token
-from llava.train.data import DataCollator, DataError, SupervisedDataset, render_prompt, tokenize_with_labels
+from llava.model.families.processing import load_processor
+from llava.tiny.families import write_tiny_family
+from llava.train.data import (
+    DataCollator, DataError, FamilyTurns, LlavaTurns, SupervisedDataset, render_prompt, tokenize_with_labels,
+)
 from llava.train.sampler import modality_length_grouped_indices
 
 
@@ -95,7 +99,7 @@ def test_bad_records_are_skipped_and_counted(loaded, tmp_path, caplog):
         {"id": "text-only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
     ]
     dataset = SupervisedDataset(
-        write_dataset(tmp_path, records), tokenizer, processor, model.config, image_folder=str(tmp_path), model_max_length=256
+        write_dataset(tmp_path, records), LlavaTurns(tokenizer, processor, model.config), image_folder=str(tmp_path), model_max_length=256
     )
     assert len(dataset) == 2
     assert dict(dataset.skipped) == {
@@ -116,10 +120,10 @@ def test_unreadable_images_are_skipped_or_replaced_and_counted(loaded, tmp_path)
     records = [image_record(tmp_path, name) for name in ("garbage", "truncated", "fine")]
     (tmp_path / "garbage.png").write_bytes(b"not a png")  # found by its header when the dataset is built
     truncate(tmp_path / "truncated.png")  # found only when its pixels are read
-    dataset = SupervisedDataset(write_dataset(tmp_path, records), tokenizer, processor, model.config, image_folder=str(tmp_path))
+    dataset = SupervisedDataset(write_dataset(tmp_path, records), LlavaTurns(tokenizer, processor, model.config), image_folder=str(tmp_path))
     assert dict(dataset.skipped) == {"unreadable image": 1} and len(dataset) == 2
     item = dataset[0]
-    assert dataset.unreadable_images == 1 and item["input_ids"] == dataset.samples[1].input_ids
+    assert dataset.unreadable_images == 1 and item["input_ids"] == dataset.samples[1].text.input_ids
 
 
 def test_all_images_unreadable_is_one_error_naming_the_file(loaded, tmp_path):
@@ -130,12 +134,12 @@ def test_all_images_unreadable_is_one_error_naming_the_file(loaded, tmp_path):
     for i in range(3):
         (garbage / f"{i}.png").write_bytes(b"")
     with pytest.raises(DataError, match=r"garbage/data.json: no usable sample among 3: 3 × unreadable image \(e.g. 0\)$"):
-        SupervisedDataset(write_dataset(garbage, records), tokenizer, processor, model.config, image_folder=str(garbage))
+        SupervisedDataset(write_dataset(garbage, records), LlavaTurns(tokenizer, processor, model.config), image_folder=str(garbage))
     # Headers that read but data that does not: the error comes at the first draw, never a RecursionError.
     records = [image_record(tmp_path, str(i)) for i in range(3)]
     for i in range(3):
         truncate(tmp_path / f"{i}.png")
-    dataset = SupervisedDataset(write_dataset(tmp_path, records), tokenizer, processor, model.config, image_folder=str(tmp_path))
+    dataset = SupervisedDataset(write_dataset(tmp_path, records), LlavaTurns(tokenizer, processor, model.config), image_folder=str(tmp_path))
     with pytest.raises(DataError, match=r"data.json: no usable sample among 3: 3 × unreadable image data"):
         dataset[1]
     assert dataset.unreadable_images == 3
@@ -150,15 +154,15 @@ def test_malformed_json_names_file_and_line(loaded, tmp_path, name, content, whe
     tokenizer, model, processor, _ = loaded
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError, match=where):
-        SupervisedDataset(str(tmp_path / name), tokenizer, processor, model.config)
+        SupervisedDataset(str(tmp_path / name), LlavaTurns(tokenizer, processor, model.config))
 
 
 def test_collator_pads_right_and_gives_text_samples_a_zero_image(loaded, tmp_path):
     tokenizer, model, processor, _ = loaded
     records = [image_record(tmp_path, "a"), {"id": "t", "conversations": [{"from": "human", "value": "Hi there you"}, {"from": "gpt", "value": "Hello"}]}]
-    dataset = SupervisedDataset(write_dataset(tmp_path, records, "data.jsonl"), tokenizer, processor, model.config, image_folder=str(tmp_path))
+    dataset = SupervisedDataset(write_dataset(tmp_path, records, "data.jsonl"), LlavaTurns(tokenizer, processor, model.config), image_folder=str(tmp_path))
     batch = DataCollator(tokenizer.pad_token_id, (3, 56, 56))([dataset[0], dataset[1]])
-    lengths = [len(dataset.samples[i].input_ids) for i in range(2)]
+    lengths = [len(dataset.samples[i].text.input_ids) for i in range(2)]
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["images"].shape == (2, 3, 56, 56) and batch["images"][1].abs().sum() == 0
     with torch.no_grad():
@@ -174,3 +178,27 @@ def test_modality_grouping_keeps_batches_pure():
     for batch in full_batches:
         signs = {lengths[i] > 0 for i in batch}
         assert len(signs) == 1
+
+
+def test_one_dataset_class_serves_a_family_through_its_processor(loaded, tmp_path, caplog):
+    """The family encoder: the checkpoint's own template labels the answers, a sample longer than model_max_length
+    (known only once its image is encoded) is counted and the next one used, and a dataset of nothing but such
+    samples is one error naming the file. `<image>` without an image is refused for every encoder."""
+    tokenizer, model, processor, _ = loaded
+    family = FamilyTurns(load_processor(write_tiny_family(str(tmp_path / "qwen"), "qwen2-vl")))
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "Hi " * 40}, {"from": "gpt", "value": "Hello"}]}
+    tagged = {"id": "tag", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "x"}]}
+    records = [image_record(tmp_path, "a"), text_only, tagged]
+    for encoder in (LlavaTurns(tokenizer, processor, model.config), family):
+        dataset = SupervisedDataset(write_dataset(tmp_path, records), encoder, image_folder=str(tmp_path))
+        assert dict(dataset.skipped) == {"<image> tag without an image": 1} and len(dataset) == 2
+    short = dataset[0]["input_ids"].shape[1]  # the image sample, in the family's template
+    dataset = SupervisedDataset(write_dataset(tmp_path, records), family, str(tmp_path), model_max_length=short)
+    item = dataset[1]  # the long text-only sample: skipped for the image one after it
+    assert dataset.too_long == 1 and "exceeds model_max_length" in caplog.text
+    assert item["input_ids"].shape[1] == short and (item["labels"] != IGNORE_INDEX).any()
+    batch = family.collate([dataset[0], dataset[0]])
+    assert batch["input_ids"].shape == (2, short) and batch["labels"].shape == (2, short)
+    long_only = SupervisedDataset(write_dataset(tmp_path, [text_only], "long.json"), family, model_max_length=short)
+    with pytest.raises(DataError, match=r"long.json: no usable sample among 1: 1 × longer than model_max_length"):
+        long_only[0]

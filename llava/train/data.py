@@ -1,4 +1,6 @@
-"""LLaVA's training data: conversation JSON → token ids with answer-only labels, images loaded lazily.
+"""Training data: LLaVA's conversation JSON → token ids with answer-only labels, images loaded lazily. One dataset
+class for every checkpoint; its encoder makes the samples: LLaVA's templates for our LLaVA class (`LlavaTurns`), the
+checkpoint's own chat template for transformers' VLM classes (`FamilyTurns`).
 
 Records: `{"id", "image" (optional, relative to the image folder), "conversations": [{"from": "human"|"gpt",
 "value"}, ...]}` in a JSON list or JSON lines. Labels are IGNORE_INDEX everywhere except the assistant answers and
@@ -178,27 +180,30 @@ def checked_image(record, image_folder: str | None) -> str | None:
     return image
 
 
+class SampleTooLong(ValueError):
+    """A sample that encodes to more tokens than model_max_length and cannot be cut (its image would be)."""
+
+
 @dataclass
 class Sample:
-    input_ids: list[int]
-    labels: list[int]
+    text: object  # what the encoder prepared of the turns when the dataset was built
     image: str | None
     words: int  # LLaVA's length proxy for grouping
 
 
 @dataclass
 class SupervisedDataset(Dataset):
-    """Validated, tokenised records; images are read when a sample is drawn."""
+    """Validated records with their text prepared by `encoder` (`LlavaTurns` for our LLaVA class, `FamilyTurns` for
+    transformers' VLM classes) when the dataset is built; images are read and the sample encoded when drawn, and
+    `encoder.collate` batches them."""
 
     data_path: str
-    tokenizer: object
-    image_processor: object
-    model_config: object
+    encoder: object
     image_folder: str | None = None
-    conv_version: str = "v1"
     model_max_length: int = 2048
     skipped: Counter = field(default_factory=Counter)
     unreadable_images: int = 0
+    too_long: int = 0
 
     def __post_init__(self):
         self.samples = usable_samples(self.data_path, self._prepare, self.skipped)
@@ -206,13 +211,10 @@ class SupervisedDataset(Dataset):
     def _prepare(self, record) -> Sample:
         image = checked_image(record, self.image_folder)
         pairs = conversation_turns(record, has_image=image is not None)
-        prompt, spans = render_prompt(pairs, self.conv_version)
-        ids, labels = tokenize_with_labels(prompt, spans, self.tokenizer)
-        ids, labels = ids[: self.model_max_length], labels[: self.model_max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            raise SampleError("answer cut off by model_max_length")
+        if image is None and any(DEFAULT_IMAGE_TOKEN in turn for pair in pairs for turn in pair):
+            raise SampleError("<image> tag without an image")
         words = sum(len(turn.split()) for pair in pairs for turn in pair)
-        return Sample(ids, labels, image, words)
+        return Sample(self.encoder.prepare(pairs, self.model_max_length), image, words)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -223,21 +225,83 @@ class SupervisedDataset(Dataset):
         return [s.words + 128 if s.image else -s.words for s in self.samples]
 
     def __getitem__(self, index: int) -> dict:
-        # An image whose header reads but whose data does not is found only now: count it and use the next sample
-        # instead of stopping the run, unless not one sample can be read.
+        # An image whose header reads but whose data does not is found only now, as is a family's sample too long
+        # to encode: count it and use the next sample instead of stopping the run, unless not one can be used.
+        failed = Counter()
         for offset in range(len(self)):
             sample = self.samples[(index + offset) % len(self)]
             try:
-                pixels = None if sample.image is None else self._pixels(sample.image)
+                images = [] if sample.image is None else [load_image(sample.image)]
             except ImageLoadError as error:
                 self.unreadable_images += 1
+                failed["unreadable image data"] += 1
                 logger.warning("%s (unreadable images so far: %d); using the next sample", error, self.unreadable_images)
                 continue
-            return {"input_ids": sample.input_ids, "labels": sample.labels, "pixels": pixels}
-        raise DataError(f"{self.data_path}: no usable sample among {len(self)}: {len(self)} × unreadable image data")
+            try:
+                return self.encoder.encode(sample.text, images, self.model_max_length)
+            except SampleTooLong as error:
+                self.too_long += 1
+                failed["longer than model_max_length"] += 1
+                logger.warning("%s (so far: %d); using the next sample", error, self.too_long)
+        reasons = ", ".join(f"{count} × {reason}" for reason, count in failed.items())
+        raise DataError(f"{self.data_path}: no usable sample among {len(self)}: {reasons}")
 
-    def _pixels(self, path: str) -> torch.Tensor:
-        return process_images([load_image(path)], self.image_processor, self.model_config)[0]
+
+@dataclass
+class LlavaText:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class LlavaTurns:
+    """Our LLaVA class's samples, as LLaVA's training makes them: `conv_version`'s template, ids and answer-only
+    labels cut at model_max_length when the dataset is built, the image through `process_images` when drawn."""
+
+    tokenizer: object
+    image_processor: object
+    model_config: object
+    conv_version: str = "v1"
+
+    def prepare(self, pairs: list[tuple[str, str]], max_length: int) -> LlavaText:
+        prompt, spans = render_prompt(pairs, self.conv_version)
+        ids, labels = tokenize_with_labels(prompt, spans, self.tokenizer)
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise SampleError("answer cut off by model_max_length")
+        return LlavaText(ids, labels)
+
+    def encode(self, text: LlavaText, images: list, max_length: int) -> dict:
+        pixels = process_images(images, self.image_processor, self.model_config)[0] if images else None
+        return {"input_ids": text.input_ids, "labels": text.labels, "pixels": pixels}
+
+    @property
+    def collate(self) -> DataCollator:
+        crop = self.image_processor.crop_size
+        return DataCollator(self.tokenizer.pad_token_id, (3, crop["height"], crop["width"]))
+
+
+@dataclass
+class FamilyTurns:
+    """A family checkpoint's samples: LLaVA's conversation rendered with its own chat template by its
+    `FamilyProcessor` (llava.model.families.processing), which labels the assistant turns and collates. A sample is
+    encoded when drawn (its visual-token count needs the image); one longer than model_max_length cannot be cut
+    without cutting an image, so the dataset counts it and uses the next."""
+
+    processor: object
+
+    def prepare(self, pairs: list[tuple[str, str]], max_length: int) -> list[dict]:
+        return [{"from": role, "value": text} for pair in pairs for role, text in zip(("human", "gpt"), pair)]
+
+    def encode(self, conversation: list[dict], images: list, max_length: int) -> dict:
+        inputs = self.processor.training_inputs(conversation, images)
+        if inputs["input_ids"].shape[1] > max_length:
+            raise SampleTooLong(f"a sample of {inputs['input_ids'].shape[1]} tokens exceeds model_max_length {max_length}")
+        return dict(inputs)
+
+    def collate(self, batch: list[dict]) -> dict:
+        """Right padding (the gate-training pass reads the answers from the labels)."""
+        return dict(self.processor.collate(batch, padding_side="right"))
 
 
 @dataclass

@@ -29,8 +29,7 @@ from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import exit_decoder_of
 from llava.model.visual_exit.training import ExitLabelRule
 from llava.model.families.processing import FamilyProcessor
-from llava.train.data import DataCollator, DataError, SupervisedDataset
-from llava.train.family_data import FamilyCollator, FamilySupervisedDataset
+from llava.train.data import DataError, FamilyTurns, LlavaTurns, SupervisedDataset
 from llava.train.trainer import ConfigError, ExitLayerSampler, GateTrainer
 
 INPUT_ERRORS = (CheckpointError, ConfigError, DataError, VisionTowerNotFoundError)
@@ -101,15 +100,12 @@ def training_data(
     """(dataset, collator): LLaVA's prompts (`conv_version`) for our LLaVA class; a family checkpoint's own chat
     template and processor for transformers' VLM classes (where the version means nothing)."""
     if isinstance(image_processor, FamilyProcessor):
-        return FamilySupervisedDataset(data_path, image_processor, image_folder, model_max_length), FamilyCollator(image_processor)
-    if image_aspect_ratio:
-        model_config.image_aspect_ratio = image_aspect_ratio
-    dataset = SupervisedDataset(
-        data_path, tokenizer, image_processor, model_config, image_folder=image_folder, conv_version=conv_version,
-        model_max_length=model_max_length,
-    )
-    crop = image_processor.crop_size
-    return dataset, DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"]))
+        encoder = FamilyTurns(image_processor)
+    else:
+        if image_aspect_ratio:
+            model_config.image_aspect_ratio = image_aspect_ratio
+        encoder = LlavaTurns(tokenizer, image_processor, model_config, conv_version)
+    return SupervisedDataset(data_path, encoder, image_folder, model_max_length), encoder.collate
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:

@@ -38,7 +38,7 @@ from llava.model.builder import load_model
 from llava.model.checkpoint import Checkpoint
 from llava.model.visual_exit import ExitRequest
 from llava.tiny.llava import TinyGeometry, build_tiny_llava, save_llava_layout
-from llava.train.data import DataCollator, SupervisedDataset, conversation_turns, load_records
+from llava.train.data import LlavaTurns, SupervisedDataset, conversation_turns, load_records
 from llava.world.pretrain_tower import pretrain_tower
 
 WORLD_GEOMETRY = TinyGeometry(
@@ -83,14 +83,12 @@ def train(args: argparse.Namespace) -> dict:
         tower_accuracy = pretrain_tower(tower, image_processor, args.tower_steps, seed=args.seed)
     model.train().requires_grad_(True)
     tower.requires_grad_(not args.tower_steps)  # a pretrained tower stays frozen, as CLIP in LLaVA
+    encoder = LlavaTurns(tokenizer, image_processor, model.config, CONV_MODE)
     dataset = SupervisedDataset(
-        args.data_path, tokenizer, image_processor, model.config, image_folder=args.image_folder,
-        conv_version=CONV_MODE, model_max_length=model.config.max_position_embeddings,
+        args.data_path, encoder, image_folder=args.image_folder, model_max_length=model.config.max_position_embeddings
     )
-    crop = image_processor.crop_size
-    collator = DataCollator(tokenizer.pad_token_id, (3, crop["height"], crop["width"]))
     loader = DataLoader(
-        dataset, batch_size=args.batch_size, shuffle=True, collate_fn=collator, num_workers=args.workers,
+        dataset, batch_size=args.batch_size, shuffle=True, collate_fn=encoder.collate, num_workers=args.workers,
         drop_last=True, persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed),
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
