@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from llava.analysis.vtw import first_layer_within, withdrawal_divergence
+from llava.analysis.calibration import divergence_from_full
+from llava.analysis.vtw import first_layer_within
 from llava.model.checkpoint import Checkpoint
 from llava.model.visual_exit import ExitRequest
 from llava.world.generate import TEST_QUESTIONS, generate
@@ -26,10 +27,10 @@ def test_divergence_is_kl_of_the_withdrawn_from_the_full_distribution():
     full = torch.log(torch.tensor([[0.5, 0.5]]))
     withdrawn = torch.log(torch.tensor([[0.75, 0.25]]))
     by_hand = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-    assert float(withdrawal_divergence(full, withdrawn)[0]) == pytest.approx(by_hand, abs=1e-6)
+    assert float(divergence_from_full(full, withdrawn)[0]) == pytest.approx(by_hand, abs=1e-6)
     official = torch.nn.KLDivLoss(reduction="batchmean")(full.log_softmax(-1), withdrawn.softmax(-1))
     assert float(official) == pytest.approx(by_hand, abs=1e-6)
-    assert float(withdrawal_divergence(full, full)[0]) == pytest.approx(0.0, abs=1e-7)
+    assert float(divergence_from_full(full, full)[0]) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_k_is_the_first_layer_within_eta():

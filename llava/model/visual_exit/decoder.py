@@ -44,6 +44,8 @@ class ExitStats:
     # Set when a reduction before the LLM (VisionZip) shortened the input: the tokens the prompt has without it,
     # which `flops_none` then counts (mode none is the model on the whole image).
     tokens_unreduced: torch.Tensor | None = None
+    # (B, L): the visual tokens that skipped each layer's update but stayed as keys (ShortV); None when none did.
+    layer_frozen: torch.Tensor | None = None
 
     def select_rows(self, rows: torch.Tensor) -> ExitStats:
         """These statistics for the given batch rows (e.g. one per returned sequence after beam search)."""
@@ -51,12 +53,13 @@ class ExitStats:
         return ExitStats(
             pick(self.exit_layer), pick(self.num_tokens), pick(self.num_visual_tokens), pick(self.gate_evaluations),
             self.geometry, pick(self.pruned_visual_tokens), self.prune_layer, pick(self.layer_tokens),
+            layer_frozen=None if self.layer_frozen is None else pick(self.layer_frozen),
         )
 
     @property
     def prefill_flops(self) -> torch.Tensor:
         """Computed on access: nothing of it runs on the prefill's hot path."""
-        return prefill_flops(self.geometry, self.layer_tokens, self.gate_evaluations)
+        return prefill_flops(self.geometry, self.layer_tokens, self.gate_evaluations, self.layer_frozen)
 
     @property
     def flops_none(self) -> torch.Tensor:
@@ -201,6 +204,7 @@ class VisualExitDecoderMixin:
             state.pruned_visual,
             policy.prune_layer,
             torch.stack(policy.layer_tokens, dim=1),
+            layer_frozen=policy.layer_frozen,
         )
         if record is None or not record.recorded:
             channel.stats = stats

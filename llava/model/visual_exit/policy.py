@@ -24,7 +24,8 @@ class ExitRecord:
     def keep(self, index: int, layout: TokenLayout, drop, rewritten, hidden, order) -> None:
         by_input = lambda values, fill: _by_input(values, layout, fill)  # noqa: E731
         order = None if order is None else by_input(order.double(), float("inf"))
-        self.changes[index] = (by_input(drop, False), by_input(rewritten, False), by_input(hidden, 0.0), order)
+        drop = None if drop is None else by_input(drop, False)  # None: the stages only rewrote
+        self.changes[index] = (drop, by_input(rewritten, False), by_input(hidden, 0.0), order)
 
     def replay(self, index: int, layout: TokenLayout, hidden: torch.Tensor):
         """(drop, states, order) for the current layout, as `ExitPolicy.drop_after` returns them."""
@@ -35,7 +36,7 @@ class ExitRecord:
         if order is not None:  # the answer's slots stay behind, in their order
             slots = torch.arange(order.shape[1], device=order.device, dtype=order.dtype).expand_as(order)
             order = torch.where(torch.isinf(order), slots + order.shape[1], order)
-        return dropped & layout.valid_keys.valid, hidden, order
+        return None if dropped is None else dropped & layout.valid_keys.valid, hidden, order
 
 
 def _by_input(values: torch.Tensor, layout: TokenLayout, fill) -> torch.Tensor:
@@ -78,6 +79,7 @@ class ExitPolicy:
         self.gated = config.uses_gates
         self.renumbers = any(stage.renumbers for stage in self.stages)  # then every drop of this prefill renumbers
         self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)
+        self.frozen: dict[int, torch.Tensor] = {}  # layer index -> (B,) visual tokens that skipped its update
 
     def drop_before_first_layer(self, layout: TokenLayout, hidden: torch.Tensor):
         """(slots to drop before layer 0 or None, the input states with the slots stages rewrote): stages decide on
@@ -104,15 +106,25 @@ class ExitPolicy:
         recorded when there is a record."""
         order = None
         rewritten = torch.zeros_like(layout.visual)
-        for decision in decisions:
-            if isinstance(decision, Rewrite):
-                hidden = torch.where(decision.rewritten[..., None], decision.states, hidden)
-                rewritten |= decision.rewritten
-                order = decision.order if decision.order is not None else order
+        rewrites = [decision for decision in decisions if isinstance(decision, Rewrite)]
+        for decision in rewrites:
+            hidden = torch.where(decision.rewritten[..., None], decision.states, hidden)
+            rewritten |= decision.rewritten
+            order = decision.order if decision.order is not None else order
+            if decision.skipped:
+                self.frozen[index] = self.frozen.get(index, 0) + decision.rewritten.sum(dim=1)
         drop = _union(d.drop if isinstance(d, Rewrite) else d for d in decisions)
-        if self.record is not None and drop is not None:
+        if self.record is not None and (drop is not None or rewrites):
             self.record.keep(index, layout, drop, rewritten, hidden, order)
         return drop, hidden, order
+
+    @property
+    def layer_frozen(self) -> torch.Tensor | None:
+        """(B, L): per layer, the visual tokens that skipped its update (None when none did)."""
+        if not self.frozen:
+            return None
+        zeros = torch.zeros_like(self.state.exit_layer)
+        return torch.stack([self.frozen.get(index, zeros) for index in range(self.state.num_layers)], dim=1)
 
     @property
     def gate_evaluations(self) -> torch.Tensor:

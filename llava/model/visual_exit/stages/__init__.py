@@ -14,6 +14,7 @@ from llava.model.visual_exit.stages.fixed import FixedExit
 from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.stages.prune import Prune
 from llava.model.visual_exit.stages.pyramid import PyramidDrop
+from llava.model.visual_exit.stages.shortv import ShortV
 from llava.model.visual_exit.stages.sparsevlm import SparseVLM, SparseVLMWithoutRecycling
 from llava.model.visual_exit.stages.visionzip import VisionZip
 
@@ -28,6 +29,7 @@ STAGES: dict[str, type[Stage]] = {
     "downsample": Downsample,
     "sparsevlm": SparseVLM,
     "sparsevlm-drop": SparseVLMWithoutRecycling,
+    "shortv": ShortV,
 }
 
 

@@ -53,15 +53,18 @@ class ExitState:
 
 @dataclass
 class Rewrite:
-    """A stage's decision that, besides the visual slots that leave (`drop`, (B, T)), gives some slots that stay
-    new hidden states from the next layer on: `rewritten` (B, T) and their `states` (B, T, H), read only there
+    """A stage's decision that, besides the visual slots that leave (`drop`, (B, T), or None), gives some slots that
+    stay new hidden states from the next layer on: `rewritten` (B, T) and their `states` (B, T, H), read only there
     (SparseVLM's recycled clusters); `order` (B, T), when given, is the order the remaining slots take (SparseVLM's
-    code puts its merged tokens behind the kept visual ones). A bare drop mask is the decision that rewrites nothing."""
+    code puts its merged tokens behind the kept visual ones). `skipped`: the states are the layer's input, the
+    rewritten slots skipped its update (ShortV), which the cost counts. A bare drop mask is the decision that
+    rewrites nothing."""
 
-    drop: torch.Tensor
+    drop: torch.Tensor | None
     rewritten: torch.Tensor
     states: torch.Tensor
     order: torch.Tensor | None = None
+    skipped: bool = False
 
 
 POSITION_RULES = ("renumber", "keep")
