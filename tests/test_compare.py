@@ -109,3 +109,25 @@ def test_questions_counts_the_scored_ones_and_loader_flags_are_refused(llava_che
         with pytest.raises(SystemExit):
             compare(compare_arguments(llava_checkpoint, gqa, tmp_path / "out", "--no-dynamic", *flag))
         assert f"unrecognized arguments: {flag[0]}" in capsys.readouterr().err
+
+
+def test_gates_after_a_reduction_before_the_llm_get_their_own_rows(init_checkpoint, gqa_root, tmp_path):  # noqa: F811
+    """τ = 1 never exits: the row equals the reduction alone; τ = 0 exits after the first layer: fewer visual tokens
+    than the reduction alone, never more."""
+    eval_root, _ = gqa_root
+    rows = {}
+    for tau in ("1", "0"):
+        out = tmp_path / tau
+        compare(compare_arguments(init_checkpoint, eval_root / "gqa", out, "--methods", "divprune", "--no-dynamic",
+                                  "--calibration", "1", "--gates-after", "divprune", "--gates-after-threshold", tau))
+        with open(out / "comparison.csv") as handle:
+            rows[tau] = {r["method"]: r for r in csv.DictReader(handle)}
+    alone, never, always = rows["1"]["divprune"], rows["1"]["divprune+gates"], rows["0"]["divprune+gates"]
+    assert never["setting"] == alone["setting"] + ",gates:1" and always["setting"] == alone["setting"] + ",gates:0"
+    assert (never["accuracy"], never["visual_tokens_avg"]) == (alone["accuracy"], alone["visual_tokens_avg"])
+    assert float(never["tflops"]) > float(alone["tflops"])  # the gates it evaluated, and nothing else
+    assert float(always["visual_tokens_avg"]) < float(alone["visual_tokens_avg"])
+    with pytest.raises(SystemExit) as stopped:
+        compare(compare_arguments(init_checkpoint, eval_root / "gqa", tmp_path / "x", "--calibration", "1",
+                                  "--gates-after", "divprune"))
+    assert "--gates-after divprune: each must be one of --methods too" in str(stopped.value.code)

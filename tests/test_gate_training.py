@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from llava.constants import IGNORE_INDEX
 from llava.model.builder import load_pretrained_model
+from llava.model.checkpoint import Checkpoint
 from llava.model.gates_artifact import save_gates
 from llava.model.visual_exit import ExitRequest
 from llava.model.visual_exit.training import ExitLabelRule, exit_labels
@@ -80,6 +81,39 @@ def test_training_exit_continuation_matches_inference_exit(loaded, images):
             assert (out.exit_logits - exited.logits[sample, position]).abs().max() <= 1e-5
             assert (out.full_logits - full.logits[sample, position]).abs().max() <= 1e-5
             assert out.exit_labels.usable.tolist() == [True, False, True]  # the text-only sample has no visual tokens
+    finally:
+        model.get_model().visual_gates_router = None
+        del model.config.visual_gate_hidden_size
+
+
+@pytest.mark.parametrize("reduction", ["divprune:0.5", "downsample:1", "visionzip:2:1"])
+def test_training_after_an_input_reduction_judges_what_inference_runs(loaded, images, reduction):
+    """With a reduction before the LLM, the training pass's two continuations are inference's `REDUCTION` and
+    `REDUCTION,fixed:k+1` on the same batch: the gates learn on what the reduction keeps."""
+    tokenizer, model, _, _ = loaded
+    model.config.visual_gate_hidden_size = 8
+    from llava.model.visual_exit.gate import build_visual_gates
+
+    model.get_model().visual_gates_router = build_visual_gates(model.config)
+    try:
+        prompts = ["USER: <image>\nWhat is it? ASSISTANT: A red square.</s>", "USER: <image> Hi ASSISTANT: Hello there.</s>"]
+        ids, mask = padded_batch(tokenizer, prompts, "right")
+        labels = ids.clone()
+        labels[:, :-6] = IGNORE_INDEX
+        labels[mask == 0] = IGNORE_INDEX
+        before = ExitRequest("stages", stages=reduction).expand()
+        for layer in (0, 2):
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, images=images[:2], gate_training_layer=layer,
+                            exit_config=before)
+                exited = model(input_ids=ids, attention_mask=mask, images=images[:2],
+                               exit_config=ExitRequest("stages", stages=f"{reduction},fixed:{layer + 1}").expand())
+                full = model(input_ids=ids, attention_mask=mask, images=images[:2], exit_config=before)
+                unreduced = model(input_ids=ids, attention_mask=mask, images=images[:2])
+            sample, position = out.answer_positions
+            assert (out.exit_logits - exited.logits[sample, position]).abs().max() <= 1e-5
+            assert (out.full_logits - full.logits[sample, position]).abs().max() <= 1e-5
+            assert (out.full_logits - unreduced.logits[sample, position]).abs().max() > 1e-4  # it did reduce
     finally:
         model.get_model().visual_gates_router = None
         del model.config.visual_gate_hidden_size
@@ -157,6 +191,18 @@ def test_training_on_from_a_gates_artifact_keeps_its_base(init_checkpoint, gate_
     load_pretrained_model(str(tmp_path / "second"), device="cpu")
 
 
+def test_gates_trained_after_a_reduction_run_after_it_by_default(init_checkpoint, gate_data, tmp_path):
+    train(train_args(init_checkpoint, gate_data, tmp_path / "run", "--max_steps", "1", "--input_reduction", "divprune:0.5"))
+    artifact = json.loads((tmp_path / "run" / "visual_gates.json").read_text())
+    assert artifact["input_reduction"] == "divprune:0.5"
+    checkpoint = Checkpoint.resolve(str(tmp_path / "run"))
+    assert checkpoint.exit_defaults == ExitRequest("stages", stages="divprune:0.5,gates:0.5")
+    _, model, _, _ = load_pretrained_model(str(tmp_path / "run"), device="cpu")
+    assert ExitRequest.from_model_config(model.config) == checkpoint.exit_defaults  # what a bare forward runs
+    train(train_args(str(tmp_path / "run"), gate_data, tmp_path / "on", "--max_steps", "1"))  # training on keeps it
+    assert json.loads((tmp_path / "on" / "visual_gates.json").read_text())["input_reduction"] == "divprune:0.5"
+
+
 def test_full_checkpoint_loads_with_trained_gates(init_checkpoint, gate_data, tmp_path):
     train(train_args(init_checkpoint, gate_data, tmp_path / "run", "--max_steps", "1", "--save_full_model", "True"))
     _, full, _, _ = load_pretrained_model(str(tmp_path / "run" / "full_model"), device="cpu")
@@ -194,6 +240,8 @@ def test_init_weight_refuses_existing_gates_unless_reinit(init_checkpoint, tmp_p
     ("sampler", r"--exit_layer_sampler '2-9': the range must lie within 0-2"),
     ("resume latest", r"--resume_from_checkpoint True: no checkpoint-\* folder in .*/run to resume from"),
     ("resume folder", r"--resume_from_checkpoint .*/checkpoint-7: not a checkpoint folder"),
+    ("reduction", r"--input_reduction prune:fastv:1:0.5: only reductions before the LLM .* Prune acts inside"),
+    ("reduction spec", r"--input_reduction divprune:2: exit stage 'divprune:2'"),
 ])
 def test_input_errors_end_in_one_line(init_checkpoint, gate_data, tmp_path, case, message):
     (tmp_path / "bad.json").write_text('[\n  {"id": "1",}\n]')
@@ -210,6 +258,8 @@ def test_input_errors_end_in_one_line(init_checkpoint, gate_data, tmp_path, case
         "sampler": ["--exit_layer_sampler", "2-9"],
         "resume latest": ["--resume_from_checkpoint", "True"],
         "resume folder": ["--resume_from_checkpoint", str(tmp_path / "checkpoint-7")],
+        "reduction": ["--input_reduction", "prune:fastv:1:0.5"],
+        "reduction spec": ["--input_reduction", "divprune:2"],
     }[case]
     with pytest.raises(SystemExit) as stopped:
         main(train_args(init_checkpoint, gate_data, tmp_path / "run", "--max_steps", "1", *extra))
@@ -332,3 +382,25 @@ def test_two_cpu_processes_through_the_trainers_ddp(init_checkpoint, gate_data, 
     assert single.state.global_step == 3
     alone = load_file(tmp_path / "one" / "visual_gates.safetensors")
     assert all(torch.allclose(alone[name], trained[name], atol=1e-5) for name in alone)
+
+
+@pytest.mark.parametrize("family, reduction", [("llava-hf", "divprune:0.5"), ("qwen2-vl", "divprune:0.5:keep")])
+def test_a_familys_training_after_an_input_reduction_judges_what_inference_runs(family, reduction):
+    from families import Sample, batch, exit_model, stock_model
+
+    stock = stock_model(family)
+    model = exit_model(stock, gate_hidden_size=8)
+    size = None if family == "llava-hf" else (4, 4)
+    inputs = batch(family, stock, [Sample(3, [size], 6), Sample(2, [size], 8)], padding_side="right")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+    labels[:, :-4] = IGNORE_INDEX
+    before = ExitRequest("stages", stages=reduction).expand()
+    with torch.no_grad():
+        out = model(**inputs, labels=labels, gate_training_layer=1, exit_config=before)
+        exited = model(**inputs, exit_config=ExitRequest("stages", stages=f"{reduction},fixed:2").expand())
+        full = model(**inputs, exit_config=before)
+        unreduced = model(**inputs)
+    sample, position = out.answer_positions
+    assert (out.exit_logits - exited.logits[sample, position]).abs().max() <= 1e-5
+    assert (out.full_logits - full.logits[sample, position]).abs().max() <= 1e-5
+    assert (out.full_logits - unreduced.logits[sample, position]).abs().max() > 1e-4

@@ -3,7 +3,9 @@
     python -m llava.analysis.compare --model-path CKPT --question-file Q.jsonl --image-folder IMAGES \\
         --truth testdev_balanced_questions.json --budgets 64 128 192 [--budget-rules paper equal] --out DIR
 
-Runs mode `none`, each method of `--methods` at each budget by each rule of `--budget-rules`
+Runs mode `none`, each method of `--methods` at each budget by each rule of `--budget-rules` (and, for each of
+`--gates-after`, that reduction before the LLM with DyVTE's gates deciding the exit of what it kept, at the
+checkpoint's threshold: gates trained after it with train.py's `--input_reduction` fit it best)
 (llava.model.visual_exit.budget: `paper`, each method's published setting for that budget on LLaVA-1.5-7B carried
 to this model, the default; `equal`, the same layer average of visual tokens for every method), and DyVTE's gates
 with their threshold calibrated per budget: on the first `--calibration` questions each τ of `--thresholds` is run
@@ -44,7 +46,7 @@ from llava.model.checkpoint import Checkpoint, CheckpointError  # noqa: E402
 from llava.model.exit_args import budget_tokens  # noqa: E402
 from llava.model.visual_exit import ExitConfig  # noqa: E402
 from llava.model.visual_exit.budget import RULES, OutOfReach  # noqa: E402
-from llava.model.visual_exit.stages import METHODS  # noqa: E402
+from llava.model.visual_exit.stages import BEFORE_LLM, METHODS  # noqa: E402
 
 logger = logging.getLogger("llava.analysis.compare")
 DEFAULT_THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.999, 0.9999)
@@ -144,8 +146,11 @@ def compare(args: argparse.Namespace) -> list[RunResult]:
     calibration, evaluated = split_questions(questions, args.calibration, args.dynamic)
     truth = scored_truth(args.truth, evaluated)
     checkpoint = Checkpoint.resolve(args.model_path, args.model_base)
-    if args.dynamic and not checkpoint.has_gates:
-        raise ValueError(f"{args.model_path} has no gates to calibrate: train them first, or pass --no-dynamic")
+    if (args.dynamic or args.gates_after) and not checkpoint.has_gates:
+        raise ValueError(f"{args.model_path} has no gates to calibrate: train them first, or pass --no-dynamic "
+                         "(and no --gates-after)")
+    if not set(args.gates_after) <= set(args.methods):
+        raise ValueError(f"--gates-after {' '.join(args.gates_after)}: each must be one of --methods too")
     spec = RunSpec.build(checkpoint, conv_mode=args.conv_mode, device=args.device, image_folder=args.image_folder,
                          batch_size=args.batch_size, exit_mode="none")
     with Answerer(load_model(checkpoint, device=args.device), spec) as answerer:
@@ -157,6 +162,9 @@ def compare_runs(args, answerer: Answerer, calibration: list[dict], evaluated: l
     none = run_setting(answerer, out, "none", evaluated, exit_mode="none")
     results = [result("none", None, None, "", none, truth, "none")]
     tokens = budget_tokens(args.visual_tokens, answerer.spec.checkpoint.config)
+    gates_threshold = args.gates_after_threshold
+    if gates_threshold is None:  # the checkpoint's own (the reference's argmax, 0.5, unless it saved another)
+        gates_threshold = answerer.spec.checkpoint.exit_defaults.threshold
     for budget in args.budgets:
         targets = {}  # the budget's layer average on this model, per rule: what the gates are calibrated to
         for rule in args.budget_rules:
@@ -171,6 +179,11 @@ def compare_runs(args, answerer: Answerer, calibration: list[dict], evaluated: l
                     results.append(unreached(method, rule, budget, error))
                     continue
                 results.append(result(method, rule, budget, answered[1].request.stages, answered, truth, name))
+                if method in args.gates_after:  # DyVTE on top: the gates decide the exit of what the method kept
+                    stages = f"{answered[1].request.stages},gates:{gates_threshold:g}"
+                    name = f"{method}+gates-{rule}{budget:g}"
+                    answered = run_setting(answerer, out, name, evaluated, exit_stages=stages)
+                    results.append(result(f"{method}+gates", rule, budget, stages, answered, truth, name))
         for target, rule in targets.items() if args.dynamic else ():
             tau = calibrated_threshold(answerer, out, calibration, target, args.thresholds)
             answered = run_setting(answerer, out, f"dynamic-{tau:g}", evaluated, exit_mode="dynamic", exit_threshold=tau)
@@ -229,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "fixed"])
     parser.add_argument("--no-dynamic", dest="dynamic", action="store_false", help="leave out DyVTE's gates")
     parser.add_argument("--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS)
+    parser.add_argument("--gates-after", nargs="+", choices=BEFORE_LLM, default=[],
+                        help="also run each of these reductions before the LLM with DyVTE's gates deciding after it")
+    parser.add_argument("--gates-after-threshold", type=float, default=None,
+                        help="τ of the gates after a reduction (default: the checkpoint's saved threshold)")
     parser.add_argument("--calibration", type=int, default=50, help="first questions used to calibrate τ only")
     parser.add_argument("--out", required=True)
     parser.add_argument("--time-questions", type=int, default=64, help="questions every run's prefill is timed on (0: not)")

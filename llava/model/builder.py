@@ -74,6 +74,7 @@ def load_model(
         tokenizer, model, processor, context_len = load_family_model(checkpoint.weights, **load_kwargs)
         if checkpoint.gates is not None:
             _load_gates_artifact(model, checkpoint.gates)
+            checkpoint.exit_defaults.save_to(exit_decoder_of(model).config)  # the artifact's exit, as for LLaVA
         return LoadedModel(checkpoint, model, tokenizer, processor, context_len)
 
     if checkpoint.kind == "llava-hf":

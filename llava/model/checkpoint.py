@@ -71,6 +71,9 @@ class Checkpoint:
             kind = "family"
         if artifact is not None:
             config.visual_gate_hidden_size = artifact["visual_gate_hidden_size"]
+            if artifact.get("input_reduction"):  # gates trained after a reduction decide after it by default
+                threshold = ExitRequest.from_model_config(config).threshold
+                ExitRequest("stages", stages=f"{artifact['input_reduction']},gates:{threshold:g}").save_to(config)
         elif kind != "family" and not getattr(config, "visual_gate_hidden_size", None):
             config.visual_gate_hidden_size = gate_width_in_checkpoint(weights)  # reference-trained checkpoints
         return cls(path, weights, kind, config, raw, model_base, path if artifact is not None else None)

@@ -34,8 +34,10 @@ def gate_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {GATES_PREFIX + name.split(marker, 1)[1]: tensor for name, tensor in state_dict.items() if marker in name}
 
 
-def save_gates(model, output_dir: str, base_model: str, state_dict: dict | None = None) -> None:
-    """Write the gates-only artifact; `base_model` is the checkpoint whose LLM the gates were trained for."""
+def save_gates(model, output_dir: str, base_model: str, state_dict: dict | None = None,
+               input_reduction: str | None = None) -> None:
+    """Write the gates-only artifact; `base_model` is the checkpoint whose LLM the gates were trained for,
+    `input_reduction` the stage spec of the reduction before the LLM they were trained after (None: none)."""
     os.makedirs(output_dir, exist_ok=True)
     gates = gate_state_dict(state_dict if state_dict is not None else model.state_dict())
     if not gates:
@@ -46,6 +48,7 @@ def save_gates(model, output_dir: str, base_model: str, state_dict: dict | None 
         "base_model": base_model,
         "visual_gate_hidden_size": config.visual_gate_hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
+        **({"input_reduction": input_reduction} if input_reduction else {}),
     }
     with open(os.path.join(output_dir, GATES_CONFIG), "w") as handle:
         json.dump(info, handle, indent=2)

@@ -26,7 +26,8 @@ from llava.model.builder import load_model
 from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
-from llava.model.visual_exit import exit_decoder_of
+from llava.model.visual_exit import ExitConfig, ExitRequest, exit_decoder_of
+from llava.model.visual_exit.stages.base import InputReduction
 from llava.model.visual_exit.training import ExitLabelRule
 from llava.model.families.processing import FamilyProcessor
 from llava.train.data import DataError, FamilyTurns, LlavaTurns, SupervisedDataset
@@ -61,6 +62,9 @@ class GateArguments:
     gate_ratio_threshold: float = field(default=1.03, metadata={"help": "... and loss ratio exit/full below this"})
     exit_layer_sampler: str = field(default="uniform", metadata={"help": "'uniform' or a layer range like '4-20'"})
     save_full_model: bool = field(default=False, metadata={"help": "also save a full checkpoint with the gates"})
+    input_reduction: str | None = field(default=None, metadata={
+        "help": "a reduction before the LLM (e.g. divprune:0.222, visionzip:108:20, downsample:11) the gates learn "
+        "after: they decide the exit of what it keeps, and the artifact runs SPEC,gates:τ by default"})
 
 
 @dataclass
@@ -91,6 +95,22 @@ def build_model(model_args: ModelArguments, gate_args: GateArguments, training_a
     exit_decoder_of(model).visual_gates_router.requires_grad_(True)
     model.config.use_cache = False
     return tokenizer, model, image_processor
+
+
+def input_reduction(spec: str | None, checkpoint: Checkpoint) -> ExitConfig | None:
+    """`--input_reduction SPEC` as the exit the gates train after: reductions before the LLM only."""
+    if spec is None:
+        return None
+    try:
+        reduction = ExitRequest("stages", stages=spec).expand()
+        checkpoint.check_exit(reduction)
+    except ValueError as error:
+        raise ConfigError(f"--input_reduction {spec}: {error}") from None
+    others = [type(s).__name__ for s in reduction.stages if not (s.before_llm or isinstance(s, InputReduction))]
+    if others:
+        raise ConfigError(f"--input_reduction {spec}: only reductions before the LLM (visionzip, divprune, downsample); "
+                          f"{', '.join(others)} acts inside the decoder, where the gates decide")
+    return reduction
 
 
 def training_data(
@@ -136,13 +156,16 @@ def train(argv: list[str] | None = None) -> GateTrainer:
     if training_args.ddp_find_unused_parameters is None:
         # A step trains one gate (its sampled layer's): under DDP the others have no gradient that step.
         training_args.ddp_find_unused_parameters = True
+    artifact = read_gates_config(model_args.model_name_or_path)  # training on from a gates artifact: keep its base
+    # Training on from an artifact trained after a reduction goes on after it, unless another is named.
+    reduction_spec = gate_args.input_reduction or (artifact or {}).get("input_reduction")
+    reduction = input_reduction(reduction_spec, Checkpoint.resolve(model_args.model_name_or_path, model_args.model_base))
     tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
     layer_sampler = ExitLayerSampler(exit_decoder_of(model).config.num_hidden_layers, gate_args.exit_layer_sampler)
     dataset, collator = training_data(
         data_args.data_path, data_args.image_folder, tokenizer, image_processor, model.config, model_args.version,
         training_args.model_max_length, data_args.image_aspect_ratio,
     )
-    artifact = read_gates_config(model_args.model_name_or_path)  # training on from a gates artifact: keep its base
     trainer = GateTrainer(
         model=model,
         args=training_args,
@@ -151,6 +174,7 @@ def train(argv: list[str] | None = None) -> GateTrainer:
         layer_sampler=layer_sampler,
         label_rule=ExitLabelRule(gate_args.gate_agree_threshold, gate_args.gate_ratio_threshold),
         base_model=artifact["base_model"] if artifact else os.path.abspath(model_args.model_name_or_path),
+        input_reduction=reduction,
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)

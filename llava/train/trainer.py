@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer
 
 from llava.model.gates_artifact import load_gates, save_gates
-from llava.model.visual_exit import exit_decoder_of
+from llava.model.visual_exit import ExitConfig, exit_decoder_of
 from llava.model.visual_exit.training import ExitLabelRule
 from llava.train.sampler import ModalityLengthGroupedSampler
 
@@ -43,16 +43,20 @@ class ExitLayerSampler:
 
 
 class GateTrainer(Trainer):
-    def __init__(self, *args, layer_sampler: ExitLayerSampler, label_rule: ExitLabelRule, base_model: str, **kwargs):
+    def __init__(self, *args, layer_sampler: ExitLayerSampler, label_rule: ExitLabelRule, base_model: str,
+                 input_reduction: ExitConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.layer_sampler, self.label_rule, self.base_model = layer_sampler, label_rule, base_model
+        self.input_reduction = input_reduction  # the reduction before the LLM the gates learn after, if any
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer scale it
         # Per layer, since the last log: samples judged, gate predictions right, exits labelled safe, exits predicted.
         self._counts = torch.zeros(exit_decoder_of(self.model).config.num_hidden_layers, 4)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         layer = self.layer_sampler.sample()
-        outputs = model(**inputs, gate_training_layer=layer, exit_label_rule=self.label_rule)
+        outputs = model(
+            **inputs, gate_training_layer=layer, exit_label_rule=self.label_rule, exit_config=self.input_reduction
+        )
         judged = outputs.exit_labels
         usable = judged.usable
         predicted = outputs.gate_logits.detach().argmax(dim=-1)
@@ -97,7 +101,8 @@ class GateTrainer(Trainer):
             return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
-        save_gates(model, output_dir, self.base_model, state_dict)
+        reduction = None if self.input_reduction is None else self.input_reduction.request.stages
+        save_gates(model, output_dir, self.base_model, state_dict, input_reduction=reduction)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         logger.info("gates saved to %s", output_dir)
 

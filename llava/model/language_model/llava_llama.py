@@ -86,7 +86,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             return gate_training_pass(
                 self.model, self.lm_head, inputs_embeds, attention_mask, position_ids, visual_mask, labels,
-                gate_training_layer, exit_label_rule or ExitLabelRule(),
+                gate_training_layer, exit_label_rule or ExitLabelRule(), reduction=exit_config,
             )
         channel = exit_channel or ExitChannel()  # generate's: kept over its steps
         earlier = channel.stats

@@ -157,7 +157,8 @@ class VisualExitDecoderMixin:
             cache.hold_recurrent_layers(self.config)
         if channel.gate_training is not None:
             channel.gate_output = channel.gate_training(
-                self, inputs_embeds, attention_mask, position_ids, visual_mask, additions=additions, blocks=channel.blocks
+                self, inputs_embeds, attention_mask, position_ids, visual_mask, additions=additions,
+                blocks=channel.blocks, reduction=exit_config,
             )
             return VisualExitModelOutput(last_hidden_state=inputs_embeds)  # the wrapper returns gate_output instead
         packing = self.packing_positions(position_ids) if attention_mask is None and cache is None else None
@@ -178,19 +179,7 @@ class VisualExitDecoderMixin:
             additions=additions, blocks=channel.blocks,
         )
         record = channel.record
-        policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, record)
-        if policy.renumbers:
-            if not self.renumbers_positions:
-                raise ValueError(
-                    f"{exit_config.label}: this model's multi-row (M-RoPE) positions have no renumbering as PyramidDrop's "
-                    "and SparseVLM's LLaVA code renumbers 1-D ones; add :keep to the stage (original positions)"
-                )
-            layout = replace(layout, renumber=partial(self.rotary, hidden))
-            if cache is not None:
-                cache.renumbered = True
-        drop, hidden = policy.drop_before_first_layer(layout, hidden)
-        if drop is not None:
-            hidden, layout = layout.drop(hidden, drop)
+        hidden, layout, policy = self.start_exit(hidden, layout, exit_config, cache, record)
         hidden, layout = self.run_layers(hidden, layout, range(self.config.num_hidden_layers), cache, policy, **kwargs)
         if cache is not None:
             cache.seen_tokens = layout.input_length
@@ -262,6 +251,24 @@ class VisualExitDecoderMixin:
             valid, positions, self.rotary(hidden, rope_position_ids), visual_mask, with_gate_features, prompt_end,
             additions, blocks, self.layer_rotations,
         )
+
+    def start_exit(self, hidden, layout, exit_config: ExitConfig, cache=None, record=None):
+        """(hidden, layout, policy): the exit's policy over this prefill, and the input after the reductions its
+        stages make before layer 0 (positions numbered again from here on when a stage renumbers)."""
+        policy = ExitPolicy(exit_config, self.config.num_hidden_layers, layout, self.visual_gates_router, record)
+        if policy.renumbers:
+            if not self.renumbers_positions:
+                raise ValueError(
+                    f"{exit_config.label}: this model's multi-row (M-RoPE) positions have no renumbering as PyramidDrop's "
+                    "and SparseVLM's LLaVA code renumbers 1-D ones; add :keep to the stage (original positions)"
+                )
+            layout = replace(layout, renumber=partial(self.rotary, hidden))
+            if cache is not None:
+                cache.renumbered = True
+        drop, hidden = policy.drop_before_first_layer(layout, hidden)
+        if drop is not None:
+            hidden, layout = layout.drop(hidden, drop)
+        return hidden, layout, policy
 
     def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
         """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""

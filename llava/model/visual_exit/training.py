@@ -97,9 +97,12 @@ def gate_training_pass(
     rule: ExitLabelRule,
     additions=None,
     blocks=None,
+    reduction=None,
 ) -> GateTrainingOutput:
     """Loss of gate `layer` (0 .. L-2) on this batch; the decoder and head stay frozen (run without grad).
-    `additions` (DeepStack) and bidirectional `blocks` (Gemma 3's images) as the decoder takes them at inference."""
+    `additions` (DeepStack) and bidirectional `blocks` (Gemma 3's images) as the decoder takes them at inference;
+    `reduction`, an ExitConfig of reductions before layer 0 (DivPrune, downsampling): the gates learn on what it
+    keeps, as they decide after it at inference."""
     num_layers = decoder.config.num_hidden_layers
     if not 0 <= layer < num_layers - 1:
         raise ValueError(f"gate layer {layer} outside 0..{num_layers - 2}: an exit after the last layer changes nothing")
@@ -109,6 +112,8 @@ def gate_training_pass(
             inputs_embeds, attention_mask, position_ids, visual_mask, with_gate_features=True,
             prompt_end=prompt_ends(sample, position, labels.shape), additions=additions, blocks=blocks,
         )
+        if reduction is not None:
+            hidden, layout, _ = decoder.start_exit(hidden, layout, reduction)
         hidden, layout = decoder.run_layers(hidden, layout, range(layer + 1))
         features = gate_features(hidden, layout.feature_weights)
         rest = range(layer + 1, num_layers)

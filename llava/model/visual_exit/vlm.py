@@ -270,9 +270,9 @@ def refuse_cache_implementation(model, kwargs: dict) -> None:
         )
 
 
-def _gate_training(decoder, inputs_embeds, attention_mask, position_ids, visual_mask, additions=None, blocks=None, *,
-                   lm_head, labels, layer, rule):
+def _gate_training(decoder, inputs_embeds, attention_mask, position_ids, visual_mask, additions=None, blocks=None,
+                   reduction=None, *, lm_head, labels, layer, rule):
     return gate_training_pass(
         decoder, lm_head, inputs_embeds, attention_mask, position_ids, visual_mask, labels, layer, rule, additions,
-        blocks,
+        blocks, reduction,
     )
