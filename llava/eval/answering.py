@@ -190,6 +190,9 @@ class Answerer:
                 images = [load_image(os.path.join(self.spec.image_folder, image))]
             else:
                 images = [image.convert("RGB")]
+        stage = self.spec.exit_config.vision_stage
+        if stage is not None and stage.before_processor:  # the downsampling control's smaller image
+            images = [stage.apply(picture) for picture in images]
         video = question_video(record, self.spec.image_folder)
         try:
             inputs = self.processor.question_inputs(record["text"], images, tagged, videos=[video] if video else [])

@@ -119,8 +119,12 @@ class Checkpoint:
         return f"chat_template:{digest}", "the checkpoint's own chat template"
 
     def check_exit(self, exit_config: ExitConfig) -> None:
-        """ValueError when `exit_config` cannot run on this checkpoint (its depth, its gates)."""
+        """ValueError when `exit_config` cannot run on this checkpoint (its depth, its gates, its image sizes)."""
         exit_config.check_model(self.config.num_hidden_layers, self.has_gates)
+        stage = exit_config.vision_stage
+        if stage is not None and stage.before_processor and self.kind in ("llava", "llava-hf"):
+            raise ValueError(f"{stage.usage} gives a smaller image, but LLaVA-1.5 resizes every image to its tower's "
+                             "size: the same tokens; pool its grid with downsample:S instead")
 
 
 def read_config_dict(model_path: str) -> dict:

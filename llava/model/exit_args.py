@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from transformers import CLIPVisionConfig
 
 from llava.arguments import positive_int
+from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.visual_exit import EXIT_MODES, ExitConfig, ExitRequest
 from llava.model.visual_exit.budget import RULES
 from llava.model.visual_exit.stages import METHODS, method_stages
@@ -71,7 +73,8 @@ def exit_config_from_flags(
                              "--exit-mode or --exit-stages")
         stages = method_stages(exit_method, visual_budget, model_config.num_hidden_layers,
                                budget_tokens(visual_tokens, model_config), budget_rule or "paper",
-                               keep_positions=has_multirow_positions(model_config))
+                               keep_positions=has_multirow_positions(model_config),
+                               native_resolution=has_multirow_positions(model_config))
     given = {"layer": exit_layer, "threshold": exit_threshold, "fastv_k": fastv_k, "fastv_r": fastv_r, "stages": stages}
     if stages is not None:
         if mode not in (None, "stages"):
@@ -83,7 +86,8 @@ def exit_config_from_flags(
 
 
 def has_multirow_positions(model_config) -> bool:
-    """M-RoPE (Qwen2-VL and the families on it): positions with three rows, which no method renumbers."""
+    """M-RoPE (Qwen2-VL and the families on it): positions with three rows, which no method renumbers; their
+    images take as many tokens as their size gives (native resolution)."""
     rope = getattr(model_config, "rope_parameters", None) or getattr(model_config, "rope_scaling", None) or {}
     return isinstance(rope, dict) and "mrope_section" in rope
 
@@ -114,3 +118,23 @@ def visual_tokens_per_image(model_config) -> int:
         raise ValueError("pass --visual-tokens: this checkpoint's visual tokens per image depend on the image")
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     return patches + (getattr(model_config, "mm_vision_select_feature", "patch") == "cls_patch")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m llava.model.exit_args --model-path M EXIT FLAGS`: the stage list those flags run on that
+    checkpoint (e.g. a method at a budget), to compose further with --exit-stages."""
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    parser.add_argument("--model-path", required=True)
+    add_exit_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = Checkpoint.resolve(args.model_path)
+        config = exit_config_from_args(args, checkpoint.config)
+        checkpoint.check_exit(config)
+    except (CheckpointError, ValueError) as error:
+        sys.exit(f"llava.model.exit_args: error: {error}")
+    print(config.request.stages or config.label)
+
+
+if __name__ == "__main__":
+    main()

@@ -64,7 +64,8 @@ class LlavaMetaForCausalLM:
     def visionzip_stage(self, exit_config: ExitConfig | None) -> VisionZip | None:
         """The exit's VisionZip stage, its vision slot (the checkpoint's exit settings when the call gives none), or
         None: it acts on the image features, before the decoder sees them."""
-        return (exit_config or ExitConfig.from_model_config(self.config)).vision_stage
+        stage = (exit_config or ExitConfig.from_model_config(self.config)).vision_stage
+        return stage if isinstance(stage, VisionZip) else None
 
     def encode_images(self, images: torch.Tensor, visionzip: VisionZip | None = None) -> torch.Tensor:
         """(N, 3, H, W) pixels → (N, tokens, hidden) LLM-space features: the tower's selected features, or with a

@@ -199,8 +199,9 @@ class VisualExitVLMMixin:
         `gate_training_layer` k it is a gate-training step instead (visual_exit.training), which returns a
         GateTrainingOutput with the loss of gate k. The visual tokens are found by their ids, or in `inputs_embeds`
         by their embeddings, or given as `visual_mask` (B, T)."""
-        if exit_config is not None and exit_config.vision_stage is not None:
-            raise ValueError(f"{exit_config.vision_stage.usage} needs our LLaVA class: transformers' VLM classes encode "
+        vision_stage = None if exit_config is None else exit_config.vision_stage
+        if vision_stage is not None and not vision_stage.before_processor:  # a smaller image was already given
+            raise ValueError(f"{vision_stage.usage} needs our LLaVA class: transformers' VLM classes encode "
                              "images in their own forward")
         refuse_custom_masks(kwargs.get("attention_mask"))
         visual_mask = kwargs.pop("visual_mask", None)

@@ -14,6 +14,7 @@ from llava.model.visual_exit.stages.fixed import FixedExit
 from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.stages.prune import Prune
 from llava.model.visual_exit.stages.pyramid import PyramidDrop
+from llava.model.visual_exit.stages.resize import Resize
 from llava.model.visual_exit.stages.shortv import ShortV
 from llava.model.visual_exit.stages.sparsevlm import SparseVLM, SparseVLMWithoutRecycling
 from llava.model.visual_exit.stages.visionzip import VisionZip
@@ -30,6 +31,7 @@ STAGES: dict[str, type[Stage]] = {
     "sparsevlm": SparseVLM,
     "sparsevlm-drop": SparseVLMWithoutRecycling,
     "shortv": ShortV,
+    "resize": Resize,
 }
 
 
@@ -53,16 +55,19 @@ BEFORE_LLM = tuple(
 
 
 def method_stages(
-    method: str, budget: float, num_layers: int, visual_tokens: int, rule: str = "paper", keep_positions: bool = False
+    method: str, budget: float, num_layers: int, visual_tokens: int, rule: str = "paper", keep_positions: bool = False,
+    native_resolution: bool = False,
 ) -> str:
     """The stage spec of `method` at `budget` retained visual tokens by `rule` (llava.model.visual_exit.budget), for
     a model of `num_layers` layers and `visual_tokens` per image; `keep_positions` adds `:keep` to the methods that
-    renumber (a model whose multi-row positions have none). OutOfReach names the method, the budget and its reach."""
+    renumber (a model whose multi-row positions have none); `native_resolution`: the model's token count follows the
+    image's size, so the downsampling control gives it a smaller image (`resize:r`) instead of pooling a fixed grid.
+    OutOfReach names the method, the budget and its reach."""
     if method not in BUDGETED:
         raise ValueError(f"unknown method {method!r} for a visual budget; known: {', '.join(METHODS)}")
     try:
         amount = Budget(budget, rule, num_layers, visual_tokens)
-        spec = BUDGETED[method](amount)
+        spec = Resize.at_budget(amount) if method == "downsample" and native_resolution else BUDGETED[method](amount)
     except OutOfReach as error:
         here = f", {budget * visual_tokens / REFERENCE_TOKENS:.3g} of this model's {visual_tokens}" if rule == "paper" else ""
         raise OutOfReach(f"{method} at {budget:g} tokens ({rule} rule{here}): {error}") from None

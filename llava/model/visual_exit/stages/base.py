@@ -102,6 +102,9 @@ class Stage:
     # Reduces the image's tokens before the LLM sees them (VisionZip): it takes the exit's vision slot
     # (ExitConfig.vision_stage), read by the model that encodes the images, and never enters the decoder's loop.
     before_llm = False
+    # Changes the images before the model's processor sees them (the downsampling control's smaller image): the
+    # caller that loads them applies it; the models never run it.
+    before_processor = False
 
     def check(self, num_layers: int, has_gates: bool) -> None:
         """Raise ValueError when this stage cannot run on the model."""
