@@ -13,9 +13,12 @@
 #   GATE_ARGS [none; more gate-training flags, e.g. "--gate_ratio_threshold 1.2"]
 #   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
 #   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
-#   METHODS ["fastv random pdrop dart visionzip sparsevlm"] at BUDGETS ["64"] visual tokens by BUDGET_RULE [equal: the
-#   same layer average of 196 for every method; `paper` carries the papers' LLaVA-1.5 settings, whose 64 on 576 tokens
-#   here, 22 of 196, is below what one of 8 layers with every token already averages]
+#   METHODS ["fastv random pdrop dart visionzip divprune downsample sparsevlm"] at BUDGETS ["64"] visual tokens by
+#   each of BUDGET_RULES ["equal paper"; equal: the same layer average of 196 for every method; paper: the papers'
+#   LLaVA-1.5 settings carried over, whose 64 of 576 is 22 of 196 here: below what one of 8 layers with every token
+#   averages, so the methods that prune inside the LLM cannot reach it (listed under the table, not run)]
+#   GATES_AFTER ["divprune"]: those of METHODS run again with the gates deciding after them, at GATES_AFTER_THRESHOLD
+#   [0.99]   SHORTV [1: ShortV's layers calibrated on SHORTV_QUESTIONS [20] test questions, then run; 0: not]
 #   EVAL_BATCH_SIZE [128]  RESULTS [./playground/quickstart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,9 +42,13 @@ FASTV_LAYER=${FASTV_LAYER:-2}
 FASTV_RATIOS=${FASTV_RATIOS:-0.5 0.75 0.9}
 DYNAMIC_FASTV_THRESHOLDS=${DYNAMIC_FASTV_THRESHOLDS:-0.99}
 DYNAMIC_FASTV_RATIO=${DYNAMIC_FASTV_RATIO:-0.5}
-METHODS=${METHODS:-fastv random pdrop dart visionzip sparsevlm}   # reduction methods run at each visual budget
+METHODS=${METHODS:-fastv random pdrop dart visionzip divprune downsample sparsevlm}   # run at each visual budget
 BUDGETS=${BUDGETS:-64}   # visual tokens of 196 per image (SparseVLM reaches 50 at the least)
-BUDGET_RULE=${BUDGET_RULE:-equal}
+BUDGET_RULES=${BUDGET_RULES:-${BUDGET_RULE:-equal paper}}
+GATES_AFTER=${GATES_AFTER-divprune}
+GATES_AFTER_THRESHOLD=${GATES_AFTER_THRESHOLD:-0.99}
+SHORTV=${SHORTV:-1}
+SHORTV_QUESTIONS=${SHORTV_QUESTIONS:-20}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}  # the fastest on 2 cores (32: 64 s, 128: 48 s, 256: 67 s for two runs)
 RESULTS=${RESULTS:-./playground/quickstart}
 export PYTHON
@@ -70,9 +77,10 @@ MODEL_PATH=$INIT_MODEL DATA_PATH=$WORLD/train_single_turn.json IMAGE_FOLDER=$WOR
     bash scripts/v1_5/finetune_visual_gate.sh --max_steps "$GATE_STEPS" --disable_tqdm False --logging_steps 250 \
     ${GATE_ARGS:-}
 
-echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS}, FastV K=$FASTV_LAYER R ∈ {$FASTV_RATIOS}, dynamic+FastV τ ∈ {$DYNAMIC_FASTV_THRESHOLDS}, {$METHODS} at budgets {$BUDGETS} ($BUDGET_RULE rule) =="
+echo "== [5/5] GQA-style evaluation: none, dynamic τ ∈ {$THRESHOLDS}, fixed K ∈ {$FIXED_LAYERS}, FastV K=$FASTV_LAYER R ∈ {$FASTV_RATIOS}, dynamic+FastV τ ∈ {$DYNAMIC_FASTV_THRESHOLDS}, {$METHODS} at budgets {$BUDGETS} (rules: $BUDGET_RULES), gates after {$GATES_AFTER}, ShortV =="
 ANSWERS_ROOT=$WORLD/eval/gqa/answers/llava_gqa_testdev_balanced/quickstart
 rm -rf "$ANSWERS_ROOT"  # answers of an earlier gate model must not be resumed
+mkdir -p "$RESULTS"
 # One process for every setting (the model loaded once); each run writes what scripts/v1_5/eval/gqa.sh writes with
 # the same flags and CKPT=quickstart/NAME.
 RUNS=(--run "none=--exit-mode none")
@@ -85,10 +93,23 @@ for tau in $DYNAMIC_FASTV_THRESHOLDS; do
     RUNS+=(--run "dynamic+fastv-$tau-$FASTV_LAYER-$DYNAMIC_FASTV_RATIO=--exit-mode dynamic+fastv --exit-threshold $tau --fastv-k $FASTV_LAYER --fastv-r $DYNAMIC_FASTV_RATIO")
 done
 for budget in $BUDGETS; do
-    for method in $METHODS; do
-        RUNS+=(--run "$method-$BUDGET_RULE$budget=--exit-method $method --visual-budget $budget --budget-rule $BUDGET_RULE")
+    for rule in $BUDGET_RULES; do
+        for method in $METHODS; do
+            RUNS+=(--run "$method-$rule$budget=--exit-method $method --visual-budget $budget --budget-rule $rule")
+        done
+        for method in $GATES_AFTER; do  # DyVTE after a reduction before the LLM: the stage list that budget runs
+            if stages=$("$PYTHON" -m llava.model.exit_args --model-path "$GATED_MODEL" --exit-method "$method" \
+                    --visual-budget "$budget" --budget-rule "$rule" 2>/dev/null); then
+                RUNS+=(--run "$method-$rule$budget+gates-$GATES_AFTER_THRESHOLD=--exit-stages $stages,gates:$GATES_AFTER_THRESHOLD")
+            fi  # out of reach: the method's own run says so
+        done
     done
 done
+if [ "$SHORTV" = 1 ]; then  # ShortV's layers by their Layer Contribution on the first test questions, as its README
+    "$PYTHON" -m llava.analysis.shortv --model-path "$GATED_MODEL" --question-file "$WORLD/eval/gqa/llava_gqa_testdev_balanced.jsonl" \
+        --image-folder "$WORLD/eval/gqa/data/images" --limit "$SHORTV_QUESTIONS" --output-dir "$RESULTS" | tail -n 1
+    RUNS+=(--run "shortv=--exit-stages $("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['stages'])" "$RESULTS/shortv.json")")
+fi
 "$PYTHON" -m llava.world.evaluate --model-path "$GATED_MODEL" --gqa-dir "$WORLD/eval/gqa" --answers-root "$ANSWERS_ROOT" \
     --batch-size "$EVAL_BATCH_SIZE" "${RUNS[@]}"
 

@@ -89,3 +89,21 @@ def test_malformed_runs_are_refused(workdir, spec, message, capsys):
               "--answers-root", str(workdir / "refused"), "--device", "cpu", "--run", spec])
     assert message in str(stop.value) + capsys.readouterr().err
     assert not (workdir / "refused").exists()
+
+
+def test_a_budget_out_of_reach_is_written_down_and_reported(workdir, capsys):
+    """On the world's 8 layers, `paper` 64 (22 of its 196 tokens) is below what FastV's one full layer averages: no
+    answers for it, the reason in out_of_reach.json and under the report's table; the other runs go on."""
+    from llava.world.report import main as report
+
+    out = workdir / "reach"
+    main(["--model-path", str(workdir / "gated"), "--gqa-dir", str(workdir / "world" / "eval" / "gqa"),
+          "--answers-root", str(out), "--batch-size", "8", "--device", "cpu", "--time-questions", "0",
+          "--run", "none=--exit-mode none", "--run", "fastv-paper64=--exit-method fastv --visual-budget 64"])
+    unreached = json.loads((out / "out_of_reach.json").read_text())
+    assert list(unreached) == ["fastv-paper64"] and unreached["fastv-paper64"].startswith("fastv at 64 tokens (paper rule")
+    assert not (out / "fastv-paper64").exists() and (out / "none" / "merge.summary.json").exists()
+    report(["--answers-root", str(out), "--out", str(workdir / "reach-report"),
+            "--questions", str(workdir / "world" / "eval" / "gqa" / "data" / "testdev_balanced_questions.json")])
+    table = (workdir / "reach-report" / "table.md").read_text()
+    assert f"fastv-paper64: out of reach: {unreached['fastv-paper64']}" in table

@@ -7,7 +7,9 @@ Each `--run NAME=FLAGS` takes the loader's flags (`llava.eval.model_vqa_loader`:
 decoding) and writes what `scripts/v1_5/eval/gqa.sh` writes with the same flags and CKPT=.../NAME, into ROOT/NAME:
 the answers with their exit statistics and settings (`merge.jsonl`), eval_gqa's predictions and metrics
 (`predictions.json`, `metrics.json`) and the summary row (`merge.summary.json`); then, in ROOT/prefill_time.json,
-every run's measured prefill time on the first --time-questions questions as a ratio to mode none's. What it saves is the start-up:
+every run's measured prefill time on the first --time-questions questions as a ratio to mode none's, and in
+ROOT/out_of_reach.json the runs whose method cannot meet their budget on this model, with the reason (the report
+lists them; no answers are made for them). What it saves is the start-up:
 the model is loaded and the questions read once, not once per setting, which on 2 cores is a third of a small
 run's time. Every run's flags are checked against the checkpoint before any model work; a folder holding answers
 made with other settings stops the run, as the loader's resume does.
@@ -34,8 +36,10 @@ from llava.model.builder import load_model, resolve_device
 from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import ExitRequest
+from llava.model.visual_exit.budget import OutOfReach
 
 SPLIT = "llava_gqa_testdev_balanced"
+OUT_OF_REACH = "out_of_reach.json"  # in the answers root: {run name: why its method cannot meet its budget here}
 OWN_FLAGS = ("model_path", "model_base", "question_file", "image_folder", "answers_file", "batch_size", "device")
 
 
@@ -68,8 +72,18 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
     names = [name for name, _ in runs]
     if len(set(names)) < len(names):
         raise EvalInputError(f"--run names must differ: {names}")
-    # every run's settings checked here: an exit the checkpoint cannot take fails before the runs ahead of it
-    specs = [(name, run.answers_file, run_spec(run, checkpoint)) for name, run in runs]
+    # every run's settings checked here: an exit the checkpoint cannot take fails before the runs ahead of it; a
+    # method's budget out of its reach on this model is no failure but a finding, written down and reported
+    specs, unreached = [], {}
+    for name, run in runs:
+        try:
+            specs.append((name, run.answers_file, run_spec(run, checkpoint)))
+        except OutOfReach as error:
+            unreached[name] = str(error)
+            tqdm.write(f"{name}: out of reach: {error}")
+    write_json(os.path.join(args.answers_root, OUT_OF_REACH), unreached)
+    if not specs:
+        raise EvalInputError("every run's budget is out of its method's reach on this model")
     questions = read_jsonl(args.question_file, ("question_id", "text"))
     truth = load_questions(args.truth_file)
     loaded = load_model(checkpoint, device=args.device)

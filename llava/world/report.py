@@ -26,7 +26,8 @@ With every fixed K run, the report also gives the per-question oracle exit: each
 K ≥ 1 from which every fixed K answers it as well as no exit does. It keeps no exit's accuracy; its cost, against
 fixed K's accuracy there, is the room per-input exits have over one layer for all on these questions.
 
-Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column), RESULTS/
+Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column; below it
+the runs whose budget was out of their method's reach, with the reason), RESULTS/
 costs.md (each run's cost in three units: visual tokens per layer, LM and vision FLOPs, measured prefill time
 against none's where the evaluation timed it), RESULTS/per_kind.md (each run's accuracy per question kind, GQA's structural type), RESULTS/equal_flops.md (the gaps at
 equal cost), RESULTS/results.json (every run's figures and the gaps, for other
@@ -55,6 +56,7 @@ from matplotlib.transforms import Bbox  # noqa: E402
 from llava.eval.eval_gqa import balanced_answers, convert_gqa, load_questions  # noqa: E402
 from llava.eval.io import EvalInputError, read_json, read_jsonl  # noqa: E402
 from llava.eval.prefill_time import PREFILL_TIME  # noqa: E402
+from llava.world.evaluate import OUT_OF_REACH  # noqa: E402
 from llava.model.visual_exit.budget import RULES  # noqa: E402
 from llava.model.visual_exit.stages import METHODS  # noqa: E402
 
@@ -70,6 +72,7 @@ SETTINGS = {
 # here, apart from modes fastv / fixed: one per method and rule.
 BUDGETED = {(method, rule): f"{method}-{rule}" for method in METHODS for rule in RULES}
 SETTINGS.update({mode: {"T": "visual_budget"} for mode in BUDGETED.values()})
+SETTINGS["stages"] = {}  # any other stage list (ShortV's layers, a reduction with the gates after it): a point each
 MODES = tuple(SETTINGS)
 STYLES = {  # mode: (line style, legend)
     "fixed": ("s--", "fixed exit after K"),
@@ -77,7 +80,8 @@ STYLES = {  # mode: (line style, legend)
     "fastv": ("^:", "FastV, K={K:g} (R)"),
     "dynamic+fastv": ("D", "dynamic + FastV"),
     **{mode: (marker + ("-." if rule == "paper" else ":"), f"{method}, {rule} budget T")
-       for ((method, rule), mode), marker in zip(BUDGETED.items(), "vv<<>>pphhxx++")},
+       for ((method, rule), mode), marker in zip(BUDGETED.items(), "vv<<>>pphhxx++**dd")},
+    "stages": ("X", "{name}"),
 }
 # More curves than the default cycle's 10 colours: tab20's dark shades first, then its light ones. Error bars are
 # drawn fainter than their points, which crowd between them.
@@ -519,8 +523,9 @@ def accuracy_figure(runs: list[Run], oracle: dict | None = None):
     figure, (overview, zoom) = plt.subplots(1, 2, figsize=(13, 6), dpi=DPI, layout="constrained")
     curves: dict[tuple[str, float | None], list[Run]] = {}
     for run in runs:
-        if run.mode != "none":  # FastV: one curve over R per K; a budgeted method: one over T
-            curves.setdefault((run.mode, run.setting.get("K") if run.mode == "fastv" else None), []).append(run)
+        if run.mode != "none":  # FastV: one curve over R per K; a budgeted method: one over T; a stage list: a point
+            key = run.setting.get("K") if run.mode == "fastv" else run.name if run.mode == "stages" else None
+            curves.setdefault((run.mode, key), []).append(run)
     near = [run for run in runs if run.accuracy >= reference.accuracy - ZOOM_BAND]
     xs, ys = [run.tflops * scale for run in near], [run.accuracy for run in near]
     pad_x, pad_y = 0.06 * (max(xs) - min(xs)) or 0.05 * max(xs), 0.08 * (max(ys) - min(ys)) + 1
@@ -536,7 +541,7 @@ def accuracy_figure(runs: list[Run], oracle: dict | None = None):
             members = sorted(members, key=lambda run: run.tflops)
             axes.errorbar(
                 [run.tflops * scale for run in members], [run.accuracy for run in members], yerr=error_bars(members),
-                fmt=style, color=color, ecolor=(*color[:3], 0.45), capsize=2, elinewidth=0.8, label=legend.format(K=k or 0),
+                fmt=style, color=color, ecolor=(*color[:3], 0.45), capsize=2, elinewidth=0.8, label=legend.format(K=k or 0, name=k),
             )
             shown = [run for run in members if in_zoom(run) == (axes is zoom)]
             points[axes] += [(run.tflops * scale, run.accuracy, *run.interval, point_label(run), color)
@@ -586,6 +591,16 @@ def plot_exit_histogram(runs: list[Run], layers: int, path: str) -> None:
     plt.close(figure)
 
 
+def unreached_lines(answers_root: str) -> str:
+    """The runs the evaluation found out of their method's reach (llava.world.evaluate's out_of_reach.json), one
+    line each under the table: a budget a method cannot meet here is a finding, not a missing row."""
+    path = os.path.join(answers_root, OUT_OF_REACH)
+    unreached = read_json(path) if os.path.isfile(path) else {}
+    if not unreached:
+        return ""
+    return "\n\n" + "\n".join(f"{name}: out of reach: {reason}" for name, reason in unreached.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--answers-root", required=True)
@@ -603,7 +618,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"report: error: {error}")
     layers = reference_run(runs).exit_layers[0]
     os.makedirs(args.out, exist_ok=True)
-    text = table(runs)
+    text = table(runs) + unreached_lines(args.answers_root)
     with open(os.path.join(args.out, "table.md"), "w") as handle:
         handle.write(text + "\n")
     figures = results(runs)
