@@ -275,10 +275,9 @@ class LlavaTurns:
         pixels = process_images(images, self.image_processor, self.model_config)[0] if images else None
         return {"input_ids": text.input_ids, "labels": text.labels, "pixels": pixels}
 
-    @property
-    def collate(self) -> DataCollator:
+    def collate(self, batch: list[dict]) -> dict:
         crop = self.image_processor.crop_size
-        return DataCollator(self.tokenizer.pad_token_id, (3, crop["height"], crop["width"]))
+        return DataCollator(self.tokenizer.pad_token_id, (3, crop["height"], crop["width"]))(batch)
 
 
 @dataclass

@@ -27,7 +27,6 @@ from llava.model.checkpoint import Checkpoint, CheckpointError
 from llava.model.gates_artifact import attach_gates, read_gates_config
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import ExitConfig, ExitRequest, exit_decoder_of
-from llava.model.visual_exit.stages.base import InputReduction
 from llava.model.visual_exit.training import ExitLabelRule
 from llava.model.families.processing import FamilyProcessor
 from llava.train.data import DataError, FamilyTurns, LlavaTurns, SupervisedDataset
@@ -85,9 +84,8 @@ class TrainingArguments(transformers.TrainingArguments):
         super().__post_init__()
 
 
-def build_model(model_args: ModelArguments, gate_args: GateArguments, training_args: TrainingArguments):
+def build_model(checkpoint: Checkpoint, gate_args: GateArguments, training_args: TrainingArguments):
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
-    checkpoint = Checkpoint.resolve(model_args.model_name_or_path, model_args.model_base)
     tokenizer, model, image_processor, _ = load_model(checkpoint, device="cpu", dtype=dtype).as_tuple()
     if exit_decoder_of(model).visual_gates_router is None:
         attach_gates(model, gate_args.gate_hidden_size, training_args.seed)
@@ -106,7 +104,7 @@ def input_reduction(spec: str | None, checkpoint: Checkpoint) -> ExitConfig | No
         checkpoint.check_exit(reduction)
     except ValueError as error:
         raise ConfigError(f"--input_reduction {spec}: {error}") from None
-    others = [type(s).__name__ for s in reduction.stages if not (s.before_llm or isinstance(s, InputReduction))]
+    others = [type(stage).__name__ for stage in reduction.stages if not stage.reduces_input]
     if others:
         raise ConfigError(f"--input_reduction {spec}: only reductions before the LLM (visionzip, divprune, downsample); "
                           f"{', '.join(others)} acts inside the decoder, where the gates decide")
@@ -159,8 +157,9 @@ def train(argv: list[str] | None = None) -> GateTrainer:
     artifact = read_gates_config(model_args.model_name_or_path)  # training on from a gates artifact: keep its base
     # Training on from an artifact trained after a reduction goes on after it, unless another is named.
     reduction_spec = gate_args.input_reduction or (artifact or {}).get("input_reduction")
-    reduction = input_reduction(reduction_spec, Checkpoint.resolve(model_args.model_name_or_path, model_args.model_base))
-    tokenizer, model, image_processor = build_model(model_args, gate_args, training_args)
+    checkpoint = Checkpoint.resolve(model_args.model_name_or_path, model_args.model_base)
+    reduction = input_reduction(reduction_spec, checkpoint)
+    tokenizer, model, image_processor = build_model(checkpoint, gate_args, training_args)
     layer_sampler = ExitLayerSampler(exit_decoder_of(model).config.num_hidden_layers, gate_args.exit_layer_sampler)
     dataset, collator = training_data(
         data_args.data_path, data_args.image_folder, tokenizer, image_processor, model.config, model_args.version,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from llava.model.visual_exit.budget import REFERENCE_TOKENS, Budget, OutOfReach
-from llava.model.visual_exit.stages.base import ExitState, InputReduction, LayerStep, Stage
+from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage
 from llava.model.visual_exit.stages.dart import Dart
 from llava.model.visual_exit.stages.divprune import DivPrune
 from llava.model.visual_exit.stages.downsample import Downsample
@@ -49,9 +49,7 @@ BUDGETED = {
 }
 METHODS = tuple(BUDGETED)
 # The methods that reduce the image's tokens before the LLM sees them, after which the gates may still decide.
-BEFORE_LLM = tuple(
-    name for name in METHODS if name in STAGES and (STAGES[name].before_llm or issubclass(STAGES[name], InputReduction))
-)
+BEFORE_LLM = tuple(name for name in METHODS if name in STAGES and STAGES[name].reduces_input)
 
 
 def method_stages(

@@ -105,6 +105,9 @@ class Stage:
     # Changes the images before the model's processor sees them (the downsampling control's smaller image): the
     # caller that loads them applies it; the models never run it.
     before_processor = False
+    # Reduces each image's tokens once, before the decoder's first layer runs (in the vision slot or on the input
+    # embeddings): after it the gates may still decide the exit of what it kept.
+    reduces_input = False
 
     def check(self, num_layers: int, has_gates: bool) -> None:
         """Raise ValueError when this stage cannot run on the model."""
@@ -126,6 +129,8 @@ class Stage:
 class InputReduction(Stage):
     """A stage that reduces each sample's visual tokens once, on the LLM's input embeddings, before layer 0
     (DivPrune, the downsampling control); `reduce` decides for the samples that still hold visual tokens."""
+
+    reduces_input = True
 
     @property
     def pruning_layers(self) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ class Resize(Stage):
     factor: float
     usage = "resize:r"
     before_llm = True
+    reduces_input = True
     before_processor = True
 
     @classmethod
@@ -45,6 +46,3 @@ class Resize(Stage):
         encoded = io.BytesIO()
         smaller.save(encoded, format="JPEG")
         return Image.open(io.BytesIO(encoded.getvalue())).convert("RGB")
-
-    def after_layer(self, step, state, layout):
-        return None

@@ -24,6 +24,7 @@ class VisionZip(Stage):
     contextual: int
     usage = "visionzip:D:C"
     before_llm = True
+    reduces_input = True
 
     @classmethod
     def parse(cls, args: list[str]) -> VisionZip:
