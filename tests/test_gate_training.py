@@ -86,7 +86,7 @@ def test_training_exit_continuation_matches_inference_exit(loaded, images):
         del model.config.visual_gate_hidden_size
 
 
-@pytest.mark.parametrize("reduction", ["divprune:0.5", "downsample:1", "visionzip:2:1"])
+@pytest.mark.parametrize("reduction", ["divprune:0.5", "downsample:1", "visionzip:2:1", "cdpruner:5"])
 def test_training_after_an_input_reduction_judges_what_inference_runs(loaded, images, reduction):
     """With a reduction before the LLM, the training pass's two continuations are inference's `REDUCTION` and
     `REDUCTION,fixed:k+1` on the same batch: the gates learn on what the reduction keeps."""
@@ -102,13 +102,14 @@ def test_training_after_an_input_reduction_judges_what_inference_runs(loaded, im
         labels[:, :-6] = IGNORE_INDEX
         labels[mask == 0] = IGNORE_INDEX
         before = ExitRequest("stages", stages=reduction).expand()
+        questions = ["What is it?", "Hi"]  # what CDPruner ranks by (the training collator's first questions)
         for layer in (0, 2):
             with torch.no_grad():
                 out = model(input_ids=ids, attention_mask=mask, labels=labels, images=images[:2], gate_training_layer=layer,
-                            exit_config=before)
-                exited = model(input_ids=ids, attention_mask=mask, images=images[:2],
+                            exit_config=before, instructions=questions)
+                exited = model(input_ids=ids, attention_mask=mask, images=images[:2], instructions=questions,
                                exit_config=ExitRequest("stages", stages=f"{reduction},fixed:{layer + 1}").expand())
-                full = model(input_ids=ids, attention_mask=mask, images=images[:2], exit_config=before)
+                full = model(input_ids=ids, attention_mask=mask, images=images[:2], exit_config=before, instructions=questions)
                 unreduced = model(input_ids=ids, attention_mask=mask, images=images[:2])
             sample, position = out.answer_positions
             assert (out.exit_logits - exited.logits[sample, position]).abs().max() <= 1e-5
@@ -189,6 +190,11 @@ def test_training_on_from_a_gates_artifact_keeps_its_base(init_checkpoint, gate_
     artifact = json.loads((tmp_path / "second" / "visual_gates.json").read_text())
     assert artifact["base_model"] == os.path.abspath(init_checkpoint)
     load_pretrained_model(str(tmp_path / "second"), device="cpu")
+
+
+def test_gates_train_after_cdpruner_on_each_samples_first_question(init_checkpoint, gate_data, tmp_path):
+    train(train_args(init_checkpoint, gate_data, tmp_path / "run", "--max_steps", "1", "--input_reduction", "cdpruner:5"))
+    assert json.loads((tmp_path / "run" / "visual_gates.json").read_text())["input_reduction"] == "cdpruner:5"
 
 
 def test_gates_trained_after_a_reduction_run_after_it_by_default(init_checkpoint, gate_data, tmp_path):

@@ -165,6 +165,7 @@ def test_collator_pads_right_and_gives_text_samples_a_zero_image(loaded, tmp_pat
     lengths = [len(dataset.samples[i].text.input_ids) for i in range(2)]
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert batch["images"].shape == (2, 3, 56, 56) and batch["images"][1].abs().sum() == 0
+    assert batch["instructions"] == ["<image>\nColour?", "Hi there you"]  # each first question, for CDPruner
     with torch.no_grad():
         out = model(**batch)  # the model takes the batch as it is (dummy image for the text sample)
     assert torch.isfinite(out.logits).all()

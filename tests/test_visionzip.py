@@ -253,7 +253,7 @@ def test_anyres_views_are_reduced_one_by_one_under_the_flat_merge(loaded, images
     prompts = [("USER: <image> and <image>? ASSISTANT:", 2)]
     ids, mask = batch_inputs(tokenizer, prompts)
     with torch.no_grad():
-        mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, stacks, visionzip=VisionZip(5, 3))
+        mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, stacks, vision_stage=VisionZip(5, 3))
         per_view = model.get_model().mm_projector(visionzip_by_definition(model.get_vision_tower(), views, 5, 3))
     assert mm.visual_mask.sum().item() == 4 * 8
     assert (mm.inputs_embeds[mm.visual_mask] - per_view.flatten(0, 1)).abs().max() <= 1e-5

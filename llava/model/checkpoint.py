@@ -27,6 +27,7 @@ from llava.mm_utils import get_model_name_from_path
 from llava.model.families.processing import family_module, load_processor
 from llava.model.gates_artifact import read_gates_config
 from llava.model.hf_layout import is_hf_layout, llava_config_from_hf
+from llava.model.multimodal_encoder.clip_text import TextTowerNotFoundError, check_text_tower
 from llava.model.language_model.llava_llama import LlavaConfig
 from llava.model.multimodal_encoder.clip_encoder import VisionTowerNotFoundError
 from llava.model.visual_exit import ExitConfig, ExitRequest
@@ -125,6 +126,14 @@ class Checkpoint:
         if stage is not None and stage.before_processor and self.kind in ("llava", "llava-hf"):
             raise ValueError(f"{stage.usage} gives a smaller image, but LLaVA-1.5 resizes every image to its tower's "
                              "size: the same tokens; pool its grid with downsample:S instead")
+        if stage is not None and stage.reads_instruction:
+            if self.is_family:
+                raise ValueError(f"{stage.usage} ranks image tokens with CLIP's text tower beside a CLIP vision tower: "
+                                 "our LLaVA class only (its official code is LLaVA-only); use divprune or visionzip here")
+            try:
+                check_text_tower(getattr(self.config, "mm_vision_tower", None))
+            except TextTowerNotFoundError as error:
+                raise ValueError(str(error)) from None
 
 
 def read_config_dict(model_path: str) -> dict:

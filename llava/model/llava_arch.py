@@ -3,6 +3,7 @@ that splices image features where the prompt holds `IMAGE_TOKEN_INDEX`."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -11,9 +12,11 @@ from torch import nn
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.mm_utils import select_best_resolution
 from llava.model.multimodal_encoder.builder import build_vision_tower
+from llava.model.multimodal_encoder.clip_text import InstructionEncoder
 from llava.model.multimodal_encoder.visionzip import feature_layers, merge_flops, tower_flops, visionzip_features
 from llava.model.multimodal_projector.builder import build_vision_projector
 from llava.model.visual_exit import ExitConfig
+from llava.model.visual_exit.stages.cdpruner import CDPruner, conditional_dpp, instruction_text, relevance, selection_flops
 from llava.model.visual_exit.stages.visionzip import VisionZip
 
 
@@ -61,11 +64,11 @@ class LlavaMetaForCausalLM:
     def get_vision_tower(self):
         return self.get_model().get_vision_tower()
 
-    def visionzip_stage(self, exit_config: ExitConfig | None) -> VisionZip | None:
-        """The exit's VisionZip stage, its vision slot (the checkpoint's exit settings when the call gives none), or
-        None: it acts on the image features, before the decoder sees them."""
+    def vision_stage(self, exit_config: ExitConfig | None) -> VisionZip | CDPruner | None:
+        """The exit's reduction that runs while images are encoded (VisionZip, CDPruner: its vision slot; the
+        checkpoint's exit settings when the call gives none), or None."""
         stage = (exit_config or ExitConfig.from_model_config(self.config)).vision_stage
-        return stage if isinstance(stage, VisionZip) else None
+        return stage if isinstance(stage, (VisionZip, CDPruner)) else None
 
     def encode_images(self, images: torch.Tensor, visionzip: VisionZip | None = None) -> torch.Tensor:
         """(N, 3, H, W) pixels → (N, tokens, hidden) LLM-space features: the tower's selected features, or with a
@@ -76,11 +79,42 @@ class LlavaMetaForCausalLM:
         features = visionzip_features(tower, images, visionzip.dominant, visionzip.contextual)
         return self.get_model().mm_projector(features)
 
-    def _image_features(self, images, image_sizes, visionzip: VisionZip | None = None) -> tuple[list, list[int], list[int]]:
-        """One (tokens, hidden) tensor per image, its vision FLOPs, and the tokens VisionZip took from it. An image given as several views (anyres:
-        the whole image, then its tiles) is merged by `mm_patch_merge_type`: `flat` concatenates the views,
-        `spatial*` lays the tiles out as one feature map (LLaVA-NeXT). VisionZip reduces each view to D + C tokens,
-        which the flat merge concatenates; the spatial merge, which needs every tile's whole patch grid, refuses it."""
+    def instruction_encoder(self) -> InstructionEncoder:
+        """CLIP's text side for CDPruner, loaded from the tower's folder at first use (never a saved module)."""
+        encoder = self.__dict__.get("_instruction_encoder")
+        if encoder is None or encoder.device != self.get_vision_tower().device:
+            encoder = self.__dict__["_instruction_encoder"] = InstructionEncoder(self.get_vision_tower())
+        return encoder
+
+    def _cdpruner_keep(self, features: torch.Tensor, encoded: torch.Tensor, views: list[int], owners: list[int],
+                       instructions: list[str], stage: CDPruner) -> tuple[torch.Tensor, list[int]]:
+        """(V, N) bool, the tokens CDPruner keeps of each view, from the tower's (V, N, width) `features`, their
+        projected `encoded` (V, N, hidden), each image's sample (`owners`) and each sample's instruction; and what
+        it costs per image (the text tower charged to a sample's first image). As its batch-1 code, relevance is
+        normalised over all views of all images of one sample."""
+        encoder = self.instruction_encoder()
+        samples = [sample for sample, _ in itertools.groupby(owners)]  # a sample's images come one after another
+        per_sample = [sum(count for owner, count in zip(owners, views) if owner == sample) for sample in samples]
+        text_embeds = encoder.text_embeds([instruction_text(instructions[sample]) for sample in samples])
+        image_embeds = torch.split(encoder.image_embeds(features), per_sample)
+        scores = torch.cat([relevance(image, text) for image, text in zip(image_embeds, text_embeds)])
+        rows = dict(zip(samples, (len(text) for text in text_embeds)))
+        tokens, width, embed_dim = encoded.shape[1], encoded.shape[2], encoder.visual_projection.out_features
+        per_view = encoder.image_embed_flops(tokens)
+        flops = [count * (per_view + selection_flops(tokens, stage.tokens, width, embed_dim, rows[owner]))
+                 + (encoder.text_flops(rows[owner]) if index == owners.index(owner) else 0)
+                 for index, (owner, count) in enumerate(zip(owners, views))]
+        return conditional_dpp(encoded, scores, stage.tokens), flops
+
+    def _image_features(self, images, image_sizes, stage: VisionZip | CDPruner | None = None, owners: list[int] | None = None,
+                        instructions: list[str] | None = None) -> tuple[list, list[int], list[int]]:
+        """One (tokens, hidden) tensor per image, its vision FLOPs, and the tokens a vision-slot `stage` took from
+        it. An image given as several views (anyres: the whole image, then its tiles) is merged by
+        `mm_patch_merge_type`: `flat` concatenates the views, `spatial*` lays the tiles out as one feature map
+        (LLaVA-NeXT). VisionZip reduces each view to D + C tokens, which the flat merge concatenates; the spatial
+        merge, which needs every tile's whole patch grid, refuses it. CDPruner keeps T tokens of each view, which
+        either merge lays out as the full features, dropping the others after (`owners`: each image's sample,
+        `instructions`: each sample's question)."""
         if isinstance(images, torch.Tensor) and images.ndim == 4:
             merge, pixels, views = "flat", images, [1] * len(images)
         else:
@@ -89,41 +123,61 @@ class LlavaMetaForCausalLM:
             pixels, views = torch.cat(stacks), [len(stack) for stack in stacks]
         if merge != "flat" and not merge.startswith("spatial"):
             raise ValueError(f"unknown mm_patch_merge_type {merge!r} (expected flat, spatial or spatial_unpad)")
-        if visionzip is not None and merge != "flat":
+        if isinstance(stage, VisionZip) and merge != "flat":
             raise ValueError(
                 f"VisionZip keeps D + C tokens per view, which mm_patch_merge_type {merge!r} cannot lay out as the "
                 "tiles' feature map; use the flat merge (each view reduced on its own) or images of one view"
             )
-        encoded = self.encode_images(pixels, visionzip)
-        flops = [self._vision_flops(count, encoded.shape[1], visionzip) for count in views]
+        keep = None
+        if isinstance(stage, CDPruner):
+            if instructions is None:
+                raise ValueError("CDPruner ranks the tokens by their relevance to the instruction: pass `instructions`, "
+                                 "each prompt's question text")
+            selected = self.get_vision_tower()(pixels)
+            encoded = self.get_model().mm_projector(selected)
+            keep, selection = self._cdpruner_keep(selected, encoded, views, owners, instructions, stage)
+        else:
+            encoded = self.encode_images(pixels, stage)
+            selection = [0] * len(views)
+        flops = [self._vision_flops(count, encoded.shape[1], stage) + extra for count, extra in zip(views, selection)]
+        features = torch.split(encoded, views)
+        masks = [None] * len(views) if keep is None else torch.split(keep[..., None].to(encoded.dtype), views)
+        if merge == "flat":
+            laid_out = [chunk.flatten(0, 1) for chunk in features]
+            kept = [mask if mask is None else mask.flatten() > 0 for mask in masks]
+        else:
+            if image_sizes is None or len(image_sizes) != len(features):
+                raise ValueError(f"{merge} images need image_sizes, each image's original (width, height), one per image")
+            newline = self.get_model().image_newline if "unpad" in merge else None
+            laid_out = [self._spatial_features(chunk, size, newline) for chunk, size in zip(features, image_sizes)]
+            # the masks take the features' layout, crop included; the row ends are always kept (as CDPruner's code)
+            mask_newline = None if newline is None else newline.new_ones(1)
+            kept = [mask if mask is None else self._spatial_features(mask, size, mask_newline)[:, 0] > 0
+                    for mask, size in zip(masks, image_sizes)]
+        if keep is not None:
+            return [image[mask] for image, mask in zip(laid_out, kept)], flops, [int((~mask).sum()) for mask in kept]
         tower = self.get_vision_tower()
         per_view = tower.num_patches + (tower.select_feature == "cls_patch")
-        removed = [count * (per_view - encoded.shape[1]) for count in views]
-        features = torch.split(encoded, views)
-        if merge == "flat":
-            return [chunk.flatten(0, 1) for chunk in features], flops, removed
-        if image_sizes is None or len(image_sizes) != len(features):
-            raise ValueError(f"{merge} images need image_sizes, each image's original (width, height), one per image")
-        unpad = "unpad" in merge
-        return [self._spatial_features(chunk, size, unpad) for chunk, size in zip(features, image_sizes)], flops, removed
+        return laid_out, flops, [count * (per_view - encoded.shape[1]) for count in views]
 
-    def _vision_flops(self, views: int, tokens: int, visionzip: VisionZip | None) -> int:
+    def _vision_flops(self, views: int, tokens: int, stage: VisionZip | CDPruner | None) -> int:
         """Theoretical FLOPs of an image of `views` views, each through the tower's layers up to its feature layer
         (the stock module also runs the later ones, which nothing reads), VisionZip's merge, and the projector's
-        matmuls on the `tokens` each view gives it."""
+        matmuls on the `tokens` each view gives it (CDPruner's selection and text tower are added by its caller)."""
         config = self.get_vision_tower().config
         tower = tower_flops(config, feature_layers(self.get_vision_tower()))
-        merge = merge_flops(config, visionzip.dominant, visionzip.contextual) if visionzip is not None else 0
+        merge = merge_flops(config, stage.dominant, stage.contextual) if isinstance(stage, VisionZip) else 0
         linears = [m for m in self.get_model().mm_projector.modules() if isinstance(m, nn.Linear)]
         projector = tokens * sum(2 * linear.in_features * linear.out_features for linear in linears)
         return views * (tower + merge + projector)
 
-    def _spatial_features(self, views: torch.Tensor, image_size: tuple[int, int], unpad: bool) -> torch.Tensor:
+    def _spatial_features(self, views: torch.Tensor, image_size: tuple[int, int], newline: torch.Tensor | None) -> torch.Tensor:
         """LLaVA-NeXT's token layout for one image's (1 + tiles, patches, hidden) features: the whole image's
-        patches, then the tiles' patches as one map of the canvas, row by row; with `unpad` the map is cropped to
-        the image (the canvas padding goes) and `image_newline` closes each row."""
+        patches, then the tiles' patches as one map of the canvas, row by row; with a `newline` (the `unpad` merge's
+        `image_newline`) the map is cropped to the image (the canvas padding goes) and it closes each row."""
         base, tiles = views[0], views[1:]
-        newline = self.get_model().image_newline.to(base.dtype) if unpad else None
+        newline = None if newline is None else newline.to(base.dtype)
+        unpad = newline is not None
         if len(tiles) == 0:  # a single view (not anyres-processed): LLaVA still closes it with one newline
             return base if newline is None else torch.cat([base, newline[None]])
         tower = self.get_vision_tower().config
@@ -150,7 +204,8 @@ class LlavaMetaForCausalLM:
         images=None,
         image_sizes=None,
         padding_side: str | None = None,
-        visionzip: VisionZip | None = None,
+        vision_stage: VisionZip | CDPruner | None = None,
+        instructions: list[str] | None = None,
     ) -> MultimodalInputs:
         """Drop the incoming padding, splice image features in place of each `IMAGE_TOKEN_INDEX`, re-pad.
 
@@ -158,8 +213,9 @@ class LlavaMetaForCausalLM:
         (dummy, unused) image for each sample without a tag as well. Position ids restart at 0 for each
         sample's first real token. `padding_side` defaults to the config's `tokenizer_padding_side` ('right');
         generation passes 'left'. `image_sizes` holds each image's original (width, height), as LLaVA passes
-        them (PIL's `image.size`); only the `spatial*` merge (anyres) needs them. With a `visionzip` stage each
-        image view enters as its D + C VisionZip tokens.
+        them (PIL's `image.size`); only the `spatial*` merge (anyres) needs them. A `vision_stage` reduces each image
+        as it is encoded: VisionZip to each view's D + C tokens, CDPruner to the T of each view most relevant to its
+        sample's entry of `instructions` (the question texts, one per prompt) and most diverse.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -171,7 +227,15 @@ class LlavaMetaForCausalLM:
         sample_labels = [None] * len(sample_ids) if labels is None else [lab[mask] for lab, mask in zip(labels, attention_mask)]
         tags_per_sample = [int((ids == IMAGE_TOKEN_INDEX).sum()) for ids in sample_ids]
         has_images = images is not None and len(images) > 0
-        features, flops, removed = self._image_features(images, image_sizes, visionzip) if has_images else ([], [], [])
+        owners = None
+        if instructions is not None and has_images:
+            if len(instructions) != len(sample_ids):
+                raise ValueError(f"{len(instructions)} instructions for {len(sample_ids)} prompts")
+            dummies = len(images) != sum(tags_per_sample)  # LLaVA's training convention: one for a text-only sample
+            owners = [sample for sample, tags in enumerate(tags_per_sample) for _ in range(max(tags, dummies))]
+        features, flops, removed = (
+            self._image_features(images, image_sizes, vision_stage, owners, instructions) if has_images else ([], [], [])
+        )
         feature_queue = self._assign_images(features, tags_per_sample)
         sample_flops = [sum(image_flops) for image_flops in self._assign_images(flops, tags_per_sample)]
         sample_removed = [sum(image_removed) for image_removed in self._assign_images(removed, tags_per_sample)]
@@ -200,7 +264,7 @@ class LlavaMetaForCausalLM:
         inputs = _pad_samples(embeds, sample_visual, new_labels if labels is not None else None, padding_side)
         inputs.vision_flops = torch.tensor(sample_flops, dtype=torch.float64, device=inputs.inputs_embeds.device)
         removed = torch.tensor(sample_removed, device=inputs.inputs_embeds.device)
-        inputs.tokens_unreduced = inputs.attention_mask.sum(dim=1) + removed if visionzip is not None else None
+        inputs.tokens_unreduced = inputs.attention_mask.sum(dim=1) + removed if vision_stage is not None else None
         return inputs
 
     @staticmethod

@@ -41,8 +41,9 @@ class LlavaProcessor:
         return conv.get_prompt()
 
     def question_inputs(self, question: str, images: Sequence = (), tagged: bool = False, videos: Sequence = ()) -> dict:
-        """input_ids (1, T) with IMAGE_TOKEN_INDEX, its images' pixels and sizes. `tagged`: the question places its
-        image's `<image>` tag itself (lmms-eval's convention); else the tag goes first, as LLaVA's loader puts it.
+        """input_ids (1, T) with IMAGE_TOKEN_INDEX, its images' pixels and sizes, and the question as `instructions`
+        (what CDPruner ranks image tokens by). `tagged`: the question places its image's `<image>` tag itself
+        (lmms-eval's convention); else the tag goes first, as LLaVA's loader puts it.
         ValueError when the tags and the images disagree, or for a video (LLaVA-1.5 takes none)."""
         if videos:
             raise ValueError("LLaVA-1.5 takes no video (the Qwen families do)")
@@ -52,7 +53,8 @@ class LlavaProcessor:
         if tags != len(images):
             raise ValueError(f"its prompt holds {tags} <image> tag(s) for {len(images)} image(s)")
         pixels = list(process_images(images, self.image_processor, self.model_config)) if images else []
-        return {"input_ids": input_ids[None], "images": pixels, "image_sizes": [image.size for image in images]}
+        return {"input_ids": input_ids[None], "images": pixels, "image_sizes": [image.size for image in images],
+                "instructions": [question]}
 
     def prompt_length(self, inputs: dict) -> int:
         ids = inputs["input_ids"]
@@ -66,7 +68,9 @@ class LlavaProcessor:
         same_shape = all(p.shape == pixels[0].shape for p in pixels)
         images = (torch.stack(pixels) if same_shape else pixels) if pixels else None
         sizes = [size for sample in inputs for size in sample["image_sizes"]]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "images": images, "image_sizes": sizes}
+        instructions = [text for sample in inputs for text in sample["instructions"]]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "images": images, "image_sizes": sizes,
+                "instructions": instructions}
 
     def new_tokens(self, sequences: torch.Tensor, batch: dict) -> torch.Tensor:
         """LLaVA's generate embeds the prompt and returns the new tokens only."""

@@ -2,7 +2,7 @@
 
 The model is real (transformers' Llama decoder, CLIPVisionModel, LLaVA projector), only small and untrained.
 `--format llava` writes the original layout (config with `mm_*` keys, `model.mm_projector.*`, the CLIP tower in
-`DIR/vision_tower`, named by a relative `mm_vision_tower`); `--format hf` the llava-hf layout through transformers'
+`DIR/vision_tower` as a full CLIP checkpoint with its text side, named by a relative `mm_vision_tower`); `--format hf` the llava-hf layout through transformers'
 own `LlavaForConditionalGeneration`. The same `--seed` gives the same weights in both layouts. `--anyres` makes it
 LLaVA-NeXT (llava-v1.6's anyres tiles, `spatial_unpad` merge and `image_newline`; `LlavaNextForConditionalGeneration`
 in the hf layout).
@@ -20,6 +20,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.model.hf_layout import hf_config_from_llava, llava_state_dict_to_hf_modules
 from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 from llava.model.multimodal_encoder.clip_encoder import CLIPImageProcessor
+from llava.tiny.clip_text import save_full_clip
 from llava.tiny.tokenizer import build_tokenizer
 
 VISION_TOWER_DIR = "vision_tower"
@@ -106,7 +107,7 @@ def build_tiny_llava(geometry: TinyGeometry, texts: tuple[str, ...] = (), anyres
 def save_llava_layout(out: str, model, tokenizer, image_processor) -> None:
     """Original LLaVA layout: the tower goes to its own folder, named by `mm_vision_tower`."""
     tower_dir = os.path.join(out, VISION_TOWER_DIR)
-    model.get_vision_tower().vision_tower.save_pretrained(tower_dir)
+    save_full_clip(tower_dir, model.get_vision_tower().vision_tower)  # as openai's CLIP: both towers, a tokenizer
     image_processor.save_pretrained(tower_dir)
     if hasattr(model.config, "mm_vision_config"):  # a loaded model names its tower by path instead
         del model.config.mm_vision_config

@@ -251,6 +251,7 @@ class SupervisedDataset(Dataset):
 class LlavaText:
     input_ids: list[int]
     labels: list[int]
+    instruction: str  # the first question, which CDPruner ranks image tokens by when the gates train after it
 
 
 @dataclass
@@ -269,11 +270,11 @@ class LlavaTurns:
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
             raise SampleError("answer cut off by model_max_length")
-        return LlavaText(ids, labels)
+        return LlavaText(ids, labels, pairs[0][0])
 
     def encode(self, text: LlavaText, images: list, max_length: int) -> dict:
         pixels = process_images(images, self.image_processor, self.model_config)[0] if images else None
-        return {"input_ids": text.input_ids, "labels": text.labels, "pixels": pixels}
+        return {"input_ids": text.input_ids, "labels": text.labels, "pixels": pixels, "instruction": text.instruction}
 
     def collate(self, batch: list[dict]) -> dict:
         crop = self.image_processor.crop_size
@@ -324,4 +325,5 @@ class DataCollator:
         if any(item["pixels"] is not None for item in batch):
             zeros = torch.zeros(self.image_shape)
             out["images"] = torch.stack([item["pixels"] if item["pixels"] is not None else zeros for item in batch])
+            out["instructions"] = [item.get("instruction", "") for item in batch]
         return out

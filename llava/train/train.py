@@ -62,7 +62,7 @@ class GateArguments:
     exit_layer_sampler: str = field(default="uniform", metadata={"help": "'uniform' or a layer range like '4-20'"})
     save_full_model: bool = field(default=False, metadata={"help": "also save a full checkpoint with the gates"})
     input_reduction: str | None = field(default=None, metadata={
-        "help": "a reduction before the LLM (e.g. divprune:0.222, visionzip:108:20, downsample:11) the gates learn "
+        "help": "a reduction before the LLM (e.g. divprune:0.222, visionzip:108:20, cdpruner:128, downsample:11) the gates learn "
         "after: they decide the exit of what it keeps, and the artifact runs SPEC,gates:τ by default"})
 
 
@@ -106,7 +106,7 @@ def input_reduction(spec: str | None, checkpoint: Checkpoint) -> ExitConfig | No
         raise ConfigError(f"--input_reduction {spec}: {error}") from None
     others = [type(stage).__name__ for stage in reduction.stages if not stage.reduces_input]
     if others:
-        raise ConfigError(f"--input_reduction {spec}: only reductions before the LLM (visionzip, divprune, downsample); "
+        raise ConfigError(f"--input_reduction {spec}: only reductions before the LLM (visionzip, divprune, cdpruner, downsample); "
                           f"{', '.join(others)} acts inside the decoder, where the gates decide")
     return reduction
 

@@ -68,16 +68,19 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         gate_training_layer: int | None = None,
         exit_label_rule: ExitLabelRule | None = None,
         exit_channel: ExitChannel | None = None,
+        instructions: list[str] | None = None,
         **kwargs,
     ) -> LlavaCausalLMOutput | GateTrainingOutput:
         """LLaVA's forward. With `gate_training_layer` k it is a gate-training step instead: the loss of gate k
-        against labels from the two continuations after layer k (see visual_exit.training)."""
+        against labels from the two continuations after layer k (see visual_exit.training). `instructions`: each
+        prompt's question text, which CDPruner ranks the image tokens by (nothing else reads it)."""
         cache = take_cache(kwargs, cache)
         return_dict = kwargs.pop("return_dict", None)
         mm = None
         if inputs_embeds is None and _needs_multimodal_inputs(input_ids, images):
             mm = self.prepare_inputs_labels_for_multimodal(
-                input_ids, attention_mask, labels, images, image_sizes, visionzip=self.visionzip_stage(exit_config)
+                input_ids, attention_mask, labels, images, image_sizes,
+                vision_stage=self.vision_stage(exit_config), instructions=instructions,
             )
             input_ids, inputs_embeds, labels, visual_mask = None, mm.inputs_embeds, mm.labels, mm.visual_mask
             attention_mask, position_ids = mm.attention_mask, mm.position_ids
@@ -128,6 +131,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         images: torch.Tensor | list[torch.Tensor] | None = None,
         image_sizes: list[tuple[int, int]] | None = None,
         exit_config: ExitConfig | None = None,
+        instructions: list[str] | None = None,
         **kwargs,
     ):
         """LLaVA's generate: prompts with `IMAGE_TOKEN_INDEX` placeholders in, only the new tokens out.
@@ -147,7 +151,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             logger.info("generate from a LLaVA prompt's embeddings decodes with the cache (use_cache=False changes nothing)")
         mm = self.prepare_inputs_labels_for_multimodal(
             inputs, kwargs.pop("attention_mask", None), None, images, image_sizes, padding_side="left",
-            visionzip=self.visionzip_stage(exit_config),
+            vision_stage=self.vision_stage(exit_config), instructions=instructions,
         )
         cache = take_cache(kwargs)
         cache = VisualExitCache(config=self.config) if cache is None else cache  # an empty cache is falsy

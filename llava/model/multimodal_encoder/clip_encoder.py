@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.utils import logging as transformers_logging
 
 try:  # transformers >= 5.2x names the PIL-backed processor explicitly; it is LLaVA's (bicubic PIL) path
     from transformers import CLIPImageProcessorPil as CLIPImageProcessor
@@ -22,6 +24,18 @@ def load_image_processor(path: str) -> CLIPImageProcessor:
     if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         raise VisionTowerNotFoundError(f"{path}: no preprocessor_config.json (CLIP image processor) in this folder")
     return CLIPImageProcessor.from_pretrained(path)
+
+
+@contextmanager
+def one_half_of_clip():
+    """Loading one tower of a full CLIP checkpoint leaves the other's weights unused, by design: transformers'
+    load report of them (a warning per run) is kept to errors."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 class CLIPVisionTower(nn.Module):
@@ -52,7 +66,8 @@ class CLIPVisionTower(nn.Module):
                 f"vision tower {path!r} (mm_vision_tower in config.json) is not a local CLIP folder with config.json"
             )
         self.image_processor = load_image_processor(path)
-        self.vision_tower = CLIPVisionModel.from_pretrained(path, dtype=dtype, device_map=device)
+        with one_half_of_clip():
+            self.vision_tower = CLIPVisionModel.from_pretrained(path, dtype=dtype, device_map=device)
         self.vision_tower.requires_grad_(False)
         self.is_loaded = True
 

@@ -7,6 +7,7 @@ from functools import partial
 
 from llava.model.visual_exit.budget import REFERENCE_TOKENS, Budget, OutOfReach
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage
+from llava.model.visual_exit.stages.cdpruner import CDPruner
 from llava.model.visual_exit.stages.dart import Dart
 from llava.model.visual_exit.stages.divprune import DivPrune
 from llava.model.visual_exit.stages.downsample import Downsample
@@ -27,6 +28,7 @@ STAGES: dict[str, type[Stage]] = {
     "dart": Dart,
     "visionzip": VisionZip,
     "divprune": DivPrune,
+    "cdpruner": CDPruner,
     "downsample": Downsample,
     "sparsevlm": SparseVLM,
     "sparsevlm-drop": SparseVLMWithoutRecycling,
@@ -43,6 +45,7 @@ BUDGETED = {
     "dart": Dart.at_budget,
     "visionzip": VisionZip.at_budget,
     "divprune": DivPrune.at_budget,
+    "cdpruner": CDPruner.at_budget,
     "downsample": Downsample.at_budget,
     "sparsevlm": SparseVLM.at_budget,
     "fixed": FixedExit.at_budget,

@@ -108,6 +108,8 @@ class Stage:
     # Reduces each image's tokens once, before the decoder's first layer runs (in the vision slot or on the input
     # embeddings): after it the gates may still decide the exit of what it kept.
     reduces_input = False
+    # Ranks the image's tokens by the question's text through CLIP's text tower (CDPruner): our LLaVA class only.
+    reads_instruction = False
 
     def check(self, num_layers: int, has_gates: bool) -> None:
         """Raise ValueError when this stage cannot run on the model."""
