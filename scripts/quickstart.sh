@@ -13,11 +13,11 @@
 #   GATE_ARGS [none; more gate-training flags, e.g. "--gate_ratio_threshold 1.2"]
 #   FIXED_LAYERS [every K from 0 to L-1]   FASTV_LAYER [2]   FASTV_RATIOS ["0.5 0.75 0.9"]
 #   DYNAMIC_FASTV_THRESHOLDS ["0.99"] (with FastV at FASTV_LAYER, R = DYNAMIC_FASTV_RATIO [0.5])
-#   METHODS ["fastv random pdrop dart visionzip divprune downsample sparsevlm"] at BUDGETS ["64"] visual tokens by
+#   METHODS ["fastv random pdrop dart visionzip divprune cdpruner downsample sparsevlm"] at BUDGETS ["64"] visual tokens by
 #   each of BUDGET_RULES ["equal paper"; equal: the same layer average of 196 for every method; paper: the papers'
 #   LLaVA-1.5 settings carried over, whose 64 of 576 is 22 of 196 here: below what one of 8 layers with every token
 #   averages, so the methods that prune inside the LLM cannot reach it (listed under the table, not run)]
-#   GATES_AFTER ["divprune"]: those of METHODS run again with the gates deciding after them, at GATES_AFTER_THRESHOLD
+#   GATES_AFTER ["divprune cdpruner"]: those of METHODS run again with the gates deciding after them, at GATES_AFTER_THRESHOLD
 #   [0.99]   SHORTV [1: ShortV's layers calibrated on SHORTV_QUESTIONS [20] test questions, then run; 0: not]
 #   EVAL_BATCH_SIZE [128]  RESULTS [./playground/quickstart]
 set -euo pipefail
@@ -42,10 +42,10 @@ FASTV_LAYER=${FASTV_LAYER:-2}
 FASTV_RATIOS=${FASTV_RATIOS:-0.5 0.75 0.9}
 DYNAMIC_FASTV_THRESHOLDS=${DYNAMIC_FASTV_THRESHOLDS:-0.99}
 DYNAMIC_FASTV_RATIO=${DYNAMIC_FASTV_RATIO:-0.5}
-METHODS=${METHODS:-fastv random pdrop dart visionzip divprune downsample sparsevlm}   # run at each visual budget
+METHODS=${METHODS:-fastv random pdrop dart visionzip divprune cdpruner downsample sparsevlm}   # run at each visual budget
 BUDGETS=${BUDGETS:-64}   # visual tokens of 196 per image (SparseVLM reaches 50 at the least)
 BUDGET_RULES=${BUDGET_RULES:-${BUDGET_RULE:-equal paper}}
-GATES_AFTER=${GATES_AFTER-divprune}
+GATES_AFTER=${GATES_AFTER-divprune cdpruner}
 GATES_AFTER_THRESHOLD=${GATES_AFTER_THRESHOLD:-0.99}
 SHORTV=${SHORTV:-1}
 SHORTV_QUESTIONS=${SHORTV_QUESTIONS:-20}

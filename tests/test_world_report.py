@@ -339,3 +339,11 @@ def test_bad_input_is_one_line(tmp_path, case, message):
         report.main(["--answers-root", str(answers_root), "--out", str(tmp_path / "out"), "--questions", str(truth_path)])
     assert str(stopped.value.code).startswith("report: error: ") and message in str(stopped.value.code)
     assert "\n" not in str(stopped.value.code)
+
+
+def test_every_method_and_rule_has_a_curve_style_of_its_own():
+    """A budgeted mode without a style would fail the plot; two methods sharing a marker could not be told apart
+    where colours repeat (more curves than colours)."""
+    assert set(report.BUDGETED.values()) <= set(report.STYLES)
+    markers = {report.STYLES[mode][0][0] for (method, rule), mode in report.BUDGETED.items()}
+    assert len(markers) == len({method for method, _ in report.BUDGETED})

@@ -73,6 +73,15 @@ class PatchHeads(torch.nn.Module):
         return [head(features) for head in self.heads]
 
 
+def take_step(loss: torch.Tensor, parameters: list, optimizer, schedule) -> None:
+    """One optimiser step on `loss`, gradients clipped to norm 1, then the schedule's step."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def pretrain_tower(tower, image_processor, steps: int, batch_size: int = 64, learning_rate: float = 2e-3, seed: int = 0) -> dict:
     """Train `tower` (a `CLIPVisionTower`) in place; returns per-attribute patch accuracy on 512 unseen scenes."""
     rng = random.Random(f"tower-{seed}")
@@ -87,11 +96,7 @@ def pretrain_tower(tower, image_processor, steps: int, batch_size: int = 64, lea
         pixels, labels = scene_batch(rng, image_processor, batch_size, patch_size)
         logits = heads(tower(pixels))
         loss = sum(F.cross_entropy(l.flatten(0, 1), labels[:, row].flatten()) for row, l in enumerate(logits))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        take_step(loss, parameters, optimizer, schedule)
         progress.set_postfix(loss=f"{loss.item():.3f}")
     tower.vision_tower.requires_grad_(False)
     return patch_accuracy(tower, heads, image_processor, random.Random(f"tower-test-{seed}"), patch_size)

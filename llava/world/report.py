@@ -38,6 +38,7 @@ RESULTS/exit_layer_histogram.png.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -80,11 +81,11 @@ STYLES = {  # mode: (line style, legend)
     "fastv": ("^:", "FastV, K={K:g} (R)"),
     "dynamic+fastv": ("D", "dynamic + FastV"),
     **{mode: (marker + ("-." if rule == "paper" else ":"), f"{method}, {rule} budget T")
-       for ((method, rule), mode), marker in zip(BUDGETED.items(), "vv<<>>pphhxx++**dd")},
+       for ((method, rule), mode), marker in zip(BUDGETED.items(), (m for m in "v<>phx+*d8H1234" for _ in RULES))},
     "stages": ("X", "{name}"),
 }
-# More curves than the default cycle's 10 colours: tab20's dark shades first, then its light ones. Error bars are
-# drawn fainter than their points, which crowd between them.
+# More curves than the default cycle's 10 colours: tab20's dark shades first, then its light ones, then again (the
+# markers still tell curves apart). Error bars are drawn fainter than their points, which crowd between them.
 COLORS = [plt.get_cmap("tab20")(index) for index in (*range(0, 20, 2), *range(1, 20, 2))]
 CONFIDENCE = 0.95
 ALPHA = 0.05  # significance level of each run's test against none
@@ -536,7 +537,7 @@ def accuracy_figure(runs: list[Run], oracle: dict | None = None):
 
     points = {overview: [], zoom: []}
     for axes in (overview, zoom):
-        for ((mode, k), members), color in zip(curves.items(), COLORS):
+        for ((mode, k), members), color in zip(curves.items(), itertools.cycle(COLORS)):
             style, legend = STYLES[mode]
             members = sorted(members, key=lambda run: run.tflops)
             axes.errorbar(
