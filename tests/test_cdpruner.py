@@ -55,7 +55,13 @@ def official_masks(folder: str, tower_features: torch.Tensor, projected: torch.T
     relevance = (-torch.matmul(image_embeds, text_embeds.t())).mean(dim=-1)
     relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
     kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
-    B, N = relevance.shape
+    masks = official_dpp(kernel, count)
+    return masks, segments
+
+
+def official_dpp(kernel: torch.Tensor, count: int) -> torch.Tensor:
+    """Its fast MAP loop on (B, N, N) kernels, as written there: (B, N) index masks."""
+    B, N = kernel.shape[:2]
     cis = torch.zeros((count, B, N))
     di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
     select_idx = torch.empty((count, B), dtype=torch.long)
@@ -69,7 +75,7 @@ def official_masks(folder: str, tower_features: torch.Tensor, projected: torch.T
         di2s[torch.arange(B), j] = -float("inf")
     masks = torch.zeros(B, N, dtype=torch.bool)
     masks.scatter_(1, torch.sort(select_idx.t()).values, True)
-    return masks, segments
+    return masks
 
 
 def kept_by_definition(model, pixels, prompts, count):
@@ -118,6 +124,23 @@ def test_every_count_keeps_the_official_tokens(loaded):
             mm = model.prepare_inputs_labels_for_multimodal(ids, mask, None, pixels, vision_stage=CDPruner(count),
                                                             instructions=QUESTIONS)
             assert (mm.inputs_embeds[mm.visual_mask] - torch.cat(kept)).abs().max() <= 1e-5, count
+
+
+def test_a_kernel_of_low_rank_keeps_fewer_as_the_official_loop_does():
+    """Identical tokens (a plain background) leave the kernel fewer directions than T: once they are spent, √d² of a
+    negative rounding error is NaN, argmax keeps picking a NaN slot and the picks repeat — fewer tokens than T, in
+    its code and here alike."""
+    from llava.model.visual_exit.stages.cdpruner import conditional_dpp
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(6, 32, generator=generator)[torch.randint(0, 6, (2, 40), generator=generator)]
+    features = features + 1e-7 * torch.randn(features.shape, generator=generator)
+    scores = torch.rand(2, 40, generator=generator)
+    unit = features / features.norm(dim=-1, keepdim=True)
+    oracle = official_dpp(scores[:, :, None] * (unit @ unit.transpose(1, 2)) * scores[:, None, :], 20)
+    kept = conditional_dpp(features, scores, 20)
+    assert torch.equal(kept, oracle)
+    assert (kept.sum(dim=1) < 20).all()
 
 
 def test_the_instruction_is_the_question_without_the_suffix_and_tags():

@@ -131,3 +131,25 @@ def test_gates_after_a_reduction_before_the_llm_get_their_own_rows(init_checkpoi
         compare(compare_arguments(init_checkpoint, eval_root / "gqa", tmp_path / "x", "--calibration", "1",
                                   "--gates-after", "divprune"))
     assert "--gates-after divprune: each must be one of --methods too" in str(stopped.value.code)
+
+
+def test_vtw_and_shortv_rows_come_from_their_own_calibrations_on_the_calibration_questions(
+        init_checkpoint, gqa_root, tmp_path):  # noqa: F811
+    from llava.analysis.shortv import main as shortv
+
+    eval_root, _ = gqa_root
+    gqa, out = eval_root / "gqa", tmp_path / "out"
+    compare(compare_arguments(init_checkpoint, gqa, out, "--methods", "fastv", "--no-dynamic", "--calibration", "2",
+                              "--calibrated", "vtw", "shortv", "--vtw-first", "1", "--vtw-eta", "1e9"))
+    with open(out / "comparison.csv") as handle:
+        rows = {r["method"]: r for r in csv.DictReader(handle)}
+    assert rows["vtw"]["setting"] == "fixed:1" and rows["vtw"]["budget"] == ""  # any KL is within a huge η
+    shortv(["--model-path", init_checkpoint, "--question-file", str(gqa / f"{SPLIT}.jsonl"), "--image-folder",
+            str(gqa / "data" / "images"), "--limit", "2", "--output-dir", str(tmp_path)])
+    alone = json.loads((tmp_path / "shortv.json").read_text())
+    assert rows["shortv"]["setting"] == alone["stages"] and len(alone["replaced"]) == 2  # round(0.6 × 4 layers)
+    assert int(rows["shortv"]["questions"]) == int(rows["none"]["questions"])  # scored on the rest only
+    with pytest.raises(SystemExit) as stopped:
+        compare(compare_arguments(init_checkpoint, gqa, tmp_path / "x", "--methods", "fastv", "--no-dynamic",
+                                  "--calibration", "2", "--calibrated", "vtw", "--vtw-first", "1", "--vtw-eta", "-1"))
+    assert "VTW: no layer from 1 keeps the mean KL within η = -1" in str(stopped.value.code)

@@ -61,16 +61,23 @@ def first_token_logits(answerer: Answerer, batch: dict, exit_config: ExitConfig)
 
 
 def mean_divergences(args: argparse.Namespace, checkpoint: Checkpoint, exits: dict, desc: str) -> dict:
-    """{"mean": {key: mean KL(P_exit ‖ P) over the questions}, "questions": counted, "skipped": [...]} for each of
-    `exits` ({key: ExitConfig}) on the first --limit questions of --question-file."""
+    """`divergences` of `exits` on the first --limit questions of --question-file, the model loaded for it."""
     questions = read_jsonl(args.question_file, ("question_id", "text"))[: args.limit or None]
     spec = RunSpec.build(checkpoint, device=args.device, image_folder=args.image_folder, batch_size=args.batch_size,
                          exit_mode="none")
+    with Answerer(load_model(checkpoint, device=args.device), spec) as answerer:
+        return divergences(answerer, questions, exits, desc)
+
+
+def divergences(answerer: Answerer, questions: list[dict], exits: dict, desc: str) -> dict:
+    """{"mean": {key: mean KL(P_exit ‖ P) over the questions}, "questions": counted, "skipped": [...]} for each of
+    `exits` ({key: ExitConfig}), asked in the answerer's batches."""
     totals, counted, skipped = dict.fromkeys(exits, 0.0), 0, []
-    with Answerer(load_model(checkpoint, device=args.device), spec) as answerer, torch.inference_mode():
-        for start in tqdm(range(0, len(questions), args.batch_size), desc=desc, unit="batch"):
+    size = answerer.spec.batch_size
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(questions), size), desc=desc, unit="batch"):
             prepared = []
-            for record in questions[start : start + args.batch_size]:
+            for record in questions[start : start + size]:
                 try:
                     prepared.append(answerer.prepare(record))
                 except (ImageLoadError, QuestionError) as error:
@@ -83,7 +90,7 @@ def mean_divergences(args: argparse.Namespace, checkpoint: Checkpoint, exits: di
                 totals[key] += float(divergence_from_full(full, first_token_logits(answerer, batch, exit_config)).sum())
             counted += len(prepared)
     if not counted:
-        raise EvalInputError(f"{args.question_file}: no question could be asked ({len(skipped)} skipped)")
+        raise EvalInputError(f"no calibration question could be asked ({len(skipped)} skipped)")
     return {"mean": {key: total / counted for key, total in totals.items()}, "questions": counted, "skipped": skipped}
 
 

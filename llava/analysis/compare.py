@@ -10,7 +10,10 @@ checkpoint's threshold: gates trained after it with train.py's `--input_reductio
 to this model, the default; `equal`, the same layer average of visual tokens for every method), and DyVTE's gates
 with their threshold calibrated per budget: on the first `--calibration` questions each τ of `--thresholds` is run
 and the one whose measured average comes closest to the budget's average on this model without exceeding it is
-kept (the smallest average when none fits). Those questions are never scored: every run is scored on the others,
+kept (the smallest average when none fits). `--calibrated vtw shortv` adds the methods that calibrate their own
+setting, each by its own rule on those questions: VTW's withdrawal layer K (the first from `--vtw-first` whose
+mean KL stays within `--vtw-eta`, `fixed:K`) and ShortV's replaced layers (round(0.6 L) of the lowest Layer
+Contribution); neither has a budget. Those questions are never scored: every run is scored on the others,
 and only on those the truth file holds (`questions` counts them). Then every run's prefill is timed on the first
 `--time-questions` of them, in interleaved rounds, against none's.
 
@@ -35,6 +38,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from llava.analysis import shortv, vtw  # noqa: E402
+from llava.analysis.calibration import divergences  # noqa: E402
 from llava.eval.eval_gqa import load_questions, convert_gqa, score_gqa  # noqa: E402
 from llava.eval.io import EvalInputError, read_jsonl  # noqa: E402
 from llava.arguments import positive_int  # noqa: E402
@@ -146,6 +151,8 @@ def compare(args: argparse.Namespace) -> list[RunResult]:
     calibration, evaluated = split_questions(questions, args.calibration, args.dynamic)
     truth = scored_truth(args.truth, evaluated)
     checkpoint = Checkpoint.resolve(args.model_path, args.model_base)
+    if args.calibrated and args.calibration < 1:
+        raise ValueError(f"--calibrated {' '.join(args.calibrated)}: --calibration 0 leaves no question to calibrate on")
     if (args.dynamic or args.gates_after) and not checkpoint.has_gates:
         raise ValueError(f"{args.model_path} has no gates to calibrate: train them first, or pass --no-dynamic "
                          "(and no --gates-after)")
@@ -188,9 +195,30 @@ def compare_runs(args, answerer: Answerer, calibration: list[dict], evaluated: l
             tau = calibrated_threshold(answerer, out, calibration, target, args.thresholds)
             answered = run_setting(answerer, out, f"dynamic-{tau:g}", evaluated, exit_mode="dynamic", exit_threshold=tau)
             results.append(result("dynamic", rule, budget, f"τ={tau:g}", answered, truth, f"dynamic-{tau:g}"))
+    for method in args.calibrated:
+        results.append(self_calibrated(args, answerer, method, calibration, evaluated, truth))
     if args.time_questions:
         time_prefills(args, answerer, evaluated, results)
     return results
+
+
+def self_calibrated(args, answerer: Answerer, method: str, calibration: list[dict], evaluated: list[dict],
+                    truth: dict) -> RunResult:
+    """VTW's or ShortV's row: its setting chosen by its own calibration on the calibration questions, then scored."""
+    layers = answerer.spec.checkpoint.config.num_hidden_layers
+    if method == "vtw":
+        chosen = vtw.choice(divergences(answerer, calibration, vtw.withdrawal_exits(layers, args.vtw_first),
+                                        "VTW calibration"), args.vtw_eta)
+        if chosen["layer"] is None:
+            raise ValueError(f"VTW: no layer from {args.vtw_first} keeps the mean KL within η = {args.vtw_eta} on the "
+                             f"{chosen['questions']} calibration questions; raise --vtw-eta or lower --vtw-first")
+        stages = f"fixed:{chosen['layer']}"
+    else:
+        measured = divergences(answerer, calibration, shortv.replacement_exits(layers), "ShortV calibration")
+        stages = shortv.choice(measured, shortv.replaced_count(layers, None))["stages"]
+    logger.info("%s calibrated on %d questions: %s", method, len(calibration), stages)
+    answered = run_setting(answerer, args.out, method, evaluated, exit_stages=stages)
+    return result(method, None, None, stages, answered, truth, method)
 
 
 def time_prefills(args, answerer: Answerer, evaluated: list[dict], results: list[RunResult]) -> None:
@@ -210,9 +238,11 @@ def plot(results: list[RunResult], path: str) -> None:
     for method, rule in dict.fromkeys((r.method, r.rule) for r in results[1:]):
         points = sorted((r.tflops * scale, r.accuracy, r.budget) for r in results
                         if (r.method, r.rule) == (method, rule) and r.questions)
-        axes.plot([p[0] for p in points], [p[1] for p in points], "o-" if rule == "paper" else "o:", label=f"{method} ({rule})")
+        label = method if rule is None else f"{method} ({rule})"
+        axes.plot([p[0] for p in points], [p[1] for p in points], "o-" if rule == "paper" else "o:", label=label)
         for x, y, budget in points:
-            axes.annotate(f"{budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if budget is not None:  # VTW and ShortV have no budget: a point of their own
+                axes.annotate(f"{budget:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes.plot([reference.tflops * scale], [reference.accuracy], "k*", markersize=12, label="none")
     axes.set_xlabel(f"LM prefill {unit} per sample")
     axes.set_ylabel("accuracy (%)")
@@ -246,7 +276,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run each of these reductions before the LLM with DyVTE's gates deciding after it")
     parser.add_argument("--gates-after-threshold", type=float, default=None,
                         help="τ of the gates after a reduction (default: the checkpoint's saved threshold)")
-    parser.add_argument("--calibration", type=int, default=50, help="first questions used to calibrate τ only")
+    parser.add_argument("--calibrated", nargs="+", choices=("vtw", "shortv"), default=[],
+                        help="also run these, each with the setting its own calibration picks on the calibration questions")
+    parser.add_argument("--vtw-eta", type=float, default=vtw.DEFAULT_ETA, help="VTW's KL threshold η")
+    parser.add_argument("--vtw-first", type=int, default=vtw.FIRST_LAYER, help="the first withdrawal layer VTW tries")
+    parser.add_argument("--calibration", type=int, default=50,
+                        help="first questions used to calibrate only (τ, VTW, ShortV), never scored")
     parser.add_argument("--out", required=True)
     parser.add_argument("--time-questions", type=int, default=64, help="questions every run's prefill is timed on (0: not)")
     parser.add_argument("--time-repeats", type=positive_int, default=3, help="interleaved timing rounds")

@@ -37,16 +37,25 @@ def replaced_count(layers: int, given: int | None) -> int:
     return given
 
 
+def replacement_exits(layers: int) -> dict:
+    """{ℓ: shortv:ℓ} for every layer."""
+    return {layer: ExitRequest("stages", stages=f"shortv:{layer}").expand() for layer in range(layers)}
+
+
+def choice(measured: dict, count: int) -> dict:
+    """ShortV's report of `divergences` over its exits: the contributions, the order, the `count` replaced."""
+    order = replacement_order(measured["mean"])
+    return {"questions": measured["questions"], "skipped": measured["skipped"],
+            "layer_contribution": {str(layer): value for layer, value in measured["mean"].items()},
+            "order": order, "replaced": order[:count], "stages": "shortv:" + "-".join(map(str, order[:count]))}
+
+
 def calibrate(args: argparse.Namespace) -> dict:
     checkpoint = Checkpoint.resolve(args.model_path)
     layers = checkpoint.config.num_hidden_layers
     count = replaced_count(layers, args.layers)
-    exits = {layer: ExitRequest("stages", stages=f"shortv:{layer}").expand() for layer in range(layers)}
-    measured = mean_divergences(args, checkpoint, exits, "ShortV calibration")
-    order = replacement_order(measured["mean"])
-    result = {"model": checkpoint.path, "questions": measured["questions"], "skipped": measured["skipped"],
-              "layer_contribution": {str(layer): value for layer, value in measured["mean"].items()},
-              "order": order, "replaced": order[:count], "stages": "shortv:" + "-".join(map(str, order[:count]))}
+    measured = mean_divergences(args, checkpoint, replacement_exits(layers), "ShortV calibration")
+    result = {"model": checkpoint.path, **choice(measured, count)}
     write_report(args.output_dir, "shortv.json", result)
     return result
 

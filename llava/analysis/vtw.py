@@ -30,17 +30,24 @@ def first_layer_within(mean_divergence: dict[int, float], eta: float) -> int | N
     return next((layer for layer in sorted(mean_divergence) if mean_divergence[layer] <= eta), None)
 
 
+def withdrawal_exits(layers: int, first: int) -> dict:
+    """{d: fixed:d} for the layers VTW tries, from `first` to the last."""
+    if not 0 < first < layers:
+        raise ValueError(f"--first {first}: the search runs from it to layer {layers - 1} of this {layers}-layer model")
+    return {layer: ExitRequest("fixed", layer).expand() for layer in range(first, layers)}
+
+
+def choice(measured: dict, eta: float) -> dict:
+    """VTW's report of `divergences` over its exits: the curve and K (None when no layer is within η)."""
+    mean = measured["mean"]
+    return {"questions": measured["questions"], "skipped": measured["skipped"], "eta": eta,
+            "mean_kl": {str(layer): value for layer, value in mean.items()}, "layer": first_layer_within(mean, eta)}
+
+
 def calibrate(args: argparse.Namespace) -> dict:
     checkpoint = Checkpoint.resolve(args.model_path)
-    layers = checkpoint.config.num_hidden_layers
-    if not 0 < args.first < layers:
-        raise ValueError(f"--first {args.first}: the search runs from it to layer {layers - 1} of this {layers}-layer model")
-    exits = {layer: ExitRequest("fixed", layer).expand() for layer in range(args.first, layers)}
-    measured = mean_divergences(args, checkpoint, exits, "VTW calibration")
-    mean = measured["mean"]
-    result = {"model": checkpoint.path, "questions": measured["questions"], "skipped": measured["skipped"],
-              "eta": args.eta, "mean_kl": {str(layer): value for layer, value in mean.items()},
-              "layer": first_layer_within(mean, args.eta)}
+    exits = withdrawal_exits(checkpoint.config.num_hidden_layers, args.first)
+    result = {"model": checkpoint.path, **choice(mean_divergences(args, checkpoint, exits, "VTW calibration"), args.eta)}
     write_report(args.output_dir, "vtw.json", result)
     return result
 
