@@ -9,7 +9,7 @@ from collections import deque
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from llava.eval.eval_gqa import score_gqa
 from llava.eval.io import read_jsonl
@@ -27,6 +27,7 @@ from llava.world.generate import (
     random_scene,
     render,
 )
+from llava.world.long_answers import GLYPH_SIZE, GLYPHS, LONG_KINDS, PROMPTS
 from llava.world.pretrain_tower import ATTRIBUTES, patch_labels
 
 
@@ -36,33 +37,89 @@ def palette_masks(image):
     return {colour: np.abs(pixels - np.array(rgb)).sum(-1) < 30 for colour, rgb in COLOURS.items()}
 
 
-def read_scene(image):
-    """[(colour, shape, size, x_centre)] for every blob of a palette colour."""
-    pixels = np.asarray(image.convert("RGB")).astype(int)
-    height, width, _ = pixels.shape
+def connected_components(mask, diagonal=False):
+    """The pixel lists of `mask`'s connected blobs (4-neighbours, or 8 with `diagonal`)."""
+    height, width = mask.shape
     seen = np.zeros((height, width), dtype=bool)
+    steps = [(1, 0), (-1, 0), (0, 1), (0, -1)] + ([(1, 1), (1, -1), (-1, 1), (-1, -1)] if diagonal else [])
+    components = []
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        queue, points = deque([(y, x)]), []
+        seen[y, x] = True
+        while queue:
+            cy, cx = queue.popleft()
+            points.append((cy, cx))
+            for dy, dx in steps:
+                ny, nx = cy + dy, cx + dx
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        components.append(points)
+    return components
+
+
+def read_objects(image):
+    """[(colour, shape, size, x_centre, y_centre, (x1, y1, x2, y2))] for every blob of a palette colour."""
     blobs = []
     for colour, drawn in palette_masks(image).items():
-        mask = drawn & ~seen
-        for y, x in zip(*np.nonzero(mask)):
-            if seen[y, x]:
-                continue
-            queue, points = deque([(y, x)]), []
-            seen[y, x] = True
-            while queue:
-                cy, cx = queue.popleft()
-                points.append((cy, cx))
-                for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
-                    if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not seen[ny, nx]:
-                        seen[ny, nx] = True
-                        queue.append((ny, nx))
+        for points in connected_components(drawn):
             ys, xs = zip(*points)
             box = (max(ys) - min(ys) + 1) * (max(xs) - min(xs) + 1)
             fill = len(points) / box
             shape = "square" if fill > 0.9 else "circle" if fill > 0.65 else "triangle"
             size = "large" if max(xs) - min(xs) > 40 else "small"
-            blobs.append((colour, shape, size, (max(xs) + min(xs)) / 2))
+            blobs.append((colour, shape, size, (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2,
+                          (min(xs), min(ys), max(xs), max(ys))))
     return blobs
+
+
+def read_scene(image):
+    """[(colour, shape, size, x_centre)] for every blob of a palette colour."""
+    return [blob[:4] for blob in read_objects(image)]
+
+
+def glyph_templates():
+    """{char: its ink mask}, each glyph drawn alone in the world's font: what the word's blobs are matched to."""
+    templates = {}
+    for char in GLYPHS:
+        canvas = Image.new("L", (40, 40), 128)
+        ImageDraw.Draw(canvas).text((5, 5), char, font=ImageFont.load_default(size=GLYPH_SIZE), fill=0)
+        ink = np.asarray(canvas) < 64
+        ys, xs = np.nonzero(ink)
+        templates[char] = ink[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    return templates
+
+
+def read_word(image):
+    """The dark blobs left to right, each read as the glyph whose ink it overlaps most ("" without any)."""
+    ink = np.asarray(image.convert("L")) < 64
+    templates, word = glyph_templates(), []
+    for points in sorted(connected_components(ink, diagonal=True), key=lambda points: min(x for _, x in points)):
+        ys, xs = zip(*points)
+        crop = ink[min(ys) : max(ys) + 1, min(xs) : max(xs) + 1]
+
+        def overlap(template):
+            height, width = max(crop.shape[0], template.shape[0]), max(crop.shape[1], template.shape[1])
+            a, b = np.zeros((height, width), bool), np.zeros((height, width), bool)
+            a[: crop.shape[0], : crop.shape[1]], b[: template.shape[0], : template.shape[1]] = crop, template
+            return (a & b).sum() / (a | b).sum()
+
+        word.append(max(templates, key=lambda char: overlap(templates[char])))
+    return "".join(word)
+
+
+def expected_long_answer(question, image):
+    objects = read_objects(image)
+    if question == "Describe every object from left to right.":
+        return ", ".join(f"{size} {colour} {shape}" for colour, shape, size, *_ in sorted(objects, key=lambda o: o[3:5]))
+    if m := re.fullmatch(r"Where is the (\w+) (\w+) (\w+)\?", question):
+        box = next(o[5] for o in objects if (o[2], o[0], o[1]) == (m[1], m[2], m[3]))
+        return "[" + ", ".join(map(str, box)) + "]"
+    if question == "What is written?":
+        return read_word(image)
+    return None
 
 
 def expected_answer(question, blobs):
@@ -90,11 +147,13 @@ def check_training_conversations(world, counts, images, max_turns):
         turns = record["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and 1 <= len(turns) // 2 <= max_turns
         assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
-        blobs = read_scene(Image.open(world / "images" / record["image"]))
+        image = Image.open(world / "images" / record["image"])
+        blobs = read_scene(image)
         asked = [t["value"].removeprefix("<image>\n").split("\n")[0] for t in turns[::2]]
         assert len(set(asked)) == len(asked)
         for question, answer in zip(asked, turns[1::2]):
-            assert answer["value"] == expected_answer(question, blobs)
+            long = expected_long_answer(question, image)
+            assert answer["value"] == (long if long is not None else expected_answer(question, blobs)), question
     single = json.loads((world / GATE_TRAIN_DATA).read_text())
     assert single == [{**record, "conversations": record["conversations"][:2]} for record in train]
 
@@ -112,6 +171,33 @@ def test_world_answers_match_the_pictures(tmp_path):
     # GQA's scorer reads the world as it is: the truth itself scores 100.
     predictions = [{"questionId": q, "prediction": t["answer"]} for q, t in truth.items()]
     assert score_gqa(truth, predictions)["accuracy"] == 100.0
+
+
+def test_long_answers_match_the_pictures_and_leave_the_rest_of_the_world(tmp_path):
+    """describe, ground and read, re-read from the pixels (palette blobs in reading order, their boxes, the dark
+    blobs matched to glyphs), on held-out and training turns; the shapes and the other turns stay the world's."""
+    plain = generate(str(tmp_path / "plain"), train=80, test=150, seed=5)
+    counts = generate(str(tmp_path / "long"), train=80, test=150, seed=5, long_kinds=LONG_KINDS)
+    assert all(counts["test"][kind] > 0 and counts["train"][kind] > 0 for kind in LONG_KINDS)
+    assert counts["train"]["describe"] == counts["train"]["ground"] == 80  # one of each per training image
+    assert {kind: counts["train"][kind] for kind in KINDS} == plain["train"]
+    questions = read_jsonl(str(tmp_path / "long" / TEST_QUESTIONS), ("question_id", "image", "text", "category"))
+    truth = json.loads((tmp_path / "long" / TEST_TRUTH).read_text())
+    lengths = {kind: set() for kind in LONG_KINDS}
+    for question in questions:
+        image = Image.open(tmp_path / "long" / TEST_IMAGES / question["image"])
+        asked, kind = question["text"].split("\n")[0], question["category"]
+        long = expected_long_answer(asked, image)
+        answer = truth[question["question_id"]]["answer"]
+        assert answer == (long if long is not None else expected_answer(asked, read_scene(image))), question
+        if kind in LONG_KINDS:
+            assert question["text"].endswith(PROMPTS[kind])
+            lengths[kind].add(len(answer.split(", ")) if kind == "describe" else len(answer))
+    assert lengths["describe"] == {1, 2, 3} and len(lengths["read"]) >= 3  # 1-3 objects, 1-4 glyphs
+    check_training_conversations(tmp_path / "long", counts, images=80, max_turns=7)
+    # A word is drawn only where no shape is: the shapes read the same as in the world without words.
+    for name in ("images/00003.png", "images/00011.png"):
+        assert read_scene(Image.open(tmp_path / "long" / name)) == read_scene(Image.open(tmp_path / "plain" / name))
 
 
 def test_relational_questions_add_right_answers_of_the_relational_kinds(tmp_path):

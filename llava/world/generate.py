@@ -143,6 +143,13 @@ def ask(kind: str, shapes: list[Shape], rng: random.Random) -> tuple[str, str] |
     return None
 
 
+def instruction(kind: str) -> str:
+    """What follows a question of `kind`: LLaVA's short-answer instruction, or a long kind's own."""
+    from llava.world.long_answers import PROMPTS
+
+    return PROMPTS.get(kind, SHORT_ANSWER)
+
+
 RELATIONAL = ("position", "comparison", "existence")  # the kinds that bind a name to an object: the slowest to learn
 EXTRA_ATTEMPTS = 20  # draws per extra question before the scene is taken to have no new one of its kind
 
@@ -174,37 +181,51 @@ def relational_questions(
 def generate(
     out: str, train: int, test: int, seed: int, questions_per_image: int = 4, relational: int = 0,
     only_kinds: tuple[str, ...] | None = None, extra_kinds: tuple[str, ...] = RELATIONAL,
+    long_kinds: tuple[str, ...] = (),
 ) -> dict:
     """Write the world; returns counts of questions per split and kind. The `relational` extra turns per training
     image are of `extra_kinds`. `only_kinds` keeps only the training turns of those kinds (drawn as without it, so
     scenes and held-out split stay the same; an image left with no turn drops out of the training files): a
-    focused curriculum for a kind the model has not learned; `extra_kinds` weights one within the whole world."""
+    focused curriculum for a kind the model has not learned; `extra_kinds` weights one within the whole world.
+    `long_kinds` (llava.world.long_answers) adds a turn of each to every training image and asks them of their share
+    of the test images; with `read`, half the scenes carry a word. They draw from their own stream: the shapes and
+    the other turns stay those of the same seed without them."""
+    from llava.world.long_answers import ask_long, random_word, write_word  # it builds on this module's scenes
+
     rng = random.Random(seed)
     relational_rng = random.Random(f"relational-{seed}")  # its own stream: the extra turns change nothing else
+    long_rng = random.Random(f"long-{seed}")  # likewise for the long kinds and the words
     for folder in (TRAIN_IMAGES, TEST_IMAGES):
         os.makedirs(os.path.join(out, folder), exist_ok=True)
     multi_turn, single_turn, questions, truth = [], [], [], {}
-    counts = {"train": dict.fromkeys(KINDS, 0), "test": dict.fromkeys(KINDS, 0)}
+    kinds = KINDS + tuple(long_kinds)
+    counts = {"train": dict.fromkeys(kinds, 0), "test": dict.fromkeys(kinds, 0)}
     for index in tqdm(range(train + test), desc="generating the tiny world", unit="image"):
         shapes = random_scene(rng)
         asked = questions_about(shapes, rng, questions_per_image if index < train else 1)
+        word = random_word(shapes, long_rng) if "read" in long_kinds and long_rng.random() < 0.5 else None
+        long_turns = [(kind, *qa) for kind in long_kinds if (qa := ask_long(kind, shapes, word, long_rng)) is not None]
         if index < train:
             asked += relational_questions(shapes, asked, relational, relational_rng, extra_kinds)
+            asked += long_turns
             asked = [turn for turn in asked if only_kinds is None or turn[0] in only_kinds]
+        elif long_turns and long_rng.random() < len(long_kinds) / len(kinds):
+            asked = [long_rng.choice(long_turns)]
         image = f"{index:05d}.png"
-        render(shapes).save(os.path.join(out, TRAIN_IMAGES if index < train else TEST_IMAGES, image))
+        picture = write_word(render(shapes), word)
+        picture.save(os.path.join(out, TRAIN_IMAGES if index < train else TEST_IMAGES, image))
         if index >= train:
             kind, question, answer = asked[0]
             counts["test"][kind] += 1
             question_id = f"world-{index:05d}"
-            questions.append({"question_id": question_id, "image": image, "text": question + SHORT_ANSWER, "category": kind})
+            questions.append({"question_id": question_id, "image": image, "text": question + instruction(kind), "category": kind})
             truth[question_id] = {"answer": answer, "question": question, "types": {"structural": kind, "semantic": kind}}
         elif asked:
             turns = []
             for turn, (kind, question, answer) in enumerate(asked):
                 counts["train"][kind] += 1
                 turns += [
-                    {"from": "human", "value": ("<image>\n" if turn == 0 else "") + question + SHORT_ANSWER},
+                    {"from": "human", "value": ("<image>\n" if turn == 0 else "") + question + instruction(kind)},
                     {"from": "gpt", "value": answer},
                 ]
             multi_turn.append({"id": f"world-{index:05d}", "image": image, "conversations": turns})
@@ -239,14 +260,22 @@ def main(argv: list[str] | None = None) -> None:
         "--only-kinds", default=None, type=lambda text: tuple(text.split(",")),
         help=f"comma-separated kinds ({', '.join(KINDS)}): training turns of these kinds only",
     )
+    parser.add_argument(
+        "--long-kinds", default=(), type=lambda text: tuple(text.split(",")),
+        help="comma-separated long kinds (describe, ground, read) added to the world's questions",
+    )
     args = parser.parse_args(argv)
-    for option, kinds in (("--only-kinds", args.only_kinds), ("--extra-kinds", args.extra_kinds)):
-        unknown = sorted(set(kinds or ()) - set(KINDS))
+    from llava.world.long_answers import LONG_KINDS
+
+    every = KINDS + tuple(kind for kind in LONG_KINDS if kind in args.long_kinds)
+    for option, kinds, known in (("--only-kinds", args.only_kinds, every), ("--extra-kinds", args.extra_kinds, KINDS),
+                                 ("--long-kinds", args.long_kinds, LONG_KINDS)):
+        unknown = sorted(set(kinds or ()) - set(known))
         if unknown:
-            parser.error(f"{option}: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(KINDS)}")
+            parser.error(f"{option}: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(known)}")
     counts = generate(
         args.out, args.train, args.test, args.seed, args.questions_per_image, args.relational_questions,
-        args.only_kinds, args.extra_kinds,
+        args.only_kinds, args.extra_kinds, args.long_kinds,
     )
     for split, per_kind in counts.items():
         print(f"{split}: " + ", ".join(f"{kind} {n}" for kind, n in per_kind.items()))
