@@ -9,6 +9,9 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizerFast, CLIPVisionConfig, CLIPVisionModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from llava.model.multimodal_encoder.clip_encoder import one_half_of_clip
+from llava.model.multimodal_encoder.clip_text import TextTowerNotFoundError, check_text_tower
+
 TEXT_POSITIONS = 16  # a short row for tests (CLIP's is 77), so that a test question spans several rows
 
 
@@ -38,8 +41,18 @@ def full_clip(vision_model: CLIPVisionModel, vocab_size: int, positions: int, se
     return clip
 
 
-def save_full_clip(folder: str, vision_model: CLIPVisionModel, seed: int = 0) -> None:
-    """Write `vision_model` with a random text tower and both projections as one CLIP checkpoint in `folder`."""
-    tokenizer = build_clip_tokenizer()
-    full_clip(vision_model, len(tokenizer), TEXT_POSITIONS, seed + 1).save_pretrained(folder)
+def save_full_clip(folder: str, vision_model: CLIPVisionModel, seed: int = 0, text_from: str | None = None) -> None:
+    """Write `vision_model` with a text tower and both projections as one CLIP checkpoint in `folder`: the text half of
+    the full CLIP folder `text_from` when it is one (a model trained on keeps its tower's text side), else random."""
+    try:
+        check_text_tower(text_from)
+    except TextTowerNotFoundError:
+        tokenizer = build_clip_tokenizer()
+        clip = full_clip(vision_model, len(tokenizer), TEXT_POSITIONS, seed + 1)
+    else:
+        tokenizer = CLIPTokenizerFast.from_pretrained(text_from)
+        with one_half_of_clip():
+            clip = CLIPModel.from_pretrained(text_from)
+        clip.vision_model.load_state_dict(vision_model.state_dict())
+    clip.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

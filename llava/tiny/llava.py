@@ -107,7 +107,8 @@ def build_tiny_llava(geometry: TinyGeometry, texts: tuple[str, ...] = (), anyres
 def save_llava_layout(out: str, model, tokenizer, image_processor) -> None:
     """Original LLaVA layout: the tower goes to its own folder, named by `mm_vision_tower`."""
     tower_dir = os.path.join(out, VISION_TOWER_DIR)
-    save_full_clip(tower_dir, model.get_vision_tower().vision_tower)  # as openai's CLIP: both towers, a tokenizer
+    tower = model.get_vision_tower()  # as openai's CLIP: both towers, a tokenizer (the loaded text half kept)
+    save_full_clip(tower_dir, tower.vision_tower, text_from=tower.vision_tower_name)
     image_processor.save_pretrained(tower_dir)
     if hasattr(model.config, "mm_vision_config"):  # a loaded model names its tower by path instead
         del model.config.mm_vision_config
