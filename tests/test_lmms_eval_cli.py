@@ -156,3 +156,36 @@ def test_video_task_answers_as_the_loader_does(workdir, tmp_path):
     assert [s["filtered_resps"] for s in samples] == [cut_at(r["text"], ["\n\n"]) for r in records]
     assert [s["token_counts"][0]["exit_layer"] for s in samples] == [1] * 5
     assert [s["token_counts"][0]["visual_tokens"] for s in samples] == [r["visual_tokens"] for r in records]
+
+
+def test_long_answer_tasks_score_each_kind_by_its_rule(workdir, tmp_path):
+    """tiny_world_describe / _ground / _read: each task holds its kind's questions only, the loader's answers, and
+    the kind's metrics (accuracy by its rule; describe's F1, ground's IoU) as llava.world.long_answers scores them."""
+    from llava.world.long_answers import LONG_KINDS, score
+
+    world = workdir / "playground" / "data" / "tiny_world_long_test"
+    generate(str(world), train=0, test=24, seed=4, long_kinds=LONG_KINDS)
+    gqa = world / "eval" / "gqa"
+    answers = tmp_path / "loader.jsonl"
+    subprocess.run(
+        [sys.executable, "-m", "llava.eval.model_vqa_loader", "--model-path", str(workdir / "gated"), "--question-file",
+         str(gqa / "llava_gqa_testdev_balanced.jsonl"), "--image-folder", str(gqa / "data" / "images"),
+         "--answers-file", str(answers), "--temperature", "0", "--max_new_tokens", "64", "--exit-mode", "none",
+         "--device", "cpu"], check=True, capture_output=True, cwd=ROOT,
+    )
+    loader = {r["question_id"]: r["text"] for r in map(json.loads, answers.read_text().splitlines())}
+    questions = {q["question_id"]: q for q in map(json.loads, (gqa / "llava_gqa_testdev_balanced.jsonl").read_text().splitlines())}
+    truth = json.loads((gqa / "data" / "testdev_balanced_questions.json").read_text())
+    tasks = [f"tiny_world_{kind}" for kind in LONG_KINDS]
+    run = lmms_eval(workdir, "long", "exit_mode=none", ",".join(tasks), batch_size=4)
+    for kind, task in zip(LONG_KINDS, tasks):
+        samples = run["samples"][task]
+        ids = [s["doc"]["question_id"] for s in samples]
+        assert ids and all(questions[i]["category"] == kind for i in ids)
+        assert len(ids) == sum(q["category"] == kind for q in questions.values())
+        assert [s["filtered_resps"] for s in samples] == [cut_at(loader[i], ["\n\n"]) for i in ids]
+        scores = [score(kind, loader[i].rstrip(".").lower(), truth[i]["answer"]) for i in ids]
+        metrics = run["results"]["results"][task]
+        assert metrics["accuracy,none"] == pytest.approx(100 * sum(s["correct"] for s in scores) / len(scores))
+        for measure in {"describe": ["f1"], "ground": ["iou"], "read": []}[kind]:
+            assert metrics[f"{measure},none"] == pytest.approx(sum(s[measure] for s in scores) / len(scores))

@@ -189,7 +189,7 @@ def test_long_answers_match_the_pictures_and_leave_the_rest_of_the_world(tmp_pat
         asked, kind = question["text"].split("\n")[0], question["category"]
         long = expected_long_answer(asked, image)
         answer = truth[question["question_id"]]["answer"]
-        assert answer == (long if long is not None else expected_answer(asked, read_scene(image))), question
+        assert answer == (long if long is not None else expected_answer(asked, read_scene(image))).lower(), question
         if kind in LONG_KINDS:
             assert question["text"].endswith(PROMPTS[kind])
             lengths[kind].add(len(answer.split(", ")) if kind == "describe" else len(answer))

@@ -347,3 +347,37 @@ def test_every_method_and_rule_has_a_curve_style_of_its_own():
     assert set(report.BUDGETED.values()) <= set(report.STYLES)
     markers = {report.STYLES[mode][0][0] for (method, rule), mode in report.BUDGETED.items()}
     assert len(markers) == len({method for method, _ in report.BUDGETED})
+
+
+def test_long_answers_scored_by_each_kinds_rule_and_by_answer_length(tmp_path):
+    """describe by exact match and per-object F1, ground by IoU ≥ 0.5 and mean IoU, read by exact match (GQA's lower
+    case); the summary's accuracy stays GQA's exact match, which the report re-checks. Values worked out by hand."""
+    objects = "small red circle, large blue square"
+    kinds = ["describe", "describe", "ground", "ground", "read", "read", "colour", "colour"]
+    answers = [objects, objects, "[0, 0, 9, 9]", "[0, 0, 9, 9]", "k4", "k4", "red", "red"]
+    truth = {f"q{i}": {"answer": a, "types": {"structural": k}} for i, (k, a) in enumerate(zip(kinds, answers))}
+    said = {"none": [objects, "small red circle", "[0, 0, 9, 9]", "[5, 0, 14, 9]", "K4", "K", "red", "blue"],
+            "fixed-2": ["", "", "none", "[20, 20, 29, 29]", "", "", "blue", "blue"]}
+    root = tmp_path / "gqa" / "answers" / "split" / "quickstart"
+    for name, texts in said.items():
+        (root / name).mkdir(parents=True)
+        records = [{"question_id": f"q{i}", "text": text, "exit_layer": 8 if name == "none" else 2, "tflops": 1e-3,
+                    "tflops_full": 1e-3} for i, text in enumerate(texts)]
+        (root / name / "merge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        exit_settings = {"mode": "none"} if name == "none" else {"mode": "fixed", "layer": 2}
+        summary = {"accuracy": 50.0 if name == "none" else 0.0, "exit_layer": 8 if name == "none" else 2,
+                   "tflops": 1e-3, "flops_reduction": 0.0, "settings": {"exit": exit_settings, "exit_label": name}}
+        (root / name / "merge.summary.json").write_text(json.dumps(summary))
+    (tmp_path / "truth.json").write_text(json.dumps(truth))
+    report.main(["--answers-root", str(root), "--out", str(tmp_path / "out"), "--questions", str(tmp_path / "truth.json")])
+    long_table, length_table = (tmp_path / "out" / "long_answers.md").read_text().strip().split("\n\n")
+    none_row = table_rows(long_table)["none"]
+    low, high = (100 * bound for bound in report.wilson_interval(1, 2))
+    assert none_row[0] == f"50.0 [{low:.1f}, {high:.1f}]; {(1 + 2 / 3) / 2:.3f}"  # one exact; F1 1 and 2/3
+    assert none_row[1] == f"50.0 [{low:.1f}, {high:.1f}]; {(1 + 1 / 3) / 2:.3f}"  # IoU 1 and 1/3: one ≥ 0.5
+    assert none_row[2].startswith("50.0 [")  # "K4" read as "k4"
+    lengths = table_rows(length_table)
+    # one word: read and colour (4 questions, none right on 2); 2-4: the boxes; 5+: the descriptions
+    header = [cell.strip() for cell in length_table.splitlines()[0].strip("|").split("|")]
+    assert header[1:] == ["1 word (n = 4): % ; Δ [95 % CI]", "2-4 (n = 2): % ; Δ [95 % CI]", "5+ (n = 2): % ; Δ [95 % CI]"]
+    assert lengths["none"][0].startswith("50.0; +0.0") and lengths["fixed-2"][0].startswith("0.0; -50.0")

@@ -219,7 +219,8 @@ def generate(
             counts["test"][kind] += 1
             question_id = f"world-{index:05d}"
             questions.append({"question_id": question_id, "image": image, "text": question + instruction(kind), "category": kind})
-            truth[question_id] = {"answer": answer, "question": question, "types": {"structural": kind, "semantic": kind}}
+            # GQA's answers are lower case, as its scorer compares predictions (a word is read "K4", scored "k4")
+            truth[question_id] = {"answer": answer.lower(), "question": question, "types": {"structural": kind, "semantic": kind}}
         elif asked:
             turns = []
             for turn, (kind, question, answer) in enumerate(asked):

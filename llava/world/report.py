@@ -60,6 +60,7 @@ from llava.eval.prefill_time import PREFILL_TIME  # noqa: E402
 from llava.world.evaluate import OUT_OF_REACH  # noqa: E402
 from llava.model.visual_exit.budget import RULES  # noqa: E402
 from llava.model.visual_exit.stages import METHODS  # noqa: E402
+from llava.world.long_answers import LONG_KINDS, score  # noqa: E402
 
 # Each mode's settings (symbol: the field of the run's recorded exit settings), in the order its label gives them.
 SETTINGS = {
@@ -142,6 +143,8 @@ class Run:
     visual_tokens_avg: float | None = None
     vision_tflops: float | None = None
     prefill_ratio: float | None = None
+    # per question in that order: a long answer's score by its kind's rule (llava.world.long_answers), else None
+    graded: tuple[dict | None, ...] = ()
 
     @property
     def per_kind(self) -> dict[str, float]:
@@ -195,14 +198,18 @@ def default_questions(answers_root: str) -> str:
     return os.path.join(os.path.dirname(folder), "data", "testdev_balanced_questions.json")
 
 
-def question_scores(questions: dict, answers: list[dict], source: str) -> tuple[tuple, tuple, tuple]:
-    """Per balanced question of the truth file: whether the answers got it right by `eval_gqa`'s rule, its kind, and
-    the prefill TFLOPs its answer record gives (None where it has none: a missing answer or an error record)."""
+def question_scores(questions: dict, answers: list[dict], source: str) -> tuple[tuple, tuple, tuple, tuple]:
+    """Per balanced question of the truth file: whether the answers got it right by `eval_gqa`'s rule, its kind,
+    the prefill TFLOPs its answer record gives (None where it has none: a missing answer or an error record), and for
+    a long answer (describe, ground, read) its score by its kind's own rule (None for the others)."""
     cost = {str(answer["question_id"]): answer.get("tflops") for answer in answers}  # the last record wins, as scoring
     question_ids = {id(question): str(question_id) for question_id, question in questions.items()}  # scoring yields these
     scored = list(balanced_answers(questions, convert_gqa(answers, source)))
-    return (tuple(correct for _, _, correct in scored), tuple(question["types"]["structural"] for question, _, _ in scored),
-            tuple(cost.get(question_ids[id(question)]) for question, _, _ in scored))
+    kinds = tuple(question["types"]["structural"] for question, _, _ in scored)
+    graded = tuple(score(kind, prediction or "", question["answer"]) if kind in LONG_KINDS else None
+                   for kind, (question, prediction, _) in zip(kinds, scored))
+    return (tuple(correct for _, _, correct in scored), kinds,
+            tuple(cost.get(question_ids[id(question)]) for question, _, _ in scored), graded)
 
 
 # The settings a run records that say which exit it ran; all the others (model, template, decoding, device) say
@@ -262,7 +269,7 @@ def load_runs(answers_root: str, questions_path: str, model: str | None = None) 
         answers = read_jsonl(answers_path, ("question_id",))
         if any("error" not in answer and "exit_layer" not in answer for answer in answers):
             raise ValueError(f"{answers_path}: answers without their exit_layer; rerun its evaluation")
-        correct, kinds, costs = question_scores(questions, answers, answers_path)
+        correct, kinds, costs, graded = question_scores(questions, answers, answers_path)
         rescored = sum(correct) / len(correct) * 100  # in eval_gqa's order of operations
         if not math.isclose(rescored, summary["accuracy"], abs_tol=1e-9):
             raise ValueError(
@@ -273,7 +280,7 @@ def load_runs(answers_root: str, questions_path: str, model: str | None = None) 
             run_name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
             summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a], correct, kinds, costs,
             summary.get("visual_tokens_avg"), summary.get("vision_tflops"),
-            timing.get(os.path.basename(folder), {}).get("ratio"),
+            timing.get(os.path.basename(folder), {}).get("ratio"), graded,
         ))
     if not any(run.mode == "none" for run in runs):
         raise ValueError(f"{answers_root}: no 'none' run to compare against")
@@ -462,6 +469,66 @@ def per_kind_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def by_kind_rule(run: Run) -> list[bool]:
+    """Per question, right by its kind's rule: a long answer's (IoU ≥ 0.5 for a box), else GQA's exact match."""
+    return [right if grade is None else grade["correct"] for right, grade in zip(run.correct, run.graded or [None] * len(run.correct))]
+
+
+def long_answers_table(runs: list[Run]) -> str | None:
+    """Per long kind, its metric with the 95 % interval (and describe's per-object F1, ground's mean IoU) for every
+    run, with its cost; None when the questions hold no long kind."""
+    reference = reference_run(runs)
+    kinds = [kind for kind in LONG_KINDS if kind in reference.kinds]
+    if not kinds:
+        return None
+    heads = {"describe": "describe: exact % [CI]; F1", "ground": "ground: IoU ≥ 0.5 % [CI]; mean IoU", "read": "read: exact % [CI]"}
+    counts = Counter(reference.kinds)
+    unit, scale = flops_unit(runs)
+    lines = ["| run | " + " | ".join(f"{heads[kind]} (n = {counts[kind]})" for kind in kinds)
+             + f" | mean exit layer | prefill {unit} / sample |", "|---|" + "---|" * (len(kinds) + 2)]
+    for run in runs:
+        cells = []
+        for kind in kinds:
+            rows = [(right, grade) for right, grade, k in zip(by_kind_rule(run), run.graded, run.kinds) if k == kind]
+            low, high = wilson_interval(sum(right for right, _ in rows), len(rows))
+            cell = f"{100 * sum(right for right, _ in rows) / len(rows):.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+            measure = {"describe": "f1", "ground": "iou"}.get(kind)
+            if measure:
+                cell += f"; {sum(grade[measure] for _, grade in rows) / len(rows):.3f}"
+            cells.append(cell)
+        lines.append(f"| {run.name} | " + " | ".join(cells) + f" | {run.exit_layer:.2f} | {run.tflops * scale:.4g} |")
+    return "\n".join(lines)
+
+
+ANSWER_LENGTHS = ((1, 1), (2, 4), (5, 1000))  # words in the right answer: one word, a short phrase, a long answer
+
+
+def answer_length_table(runs: list[Run], questions: dict) -> str:
+    """Accuracy by the kind's rule per length of the right answer, and the difference from none in points with its
+    95 % interval (the paired questions' Wald interval): what an exit costs on long answers against short ones."""
+    balanced = [question for question in questions.values() if question.get("isBalanced", True)]
+    words = [len(question["answer"].replace(",", " ").split()) for question in balanced]
+    reference = by_kind_rule(reference_run(runs))
+    names = [f"{low} word{'s' if low > 1 else ''}" if low == high else f"{low}-{high}" if high < 1000 else f"{low}+"
+             for low, high in ANSWER_LENGTHS]
+    present = [(name, [i for i, n in enumerate(words) if low <= n <= high])
+               for name, (low, high) in zip(names, ANSWER_LENGTHS)]
+    present = [(name, members) for name, members in present if members]
+    lines = ["| run | " + " | ".join(f"{name} (n = {len(members)}): % ; Δ [95 % CI]" for name, members in present) + " |",
+             "|---|" + "---|" * len(present)]
+    z = z_score(CONFIDENCE)
+    for run in runs:
+        marks, cells = by_kind_rule(run), []
+        for _, members in present:
+            accuracy = 100 * sum(marks[i] for i in members) / len(members)
+            differences = [int(marks[i]) - int(reference[i]) for i in members]
+            mean = sum(differences) / len(differences)
+            spread = (sum((d - mean) ** 2 for d in differences) / max(len(differences) - 1, 1) / len(differences)) ** 0.5
+            cells.append(f"{accuracy:.1f}; {100 * mean:+.1f} [{100 * (mean - z * spread):+.1f}, {100 * (mean + z * spread):+.1f}]")
+        lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def point_label(run: Run) -> str:
     """A point's settings, less what its curve's legend already says (FastV's K)."""
     shown = {key: value for key, value in run.setting.items() if not (run.mode == "fastv" and key == "K")}
@@ -634,6 +701,12 @@ def main(argv: list[str] | None = None) -> None:
     costs = costs_table(runs)
     with open(os.path.join(args.out, "costs.md"), "w") as handle:
         handle.write(costs + "\n")
+    long_answers = long_answers_table(runs)
+    if long_answers is not None:
+        lengths = answer_length_table(runs, load_questions(args.questions or default_questions(args.answers_root)))
+        with open(os.path.join(args.out, "long_answers.md"), "w") as handle:
+            handle.write(long_answers + "\n\n" + lengths + "\n")
+        print(f"\nLong answers, by each kind's rule:\n{long_answers}\n\nBy the length of the right answer:\n{lengths}")
     figure = accuracy_figure(runs, figures["oracle_exit"])
     figure.savefig(os.path.join(args.out, "accuracy_vs_tflops.png"), dpi=DPI)
     plt.close(figure)
