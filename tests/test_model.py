@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -184,3 +185,23 @@ def test_asking_the_decoder_for_hidden_states_leaves_the_image_features_alone(lo
         assert torch.equal(model(input_ids=ids, images=images[:1]).logits, logits)
     assert len(states) == model.config.num_hidden_layers + 1
     assert len(tower_states) == model.get_vision_tower().config.num_hidden_layers + 1
+
+
+def test_a_training_sample_cut_at_the_model_max_length_says_so(loaded, images):
+    """LLaVA cuts a sample at tokenizer_model_max_length once its image is spliced in; answers past the cut are never
+    trained, which a warning says (a prompt cut without answer tokens past it is not worth one)."""
+    tokenizer, model, _, _ = loaded
+    ids, mask = padded_batch(tokenizer, ["USER: <image>\nWhat is it? ASSISTANT: A red square, small and bright."], "right")
+    labels = ids.clone()
+    labels[:, :-4] = -100
+    model.config.tokenizer_model_max_length = 16 + 6  # the image's 16 tokens and a few of the prompt's
+    try:
+        with pytest.warns(UserWarning, match="cut there, as LLaVA cuts it: the answers past it are not trained"):
+            cut = model.prepare_inputs_labels_for_multimodal(ids, mask, labels, images[:1])
+        assert cut.inputs_embeds.shape[1] == 22
+        model.config.tokenizer_model_max_length = 200
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model.prepare_inputs_labels_for_multimodal(ids, mask, labels, images[:1])
+    finally:
+        del model.config.tokenizer_model_max_length

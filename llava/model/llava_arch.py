@@ -4,6 +4,7 @@ that splices image features where the prompt holds `IMAGE_TOKEN_INDEX`."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -257,6 +258,10 @@ class LlavaMetaForCausalLM:
             visual.append(is_image.new_zeros(len(ids) - start))
             if sample_label is not None:
                 piece_labels.append(sample_label[start:])
+            if sample_label is not None and max_length is not None and (torch.cat(piece_labels)[max_length:] != IGNORE_INDEX).any():
+                warnings.warn(f"a training sample is longer than tokenizer_model_max_length ({max_length}) once its image "
+                              "is spliced in and is cut there, as LLaVA cuts it: the answers past it are not trained",
+                              stacklevel=2)
             embeds.append(torch.cat(pieces)[:max_length])
             sample_visual.append(torch.cat(visual)[:max_length])
             new_labels.append(torch.cat(piece_labels)[:max_length] if sample_label is not None else None)

@@ -187,8 +187,8 @@ def generate(
     image are of `extra_kinds`. `only_kinds` keeps only the training turns of those kinds (drawn as without it, so
     scenes and held-out split stay the same; an image left with no turn drops out of the training files): a
     focused curriculum for a kind the model has not learned; `extra_kinds` weights one within the whole world.
-    `long_kinds` (llava.world.long_answers) adds a turn of each to every training image and asks them of their share
-    of the test images; with `read`, half the scenes carry a word. They draw from their own stream: the shapes and
+    `long_kinds` (llava.world.long_answers) adds a turn of each to every training image, at random places in its
+    conversation, and asks them of their share of the test images; with `read`, half the scenes carry a word. They draw from their own stream: the shapes and
     the other turns stay those of the same seed without them."""
     from llava.world.long_answers import ask_long, random_word, write_word  # it builds on this module's scenes
 
@@ -207,7 +207,8 @@ def generate(
         long_turns = [(kind, *qa) for kind in long_kinds if (qa := ask_long(kind, shapes, word, long_rng)) is not None]
         if index < train:
             asked += relational_questions(shapes, asked, relational, relational_rng, extra_kinds)
-            asked += long_turns
+            for turn in long_turns:  # anywhere in the conversation, first included, as they are asked at test time
+                asked.insert(long_rng.randint(0, len(asked)), turn)
             asked = [turn for turn in asked if only_kinds is None or turn[0] in only_kinds]
         elif long_turns and long_rng.random() < len(long_kinds) / len(kinds):
             asked = [long_rng.choice(long_turns)]
