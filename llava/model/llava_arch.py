@@ -94,17 +94,18 @@ class LlavaMetaForCausalLM:
         it costs per image (the text tower charged to a sample's first image). As its batch-1 code, relevance is
         normalised over all views of all images of one sample."""
         encoder = self.instruction_encoder()
-        samples = [sample for sample, _ in itertools.groupby(owners)]  # a sample's images come one after another
-        per_sample = [sum(count for owner, count in zip(owners, views) if owner == sample) for sample in samples]
-        text_embeds = encoder.text_embeds([instruction_text(instructions[sample]) for sample in samples])
-        image_embeds = torch.split(encoder.image_embeds(features), per_sample)
+        # a sample's images come one after another: (sample, its images' view counts) in order
+        groups = [(sample, [count for _, count in members])
+                  for sample, members in itertools.groupby(zip(owners, views), key=lambda pair: pair[0])]
+        text_embeds = encoder.text_embeds([instruction_text(instructions[sample]) for sample, _ in groups])
+        image_embeds = torch.split(encoder.image_embeds(features), [sum(counts) for _, counts in groups])
         scores = torch.cat([relevance(image, text) for image, text in zip(image_embeds, text_embeds)])
-        rows = dict(zip(samples, (len(text) for text in text_embeds)))
         tokens, width, embed_dim = encoded.shape[1], encoded.shape[2], encoder.visual_projection.out_features
-        per_view = encoder.image_embed_flops(tokens)
-        flops = [count * (per_view + selection_flops(tokens, stage.tokens, width, embed_dim, rows[owner]))
-                 + (encoder.text_flops(rows[owner]) if index == owners.index(owner) else 0)
-                 for index, (owner, count) in enumerate(zip(owners, views))]
+        flops = []
+        for (_, counts), text in zip(groups, text_embeds):
+            per_view = encoder.image_embed_flops(tokens) + selection_flops(tokens, stage.tokens, width, embed_dim, len(text))
+            flops += [count * per_view + (encoder.text_flops(len(text)) if index == 0 else 0)
+                      for index, count in enumerate(counts)]
         return conditional_dpp(encoded, scores, stage.tokens), flops
 
     def _image_features(self, images, image_sizes, stage: VisionZip | CDPruner | None = None, owners: list[int] | None = None,
@@ -142,10 +143,10 @@ class LlavaMetaForCausalLM:
             selection = [0] * len(views)
         flops = [self._vision_flops(count, encoded.shape[1], stage) + extra for count, extra in zip(views, selection)]
         features = torch.split(encoded, views)
-        masks = [None] * len(views) if keep is None else torch.split(keep[..., None].to(encoded.dtype), views)
+        masks = [None] * len(views) if keep is None else torch.split(keep, views)
         if merge == "flat":
             laid_out = [chunk.flatten(0, 1) for chunk in features]
-            kept = [mask if mask is None else mask.flatten() > 0 for mask in masks]
+            kept = [mask if mask is None else mask.flatten() for mask in masks]
         else:
             if image_sizes is None or len(image_sizes) != len(features):
                 raise ValueError(f"{merge} images need image_sizes, each image's original (width, height), one per image")
@@ -153,7 +154,7 @@ class LlavaMetaForCausalLM:
             laid_out = [self._spatial_features(chunk, size, newline) for chunk, size in zip(features, image_sizes)]
             # the masks take the features' layout, crop included; the row ends are always kept (as CDPruner's code)
             mask_newline = None if newline is None else newline.new_ones(1)
-            kept = [mask if mask is None else self._spatial_features(mask, size, mask_newline)[:, 0] > 0
+            kept = [mask if mask is None else self._spatial_features(mask[..., None].to(encoded.dtype), size, mask_newline)[:, 0] > 0
                     for mask, size in zip(masks, image_sizes)]
         if keep is not None:
             return [image[mask] for image, mask in zip(laid_out, kept)], flops, [int((~mask).sum()) for mask in kept]
@@ -258,13 +259,14 @@ class LlavaMetaForCausalLM:
             visual.append(is_image.new_zeros(len(ids) - start))
             if sample_label is not None:
                 piece_labels.append(sample_label[start:])
-            if sample_label is not None and max_length is not None and (torch.cat(piece_labels)[max_length:] != IGNORE_INDEX).any():
+            spliced_labels = torch.cat(piece_labels) if sample_label is not None else None
+            if spliced_labels is not None and max_length is not None and (spliced_labels[max_length:] != IGNORE_INDEX).any():
                 warnings.warn(f"a training sample is longer than tokenizer_model_max_length ({max_length}) once its image "
                               "is spliced in and is cut there, as LLaVA cuts it: the answers past it are not trained",
                               stacklevel=2)
             embeds.append(torch.cat(pieces)[:max_length])
             sample_visual.append(torch.cat(visual)[:max_length])
-            new_labels.append(torch.cat(piece_labels)[:max_length] if sample_label is not None else None)
+            new_labels.append(spliced_labels[:max_length] if spliced_labels is not None else None)
 
         inputs = _pad_samples(embeds, sample_visual, new_labels if labels is not None else None, padding_side)
         inputs.vision_flops = torch.tensor(sample_flops, dtype=torch.float64, device=inputs.inputs_embeds.device)

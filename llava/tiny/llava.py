@@ -2,8 +2,8 @@
 
 The model is real (transformers' Llama decoder, CLIPVisionModel, LLaVA projector), only small and untrained.
 `--format llava` writes the original layout (config with `mm_*` keys, `model.mm_projector.*`, the CLIP tower in
-`DIR/vision_tower` as a full CLIP checkpoint with its text side, named by a relative `mm_vision_tower`); `--format hf` the llava-hf layout through transformers'
-own `LlavaForConditionalGeneration`. The same `--seed` gives the same weights in both layouts. `--anyres` makes it
+`DIR/vision_tower` as a full CLIP checkpoint with its text side, named by a relative `mm_vision_tower`); `--format
+hf` the llava-hf layout through transformers' own `LlavaForConditionalGeneration`. The same `--seed` gives the same weights in both layouts. `--anyres` makes it
 LLaVA-NeXT (llava-v1.6's anyres tiles, `spatial_unpad` merge and `image_newline`; `LlavaNextForConditionalGeneration`
 in the hf layout).
 """

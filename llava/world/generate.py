@@ -143,13 +143,6 @@ def ask(kind: str, shapes: list[Shape], rng: random.Random) -> tuple[str, str] |
     return None
 
 
-def instruction(kind: str) -> str:
-    """What follows a question of `kind`: LLaVA's short-answer instruction, or a long kind's own."""
-    from llava.world.long_answers import PROMPTS
-
-    return PROMPTS.get(kind, SHORT_ANSWER)
-
-
 RELATIONAL = ("position", "comparison", "existence")  # the kinds that bind a name to an object: the slowest to learn
 EXTRA_ATTEMPTS = 20  # draws per extra question before the scene is taken to have no new one of its kind
 
@@ -188,9 +181,9 @@ def generate(
     scenes and held-out split stay the same; an image left with no turn drops out of the training files): a
     focused curriculum for a kind the model has not learned; `extra_kinds` weights one within the whole world.
     `long_kinds` (llava.world.long_answers) adds a turn of each to every training image, at random places in its
-    conversation, and asks them of their share of the test images; with `read`, half the scenes carry a word. They draw from their own stream: the shapes and
-    the other turns stay those of the same seed without them."""
-    from llava.world.long_answers import ask_long, random_word, write_word  # it builds on this module's scenes
+    conversation, and asks them of their share of the test images; with `read`, half the scenes carry a word. They
+    draw from their own stream: the shapes and the other turns stay those of the same seed without them."""
+    from llava.world.long_answers import ask_long, instruction, random_word, write_word  # it builds on our scenes
 
     rng = random.Random(seed)
     relational_rng = random.Random(f"relational-{seed}")  # its own stream: the extra turns change nothing else

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from llava.world.generate import IMAGE_SIZE, SIZES, Shape
+from llava.world.generate import IMAGE_SIZE, SHORT_ANSWER, SIZES, Shape
 
 LONG_KINDS = ("describe", "ground", "read")
 GLYPHS = "ACEFHKLMNPRTUXY3479"  # capitals and digits no other one resembles at this size
@@ -32,8 +32,13 @@ IOU_CORRECT = 0.5
 PROMPTS = {  # what follows the question instead of the short-answer instruction
     "describe": "\nList every object from left to right as size colour shape, separated by commas.",
     "ground": "\nAnswer with its box as [x1, y1, x2, y2] in pixels.",
-    "read": "\nAnswer the question using a single word or phrase.",
+    "read": SHORT_ANSWER,
 }
+
+
+def instruction(kind: str) -> str:
+    """What follows a question of `kind`: a long kind's own instruction, else LLaVA's short-answer one."""
+    return PROMPTS.get(kind, SHORT_ANSWER)
 
 
 @dataclass(frozen=True)

@@ -370,6 +370,14 @@ def oracle_line(oracle: dict | None, runs: list[Run]) -> str:
     )
 
 
+def paired_interval(gaps: list[float], z: float) -> tuple[float, float]:
+    """(mean, half width) of the Wald interval of paired per-question differences."""
+    n = len(gaps)
+    mean = sum(gaps) / n
+    spread = math.sqrt(sum((gap - mean) ** 2 for gap in gaps) / (n - 1)) if n > 1 else 0.0
+    return mean, z * spread / math.sqrt(n)
+
+
 def equal_flops(runs: list[Run]) -> list[dict]:
     """Each dynamic run against each baseline curve at its own cost (see the module's docstring); a run outside a
     curve's range of FLOPs is not compared with it."""
@@ -383,10 +391,7 @@ def equal_flops(runs: list[Run]) -> list[dict]:
             below, above, weight = bracket
             gaps = [mine - ((1 - weight) * low + weight * high)
                     for mine, low, high in zip(run.correct, below.correct, above.correct)]
-            n = len(gaps)
-            mean = sum(gaps) / n
-            spread = math.sqrt(sum((gap - mean) ** 2 for gap in gaps) / (n - 1)) if n > 1 else 0.0
-            half = z * spread / math.sqrt(n)
+            mean, half = paired_interval(gaps, z)
             rows.append({
                 "label": run.name, "tflops": run.tflops, "baseline": name, "between": [below.name, above.name],
                 "weight": weight, "baseline_accuracy": (1 - weight) * below.accuracy + weight * above.accuracy,
@@ -521,10 +526,8 @@ def answer_length_table(runs: list[Run], questions: dict) -> str:
         marks, cells = by_kind_rule(run), []
         for _, members in present:
             accuracy = 100 * sum(marks[i] for i in members) / len(members)
-            differences = [int(marks[i]) - int(reference[i]) for i in members]
-            mean = sum(differences) / len(differences)
-            spread = (sum((d - mean) ** 2 for d in differences) / max(len(differences) - 1, 1) / len(differences)) ** 0.5
-            cells.append(f"{accuracy:.1f}; {100 * mean:+.1f} [{100 * (mean - z * spread):+.1f}, {100 * (mean + z * spread):+.1f}]")
+            mean, half = paired_interval([int(marks[i]) - int(reference[i]) for i in members], z)
+            cells.append(f"{accuracy:.1f}; {100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]")
         lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

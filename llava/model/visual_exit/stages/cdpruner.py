@@ -5,7 +5,8 @@ instruction; the rest never enter the LLM.
 The official selection (Theia-4869/CDPruner, `llava_arch.py` `encode_images`), batched (its loader runs batch 1):
 - similarity S: cosine of the projector outputs, fp32;
 - relevance r_i = mean over the instruction's text embeddings of −cos(image embedding i, text embedding) (the minus
-  is theirs), min-max normalised over all views of the image: (r − min + 1e-6) / (max − min);
+  is theirs), min-max normalised over all views of all images of one sample (its batch-1 tensor):
+  (r − min + 1e-6) / (max − min);
 - kernel L = diag(r)·S·diag(r); greedy fast MAP inference (Chen et al. 2018) for T steps: pick j = argmax d² (the
   first on ties; d² starts as L's diagonal), e = (L_j − Σ c_t,j·c_t) / √d²_j, d² −= e², d²_j = −inf;
 - the picked tokens keep their order.
