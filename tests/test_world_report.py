@@ -158,7 +158,7 @@ def test_results_json_table_and_plots(gqa_layout, tmp_path):
         odd = sum(index % 2 for index in right)
         assert row["per_kind"] == pytest.approx({"verify": 5 * (len(right) - odd), "query": 5 * odd})
     assert rows["dynamic-0.5"]["per_kind"] == {"verify": 65.0, "query": 60.0}  # 6..30: 13 even, 12 odd
-    per_kind = (out / "per_kind.md").read_text().splitlines()
+    per_kind = (out / "per_kind.md").read_text().split("\n\n")[0].splitlines()  # then the exits per kind
     assert per_kind[0] == "| run | verify (n = 20) | query (n = 20) |"
     assert per_kind[2:] == [
         f"| {label} | {row['per_kind']['verify']:.1f} | {row['per_kind']['query']:.1f} |" for label, row in rows.items()
@@ -272,6 +272,44 @@ def test_oracle_exit_takes_each_question_out_where_every_later_exit_scores_as_no
     assert oracle["fixed_between"] == ["fixed-1", "fixed-2"]
     assert oracle["fixed_accuracy"] == pytest.approx(100 * ((1 - weight) * 10 + weight * 26) / QUESTIONS)
     assert "Per-question oracle exit" in (out / "equal_flops.md").read_text()
+
+
+def test_oracle_and_gates_per_kind(tmp_path):
+    """The oracle test's runs, per kind (odd questions "query", even "verify"), worked out by hand: query's oracle K
+    is 1 for 9 questions (1-9, 31, 33, 37, 39), 2 for 7 (11-23), 3 for 4 (25-29, 35); verify's 1 for 10, 2 for 8
+    (10-24), 3 for 2 (26, 28). A dynamic run that exits after 2 on query and 5 on verify shows those per kind."""
+    runs = {
+        "none": ({"mode": "none"}, None, RIGHT_BY_NONE, 6.0e-4, 3),
+        "fixed-1": ({"mode": "fixed", "layer": 1}, None, set(range(10)), 2.0e-4, 1),
+        "fixed-2": ({"mode": "fixed", "layer": 2}, None, set(range(25)) | {35}, 4.0e-4, 2),
+        "dynamic-0.9": RUNS["dynamic-0.9"],
+    }
+    answers_root = tmp_path / "gqa" / "answers" / "split" / "quickstart"
+    questions_path = tmp_path / "truth.json"
+    questions_path.write_text(json.dumps(truth()))
+    write_answers(answers_root, truth(), runs)
+    dynamic = answers_root / "dynamic-0.9" / "merge.jsonl"
+    answers = [json.loads(line) for line in dynamic.read_text().splitlines()]
+    for index, answer in enumerate(answers):
+        answer["exit_layer"] = 2 if index % 2 else 5
+    dynamic.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    report.main(["--answers-root", str(answers_root), "--out", str(tmp_path / "out"), "--questions", str(questions_path)])
+    rows = {line.split(" |")[0].strip("| "): line for line in (tmp_path / "out" / "per_kind.md").read_text().splitlines()
+            if line.startswith("| query") or line.startswith("| verify")}
+    loaded = report.load_runs(str(answers_root), str(questions_path))
+    for kind, counts in (("query", {1: 9, 2: 7, 3: 4}), ("verify", {1: 10, 2: 8, 3: 2})):
+        members = [q for q in range(QUESTIONS) if (q % 2 == 1) == (kind == "query")]
+        oracle = report.oracle_exit(loaded, members, report.by_kind_rule)
+        assert oracle["exit_layer"] == pytest.approx(sum(k * n for k, n in counts.items()) / 20)
+        tflops = (counts[1] * 2.0e-4 + counts[2] * 4.0e-4 + counts[3] * 6.0e-4) / 20
+        assert oracle["flops_reduction"] == pytest.approx(1 - tflops / 6.0e-4)
+        fixed = {"fixed-1": len([q for q in members if q < 10]), "fixed-2": len([q for q in members if q < 25 or q == 35])}
+        weight = (tflops - 2.0e-4) / 2.0e-4
+        assert oracle["fixed_accuracy"] == pytest.approx(100 * ((1 - weight) * fixed["fixed-1"] + weight * fixed["fixed-2"]) / 20)
+        exit_layer = 2 if kind == "query" else 5
+        assert rows[f"{kind} (20)"] == (
+            f"| {kind} (20) | 75.0 | {oracle['exit_layer']:.2f}; {100 * oracle['flops_reduction']:.1f} % | "
+            f"{oracle['fixed_accuracy']:.1f} | 75.0; {exit_layer:.2f} |")
 
 
 def test_no_oracle_without_every_fixed_exit(gqa_layout, tmp_path):

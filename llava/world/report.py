@@ -29,7 +29,8 @@ fixed K's accuracy there, is the room per-input exits have over one layer for al
 Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column; below it
 the runs whose budget was out of their method's reach, with the reason), RESULTS/
 costs.md (each run's cost in three units: visual tokens per layer, LM and vision FLOPs, measured prefill time
-against none's where the evaluation timed it), RESULTS/per_kind.md (each run's accuracy per question kind, GQA's structural type), RESULTS/equal_flops.md (the gaps at
+against none's where the evaluation timed it), RESULTS/per_kind.md (each run's accuracy per question kind, GQA's structural type; then per kind the oracle exit,
+fixed K at its cost and each dynamic run's mean exit layer), RESULTS/equal_flops.md (the gaps at
 equal cost), RESULTS/results.json (every run's figures and the gaps, for other
 tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a zoom on the runs within 15 points of none) and
 RESULTS/exit_layer_histogram.png.
@@ -145,6 +146,7 @@ class Run:
     prefill_ratio: float | None = None
     # per question in that order: a long answer's score by its kind's rule (llava.world.long_answers), else None
     graded: tuple[dict | None, ...] = ()
+    exits: tuple[int | None, ...] = ()  # per question in that order, the layer its visual tokens left after
 
     @property
     def per_kind(self) -> dict[str, float]:
@@ -198,18 +200,21 @@ def default_questions(answers_root: str) -> str:
     return os.path.join(os.path.dirname(folder), "data", "testdev_balanced_questions.json")
 
 
-def question_scores(questions: dict, answers: list[dict], source: str) -> tuple[tuple, tuple, tuple, tuple]:
+def question_scores(questions: dict, answers: list[dict], source: str) -> tuple[tuple, tuple, tuple, tuple, tuple]:
     """Per balanced question of the truth file: whether the answers got it right by `eval_gqa`'s rule, its kind,
-    the prefill TFLOPs its answer record gives (None where it has none: a missing answer or an error record), and for
-    a long answer (describe, ground, read) its score by its kind's own rule (None for the others)."""
+    the prefill TFLOPs and the exit layer its answer record gives (None where it has none: a missing answer or an
+    error record), and for a long answer (describe, ground, read) its score by its kind's own rule (None for the
+    others)."""
     cost = {str(answer["question_id"]): answer.get("tflops") for answer in answers}  # the last record wins, as scoring
+    exit_layer = {str(answer["question_id"]): answer.get("exit_layer") for answer in answers}
     question_ids = {id(question): str(question_id) for question_id, question in questions.items()}  # scoring yields these
     scored = list(balanced_answers(questions, convert_gqa(answers, source)))
     kinds = tuple(question["types"]["structural"] for question, _, _ in scored)
     graded = tuple(score(kind, prediction or "", question["answer"]) if kind in LONG_KINDS else None
                    for kind, (question, prediction, _) in zip(kinds, scored))
-    return (tuple(correct for _, _, correct in scored), kinds,
-            tuple(cost.get(question_ids[id(question)]) for question, _, _ in scored), graded)
+    ids = [question_ids[id(question)] for question, _, _ in scored]
+    return (tuple(correct for _, _, correct in scored), kinds, tuple(cost.get(i) for i in ids), graded,
+            tuple(exit_layer.get(i) for i in ids))
 
 
 # The settings a run records that say which exit it ran; all the others (model, template, decoding, device) say
@@ -269,7 +274,7 @@ def load_runs(answers_root: str, questions_path: str, model: str | None = None) 
         answers = read_jsonl(answers_path, ("question_id",))
         if any("error" not in answer and "exit_layer" not in answer for answer in answers):
             raise ValueError(f"{answers_path}: answers without their exit_layer; rerun its evaluation")
-        correct, kinds, costs, graded = question_scores(questions, answers, answers_path)
+        correct, kinds, costs, graded, exits = question_scores(questions, answers, answers_path)
         rescored = sum(correct) / len(correct) * 100  # in eval_gqa's order of operations
         if not math.isclose(rescored, summary["accuracy"], abs_tol=1e-9):
             raise ValueError(
@@ -280,7 +285,7 @@ def load_runs(answers_root: str, questions_path: str, model: str | None = None) 
             run_name, mode, settings, summary["accuracy"], summary["exit_layer"], summary["tflops"],
             summary["flops_reduction"], [a["exit_layer"] for a in answers if "error" not in a], correct, kinds, costs,
             summary.get("visual_tokens_avg"), summary.get("vision_tflops"),
-            timing.get(os.path.basename(folder), {}).get("ratio"), graded,
+            timing.get(os.path.basename(folder), {}).get("ratio"), graded, exits,
         ))
     if not any(run.mode == "none" for run in runs):
         raise ValueError(f"{answers_root}: no 'none' run to compare against")
@@ -331,30 +336,40 @@ def bracketing(curve: list[Run], tflops: float) -> tuple[Run, Run, float] | None
     return below, above, (tflops - below.tflops) / (above.tflops - below.tflops) if above.tflops > below.tflops else 0.0
 
 
-def oracle_exit(runs: list[Run]) -> dict | None:
-    """The exit a gate that foresaw every answer would take: per question, the earliest K ≥ 1 (the first gate decides
-    after layer 0) from which every fixed K, and no exit, score it as no exit does. It keeps no exit's accuracy
-    exactly, so its cost bounds what per-input exits can save on these questions, and fixed K's accuracy at that cost
-    is the room they have over one layer for all. None unless fixed K = 1 … L−1 ran, with a cost on every answer."""
+def oracle_exit(runs: list[Run], members: list[int] | None = None, rule=lambda run: run.correct) -> dict | None:
+    """The exit a gate that foresaw every answer would take: per question (of `members`, by default all), the earliest
+    K ≥ 1 (the first gate decides after layer 0) from which every fixed K, and no exit, score it as no exit does by
+    `rule` (run -> right or not per question; GQA's exact match unless given). It keeps no exit's accuracy exactly, so its cost bounds what per-input exits can save on these
+    questions, and fixed K's accuracy on them at that cost is the room they have over one layer for all. None unless
+    fixed K = 1 … L−1 ran, with a cost on every answer."""
     reference = reference_run(runs)
     layers = max(reference.exit_layers, default=0)
     fixed = {int(run.setting["K"]): run for run in runs if run.mode == "fixed"}
     ladder = [fixed.get(k) for k in range(1, layers)] + [reference]  # ladder[i]: the visual tokens leave after K = i+1
     if layers < 2 or None in ladder or any(None in run.costs for run in ladder):
         return None
+    members = range(len(reference.correct)) if members is None else members
+    marks = [rule(run) for run in ladder]
     exits, costs = [], []
-    for question, wanted in enumerate(reference.correct):
+    for question in members:
         step = len(ladder) - 1
-        while step > 0 and ladder[step - 1].correct[question] == wanted:
+        while step > 0 and marks[step - 1][question] == marks[-1][question]:
             step -= 1
         exits.append(step + 1)
         costs.append(ladder[step].costs[question])
+    # fixed K's curve on these questions: (cost, accuracy, name) per run, cheapest first
+    curve = sorted((sum(run.costs[q] for q in members) / len(members),
+                    100 * sum(mark[q] for q in members) / len(members), run.name) for run, mark in zip(ladder, marks))
     tflops = sum(costs) / len(costs)
-    below, above, weight = bracketing(baseline_curves(runs)["fixed K"], tflops)
+    # every question's cost grows with K, so the oracle's mean lies on the curve
+    (low_cost, low_accuracy, low_name), (high_cost, high_accuracy, high_name) = next(
+        (a, b) for a, b in zip(curve, curve[1:]) if a[0] <= tflops <= b[0])
+    weight = (tflops - low_cost) / (high_cost - low_cost) if high_cost > low_cost else 0.0
+    full_cost = sum(reference.costs[q] for q in members) / len(members)
     return {
-        "accuracy": reference.accuracy, "tflops": tflops, "flops_reduction": 1 - tflops / reference.tflops,
-        "exit_layer": sum(exits) / len(exits), "fixed_accuracy": (1 - weight) * below.accuracy + weight * above.accuracy,
-        "fixed_between": [below.name, above.name],
+        "accuracy": 100 * sum(marks[-1][q] for q in members) / len(members), "tflops": tflops,
+        "flops_reduction": 1 - tflops / full_cost, "exit_layer": sum(exits) / len(exits),
+        "fixed_accuracy": (1 - weight) * low_accuracy + weight * high_accuracy, "fixed_between": [low_name, high_name],
     }
 
 
@@ -471,6 +486,35 @@ def per_kind_table(runs: list[Run]) -> str:
     for run in runs:
         accuracy = run.per_kind
         lines.append(f"| {run.name} | " + " | ".join(f"{accuracy[kind]:.1f}" for kind in kinds) + " |")
+    return "\n".join(lines)
+
+
+def exits_by_kind_table(runs: list[Run]) -> str | None:
+    """Per question kind, by its rule: none's accuracy, the per-question oracle exit (mean exit layer, FLOPs cut) with
+    fixed K's accuracy at the oracle's cost on that kind, and each dynamic run's accuracy and mean exit layer there —
+    whether the gates' exits follow what each kind needs. None without the fixed ladder and without a dynamic run."""
+    reference = reference_run(runs)
+    dynamic = [run for run in runs if run.mode == "dynamic"]
+    kinds = list(dict.fromkeys(reference.kinds))
+    oracles = {kind: oracle_exit(runs, [q for q, k in enumerate(reference.kinds) if k == kind], by_kind_rule)
+               for kind in kinds}
+    if not dynamic and all(oracle is None for oracle in oracles.values()):
+        return None
+    lines = ["| kind (n) | none % | oracle: mean exit layer; FLOPs cut | fixed K at the oracle's cost % | "
+             + " | ".join(f"{run.name}: %; mean exit layer" for run in dynamic) + " |",
+             "|---|---|---|---|" + "---|" * len(dynamic)]
+    marks = {run.name: by_kind_rule(run) for run in [reference, *dynamic]}
+    for kind in kinds:
+        members = [q for q, k in enumerate(reference.kinds) if k == kind]
+        oracle = oracles[kind]
+        cells = [f"{kind} ({len(members)})", f"{100 * sum(marks[reference.name][q] for q in members) / len(members):.1f}"]
+        cells += (["—", "—"] if oracle is None else
+                  [f"{oracle['exit_layer']:.2f}; {100 * oracle['flops_reduction']:.1f} %", f"{oracle['fixed_accuracy']:.1f}"])
+        for run in dynamic:
+            layers = [run.exits[q] for q in members if run.exits[q] is not None]
+            cells.append(f"{100 * sum(marks[run.name][q] for q in members) / len(members):.1f}; "
+                         f"{sum(layers) / len(layers):.2f}" if layers else "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -699,6 +743,9 @@ def main(argv: list[str] | None = None) -> None:
     with open(os.path.join(args.out, "equal_flops.md"), "w") as handle:
         handle.write(comparison + "\n")
     kinds = per_kind_table(runs)
+    exits_by_kind = exits_by_kind_table(runs)
+    if exits_by_kind is not None:
+        kinds += "\n\nExits per kind (each kind by its own rule):\n\n" + exits_by_kind
     with open(os.path.join(args.out, "per_kind.md"), "w") as handle:
         handle.write(kinds + "\n")
     costs = costs_table(runs)
