@@ -8,6 +8,7 @@
 #
 # Every knob is an environment variable (defaults in brackets):
 #   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [2000]
+#   LONG_KINDS ["describe,ground,read": the long-answer kinds the world asks too; "": the one-word kinds only]
 #   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~35 min]
 #   GATE_STEPS [300]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
 #   GATE_ARGS [none; more gate-training flags, e.g. "--gate_ratio_threshold 1.2"]
@@ -31,6 +32,7 @@ fi
 WORLD=${WORLD:-./playground/data/tiny_world}
 TRAIN_IMAGES=${TRAIN_IMAGES:-20000}
 TEST_IMAGES=${TEST_IMAGES:-2000}
+LONG_KINDS=${LONG_KINDS-describe,ground,read}
 BASE_MODEL=${BASE_MODEL:-./checkpoints/tiny-world-llava}
 INIT_MODEL=${INIT_MODEL:-$BASE_MODEL-exit-init}
 GATED_MODEL=${GATED_MODEL:-$BASE_MODEL-visual-gate}
@@ -55,9 +57,9 @@ export PYTHON
 started=$SECONDS
 
 echo "== [1/5] the tiny world: $WORLD =="
-if [ ! -f "$WORLD/train.json" ]; then
-    "$PYTHON" -m llava.world.generate --out "$WORLD" --train "$TRAIN_IMAGES" --test "$TEST_IMAGES"
-fi
+# written afresh unless its world.json records these very settings
+"$PYTHON" -m llava.world.generate --reuse --out "$WORLD" --train "$TRAIN_IMAGES" --test "$TEST_IMAGES" \
+    ${LONG_KINDS:+--long-kinds "$LONG_KINDS"}
 
 echo "== [2/5] the world's LLaVA: $BASE_MODEL =="
 if [ ! -f "$BASE_MODEL/config.json" ]; then

@@ -259,6 +259,26 @@ def test_same_seed_same_world(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_reuse_keeps_a_world_of_the_same_settings_only(tmp_path, capsys):
+    """--reuse keeps a folder whose world.json records the settings asked for, and writes it afresh otherwise: a
+    world of other kinds (or one without a record) is never evaluated by mistake."""
+    out, args = tmp_path / "world", ["--train", "6", "--test", "4", "--seed", "2"]
+    generate_main(["--out", str(out), *args])
+    record = json.loads((out / "world.json").read_text())
+    assert record["settings"]["long_kinds"] == [] and record["counts"]["test"]["colour"] >= 0
+    truth = (out / TEST_TRUTH).read_text()
+    (out / TEST_TRUTH).write_text("{}")  # a change --reuse must keep
+    generate_main(["--out", str(out), "--reuse", *args])
+    assert "kept" in capsys.readouterr().out and (out / TEST_TRUTH).read_text() == "{}"
+    generate_main(["--out", str(out), "--reuse", *args, "--long-kinds", "describe"])
+    assert "records other settings" in capsys.readouterr().out
+    assert json.loads((out / "world.json").read_text())["settings"]["long_kinds"] == ["describe"]
+    assert (out / TEST_TRUTH).read_text() != "{}"  # written afresh
+    (out / "world.json").unlink()
+    generate_main(["--out", str(out), "--reuse", *args])
+    assert (out / TEST_TRUTH).read_text() == truth
+
+
 def test_tower_patch_labels_match_the_pictures():
     """Per 8x8 patch: the colour drawn on most of it if that is at least a quarter of it (else "none"), and that
     blob's shape, size, name (colour and shape) and the 8-px column of its centre (checked where one blob has the

@@ -14,7 +14,10 @@ EVAL_ROOT=OUT/eval, its default):
 - `eval/gqa/llava_gqa_testdev_balanced.jsonl`: GQA-style questions (`question_id`, `image`, `text` with LLaVA's
   short-answer suffix, `category` = question kind);
 - `eval/gqa/data/testdev_balanced_questions.json`: GQA's ground-truth layout ({question_id: {"answer", "types":
-  {"structural", ...}}}), so `llava.eval.eval_gqa` scores the world unchanged.
+  {"structural", ...}}}), so `llava.eval.eval_gqa` scores the world unchanged;
+- `world.json`: the settings it was made with and its counts per kind. `--reuse` keeps a folder whose record
+  matches the settings asked for, and writes the world afresh otherwise (the quickstart's way never to evaluate an
+  older world by mistake).
 
 Question kinds: colour, shape, position (left/right), counting, existence (yes/no), comparison (size). Every
 question names an object by an attribute only it has in its scene, so each has exactly one right answer. The
@@ -45,6 +48,7 @@ TRAIN_DATA = "train.json"  # multi-turn: several questions per image, for traini
 GATE_TRAIN_DATA = "train_single_turn.json"  # the first question of each, as the paper trains gates on single turns
 TEST_QUESTIONS = "eval/gqa/llava_gqa_testdev_balanced.jsonl"
 TEST_TRUTH = "eval/gqa/data/testdev_balanced_questions.json"
+WORLD_RECORD = "world.json"  # the settings the world was made with, and its counts
 TEST_IMAGES = "eval/gqa/data/images"
 
 
@@ -236,6 +240,12 @@ def generate(
     return counts
 
 
+def settings_record(args: argparse.Namespace) -> dict:
+    """What a world is made from: every generation setting, with lists as written."""
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in vars(args).items()
+            if name not in ("out", "reuse")}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="playground/data/tiny_world")
@@ -259,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         "--long-kinds", default=(), type=lambda text: tuple(text.split(",")),
         help="comma-separated long kinds (describe, ground, read) added to the world's questions",
     )
+    parser.add_argument("--reuse", action="store_true",
+                        help=f"keep OUT if its {WORLD_RECORD} records these same settings (else write it afresh)")
     args = parser.parse_args(argv)
     from llava.world.long_answers import LONG_KINDS
 
@@ -268,10 +280,19 @@ def main(argv: list[str] | None = None) -> None:
         unknown = sorted(set(kinds or ()) - set(known))
         if unknown:
             parser.error(f"{option}: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(known)}")
+    record_path, settings = os.path.join(args.out, WORLD_RECORD), settings_record(args)
+    if args.reuse and os.path.isfile(record_path):
+        with open(record_path) as handle:
+            if json.load(handle).get("settings") == settings:
+                print(f"{args.out}: the world of these settings is there ({WORLD_RECORD}); kept")
+                return
+        print(f"{args.out}: its {WORLD_RECORD} records other settings; writing the world afresh")
     counts = generate(
         args.out, args.train, args.test, args.seed, args.questions_per_image, args.relational_questions,
         args.only_kinds, args.extra_kinds, args.long_kinds,
     )
+    with open(record_path, "w") as handle:
+        json.dump({"settings": settings, "counts": counts}, handle, indent=1)
     for split, per_kind in counts.items():
         print(f"{split}: " + ", ".join(f"{kind} {n}" for kind, n in per_kind.items()))
 
