@@ -310,6 +310,13 @@ def test_oracle_and_gates_per_kind(tmp_path):
         assert rows[f"{kind} (20)"] == (
             f"| {kind} (20) | 75.0 | {oracle['exit_layer']:.2f}; {100 * oracle['flops_reduction']:.1f} % | "
             f"{oracle['fixed_accuracy']:.1f} | 75.0; {exit_layer:.2f} |")
+    figure = report.per_kind_figure(loaded)  # a panel per kind, fixed K's curve on its questions, ending at none
+    panels = [axes for axes in figure.axes if axes.get_visible()]
+    assert [axes.get_title() for axes in panels] == ["verify (n = 20)", "query (n = 20)"]
+    fixed = next(line for line in panels[1].get_lines() if line.get_label() == "fixed exit after K")
+    assert list(fixed.get_ydata()) == [25.0, 65.0, 75.0]  # odd questions right: 5 of 0-9, 13 of 0-24 and 35, 15
+    assert (tmp_path / "out" / "per_kind.png").stat().st_size > 0
+    plt.close(figure)
 
 
 def test_no_oracle_without_every_fixed_exit(gqa_layout, tmp_path):

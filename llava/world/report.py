@@ -32,7 +32,8 @@ costs.md (each run's cost in three units: visual tokens per layer, LM and vision
 against none's where the evaluation timed it), RESULTS/per_kind.md (each run's accuracy per question kind, GQA's structural type; then per kind the oracle exit,
 fixed K at its cost and each dynamic run's mean exit layer), RESULTS/equal_flops.md (the gaps at
 equal cost), RESULTS/results.json (every run's figures and the gaps, for other
-tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a zoom on the runs within 15 points of none) and
+tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a zoom on the runs within 15 points of none),
+RESULTS/per_kind.png (a panel per kind: fixed K, dynamic, the methods and the oracle on its questions) and
 RESULTS/exit_layer_histogram.png.
 """
 
@@ -686,6 +687,55 @@ def accuracy_figure(runs: list[Run], oracle: dict | None = None):
     return figure
 
 
+def kind_point(run: Run, members: list[int], marks: list[bool]) -> tuple[float, float]:
+    """(mean prefill cost, accuracy %) of a run on the questions `members`, right or not by `marks`."""
+    costs = [run.costs[q] for q in members if run.costs[q] is not None]
+    return sum(costs) / max(1, len(costs)), 100 * sum(marks[q] for q in members) / len(members)
+
+
+def per_kind_figure(runs: list[Run]):
+    """One panel per question kind, each by its own rule: accuracy against prefill cost on that kind's questions of
+    fixed K, the dynamic runs, the budgeted methods, no exit and the per-question oracle exit (where every fixed K
+    ran): whether the gates sit above fixed K on any kind, and how far below the oracle."""
+    unit, scale = flops_unit(runs)
+    reference = reference_run(runs)
+    kinds = list(dict.fromkeys(reference.kinds))
+    columns = min(3, len(kinds))
+    rows = -(-len(kinds) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), dpi=DPI, layout="constrained",
+                                squeeze=False)
+    marks = {run.name: by_kind_rule(run) for run in runs}
+    curves: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.mode == "fixed" or run.mode == "dynamic" or run.mode in BUDGETED.values():
+            curves.setdefault(run.mode, []).append(run)
+    for axes, kind in zip(grid.flat, kinds):
+        members = [q for q, k in enumerate(reference.kinds) if k == kind]
+        for (mode, members_of_mode), color in zip(curves.items(), itertools.cycle(COLORS)):
+            points = sorted(kind_point(run, members, marks[run.name]) for run in members_of_mode)
+            if mode == "fixed":  # the curve runs on to no exit, its K = L
+                points.append(kind_point(reference, members, marks[reference.name]))
+            style, legend = STYLES[mode]
+            axes.plot([x * scale for x, _ in points], [y for _, y in points], style, color=color, markersize=4,
+                      label=legend.format(K=0, name=mode))
+        x, y = kind_point(reference, members, marks[reference.name])
+        axes.plot([x * scale], [y], "k*", markersize=10, label="no exit")
+        oracle = oracle_exit(runs, members, by_kind_rule)
+        if oracle is not None:
+            axes.plot([oracle["tflops"] * scale], [oracle["accuracy"]], "kP", markerfacecolor="none", markersize=9,
+                      label="per-question oracle exit")
+        axes.set_title(f"{kind} (n = {len(members)})", fontsize=9)
+        axes.tick_params(labelsize=7)
+        axes.grid(alpha=0.3)
+    for axes in list(grid.flat)[len(kinds):]:
+        axes.set_visible(False)
+    figure.supxlabel(f"LM prefill {unit} per sample (on the kind's questions)", fontsize=9)
+    figure.supylabel("right by the kind's rule (%)", fontsize=9)
+    handles, names = grid.flat[0].get_legend_handles_labels()
+    figure.legend(handles, names, loc="outside lower center", ncols=4, fontsize=7)
+    return figure
+
+
 def plot_exit_histogram(runs: list[Run], layers: int, path: str) -> None:
     dynamic = [run for run in runs if run.mode == "dynamic"]
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
@@ -761,13 +811,16 @@ def main(argv: list[str] | None = None) -> None:
     figure.savefig(os.path.join(args.out, "accuracy_vs_tflops.png"), dpi=DPI)
     plt.close(figure)
     plot_exit_histogram(runs, layers, os.path.join(args.out, "exit_layer_histogram.png"))
+    figure = per_kind_figure(runs)
+    figure.savefig(os.path.join(args.out, "per_kind.png"), dpi=DPI)
+    plt.close(figure)
     print(text)
     print(f"\nCost in three units:\n{costs}")
     print(f"\nAccuracy (%) per question kind:\n{kinds}")
     print(f"\nAt equal prefill FLOPs, against the interpolated baseline curves:\n{comparison}")
     print(
         f"{os.path.abspath(args.out)}: results.json, costs.md, per_kind.md, equal_flops.md, accuracy_vs_tflops.png, "
-        "exit_layer_histogram.png"
+        "per_kind.png, exit_layer_histogram.png"
     )
 
 
