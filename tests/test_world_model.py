@@ -3,6 +3,7 @@ with `--tower-steps 0`; the result loads as a LLaVA checkpoint and --init-from c
 trains exactly as the masked-keys oracle of DESIGN §2 would."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -52,6 +53,8 @@ def test_pretrained_tower_stays_frozen_and_training_continues(world, tmp_path):
     assert changed(initial, first) == {"embeddings", "decoder", "projector", "tower"}
     second = train(world, tmp_path / "second", "--init-from", str(tmp_path / "first"), "--exit-dropout", "1")
     assert changed(first, second) == {"embeddings", "decoder", "projector"}, "the pretrained tower must stay frozen"
+    record = json.loads((tmp_path / "second" / "world_training.json").read_text())
+    assert record["exit_dropout"] == 1 and record["previous"] == json.loads((tmp_path / "first" / "world_training.json").read_text())
 
 
 def test_without_pretraining_the_tower_trains_with_the_rest(world, tmp_path):

@@ -135,6 +135,10 @@ def train(args: argparse.Namespace) -> dict:
         "final_loss": round(smoothed, 4),
         "minutes": round((time.perf_counter() - started) / 60, 1),
     }
+    earlier = os.path.join(args.init_from, "world_training.json") if args.init_from else None
+    if earlier and os.path.isfile(earlier):  # the runs it continues, so the record stays whole
+        with open(earlier) as handle:
+            report["previous"] = json.load(handle)
     with open(os.path.join(args.out, "world_training.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     return report
