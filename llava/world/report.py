@@ -732,7 +732,7 @@ def per_kind_figure(runs: list[Run]):
     figure.supxlabel(f"LM prefill {unit} per sample (on the kind's questions)", fontsize=9)
     figure.supylabel("right by the kind's rule (%)", fontsize=9)
     handles, names = grid.flat[0].get_legend_handles_labels()
-    figure.legend(handles, names, loc="outside lower center", ncols=4, fontsize=7)
+    figure.legend(handles, names, loc="outside right upper", fontsize=7)
     return figure
 
 
