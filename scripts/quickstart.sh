@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # DyVTE end to end on the tiny world, on a laptop CPU: set up .venv, generate the world, add gates to the world's
-# trained LLaVA (init_weight.py), train them (finetune_visual_gate.sh), evaluate GQA-style on 1000 held-out questions,
+# trained LLaVA (init_weight.py), train them (finetune_visual_gate.sh), evaluate GQA-style on 800 held-out questions,
 # one-word and long-answer kinds (llava.world.evaluate: what gqa.sh writes, every setting in one process) with no
 # exit, dynamic exit at several thresholds, fixed exit after every K, FastV at several ratios, dynamic+FastV and the
 # reduction methods at an equal visual budget, then print the table with confidence intervals, the gaps at equal
-# FLOPs, the long answers by their own rules, and plot accuracy against cost. About 10 minutes on 2 cores; the full
+# FLOPs, the long answers by their own rules, and plot accuracy against cost. About 9 minutes on 2 cores; the full
 # table of docs/tiny_world.md (2000 questions, both budget rules, about 19 minutes):
 #   TEST_IMAGES=2000 BUDGET_RULES="equal paper" bash scripts/quickstart.sh
 #
 # Every knob is an environment variable (defaults in brackets):
-#   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [1000]
+#   PYTHON [set up .venv and use it]   WORLD [./playground/data/tiny_world]   TRAIN_IMAGES [20000]  TEST_IMAGES [800]
 #   LONG_KINDS ["describe,ground,read": the long-answer kinds the world asks too; "": the one-word kinds only]
 #   BASE_MODEL [./checkpoints/tiny-world-llava, trained by llava.world.train_model if missing: ~35 min]
 #   GATE_STEPS [300]  GATE_BATCH_SIZE [8]  GATE_LEARNING_RATE [5e-5]   THRESHOLDS ["0.5 0.9 0.99 0.999"]
@@ -34,7 +34,7 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 WORLD=${WORLD:-./playground/data/tiny_world}
 TRAIN_IMAGES=${TRAIN_IMAGES:-20000}
-TEST_IMAGES=${TEST_IMAGES:-1000}  # 2000 for the full table of docs/tiny_world.md (about 19 min)
+TEST_IMAGES=${TEST_IMAGES:-800}  # 2000 for the full table of docs/tiny_world.md (about 19 min)
 LONG_KINDS=${LONG_KINDS-describe,ground,read}
 BASE_MODEL=${BASE_MODEL:-./checkpoints/tiny-world-llava}
 INIT_MODEL=${INIT_MODEL:-$BASE_MODEL-exit-init}
