@@ -819,8 +819,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nAccuracy (%) per question kind:\n{kinds}")
     print(f"\nAt equal prefill FLOPs, against the interpolated baseline curves:\n{comparison}")
     print(
-        f"{os.path.abspath(args.out)}: results.json, costs.md, per_kind.md, equal_flops.md, accuracy_vs_tflops.png, "
-        "per_kind.png, exit_layer_histogram.png"
+        f"{os.path.abspath(args.out)}: results.json, costs.md, per_kind.md, equal_flops.md, "
+        + ("long_answers.md, " if long_answers is not None else "")
+        + "accuracy_vs_tflops.png, per_kind.png, exit_layer_histogram.png"
     )
 
 
