@@ -29,9 +29,10 @@ fixed K's accuracy there, is the room per-input exits have over one layer for al
 Writes RESULTS/table.md (the CI and the difference from none, `*` where significant, share one column; below it
 the runs whose budget was out of their method's reach, with the reason), RESULTS/
 costs.md (each run's cost in three units: visual tokens per layer, LM and vision FLOPs, measured prefill time
-against none's where the evaluation timed it), RESULTS/per_kind.md (each run's accuracy per question kind, GQA's structural type; then per kind the oracle exit,
-fixed K at its cost and each dynamic run's mean exit layer), RESULTS/equal_flops.md (the gaps at
-equal cost), RESULTS/results.json (every run's figures and the gaps, for other
+against none's where the evaluation timed it), RESULTS/per_kind.md (each run's accuracy per question kind, GQA's
+structural type; then per kind the oracle exit, fixed K at its cost and each dynamic run's mean exit layer),
+RESULTS/long_answers.md (with long kinds: each by its own rule, and by the length of the right answer),
+RESULTS/equal_flops.md (the gaps at equal cost), RESULTS/results.json (every run's figures and the gaps, for other
 tools), RESULTS/accuracy_vs_tflops.png (error bars; all runs, and a zoom on the runs within 15 points of none),
 RESULTS/per_kind.png (a panel per kind: fixed K, dynamic, the methods and the oracle on its questions) and
 RESULTS/exit_layer_histogram.png.
@@ -329,20 +330,28 @@ def baseline_curves(runs: list[Run]) -> dict[str, list[Run]]:
     return {name: sorted(members, key=lambda run: run.tflops) for name, members in curves.items()}
 
 
-def bracketing(curve: list[Run], tflops: float) -> tuple[Run, Run, float] | None:
-    """(cheaper run, dearer run, weight of the dearer) of a curve by cost at `tflops`; None outside its range."""
-    below, above = next(((a, b) for a, b in zip(curve, curve[1:]) if a.tflops <= tflops <= b.tflops), (None, None))
+def bracketing(curve: list, tflops: float, cost=lambda run: run.tflops) -> tuple[object, object, float] | None:
+    """(cheaper point, dearer point, weight of the dearer) of a curve sorted by `cost` at `tflops`; None outside its
+    range. The points are runs, or whatever `cost` reads a cost from."""
+    below, above = next(((a, b) for a, b in zip(curve, curve[1:]) if cost(a) <= tflops <= cost(b)), (None, None))
     if below is None:
         return None
-    return below, above, (tflops - below.tflops) / (above.tflops - below.tflops) if above.tflops > below.tflops else 0.0
+    low, high = cost(below), cost(above)
+    return below, above, (tflops - low) / (high - low) if high > low else 0.0
+
+
+def kind_point(run: Run, members: list[int], marks: list[bool]) -> tuple[float, float]:
+    """(mean prefill cost, accuracy %) of a run on the questions `members`, right or not by `marks`."""
+    costs = [run.costs[q] for q in members if run.costs[q] is not None]
+    return sum(costs) / max(1, len(costs)), 100 * sum(marks[q] for q in members) / len(members)
 
 
 def oracle_exit(runs: list[Run], members: list[int] | None = None, rule=lambda run: run.correct) -> dict | None:
     """The exit a gate that foresaw every answer would take: per question (of `members`, by default all), the earliest
     K ≥ 1 (the first gate decides after layer 0) from which every fixed K, and no exit, score it as no exit does by
-    `rule` (run -> right or not per question; GQA's exact match unless given). It keeps no exit's accuracy exactly, so its cost bounds what per-input exits can save on these
-    questions, and fixed K's accuracy on them at that cost is the room they have over one layer for all. None unless
-    fixed K = 1 … L−1 ran, with a cost on every answer."""
+    `rule` (run -> right or not per question; GQA's exact match unless given). It keeps no exit's accuracy exactly,
+    so its cost bounds what per-input exits can save on these questions, and fixed K's accuracy on them at that cost
+    is the room they have over one layer for all. None unless fixed K = 1 … L−1 ran, with a cost on every answer."""
     reference = reference_run(runs)
     layers = max(reference.exit_layers, default=0)
     fixed = {int(run.setting["K"]): run for run in runs if run.mode == "fixed"}
@@ -358,19 +367,16 @@ def oracle_exit(runs: list[Run], members: list[int] | None = None, rule=lambda r
             step -= 1
         exits.append(step + 1)
         costs.append(ladder[step].costs[question])
-    # fixed K's curve on these questions: (cost, accuracy, name) per run, cheapest first
-    curve = sorted((sum(run.costs[q] for q in members) / len(members),
-                    100 * sum(mark[q] for q in members) / len(members), run.name) for run, mark in zip(ladder, marks))
+    # fixed K's curve on these questions, cheapest first: ((cost, accuracy), name) per run, none's the dearest
+    curve = sorted(((kind_point(run, members, mark), run.name) for run, mark in zip(ladder, marks)))
     tflops = sum(costs) / len(costs)
     # every question's cost grows with K, so the oracle's mean lies on the curve
-    (low_cost, low_accuracy, low_name), (high_cost, high_accuracy, high_name) = next(
-        (a, b) for a, b in zip(curve, curve[1:]) if a[0] <= tflops <= b[0])
-    weight = (tflops - low_cost) / (high_cost - low_cost) if high_cost > low_cost else 0.0
-    full_cost = sum(reference.costs[q] for q in members) / len(members)
+    ((_, low), low_name), ((_, high), high_name), weight = bracketing(curve, tflops, cost=lambda point: point[0][0])
+    (full_cost, accuracy), _ = curve[-1]
     return {
-        "accuracy": 100 * sum(marks[-1][q] for q in members) / len(members), "tflops": tflops,
-        "flops_reduction": 1 - tflops / full_cost, "exit_layer": sum(exits) / len(exits),
-        "fixed_accuracy": (1 - weight) * low_accuracy + weight * high_accuracy, "fixed_between": [low_name, high_name],
+        "accuracy": accuracy, "tflops": tflops, "flops_reduction": 1 - tflops / full_cost,
+        "exit_layer": sum(exits) / len(exits), "fixed_accuracy": (1 - weight) * low + weight * high,
+        "fixed_between": [low_name, high_name],
     }
 
 
@@ -496,25 +502,23 @@ def exits_by_kind_table(runs: list[Run]) -> str | None:
     whether the gates' exits follow what each kind needs. None without the fixed ladder and without a dynamic run."""
     reference = reference_run(runs)
     dynamic = [run for run in runs if run.mode == "dynamic"]
-    kinds = list(dict.fromkeys(reference.kinds))
-    oracles = {kind: oracle_exit(runs, [q for q, k in enumerate(reference.kinds) if k == kind], by_kind_rule)
-               for kind in kinds}
+    members_of = {kind: [q for q, k in enumerate(reference.kinds) if k == kind] for kind in dict.fromkeys(reference.kinds)}
+    oracles = {kind: oracle_exit(runs, members, by_kind_rule) for kind, members in members_of.items()}
     if not dynamic and all(oracle is None for oracle in oracles.values()):
         return None
     lines = ["| kind (n) | none % | oracle: mean exit layer; FLOPs cut | fixed K at the oracle's cost % | "
              + " | ".join(f"{run.name}: %; mean exit layer" for run in dynamic) + " |",
              "|---|---|---|---|" + "---|" * len(dynamic)]
     marks = {run.name: by_kind_rule(run) for run in [reference, *dynamic]}
-    for kind in kinds:
-        members = [q for q, k in enumerate(reference.kinds) if k == kind]
+    for kind, members in members_of.items():
         oracle = oracles[kind]
-        cells = [f"{kind} ({len(members)})", f"{100 * sum(marks[reference.name][q] for q in members) / len(members):.1f}"]
+        cells = [f"{kind} ({len(members)})", f"{kind_point(reference, members, marks[reference.name])[1]:.1f}"]
         cells += (["—", "—"] if oracle is None else
                   [f"{oracle['exit_layer']:.2f}; {100 * oracle['flops_reduction']:.1f} %", f"{oracle['fixed_accuracy']:.1f}"])
         for run in dynamic:
             layers = [run.exits[q] for q in members if run.exits[q] is not None]
-            cells.append(f"{100 * sum(marks[run.name][q] for q in members) / len(members):.1f}; "
-                         f"{sum(layers) / len(layers):.2f}" if layers else "—")
+            cells.append(f"{kind_point(run, members, marks[run.name])[1]:.1f}; {sum(layers) / len(layers):.2f}"
+                         if layers else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -537,9 +541,9 @@ def long_answers_table(runs: list[Run]) -> str | None:
     lines = ["| run | " + " | ".join(f"{heads[kind]} (n = {counts[kind]})" for kind in kinds)
              + f" | mean exit layer | prefill {unit} / sample |", "|---|" + "---|" * (len(kinds) + 2)]
     for run in runs:
-        cells = []
+        cells, marks = [], by_kind_rule(run)
         for kind in kinds:
-            rows = [(right, grade) for right, grade, k in zip(by_kind_rule(run), run.graded, run.kinds) if k == kind]
+            rows = [(right, grade) for right, grade, k in zip(marks, run.graded, run.kinds) if k == kind]
             low, high = wilson_interval(sum(right for right, _ in rows), len(rows))
             cell = f"{100 * sum(right for right, _ in rows) / len(rows):.1f} [{100 * low:.1f}, {100 * high:.1f}]"
             measure = {"describe": "f1", "ground": "iou"}.get(kind)
@@ -685,12 +689,6 @@ def accuracy_figure(runs: list[Run], oracle: dict | None = None):
     for axes, members in points.items():
         place_labels(axes, members)
     return figure
-
-
-def kind_point(run: Run, members: list[int], marks: list[bool]) -> tuple[float, float]:
-    """(mean prefill cost, accuracy %) of a run on the questions `members`, right or not by `marks`."""
-    costs = [run.costs[q] for q in members if run.costs[q] is not None]
-    return sum(costs) / max(1, len(costs)), 100 * sum(marks[q] for q in members) / len(members)
 
 
 def per_kind_figure(runs: list[Run]):
