@@ -12,7 +12,7 @@ ORACLE_TESTS=(tests/test_compat.py tests/test_visual_exit.py tests/test_generati
     tests/test_tiny_families.py tests/test_family_processing.py tests/test_pyramid_drop.py tests/test_dart.py
     tests/test_visionzip.py tests/test_sparsevlm.py tests/test_budget.py tests/test_lmms_eval.py tests/test_gate_features.py
     tests/test_official_positions.py tests/test_stock_behaviour.py tests/test_hybrid_linear.py tests/test_video.py
-    tests/test_divprune.py tests/test_shortv.py tests/test_resize.py tests/test_cdpruner.py)
+    tests/test_divprune.py tests/test_shortv.py tests/test_resize.py tests/test_cdpruner.py tests/test_static_cache.py)
 
 export WITH_LMMS_EVAL=1
 source scripts/setup.sh

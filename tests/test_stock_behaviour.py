@@ -1,7 +1,7 @@
 """The exit classes keep what the stock classes do, on every family, against the stock class with the same weights
 (fp32, 1e-5): packed inputs (several sequences in one row, positions restarting, no mask), `return_dict=False`,
 `from_pretrained(..., output_loading_info=True)`, `inputs_embeds`, gates missing from a checkpoint; and refuse in
-one line what they cannot do (4-D masks, `cache_implementation`)."""
+one line what they cannot do (4-D masks, a `cache_implementation` other than static or dynamic)."""
 
 import math
 
@@ -159,12 +159,12 @@ def test_what_cannot_work_is_refused_in_one_line(family):
     four_d = torch.ones(1, 1, length, length, dtype=torch.bool).tril()
     with pytest.raises(ValueError, match=r"the exit builds each layer's mask from a 2-D padding mask"), torch.no_grad():
         model(**{**inputs, "attention_mask": four_d}, exit_config=ExitRequest("fixed", 1).expand())
-    with pytest.raises(ValueError, match=r"cache_implementation='static': the exit's layers cache different tokens"):
-        model.generate(**inputs, cache_implementation="static", max_new_tokens=2, pad_token_id=TEXT["pad_token_id"])
+    with pytest.raises(ValueError, match=r"cache_implementation='offloaded': the exit's layers cache different tokens"):
+        model.generate(**inputs, cache_implementation="offloaded", max_new_tokens=2, pad_token_id=TEXT["pad_token_id"])
     saved = model.generation_config
-    model.generation_config = GenerationConfig(cache_implementation="static", pad_token_id=TEXT["pad_token_id"])
+    model.generation_config = GenerationConfig(cache_implementation="offloaded", pad_token_id=TEXT["pad_token_id"])
     try:
-        with pytest.raises(ValueError, match="cache_implementation='static'"):
+        with pytest.raises(ValueError, match="cache_implementation='offloaded'.*use 'static'"):
             model.generate(**inputs, max_new_tokens=2)
     finally:
         model.generation_config = saved

@@ -13,9 +13,8 @@ from llava.compat import cache_argument, install_output_capture_hooks, output_ca
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.llava_arch import LlavaMetaForCausalLM, LlavaMetaModel
 from llava.model.visual_exit import ExitChannel, ExitConfig, ExitStats, VisualExitCache, VisualExitDecoderMixin
-from llava.model.visual_exit.generation import with_exit_stats
+from llava.model.visual_exit.generation import ExitCacheGeneration, generation_cache, with_exit_stats
 from llava.model.visual_exit.training import ExitLabelRule, GateTrainingOutput, gate_training_pass
-from llava.model.visual_exit.vlm import refuse_cache_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ class LlavaCausalLMOutput(CausalLMOutputWithPast):
     exit_stats: ExitStats | None = None
 
 
-class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
+class LlavaLlamaForCausalLM(ExitCacheGeneration, LlamaForCausalLM, LlavaMetaForCausalLM):
     config_class = LlavaConfig
     # Original LLaVA checkpoints load the tower from `mm_vision_tower`; tower weights in their shards are unused.
     _keys_to_ignore_on_load_unexpected = [r"^model\.vision_tower\."]
@@ -145,7 +144,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
         inputs = kwargs.pop("input_ids", inputs)
         if inputs is None:
             raise ValueError("generate needs the prompt input_ids")
-        refuse_cache_implementation(self, kwargs)
+        cache = generation_cache(self, kwargs)
         if kwargs.pop("use_cache", None) is False:
             # As LLaVA's own class: transformers' generate starts from these embeddings only with its cache.
             logger.info("generate from a LLaVA prompt's embeddings decodes with the cache (use_cache=False changes nothing)")
@@ -153,8 +152,6 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             inputs, kwargs.pop("attention_mask", None), None, images, image_sizes, padding_side="left",
             vision_stage=self.vision_stage(exit_config), instructions=instructions,
         )
-        cache = take_cache(kwargs)
-        cache = VisualExitCache(config=self.config) if cache is None else cache  # an empty cache is falsy
         channel = ExitChannel()
         output = super().generate(
             inputs_embeds=mm.inputs_embeds,
@@ -162,7 +159,7 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM, LlavaMetaForCausalLM):
             visual_mask=mm.visual_mask,
             exit_config=exit_config,
             exit_channel=channel,
-            **cache_argument(cache),
+            **cache,
             **kwargs,
         )
         output = with_exit_stats(output, channel.stats, len(inputs))

@@ -6,7 +6,7 @@ and every later layer's KV cache. Which, is decided by an ordered list of stages
 gates, pruning ranked by a scorer in `scorers/`); one drop mechanism (`tokens.py`) carries every decision out.
 """
 
-from llava.model.visual_exit.cache import ValidKeys, VisualExitCache
+from llava.model.visual_exit.cache import StaticExitCache, ValidKeys, VisualExitCache
 from llava.model.visual_exit.config import EXIT_MODES, ExitConfig, ExitRequest
 from llava.model.visual_exit.decoder import ExitChannel, ExitStats, VisualExitDecoderMixin, VisualExitModelOutput, exit_decoder_of
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
@@ -25,6 +25,7 @@ __all__ = [
     "ExitRequest",
     "ExitChannel",
     "ExitStats",
+    "StaticExitCache",
     "ValidKeys",
     "VisualExitCache",
     "VisualExitDecoderMixin",

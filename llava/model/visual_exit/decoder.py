@@ -12,11 +12,11 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from llava.compat import cache_argument, take_cache
-from llava.model.visual_exit.cache import ValidKeys, VisualExitCache
+from llava.model.visual_exit.cache import StaticExitCache, ValidKeys, VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.flops import DecoderGeometry, prefill_flops
 from llava.model.visual_exit.gate import build_visual_gates, init_if_gate
-from llava.model.visual_exit.masks import attention_mask_for
+from llava.model.visual_exit.masks import attention_mask_for, static_decode_mask
 from llava.model.visual_exit.policy import ExitPolicy, ExitRecord
 from llava.model.visual_exit.stages import LayerStep
 from llava.model.visual_exit.tokens import TokenLayout
@@ -150,8 +150,9 @@ class VisualExitDecoderMixin:
             cache = VisualExitCache(config=self.config)
         if cache is not None and not isinstance(cache, VisualExitCache):
             raise TypeError(f"pass a VisualExitCache (layers may cache different tokens), not {type(cache).__name__}")
-        if cache is not None and cache.get_seq_length() > 0:
-            hidden = self._decode(inputs_embeds, attention_mask, position_ids, cache, kwargs)
+        if cache is not None and cache.is_prefilled:
+            decode = self._decode_static if isinstance(cache, StaticExitCache) else self._decode
+            hidden = decode(inputs_embeds, attention_mask, position_ids, cache, kwargs)
             return VisualExitModelOutput(last_hidden_state=hidden, **cache_argument(cache))
         if cache is not None:
             cache.hold_recurrent_layers(self.config)
@@ -179,10 +180,14 @@ class VisualExitDecoderMixin:
             additions=additions, blocks=channel.blocks,
         )
         record = channel.record
+        if isinstance(cache, StaticExitCache):
+            cache.begin_prefill(layout.input_length)
         hidden, layout, policy = self.start_exit(hidden, layout, exit_config, cache, record)
         hidden, layout = self.run_layers(hidden, layout, range(self.config.num_hidden_layers), cache, policy, **kwargs)
         if cache is not None:
             cache.seen_tokens = layout.input_length
+        if isinstance(cache, StaticExitCache):  # new tokens are numbered after each row's real ones, as the mask counts
+            cache.seal(layout.input_valid.sum(dim=1))
         state = policy.state
         stats = ExitStats(
             state.exit_layer,
@@ -298,7 +303,7 @@ class VisualExitDecoderMixin:
             drop = order = None
             if policy is not None:
                 # FastV reads them, not recomputes (a linear-attention layer caches none)
-                cached_keys = getattr(cache.layers[index], "keys", None) if cache is not None else None
+                cached_keys = cache.prefill_keys(index) if cache is not None else None
                 step = LayerStep(index, self.layers[index], layer_input, hidden, cached_keys, self)
                 drop, hidden, order = policy.drop_after(step, layout)  # hidden: with the states stages rewrote
             if drop is not None:
@@ -345,6 +350,41 @@ class VisualExitDecoderMixin:
                 **cache_argument(cache),
                 **kwargs,
             )
+        return self.norm(hidden)
+
+    def _decode_static(self, hidden, attention_mask, position_ids, cache: StaticExitCache, kwargs):
+        """`_decode` on a static cache, with the same shapes at every step (what a compiled step needs): each layer
+        attends to its whole capacity, masked by `static_decode_mask` at the cache's step; the new tokens' positions
+        are the ones `seal` laid out. The 2-D padding mask is not read (the new tokens are real, their positions
+        known), so generate need not hand it over at every step."""
+        new_tokens = hidden.shape[1]
+        if new_tokens > 1 and cache.renumbered:
+            raise NotImplementedError("a static cache decodes one token at a time after a renumbering stage")
+        implementation, kinds = self.config._attn_implementation, self.layer_rotations
+        steps = cache.step + torch.arange(new_tokens, device=hidden.device)
+        masks, rotations = {}, {}
+        for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            shared, kind = cache.shared_with[index], self.layer_mask_kind(index)
+            valid_keys = cache.valid_keys[shared]
+            if (shared, kind) not in masks:
+                masks[shared, kind] = static_decode_mask(valid_keys, cache.new_tokens, steps, implementation, hidden.dtype, kind)
+            if shared not in rotations:  # one numbering per ValidKeys (they differ only after a renumbering)
+                slots = valid_keys.valid.shape[1] - cache.new_tokens + steps
+                positions = valid_keys.positions[:, slots]
+                given = position_ids is not None and not cache.renumbered  # as `_decode`: renumbered, its own
+                rope_input = self.split_position_ids(position_ids, hidden, 0)[1] if given else positions
+                rotations[shared] = positions, self.rotary(hidden, rope_input)
+            positions, rotation = rotations[shared]
+            hidden = decoder_layer(
+                hidden,
+                attention_mask=masks[shared, kind],
+                position_embeddings=rotation[kinds[index] if kinds else None],
+                position_ids=positions,
+                use_cache=True,
+                **cache_argument(cache),
+                **kwargs,
+            )
+        cache.step.add_(new_tokens)
         return self.norm(hidden)
 
     @property

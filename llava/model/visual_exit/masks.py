@@ -54,7 +54,36 @@ def attention_mask_for(
         allowed = allowed & (positions[:, -query_length:, None] - positions[:, None, :] < window)
     # A padding query would mask every key (NaN under softmax); let it see itself. Real queries are unaffected.
     allowed |= key_slots[None, None, :] == query_slots[None, :, None]
+    return _as_mask(allowed, implementation, dtype)
+
+
+def _as_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, Q, K) allowed pairs as sdpa's bool or eager's additive (B, 1, Q, K) mask."""
     allowed = allowed.unsqueeze(1)
     if implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def static_decode_mask(
+    valid_keys: ValidKeys, new_tokens: int, steps: torch.Tensor, implementation: str, dtype: torch.dtype,
+    window: int | None = None,
+):
+    """The mask of decode queries over a static layer: `valid_keys` spans its capacity, the last `new_tokens` slots
+    for the tokens decoded; `steps` (Q,) (tensors, so a compiled step has no per-step constant) are the queries'
+    indices among those. A query sees the real prefill keys and the new slots up to its own; decoded tokens are in
+    no bidirectional block, so blocks play no part. The same forms as `attention_mask_for`."""
+    batch, capacity = valid_keys.valid.shape
+    key_slots = torch.arange(capacity, device=steps.device)
+    query_slots = capacity - new_tokens + steps  # (Q,)
+    allowed = (key_slots[None, :] <= query_slots[:, None])[None] & valid_keys.valid[:, None, :]  # (B, Q, K)
+    if window is not None:
+        positions = valid_keys.positions
+        allowed = allowed & (positions[:, query_slots, None] - positions[:, None, :] < window)
+    if implementation in FLASH_IMPLEMENTATIONS or implementation.startswith("kernels-community/flash"):
+        if window is not None or steps.shape[0] > 1:
+            raise NotImplementedError("a static cache under flash attention decodes one token at a time, without windows")
+        return allowed[:, 0].long()
+    if implementation not in ("sdpa", "eager"):
+        raise NotImplementedError(f"attention implementation {implementation!r} is not supported with visual exit")
+    return _as_mask(allowed, implementation, dtype)

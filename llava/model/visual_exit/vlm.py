@@ -22,13 +22,11 @@ from functools import partial
 import torch
 from safetensors import safe_open
 
-from llava.compat import cache_argument, take_cache
-from llava.model.visual_exit.cache import VisualExitCache
 from llava.model.visual_exit.config import ExitConfig
 from llava.model.visual_exit.decoder import ExitChannel, VisualExitDecoderMixin
 from llava.model.visual_exit.policy import ExitRecord
 from llava.model.visual_exit.gate import build_visual_gates, init_gate_weights
-from llava.model.visual_exit.generation import with_exit_stats
+from llava.model.visual_exit.generation import ExitCacheGeneration, generation_cache, with_exit_stats
 from llava.model.visual_exit.training import ExitLabelRule, gate_training_pass
 
 
@@ -153,7 +151,7 @@ def _load_saved_gates(model, decoder) -> None:
         decoder.visual_gates_router.load_state_dict(weights)
 
 
-class VisualExitVLMMixin:
+class VisualExitVLMMixin(ExitCacheGeneration):
     """In front of a transformers VLM class (see `visual_exit_class`): forward and generate with the exit."""
 
     visual_exit_family: FamilyAdapter
@@ -236,16 +234,14 @@ class VisualExitVLMMixin:
         """The stock generate with a VisualExitCache; with `return_dict_in_generate=True` the output also carries
         the prefill's `exit_stats`, one row per returned sequence."""
         inputs = kwargs.pop("input_ids", inputs)
-        refuse_cache_implementation(self, kwargs)
+        cache = generation_cache(self, kwargs)
         batch = len(inputs) if inputs is not None else len(kwargs["inputs_embeds"])
         channel = ExitChannel()
         if kwargs.get("use_cache") is False:  # each step recomputes prompt + answer, with the prompt's decisions
             channel.record = ExitRecord()
             output = super().generate(inputs, exit_config=exit_config, exit_channel=channel, **kwargs)
             return with_exit_stats(output, channel.stats, batch)
-        cache = take_cache(kwargs)
-        cache = VisualExitCache() if cache is None else cache  # an empty cache is falsy
-        output = super().generate(inputs, exit_config=exit_config, exit_channel=channel, **cache_argument(cache), **kwargs)
+        output = super().generate(inputs, exit_config=exit_config, exit_channel=channel, **cache, **kwargs)
         return with_exit_stats(output, channel.stats, batch)
 
 
@@ -255,19 +251,6 @@ def refuse_custom_masks(attention_mask) -> None:
         raise ValueError(
             f"attention_mask of shape {tuple(attention_mask.shape)}: the exit builds each layer's mask from a 2-D "
             "padding mask (B, T); pass that (custom 4-D masks work with the stock class)"
-        )
-
-
-def refuse_cache_implementation(model, kwargs: dict) -> None:
-    """generate's `cache_implementation` (static, offloaded, ..., from the call or the checkpoint's generation
-    config) builds a cache whose layers all hold the same tokens: refused before any work."""
-    config = kwargs.get("generation_config") or model.generation_config
-    chosen = kwargs.get("cache_implementation") or getattr(config, "cache_implementation", None)
-    if chosen:
-        raise ValueError(
-            f"cache_implementation={chosen!r}: the exit's layers cache different tokens, which only its own "
-            "VisualExitCache holds; generate without it (for a checkpoint whose generation_config names one, "
-            "pass generation_config with cache_implementation=None)"
         )
 
 
