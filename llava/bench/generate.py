@@ -1,18 +1,24 @@
 """Generation benchmark of the exit on transformers' own LLaVA class:
-`python -m llava.bench.generate [--preset llava-1.5-7b --layers 4] [--batch 1 8] [--new-tokens 1 64 256]`.
+`python -m llava.bench.generate [--preset llava-1.5-7b --layers 4] [--batch 1 8] [--new-tokens 1 64 256]
+[--caches dynamic static compiled]`.
 
 What a user runs instead of our exit is transformers' `LlavaForConditionalGeneration`; this times its whole
 `generate` (stock) against the same weights under our exit (`enable_visual_exit`) in modes `none`, `fixed` K = L/4
 and L/2, `dynamic` (gates rigged as in prefill.py to fire after L/2 layers) and FastV K = 2, R = 0.5, all in one run
-with interleaved repeats. The LM has the preset's geometry and random weights; the CLIP tower sees 336 px images in
-14 px patches (576 visual tokens) but is tiny in width and depth, so the LM's cost dominates as in LLaVA-1.5.
+with interleaved repeats, under each of three caches: `dynamic` (generate's default), `static`
+(`cache_implementation="static"`: transformers' StaticCache for stock, our StaticExitCache) and `compiled` (static,
+and generate compiles the decode step in full graph, stock alike; on a CPU too). The LM has the preset's geometry
+and random weights; the CLIP tower sees 336 px images in 14 px patches (576 visual tokens) but is tiny in width and
+depth, so the LM's cost dominates as in LLaVA-1.5.
 
 The prompt is prefill.py's: the first min(35, N) of the N text tokens (BOS and the system prompt), the 576 image
 placeholders, then the rest of the text. The B samples of a batch draw their text apart, at one length (no padding).
-Every generate is greedy and makes exactly n new tokens. Per mode, batch and n it reports: time to first token
-(generate with n = 1), decode tokens/s B·(n−1) / (T(n) − T(1)), total latency T(n), peak memory and the generate's
-own share of it (CUDA only), and the KV cache's key/value bytes right after the prefill, each also as this mode's
-value / stock's.
+Every generate is greedy and makes exactly n new tokens. Per cache, mode, batch and n it reports: time to first
+token (generate with n = 1), decode tokens/s B·(n−1) / (T(n) − T(1)), total latency T(n), peak memory and the
+generate's own share of it (CUDA only), and the KV cache's key/value bytes right after the prefill, each also as this
+mode's value / stock's under the same cache; and TTFT, decode rate and total as a share of the **composed ideal**
+(DESIGN.md §4): stock generate timed on the whole prompt for the layers before the exit (or FastV's pruning) and on
+the text-only (pruned) prompt for the rest, each weighted by its layers — 1.0 is an exit with no overhead of its own.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from functools import partial
 
 import torch
 from tqdm import tqdm
-from transformers import CLIPVisionConfig, DynamicCache, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, CompileConfig, GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from llava.arguments import positive_int
 from llava.bench.arguments import bench_parser, parse_bench_args, write_rows
@@ -42,6 +48,11 @@ IMAGE_SIZE, PATCH_SIZE = 336, 14  # (336 / 14)^2 = 576 patches, the class token 
 TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 FASTV_K, FASTV_R = 2, 0.5
 FIGURES = ("ttft_ms", "decode_tokens_per_s", "total_ms", "peak_memory_bytes", "generate_memory_bytes", "kv_cache_bytes")
+TIMES = ("ttft_ms", "decode_tokens_per_s", "total_ms")  # the figures the composed ideal has
+CACHES = ("dynamic", "static", "compiled")
+# Enough compiled graphs for every mode, batch and prompt of a run (each has its own shapes); past dynamo's default
+# limit of 8 the rest would silently run uncompiled.
+RECOMPILE_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -53,12 +64,14 @@ class Mode:
 
 @dataclass
 class Row:
-    """One mode at one batch size and new-token count. `exit_layer`: the prefill's mean exit layer as the model
-    reported it (L: the visual tokens never left; None for stock). `generate_memory_bytes`: the peak during the
-    generate less what was allocated before it (the weights, shared by every mode, and the inputs), i.e. the KV
-    cache and activations. CUDA-only figures are None on a CPU. `vs_stock[figure]`: this row's figure / stock's at
-    the same batch and n."""
+    """One mode under one cache at one batch size and new-token count. `exit_layer`: the prefill's mean exit layer
+    as the model reported it (L: the visual tokens never left; None for stock). `generate_memory_bytes`: the peak
+    during the generate less what was allocated before it (the weights, shared by every mode, and the inputs), i.e.
+    the KV cache and activations. CUDA-only figures are None on a CPU. `vs_stock[figure]`: this row's figure /
+    stock's under the same cache at the same batch and n. `ideal[figure]`: the composed ideal's TTFT, decode rate
+    and total; `vs_ideal[figure]`: how much of it this row reaches (ideal time / time; rate / ideal rate)."""
 
+    cache: str
     mode: str
     k: int | None
     batch: int
@@ -71,6 +84,8 @@ class Row:
     generate_memory_bytes: int | None
     kv_cache_bytes: int
     vs_stock: dict[str, float | None] = field(default_factory=dict)
+    ideal: dict[str, float | None] = field(default_factory=dict)
+    vs_ideal: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,35 +127,55 @@ def build_models(preset: str, layers: int | None, dtype: torch.dtype, device: to
     return stock, ours
 
 
-def build_prompt(batch: int, text_tokens: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """generate's inputs: prefill.py's layout (text prefix, 576 image placeholders, the rest of the text), random
-    text ids per sample and random pixels."""
+def build_prompt(batch: int, text_tokens: int, dtype: torch.dtype, device: torch.device, visual_tokens: int = VISUAL_TOKENS,
+                 with_image: bool = True) -> dict[str, torch.Tensor]:
+    """generate's inputs: prefill.py's layout (text prefix, `visual_tokens` image placeholders, the rest of the
+    text), random text ids per sample and random pixels. Without the image (the composed ideal's shorter prompts) the
+    placeholders are plain tokens of the LM and no pixels are given."""
     generator = torch.Generator().manual_seed(0)
     text = torch.randint(FIRST_TEXT_ID, IMAGE_TOKEN_ID, (batch, text_tokens), generator=generator)
     text[:, 0] = BOS_TOKEN_ID
     prefix = min(SYSTEM_PROMPT_TOKENS, text_tokens)
-    image = torch.full((batch, VISUAL_TOKENS), IMAGE_TOKEN_ID)
+    image = torch.full((batch, visual_tokens), IMAGE_TOKEN_ID)
     input_ids = torch.cat([text[:, :prefix], image, text[:, prefix:]], dim=1)
     pixel_values = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids, device=device),
-        "pixel_values": pixel_values.to(device=device, dtype=dtype),
-    }
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids, device=device)}
+    if with_image:
+        inputs["pixel_values"] = pixel_values.to(device=device, dtype=dtype)
+    return inputs
 
 
-def generate(model, inputs: dict, mode: Mode, new_tokens: int):
+def cache_options(cache: str, device: torch.device, backend: str) -> dict:
+    """generate's arguments for one of CACHES; compiled: full graph, on a CPU too (transformers compiles the decode
+    step by itself on accelerators only)."""
+    if cache == "dynamic":
+        return {}
+    if cache == "static":
+        return {"cache_implementation": "static", "disable_compile": True}
+    config = CompileConfig(fullgraph=True, backend=backend, **({} if device.type == "cuda" else {"mode": None}))
+    config._compile_all_devices = device.type != "cuda"
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def generate(model, inputs: dict, mode: Mode, new_tokens: int, options: dict | None = None):
     """One greedy generate of exactly `new_tokens` tokens; its output carries the cache (with one new token, the
     cache right after the prefill) and, under the exit, the prefill's `exit_stats`."""
     exit_argument = {} if mode.exit_config is None else {"exit_config": mode.exit_config}
     return model.generate(
         **inputs, **exit_argument, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        return_dict_in_generate=True,
+        return_dict_in_generate=True, **(options or {}),
     )
 
 
-def kv_cache_bytes(cache: DynamicCache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+def kv_cache_bytes(cache) -> int:
+    """The keys and values the cache holds; of a static layer, the slots written so far (its allocation is sized
+    by generate for the longest request it saw, which says nothing of this mode)."""
+    total = 0
+    for layer in cache.layers:
+        slots = layer.keys.shape[-2]
+        written = int(getattr(layer, "cumulative_length", slots))
+        total += (layer.keys.nbytes + layer.values.nbytes) * written // slots
+    return total
 
 
 def bench_modes(text_config) -> list[Mode]:
@@ -184,40 +219,88 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
 
 
+# The stock runs the composed ideal is made of: the text-only prompt (after an exit) and FastV's pruned one.
+TEXT_ONLY, PRUNED = Mode("stock-text-only", None, None), Mode("stock-fastv-pruned", None, None)
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     device, dtype = device_and_dtype(args.device, args.dtype)
     stock, ours = build_models(args.preset, args.layers, dtype, device, args.attn)
     modes = bench_modes(stock.config.text_config)
     batches, counts = sorted(set(args.batch)), sorted(set(args.new_tokens))
-    prompts = {batch: build_prompt(batch, args.text_tokens, dtype, device) for batch in batches}
-    calls = {  # n = 1 always: T(1) is the time to first token and the base of the decode rate
-        (mode, batch, n): partial(generate, stock if mode.exit_config is None else ours, prompts[batch], mode, n)
-        for batch in batches for n in sorted({1, *counts}) for mode in modes
+    kept = round((1 - FASTV_R) * VISUAL_TOKENS)
+    prompts = {
+        (mode, batch): build_prompt(batch, args.text_tokens, dtype, device, *shape)
+        for batch in batches
+        for mode, shape in [(None, ()), (TEXT_ONLY, (0, False)), (PRUNED, (kept, False))]
     }
+    if "compiled" in args.caches:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    calls = {}  # n = 1 always: T(1) is the time to first token and the base of the decode rate
+    for cache in args.caches:
+        options = cache_options(cache, device, args.compile_backend)
+        for batch in batches:
+            for n in sorted({1, *counts}):
+                for mode in [*modes, TEXT_ONLY, PRUNED]:
+                    model = stock if mode.exit_config is None else ours
+                    inputs = prompts[mode if mode in (TEXT_ONLY, PRUNED) else None, batch]
+                    calls[cache, mode, batch, n] = partial(generate, model, inputs, mode, n, options)
     with torch.inference_mode():
-        generate(stock, prompts[batches[0]], modes[0], 1)  # first-call costs (kernels, workspaces) out of any probe
+        generate(stock, prompts[None, batches[0]], modes[0], 1)  # first-call costs (kernels, workspaces) out of any probe
         probes, seconds = measure(calls, device, args.repeats)
-    rows = [row_of(mode, batch, n, probes, seconds) for batch in batches for n in counts for mode in modes]
-    stock_rows = {(row.batch, row.new_tokens): row for row in rows if row.mode == "stock"}
+    layers = stock.config.text_config.num_hidden_layers
+    rows = [
+        row_of(cache, mode, batch, n, probes, seconds, layers)
+        for cache in args.caches for batch in batches for n in counts for mode in modes
+    ]
+    stock_rows = {(row.cache, row.batch, row.new_tokens): row for row in rows if row.mode == "stock"}
     for row in rows:
-        reference = stock_rows[row.batch, row.new_tokens]
+        reference = stock_rows[row.cache, row.batch, row.new_tokens]
         row.vs_stock = {name: ratio(getattr(row, name), getattr(reference, name)) for name in FIGURES}
     return rows
 
 
-def row_of(mode: Mode, batch: int, n: int, probes: dict, seconds: dict) -> Row:
-    """The figures of `mode` at `batch` and `n`; time to first token, exit layer and KV cache from its n = 1 calls."""
-    first, total = seconds[mode, batch, 1], seconds[mode, batch, n]
-    prefill, shown = probes[mode, batch, 1], probes[mode, batch, n]
-    return Row(
-        mode=mode.name, k=mode.k, batch=batch, new_tokens=n, exit_layer=prefill.exit_layer,
+def composed_ideal(mode: Mode, layers: int, full: float, text_only: float, pruned: float) -> float:
+    """Seconds of a perfect exit: stock's time on the whole prompt for the layers before the exit (or FastV's
+    pruning), on the shorter prompt for the rest."""
+    if mode.name == "fastv":
+        return (mode.k * full + (layers - mode.k) * pruned) / layers
+    first = layers if mode.k is None else mode.k
+    return (first * full + (layers - first) * text_only) / layers
+
+
+def row_of(cache: str, mode: Mode, batch: int, n: int, probes: dict, seconds: dict, layers: int) -> Row:
+    """The figures of `mode` under `cache` at `batch` and `n`; time to first token, exit layer and KV cache from its
+    n = 1 calls; the composed ideal from the stock calls of the same cache."""
+    first, total = seconds[cache, mode, batch, 1], seconds[cache, mode, batch, n]
+    prefill, shown = probes[cache, mode, batch, 1], probes[cache, mode, batch, n]
+    stock = Mode("stock", None, None)
+    ideal_first, ideal_total = (
+        composed_ideal(mode, layers, *(seconds[cache, m, batch, count] for m in (stock, TEXT_ONLY, PRUNED)))
+        for count in (1, n)
+    )
+    row = Row(
+        cache=cache, mode=mode.name, k=mode.k, batch=batch, new_tokens=n, exit_layer=prefill.exit_layer,
         ttft_ms=first * 1e3,
-        decode_tokens_per_s=batch * (n - 1) / (total - first) if total > first else None,  # None: n = 1, or noise
+        decode_tokens_per_s=decode_rate(batch, n, first, total),
         total_ms=total * 1e3,
         peak_memory_bytes=shown.peak_memory_bytes,
         generate_memory_bytes=shown.generate_memory_bytes,
         kv_cache_bytes=prefill.kv_cache_bytes,
+        ideal={"ttft_ms": ideal_first * 1e3, "decode_tokens_per_s": decode_rate(batch, n, ideal_first, ideal_total),
+               "total_ms": ideal_total * 1e3},
     )
+    row.vs_ideal = {  # > 1 is faster than the ideal (noise, or a stock overhead the exit does not have)
+        "ttft_ms": ratio(row.ideal["ttft_ms"], row.ttft_ms),
+        "decode_tokens_per_s": ratio(row.decode_tokens_per_s, row.ideal["decode_tokens_per_s"]),
+        "total_ms": ratio(row.ideal["total_ms"], row.total_ms),
+    }
+    return row
+
+
+def decode_rate(batch: int, n: int, first: float, total: float) -> float | None:
+    """B·(n − 1) tokens over the time past the first; None for n = 1, or when noise makes that time negative."""
+    return batch * (n - 1) / (total - first) if total > first else None
 
 
 COLUMNS = (  # (figure, heading, scale, decimals)
@@ -232,8 +315,10 @@ CELL = 18
 
 
 def format_table(rows: list[Row]) -> str:
-    """Each figure with its ratio to stock beside it; '-' where a figure does not exist (CPU memory, n = 1)."""
-    header = f"{'mode':<8} {'K':>3} {'exit':>5} {'B':>3} {'n':>4} " + " ".join(f"{h:>{CELL}}" for _, h, _, _ in COLUMNS)
+    """Each figure with its ratio to stock (same cache) beside it, then the share of the composed ideal reached by
+    TTFT / decode / total; '-' where a figure does not exist (CPU memory, n = 1)."""
+    header = (f"{'cache':<9}{'mode':<8} {'K':>3} {'exit':>5} {'B':>3} {'n':>4} "
+              + " ".join(f"{h:>{CELL}}" for _, h, _, _ in COLUMNS) + f" {'of ideal TTFT/dec/tot':>22}")
     lines = [header, "-" * len(header)]
     for row in rows:
         k = "" if row.k is None else row.k
@@ -244,7 +329,9 @@ def format_table(rows: list[Row]) -> str:
             text = "-" if value is None else f"{value * scale:.{decimals}f}"
             text += "" if relative is None else f" ({relative:.2f}x)"
             cells.append(f"{text:>{CELL}}")
-        lines.append(f"{row.mode:<8} {k:>3} {exit_layer:>5} {row.batch:>3} {row.new_tokens:>4} " + " ".join(cells))
+        ideal = "/".join("-" if row.vs_ideal[name] is None else f"{row.vs_ideal[name]:.2f}" for name in TIMES)
+        lines.append(f"{row.cache:<9}{row.mode:<8} {k:>3} {exit_layer:>5} {row.batch:>3} {row.new_tokens:>4} "
+                     + " ".join(cells) + f" {ideal:>22}")
     return "\n".join(lines)
 
 
@@ -253,10 +340,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=positive_int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
+    parser.add_argument("--caches", choices=CACHES, nargs="+", default=list(CACHES),
+                        help="dynamic (default cache), static, compiled (static, decode step compiled in full graph)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled runs")
     args = parse_bench_args(parser, argv, PRESETS)
     rows = run(args)
     print(f"preset {args.preset}, layers {args.layers}, {VISUAL_TOKENS} visual + {args.text_tokens} text tokens, "
-          f"greedy, median of {args.repeats}")
+          f"greedy, median of {args.repeats}; ratios to stock under the same cache")
     print(format_table(rows))
     write_rows(args.json, args, [asdict(row) for row in rows])
 
