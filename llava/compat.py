@@ -54,7 +54,10 @@ def recurrent_cache_layers(config) -> list | None:
     layer its own cache arguments, 5.17 one set for all."""
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicLayer, get_layer_types_and_kwargs
 
-    layer_types, arguments = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    text_config = config.get_text_config(decoder=True)
+    if "linear_attention" not in (getattr(text_config, "layer_types", None) or ()):  # asked at every prefill: no more
+        return None
+    layer_types, arguments = get_layer_types_and_kwargs(text_config)
     if "linear_attention" not in layer_types:
         return None
     per_layer = arguments if isinstance(arguments, list) else [arguments] * len(layer_types)

@@ -146,8 +146,8 @@ def kept_rows(monkeypatch):
     kept = []
     drop = TokenLayout.drop
 
-    def recording(self, hidden, mask, order=None):
-        hidden, layout = drop(self, hidden, mask, order)
+    def recording(self, hidden, mask, order=None, **kwargs):
+        hidden, layout = drop(self, hidden, mask, order, **kwargs)
         first = self.input_valid.long().argmax(dim=1)
         kept.append([(layout.origin[b][layout.valid_keys.valid[b]] - first[b]).tolist() for b in range(len(mask))])
         return hidden, layout

@@ -137,8 +137,8 @@ def kept_slots(monkeypatch):
     kept = []
     drop = TokenLayout.drop
 
-    def recording(self, hidden, mask, order=None):
-        hidden, layout = drop(self, hidden, mask, order)
+    def recording(self, hidden, mask, order=None, **kwargs):
+        hidden, layout = drop(self, hidden, mask, order, **kwargs)
         kept.append([layout.origin[b][layout.valid_keys.valid[b]].tolist() for b in range(len(mask))])
         return hidden, layout
 

@@ -26,6 +26,8 @@ RECURRENT = "linear attention"  # the mask kind of a linear layer
 class HybridLinearDecoderMixin(MultimodalRopeDecoderMixin):
     """The M-RoPE exit decoder for a text model whose `layer_types` mix linear and full attention."""
 
+    masks_as_drops = False  # a zeroed token still steps a linear layer's recurrence: drops are compacted at once
+
     def layer_mask_kind(self, index: int):
         return RECURRENT if self.config.layer_types[index] == "linear_attention" else super().layer_mask_kind(index)
 

@@ -19,7 +19,7 @@ from llava.model.visual_exit.gate import build_visual_gates, init_if_gate
 from llava.model.visual_exit.masks import attention_mask_for, static_decode_mask
 from llava.model.visual_exit.policy import ExitPolicy, ExitRecord
 from llava.model.visual_exit.stages import LayerStep
-from llava.model.visual_exit.tokens import TokenLayout
+from llava.model.visual_exit.tokens import PendingDrop, TokenLayout
 
 
 @dataclass
@@ -106,6 +106,9 @@ class VisualExitDecoderMixin:
     """
 
     renumbers_positions = True  # 1-D positions, which a method may number again after a drop (M-RoPE: False)
+    # Masking a token out of every later layer's keys is dropping it (what a drop decided on the device does until
+    # the host learns its size); not where a layer has no keys to hide (linear attention).
+    masks_as_drops = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -276,9 +279,15 @@ class VisualExitDecoderMixin:
         return hidden, layout, policy
 
     def run_layers(self, hidden, layout, layers: range, cache=None, policy: ExitPolicy | None = None, **kwargs):
-        """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout)."""
-        valid_keys, masks = None, {}
+        """Run `layers` in order; with a policy, drop what it says after each. Returns (hidden, layout).
+
+        A drop the policy decides on the device (`ExitPolicy.decides_on_device`: the gates, a fixed exit) costs the
+        host no wait: the layers after run on it masked until its size reaches the host (`PendingDrop`), then it is
+        compacted; on a CPU that is at once. Other drops are compacted at once, reading their size."""
+        valid_keys, masks, pending = None, {}, None
         for index in layers:
+            if pending is not None:
+                hidden, layout, pending = self._settle(hidden, layout, pending, policy)
             if layout.valid_keys is not valid_keys:  # masks (and a token count) per ValidKeys, until the next drop
                 valid_keys, masks = layout.valid_keys, {}
                 entering = valid_keys.valid.sum(dim=1)
@@ -306,11 +315,33 @@ class VisualExitDecoderMixin:
                 cached_keys = cache.prefill_keys(index) if cache is not None else None
                 step = LayerStep(index, self.layers[index], layer_input, hidden, cached_keys, self)
                 drop, hidden, order = policy.drop_after(step, layout)  # hidden: with the states stages rewrote
-            if drop is not None:
-                hidden, layout = layout.drop(hidden, drop, order)
+            if drop is not None and order is None:
+                pending = PendingDrop(drop, layout, policy.state.active, pending)
+                wait = not (policy.decides_on_device and self.masks_as_drops)
+                hidden, layout, pending = self._settle(hidden, layout, pending, policy, wait)
+            elif drop is not None:
+                hidden, layout = layout.drop(hidden, drop, order)  # compacts any masked slots too
+                pending = None
             if layout.additions is not None:  # onto what stays, after the stages decided on the layer's own output
                 hidden = layout.additions.add(index, hidden, layout)
+        if pending is not None and not pending.masked:  # decided after the last layer: restore reads the mask
+            layout = layout.masked(pending.drop)
         return hidden, layout
+
+    @staticmethod
+    def _settle(hidden, layout, pending: PendingDrop, policy: ExitPolicy, wait: bool = False):
+        """(hidden, layout, still pending): compacted by the drop once the host has its size (or at once with
+        `wait`), masked by it until then."""
+        if wait or pending.ready():
+            dropped, sizes, active = pending.read()
+            policy.state.any_active = active
+            if dropped:
+                return *layout.drop(hidden, pending.drop, sizes=sizes), None
+            return hidden, pending.before or layout, None  # nothing left: the layout as it was before any mask
+        if not pending.masked:
+            pending.before = pending.before or layout
+            layout, pending.masked = layout.masked(pending.drop), True
+        return hidden, layout, pending
 
     def finish_prefill(self, hidden, layout) -> torch.Tensor:
         """Final norm, then back to the input layout (dropped positions are zeros)."""

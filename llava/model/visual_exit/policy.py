@@ -78,6 +78,8 @@ class ExitPolicy:
         self.prune_layer = min(prune_layers, default=num_layers)  # the first layer after which tokens are pruned
         self.gated = config.uses_gates
         self.renumbers = any(stage.renumbers for stage in self.stages)  # then every drop of this prefill renumbers
+        # Every stage decides on the device and wants no host read of a decision (run_layers may compact later).
+        self.decides_on_device = all(stage.decides_on_device for stage in self.stages)
         self.layer_tokens: list[torch.Tensor] = []  # per layer, the (B,) tokens that entered it (the decoder records)
         self.frozen: dict[int, torch.Tensor] = {}  # layer index -> (B,) visual tokens that skipped its update
 

@@ -107,16 +107,21 @@ class TokenLayout:
             layer_rotations=layer_rotations,
         )
 
-    def drop(self, hidden: torch.Tensor, drop: torch.Tensor, order: torch.Tensor | None = None) -> tuple[torch.Tensor, TokenLayout]:
-        """Remove the slots where `drop` is true and re-pack each sample to the right (left padding), in slot order
-        or, given `order` (B, T), by it (stable; SparseVLM moves its merged tokens behind the kept visual ones).
+    def drop(
+        self, hidden: torch.Tensor, drop: torch.Tensor, order: torch.Tensor | None = None,
+        sizes: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, TokenLayout]:
+        """Remove the slots where `drop` is true (and any a `masked` layout already took out) and re-pack each
+        sample to the right (left padding), in slot order or, given `order` (B, T), by it (stable; SparseVLM moves
+        its merged tokens behind the kept visual ones). `sizes`: the longest and shortest sample after it, when the
+        host knows them already (`PendingDrop`); else they are read here, the one host wait of a drop.
 
         Positions keep their RoPE values, or are numbered again under `renumber`; the new layout starts new
         ValidKeys for the layers after.
         """
         keep = self.valid_keys.valid & ~drop
         counts = keep.sum(dim=1)
-        longest, shortest = torch.stack([counts.max(), counts.min()]).tolist()  # the one host sync of a drop
+        longest, shortest = sizes or torch.stack([counts.max(), counts.min()]).tolist()
         batch, length = keep.shape
         pad = longest - counts
         slots = torch.arange(length, device=keep.device).expand(batch, length)
@@ -149,6 +154,14 @@ class TokenLayout:
         )
         return _gather(hidden, index), layout
 
+    def masked(self, drop: torch.Tensor) -> TokenLayout:
+        """The slots where `drop` is true taken out as keys without moving anything (no host wait): to the layers
+        after, masked slots are what dropped ones are, keys no query sees; `drop` compacts them later."""
+        valid = self.valid_keys.valid & ~drop
+        return replace(
+            self, valid_keys=replace(self.valid_keys, valid=valid, padded=True), visual=self.visual & valid, compacted=True,
+        )
+
     def restore(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scatter per-slot states back to the input layout; dropped positions become zeros."""
         if not self.compacted:
@@ -158,3 +171,36 @@ class TokenLayout:
         restored = hidden.new_zeros(hidden.shape[0], length + 1, hidden.shape[-1])
         restored.scatter_(1, target.unsqueeze(-1).expand_as(hidden), hidden)
         return restored[:, :length]
+
+
+class PendingDrop:
+    """A drop decided on the device (the gates', a fixed exit's) before the host knows its size. Its summary — did
+    anything leave, the longest and shortest sample after, does any sample still hold visual tokens — goes to
+    pinned host memory without waiting on a CUDA device, where `ready` polls for it while the next layers are
+    queued; elsewhere the device is the host, and it is ready at once. Until then the decoder runs on the layout
+    `masked` by it (`before`: the layout before any pending mask), and compacts when the summary arrives."""
+
+    def __init__(self, drop: torch.Tensor, layout: TokenLayout, active: torch.Tensor, earlier: PendingDrop | None = None):
+        if earlier is not None:  # not compacted yet: one drop for both, on the same slots
+            drop = drop | earlier.drop
+        kept = (layout.valid_keys.valid & ~drop).sum(dim=1)
+        summary = torch.stack([drop.any(), kept.max(), kept.min(), active.any()]).long()
+        self.drop, self.event, self.masked = drop, None, False
+        self.before = None if earlier is None else earlier.before
+        if summary.is_cuda:
+            self.summary = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+            self.summary.copy_(summary, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.summary = summary
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def read(self) -> tuple[bool, tuple[int, int], bool]:
+        """(anything dropped, (longest, shortest) after it, any sample still active); waits when not `ready`."""
+        if self.event is not None:
+            self.event.synchronize()
+        dropped, longest, shortest, active = self.summary.tolist()
+        return bool(dropped), (longest, shortest), bool(active)

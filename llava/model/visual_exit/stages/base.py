@@ -110,6 +110,9 @@ class Stage:
     reduces_input = False
     # Ranks the image's tokens by the question's text through CLIP's text tower (CDPruner): our LLaVA class only.
     reads_instruction = False
+    # Decides from device tensors alone and reads nothing of the layout a drop would compact (the gates, a fixed
+    # exit): its drops may be carried out layers later, masked until then (decoder.run_layers).
+    decides_on_device = False
 
     def check(self, num_layers: int, has_gates: bool) -> None:
         """Raise ValueError when this stage cannot run on the model."""

@@ -16,6 +16,7 @@ class FixedExit(Stage):
 
     layer: int
     usage = "fixed:K"
+    decides_on_device = True
 
     @classmethod
     def parse(cls, args: list[str]) -> FixedExit:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from llava.model.visual_exit.gate import gate_features
 from llava.model.visual_exit.stages.base import ExitState, LayerStep, Stage, spec_number
 from llava.model.visual_exit.tokens import TokenLayout
@@ -17,6 +15,7 @@ from llava.model.visual_exit.tokens import TokenLayout
 class GateExit(Stage):
     threshold: float
     usage = "gates:τ"
+    decides_on_device = True
 
     @classmethod
     def parse(cls, args: list[str]) -> GateExit:
@@ -37,6 +36,4 @@ class GateExit(Stage):
             return None
         logits = state.gates[step.index](gate_features(step.output, layout.feature_weights))
         exiting = state.active & (logits[:, 1] - logits[:, 0] > self.margin)
-        drop = state.exit(exiting, step.index + 1, layout)
-        any_exiting, state.any_active = torch.stack([exiting.any(), state.active.any()]).tolist()  # one host read
-        return drop if any_exiting else None
+        return state.exit(exiting, step.index + 1, layout)  # read by the host when it arrives (PendingDrop)
