@@ -9,6 +9,8 @@ from llava.model.builder import load_pretrained_model
 from llava.tiny.llava import TinyGeometry, write_tiny_checkpoint
 from llava.model.visual_exit.gate import build_visual_gates
 
+from batching import set_sign_gate
+
 GEOMETRY = TinyGeometry(layers=4, hidden=64, heads=4, kv_heads=2, image_size=56, patch_size=14, seed=7)
 
 
@@ -47,3 +49,13 @@ def gated(loaded):
     yield model
     model.get_model().visual_gates_router = None
     del model.config.visual_gate_hidden_size
+
+
+@pytest.fixture
+def random_gates(gated):
+    """Sign gates on random directions: with test_generation's PROMPTS the two image prompts leave at different
+    layers (after layer 1, and never)."""
+    generator = torch.Generator().manual_seed(0)
+    for gate in gated.get_model().visual_gates_router:
+        set_sign_gate(gate, torch.randn(2 * gated.config.hidden_size, generator=generator))
+    return gated

@@ -9,22 +9,13 @@ import torch
 from llava.model.visual_exit import ExitRequest
 from llava.model.visual_exit.tokens import PendingDrop, TokenLayout
 
-from batching import attention_implementation, padded_batch, set_sign_gate
+from batching import attention_implementation, padded_batch
 from families import FAMILIES, HYBRID, TEXT, Sample, batch, exit_model, stock_model
 from test_families import SIZES, sample_dependent_gates
 from test_generation import PROMPTS
 
 SPECS = ["gates:0.5", "fixed:1", "fixed:3", "gates:0.5,fixed:3"]
 LAGS = [1, 2, 100]  # polls before the size arrives; 100: never within the prefill
-
-
-@pytest.fixture
-def random_gates(gated):
-    """The gates of test_static_cache: the two image prompts leave at different layers (1 and never)."""
-    generator = torch.Generator().manual_seed(0)
-    for gate in gated.get_model().visual_gates_router:
-        set_sign_gate(gate, torch.randn(2 * gated.config.hidden_size, generator=generator))
-    return gated
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from llava.mm_utils import tokenizer_image_token
 from llava.model.visual_exit import ExitRequest, StaticExitCache, VisualExitCache
 from llava.compat import output_cache
 
-from batching import attention_implementation, padded_batch, set_sign_gate
+from batching import attention_implementation, padded_batch
 from families import FAMILIES, HYBRID, M_ROPE, TEXT, Sample, batch, exit_model, stock_model
 from test_families import SIZES, sample_dependent_gates
 from test_generation import PROMPTS
@@ -38,15 +38,6 @@ def compiled(fullgraph: bool = True) -> CompileConfig:
     config = CompileConfig(fullgraph=fullgraph, backend="eager", mode=None)
     config._compile_all_devices = True
     return config
-
-
-@pytest.fixture
-def random_gates(gated):
-    """Gates that send each sample out at its own layer."""
-    generator = torch.Generator().manual_seed(0)
-    for gate in gated.get_model().visual_gates_router:
-        set_sign_gate(gate, torch.randn(2 * gated.config.hidden_size, generator=generator))
-    return gated
 
 
 @pytest.fixture(autouse=True)
