@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from llava.model.visual_exit import ExitRequest
+from llava.model.visual_exit.stages.gates import GateExit
 from llava.model.visual_exit.tokens import PendingDrop, TokenLayout
 
 from batching import attention_implementation, padded_batch
@@ -71,28 +72,51 @@ def test_a_late_drop_computes_what_an_immediate_one_does(loaded, images, random_
 
 
 def test_the_gates_read_nothing_back_per_layer(loaded, images, random_gates, monkeypatch):
-    """No host read inside the gate stage: the one read of a layer's decision is its PendingDrop's."""
-    reads = []
-    original = torch.Tensor.tolist
+    """Inside the gate stage no tensor reaches the host (no tolist, item or truth value): its decision is read only
+    by the decoder, through its PendingDrop, once per gated layer."""
+    inside, reads, polls = [False], [], []
+    for name in ("tolist", "item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: (
+            reads.append(_n) if inside[0] else None) or _o(self, *a))
+    after_layer = GateExit.after_layer
 
-    def counted(self):
-        reads.append(self.shape)
-        return original(self)
+    def watched(self, *args):
+        inside[0] = True
+        try:
+            return after_layer(self, *args)
+        finally:
+            inside[0] = False
 
-    ids, mask = padded_batch(loaded[0], [prompt for prompt, _ in PROMPTS])
-    config = ExitRequest("stages", stages="gates:0.5").expand()
-    polls = []
     read = PendingDrop.read
+    monkeypatch.setattr(GateExit, "after_layer", watched)
     monkeypatch.setattr(PendingDrop, "read", lambda self: polls.append(1) or read(self))
-    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    ids, mask = padded_batch(loaded[0], [prompt for prompt, _ in PROMPTS])
     with torch.no_grad():
-        random_gates(input_ids=ids, attention_mask=mask, images=images, exit_config=config)
-    layers = random_gates.config.num_hidden_layers
-    assert len(polls) == layers - 1  # one summary per gated layer (the gate after the last one never runs)
-    # From the first layer's decision on, the summaries are the only reads: the gates read nothing back, and the
-    # exit after layer 1 compacts with the sizes its summary brought.
-    first = reads.index(torch.Size([4]))
-    assert reads[first:] == [torch.Size([4])] * len(polls)
+        out = random_gates(input_ids=ids, attention_mask=mask, images=images,
+                           exit_config=ExitRequest("stages", stages="gates:0.5").expand())
+    assert reads == []
+    assert len(polls) == random_gates.config.num_hidden_layers - 1  # the gate after the last layer never runs
+    assert out.exit_stats.exit_layer.tolist()[:2] == [1, 4]  # and they did decide
+
+
+def test_the_summary_a_gpu_sends_is_what_the_compaction_reads(loaded, images, random_gates):
+    """The (4,) summary that travels to the host on a GPU: anything dropped, the longest and shortest sample after the
+    drop (what `TokenLayout.drop` would read itself), any sample still active."""
+    ids, mask = padded_batch(loaded[0], [prompt for prompt, _ in PROMPTS])
+    with torch.no_grad():
+        mm = random_gates.prepare_inputs_labels_for_multimodal(ids, mask, None, images, None, padding_side="left")
+    decoder = random_gates.get_model()
+    _, layout = decoder.start_prefill(mm.inputs_embeds, mm.attention_mask, mm.position_ids, mm.visual_mask, False)
+    drop = layout.visual & torch.tensor([True, False, False])[:, None]  # the first sample's image leaves
+    active = torch.tensor([False, True, False])
+    dropped, longest, shortest, any_active = PendingDrop.summarize(drop, layout, active).tolist()
+    _, compacted = layout.drop(mm.inputs_embeds, drop)
+    counts = compacted.valid_keys.valid.sum(dim=1)
+    assert (dropped, longest, shortest, any_active) == (1, counts.max().item(), counts.min().item(), 1)
+    assert compacted.valid_keys.valid.shape[1] == longest
+    nothing = PendingDrop.summarize(torch.zeros_like(drop), layout, torch.zeros_like(active)).tolist()
+    assert nothing[0] == 0 and nothing[3] == 0
 
 
 @pytest.fixture(scope="module", params=[name for name in FAMILIES if name not in HYBRID])

@@ -334,7 +334,8 @@ class VisualExitDecoderMixin:
         `wait`), masked by it until then."""
         if wait or pending.ready():
             dropped, sizes, active = pending.read()
-            policy.state.any_active = active
+            if active is not None:
+                policy.state.any_active = active
             if dropped:
                 return *layout.drop(hidden, pending.drop, sizes=sizes), None
             return hidden, pending.before or layout, None  # nothing left: the layout as it was before any mask

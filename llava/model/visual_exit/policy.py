@@ -107,8 +107,8 @@ class ExitPolicy:
         """The stages' decisions at one point (after layer `index`, -1 before layer 0) united: (drop, states, order),
         recorded when there is a record."""
         order = None
-        rewritten = torch.zeros_like(layout.visual)
         rewrites = [decision for decision in decisions if isinstance(decision, Rewrite)]
+        rewritten = torch.zeros_like(layout.visual) if rewrites or self.record is not None else None
         for decision in rewrites:
             hidden = torch.where(decision.rewritten[..., None], decision.states, hidden)
             rewritten |= decision.rewritten

@@ -174,33 +174,41 @@ class TokenLayout:
 
 
 class PendingDrop:
-    """A drop decided on the device (the gates', a fixed exit's) before the host knows its size. Its summary — did
-    anything leave, the longest and shortest sample after, does any sample still hold visual tokens — goes to
-    pinned host memory without waiting on a CUDA device, where `ready` polls for it while the next layers are
-    queued; elsewhere the device is the host, and it is ready at once. Until then the decoder runs on the layout
-    `masked` by it (`before`: the layout before any pending mask), and compacts when the summary arrives."""
+    """A drop decided on the device (the gates', a fixed exit's) before the host knows its size. On a CUDA device its
+    summary — did anything leave, the longest and shortest sample after, does any sample still hold visual tokens —
+    goes to pinned host memory without waiting, and `ready` polls for it while the next layers are queued; until
+    then the decoder runs on the layout `masked` by it (`before`: the layout before any pending mask) and compacts
+    when the summary arrives. Elsewhere the device is the host: it is ready at once, and `read` asks only whether
+    anything left (most layers: nothing), leaving the sizes to the compaction."""
 
     def __init__(self, drop: torch.Tensor, layout: TokenLayout, active: torch.Tensor, earlier: PendingDrop | None = None):
         if earlier is not None:  # not compacted yet: one drop for both, on the same slots
             drop = drop | earlier.drop
-        kept = (layout.valid_keys.valid & ~drop).sum(dim=1)
-        summary = torch.stack([drop.any(), kept.max(), kept.min(), active.any()]).long()
-        self.drop, self.event, self.masked = drop, None, False
+        self.drop, self.active, self.event, self.summary, self.masked = drop, active, None, None, False
         self.before = None if earlier is None else earlier.before
-        if summary.is_cuda:
+        if drop.is_cuda:
+            summary = self.summarize(drop, layout, active)
             self.summary = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
             self.summary.copy_(summary, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.summary = summary
+
+    @staticmethod
+    def summarize(drop: torch.Tensor, layout: TokenLayout, active: torch.Tensor) -> torch.Tensor:
+        """(4,) on the device: anything dropped, the longest and the shortest sample after the drop, any active."""
+        kept = (layout.valid_keys.valid & ~drop).sum(dim=1)
+        return torch.stack([drop.any(), kept.max(), kept.min(), active.any()]).long()
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
 
-    def read(self) -> tuple[bool, tuple[int, int], bool]:
-        """(anything dropped, (longest, shortest) after it, any sample still active); waits when not `ready`."""
-        if self.event is not None:
-            self.event.synchronize()
+    def read(self) -> tuple[bool, tuple[int, int] | None, bool | None]:
+        """(anything dropped, (longest, shortest) after it or None: not read yet, any sample still active or None:
+        as before); waits when not `ready`."""
+        if self.summary is None:
+            if not bool(self.drop.any()):
+                return False, None, None
+            return True, None, bool(self.active.any())
+        self.event.synchronize()
         dropped, longest, shortest, active = self.summary.tolist()
         return bool(dropped), (longest, shortest), bool(active)
