@@ -58,8 +58,6 @@ def recurrent_cache_layers(config) -> list | None:
     if "linear_attention" not in (getattr(text_config, "layer_types", None) or ()):  # asked at every prefill: no more
         return None
     layer_types, arguments = get_layer_types_and_kwargs(text_config)
-    if "linear_attention" not in layer_types:
-        return None
     per_layer = arguments if isinstance(arguments, list) else [arguments] * len(layer_types)
     linear = DYNAMIC_LAYER_TYPE_MAPPING["linear_attention"]
     return [

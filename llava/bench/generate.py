@@ -62,6 +62,11 @@ class Mode:
     exit_config: ExitConfig | None  # None: transformers' stock class
 
 
+STOCK = Mode("stock", None, None)
+# The stock runs the composed ideal is made of besides STOCK: the text-only prompt (after an exit), FastV's pruned one.
+TEXT_ONLY, PRUNED = Mode("stock-text-only", None, None), Mode("stock-fastv-pruned", None, None)
+
+
 @dataclass
 class Row:
     """One mode under one cache at one batch size and new-token count. `exit_layer`: the prefill's mean exit layer
@@ -183,7 +188,7 @@ def bench_modes(text_config) -> list[Mode]:
     fixed = sorted({max(1, layers // 4), max(1, layers // 2)})
     fastv_k = min(FASTV_K, layers)
     return [
-        Mode("stock", None, None),
+        STOCK,
         Mode("none", None, ExitRequest("none").expand()),
         *[Mode("fixed", k, ExitRequest("fixed", k).expand()) for k in fixed],
         Mode("dynamic", dynamic_exit_layer(text_config), ExitRequest("dynamic").expand()),
@@ -217,10 +222,6 @@ def measure(calls: dict, device: torch.device, repeats: int) -> tuple[dict, dict
 
 def ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
-
-
-# The stock runs the composed ideal is made of: the text-only prompt (after an exit) and FastV's pruned one.
-TEXT_ONLY, PRUNED = Mode("stock-text-only", None, None), Mode("stock-fastv-pruned", None, None)
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -274,9 +275,8 @@ def row_of(cache: str, mode: Mode, batch: int, n: int, probes: dict, seconds: di
     n = 1 calls; the composed ideal from the stock calls of the same cache."""
     first, total = seconds[cache, mode, batch, 1], seconds[cache, mode, batch, n]
     prefill, shown = probes[cache, mode, batch, 1], probes[cache, mode, batch, n]
-    stock = Mode("stock", None, None)
     ideal_first, ideal_total = (
-        composed_ideal(mode, layers, *(seconds[cache, m, batch, count] for m in (stock, TEXT_ONLY, PRUNED)))
+        composed_ideal(mode, layers, *(seconds[cache, m, batch, count] for m in (STOCK, TEXT_ONLY, PRUNED)))
         for count in (1, n)
     )
     row = Row(

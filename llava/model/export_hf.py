@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from transformers import LlavaProcessor
+from transformers import LlavaConfig, LlavaProcessor
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import conv_templates
 from llava.model.builder import load_pretrained_model
+from llava.model.families.llava_hf import processor_settings
 from llava.model.families.processing import content_jinja
 from llava.tiny.llava import save_hf_layout
 
@@ -60,12 +61,10 @@ def export_hf(model_path: str, out: str) -> str:
     tower = model.get_vision_tower().vision_tower
     os.makedirs(out, exist_ok=True)
     save_hf_layout(out, model, tokenizer, image_processor, tower.config)
-    strategy = "default" if model.config.mm_vision_select_feature == "patch" else "full"
     tokenizer.chat_template = vicuna_chat_template()  # lmms-eval's llava_hf reads the tokenizer's
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=tower.config.patch_size,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=1,  # CLIP's class token
-        chat_template=tokenizer.chat_template,
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+        **processor_settings(LlavaConfig.from_pretrained(out)),
     )
     processor.save_pretrained(out)
     tokenizer.save_pretrained(out)

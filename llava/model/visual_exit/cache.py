@@ -158,7 +158,6 @@ class StaticExitCache(VisualExitCache):
         self.total_length = max_cache_len  # not `max_cache_len`: a read-only property of the cache in some releases
         self.new_tokens = 0
         self.step = torch.zeros((), dtype=torch.long)
-        self.sealed = False
         self.shared_with: list[int] = []
 
     @property
@@ -167,7 +166,7 @@ class StaticExitCache(VisualExitCache):
 
     def get_seq_length(self, layer_idx: int = 0):
         """The tokens seen, a tensor once decoding (as transformers' static caches report it)."""
-        return self.seen_tokens + self.step if self.sealed else self.seen_tokens
+        return self.seen_tokens + self.step if self.is_prefilled else self.seen_tokens
 
     def begin_prefill(self, input_length: int) -> None:
         if input_length > self.total_length:
@@ -193,7 +192,6 @@ class StaticExitCache(VisualExitCache):
         self.step = self.step.to(next_positions.device)
         if not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.step)
-        self.sealed = True
 
     def crop(self, *args, **kwargs) -> None:
         raise NotImplementedError("a static exit cache cannot be cropped (assisted decoding): use the dynamic cache")

@@ -20,19 +20,21 @@ from llava.model.visual_exit.cache import ValidKeys
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 
+def _is_flash(implementation: str) -> bool:
+    return implementation in FLASH_IMPLEMENTATIONS or implementation.startswith("kernels-community/flash")
+
+
 def attention_mask_for(
     valid_keys: ValidKeys, query_length: int, implementation: str, dtype: torch.dtype, window: int | None = None
 ):
     """eager: additive float (B, 1, Q, K); sdpa: bool (B, 1, Q, K) or None; flash: (B, K) padding mask or None.
     `window`: a query sees the keys less than `window` positions before it (None: all earlier keys)."""
-    if implementation in FLASH_IMPLEMENTATIONS or implementation.startswith("kernels-community/flash"):
+    if _is_flash(implementation):
         if valid_keys.blocks is not None:
             raise NotImplementedError("flash attention has no bidirectional blocks (neither has the stock model): use sdpa or eager")
         if window is not None:
             raise NotImplementedError("flash attention windows count slots, not positions: use sdpa or eager here")
         return valid_keys.valid.long() if valid_keys.padded else None
-    if implementation not in ("sdpa", "eager"):
-        raise NotImplementedError(f"attention implementation {implementation!r} is not supported with visual exit")
     key_length = valid_keys.valid.shape[1]
     windowed = window is not None and key_length > window
     # None lets SDPA use its causal (flash) kernel: exact only without padding and when the queries are all keys
@@ -59,6 +61,8 @@ def attention_mask_for(
 
 def _as_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """(B, Q, K) allowed pairs as sdpa's bool or eager's additive (B, 1, Q, K) mask."""
+    if implementation not in ("sdpa", "eager"):
+        raise NotImplementedError(f"attention implementation {implementation!r} is not supported with visual exit")
     allowed = allowed.unsqueeze(1)
     if implementation == "sdpa":
         return allowed
@@ -80,10 +84,8 @@ def static_decode_mask(
     if window is not None:
         positions = valid_keys.positions
         allowed = allowed & (positions[:, query_slots, None] - positions[:, None, :] < window)
-    if implementation in FLASH_IMPLEMENTATIONS or implementation.startswith("kernels-community/flash"):
+    if _is_flash(implementation):
         if window is not None or steps.shape[0] > 1:
             raise NotImplementedError("a static cache under flash attention decodes one token at a time, without windows")
         return allowed[:, 0].long()
-    if implementation not in ("sdpa", "eager"):
-        raise NotImplementedError(f"attention implementation {implementation!r} is not supported with visual exit")
     return _as_mask(allowed, implementation, dtype)
